@@ -1,0 +1,161 @@
+"""`metaportrait animate`: a portrait made to follow a driving video, written as an H.264 mp4.
+
+Examples::
+
+    metaportrait animate -s portrait.jpg -d driving.mp4 -o result.mp4
+    metaportrait animate -s portrait.jpg -d driving.mp4 -o result.mp4 --motion absolute --max-frames 100
+    metaportrait animate -s portrait.jpg -d driving.mp4 -o close_up.mp4 --crop-output --eyes 1.2 --yaw 10
+
+The source may be an image or a video (its first frame is used). The output has the driving video's frame
+rate (or ``--fps``) and its audio, cut to the video's length. Frames are streamed, so memory does not grow
+with the length of the driving video; the output appears only when it is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from metaportrait.errors import InputError
+from metaportrait.motion import MAX_YAW_PITCH_DEGREES, Controls
+
+logger = logging.getLogger(__name__)
+
+VIDEO_OUTPUT_SUFFIXES = (".mp4", ".mov")
+
+
+# --- argument helpers shared with `metaportrait edit` --------------------------------------------------------
+
+def _bounded_float(low: float | None, high: float | None):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not np.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"[{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}]"
+            raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
+        return value
+
+    return parse
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint``, ``--no-paste-back`` and ``--crop-output``."""
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="checkpoint folder (model.safetensors + config.json); default: the bundled lite model")
+    parser.add_argument("--no-paste-back", dest="paste_back", action="store_false",
+                        help="write the model's square face crop instead of the full portrait")
+    parser.add_argument("--crop-output", action="store_true",
+                        help="write only the face box of the pasted-back portrait, at the portrait's resolution")
+
+
+def add_control_arguments(parser: argparse.ArgumentParser) -> None:
+    """Expression and head-pose controls (see `metaportrait.motion.edit_landmarks`)."""
+    group = parser.add_argument_group("expression and pose controls")
+    group.add_argument("--eyes", type=_bounded_float(0.0, 3.0), default=None,
+                       help="eye openness factor: 1 unchanged, 0 closed, 1.3 wider")
+    group.add_argument("--mouth", type=_bounded_float(0.0, 1.5), default=None,
+                       help="mouth openness (inner-lip gap / mouth width): 0 closed, 0.3 talking, 0.6 open jaw")
+    angle = _bounded_float(-MAX_YAW_PITCH_DEGREES, MAX_YAW_PITCH_DEGREES)
+    group.add_argument("--yaw", type=angle, default=0.0, help="head turn in degrees (+ = nose to the image's right)")
+    group.add_argument("--pitch", type=angle, default=0.0, help="head nod in degrees (+ = nose down)")
+    group.add_argument("--roll", type=_bounded_float(-90.0, 90.0), default=0.0,
+                       help="head tilt in degrees (+ = clockwise on screen)")
+
+
+def controls_from_args(args: argparse.Namespace) -> Controls:
+    return Controls(eyes=args.eyes, mouth=args.mouth, yaw=args.yaw, pitch=args.pitch, roll=args.roll)
+
+
+def check_output_path(path: Path, suffixes: tuple[str, ...]) -> Path:
+    """Fail before any work if ``path`` cannot be written: wrong suffix, missing or read-only folder."""
+    if path.suffix.lower() not in suffixes:
+        raise InputError(path, f"output must end with one of {', '.join(suffixes)}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise InputError(path, f"output folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(path, f"output folder {str(folder)!r} is not writable")
+    if path.is_dir():
+        raise InputError(path, "is a folder; give a file name")
+    return path
+
+
+def read_source(path: Path) -> np.ndarray:
+    """The portrait: an image, or the first frame of a video (``uint8`` ``(H, W, 3)`` RGB)."""
+    from metaportrait.io.image import is_video_path, read_image
+    from metaportrait.io.video import VideoReader
+
+    if is_video_path(path):
+        with VideoReader(path) as reader:
+            return next(iter(reader))
+    return read_image(path)
+
+
+# --- the subcommand ------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", "-s", type=Path, required=True, help="portrait image (or video: first frame)")
+    parser.add_argument("--driving", "-d", type=Path, required=True, help="driving video")
+    parser.add_argument("--output", "-o", type=Path, required=True, help="output video (.mp4 or .mov)")
+    parser.add_argument("--motion", choices=("relative", "absolute"), default="relative",
+                        help="relative: follow the driver's motion but keep the portrait's face shape (default); "
+                             "absolute: use the driver's landmarks as they are")
+    add_model_arguments(parser)
+    parser.add_argument("--max-frames", type=int, default=None, metavar="N", help="stop after N output frames")
+    parser.add_argument("--fps", type=_bounded_float(1.0, 240.0), default=None,
+                        help="output frame rate (default: the driving video's); frames are dropped or repeated")
+    parser.add_argument("--batch-size", type=int, default=4, help="frames per generator call")
+    add_control_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from metaportrait.io.video import VideoReader, VideoWriter, even_size, resample_fps
+    from metaportrait.pipeline import Animator
+
+    if args.max_frames is not None and args.max_frames < 1:
+        raise InputError(args.output, f"--max-frames must be at least 1, got {args.max_frames}")
+    if args.crop_output and not args.paste_back:
+        raise InputError(args.output, "--crop-output cuts the pasted-back portrait; it cannot go with --no-paste-back")
+    # 1. Check every input and the output location before loading the model.
+    output = check_output_path(args.output, VIDEO_OUTPUT_SUFFIXES)
+    source_image = read_source(args.source)
+    controls = controls_from_args(args)
+    with VideoReader(args.driving) as reader:
+        fps = args.fps or reader.fps
+        expected = round(reader.frame_count * fps / reader.fps)
+        if args.max_frames is not None:
+            expected = min(expected, args.max_frames)
+        animator = Animator.from_pretrained(args.checkpoint, batch_size=args.batch_size)
+
+        # 2. Driving frames, lazily: resampled to the output rate, cut to --max-frames.
+        driving = iter(reader) if args.fps is None else resample_fps(reader, reader.fps, fps)
+        driving = itertools.islice(driving, args.max_frames)
+        frames = animator(source_image, driving, motion=args.motion, paste_back=args.paste_back,
+                          crop_output=args.crop_output, controls=controls, driving_fps=fps,
+                          source_name=args.source, driving_name=args.driving)
+
+        # 3. Stream into the writer; it renames its temporary file only if everything succeeded.
+        audio = args.driving if reader.has_audio else None
+        with VideoWriter(output, fps, audio_from=audio) as writer, tqdm(
+            total=expected, unit="frame", desc="animate", disable=None, file=sys.stderr
+        ) as progress:
+            for frame in frames:
+                writer.write(even_size(frame))  # H.264 needs even sides
+                progress.update()
+
+    stats = animator.stats
+    logger.info(
+        "wrote %s: %d frames in %.1f s (%.2f frames/s), %d frames with lost face tracking%s",
+        output, stats.frames, stats.seconds, stats.fps, stats.lost_frames, ", with audio" if audio else "",
+    )
+    return 0

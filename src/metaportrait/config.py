@@ -1,0 +1,252 @@
+"""Typed configurations. A checkpoint carries its `ModelConfig` as JSON, so loading never asks for flags.
+
+`PRESETS` holds the three model sizes that share one code path:
+
+* ``tiny``: a few thousand parameters at 64², for tests only.
+* ``lite``: the CPU model (≈1 M parameters, under 2.2 GFLOPs per 256² frame), trained at 128² and run at 256²
+  with the same weights. It uses the mesh-flow prior, no normalisation layers, and composes its output from
+  the warped image and a synthesised image, gated by the occlusion map.
+* ``official``: the exact MetaPortrait base generator, so that ``ckpt_base.pth.tar`` loads with strict=True.
+
+Training settings live in a separate ``TrainConfig`` (in ``metaportrait.train``), not here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_type_hints
+
+Norm = Literal["instance", "none"]
+LandmarkTopology = Literal["mediapipe478", "sparse68", "official669"]
+
+
+@dataclass(frozen=True)
+class WarpConfig:
+    """Motion encoder E_w (official `LadderEncoder`) and flow/occlusion network F_w (`DenseMotionNetworkReg`)."""
+
+    input_size: int = 256  # the motion networks see their input resized to this (official: 256, what E_w requires)
+    encoder_channels: tuple[int, ...] = (64, 128, 256, 512, 512, 512)  # stride-2 3x3 convs down to 4x4
+    motion_dim: int = 512  # size of the unit-norm motion code z_w
+    block_expansion: int = 64  # hourglass width: level i has min(max_features, block_expansion * 2**(i+1)) channels
+    max_features: int = 1024
+    num_blocks: int = 5  # hourglass depth (downsamplings)
+    dec_lease: int = 2  # decoder stops this many levels early: the flow comes out at input_size / 2**dec_lease
+    same_blocks: bool = True  # official `Lwarp`: an extra conv+FiLM after every down/up block
+    film_hidden: int = 128  # hidden size of the MLP mapping z_w to each block's (gamma, beta)
+    down_mode: Literal["pool", "stride"] = "pool"  # official: conv at full res then AvgPool; "stride" is 4x cheaper
+    head_kernel: int = 7  # flow / occlusion head conv size
+    identity_grid: Literal["corners", "centers"] = "corners"  # official grid includes the corners (FOMM quirk)
+    occlusion_init_bias: float = 0.0  # logit of the occlusion map at initialisation (1 = source visible)
+    padding_mode: Literal["reflection", "border", "zeros"] = "reflection"  # grid_sample padding (official: reflection)
+
+    def __post_init__(self):
+        _check(self.input_size % 32 == 0, f"warp.input_size must be a multiple of 32, got {self.input_size}")
+        expected = (self.input_size // 4).bit_length() - 1  # number of stride-2 convs from input_size to 4
+        _check(
+            len(self.encoder_channels) == expected and self.input_size == 4 << expected,
+            f"warp.encoder_channels needs {expected} entries to go from {self.input_size}² to 4² "
+            f"(input_size must be 4 * 2**k), got {len(self.encoder_channels)}",
+        )
+        _check(0 <= self.dec_lease < self.num_blocks, "warp.dec_lease must be in [0, num_blocks)")
+        _check(self.head_kernel % 2 == 1, "warp.head_kernel must be odd")
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """ID-preserving refinement: source feature pyramid (`feature_encoder`, `fuse_high_res`) + decoder `SPDAE_G`."""
+
+    # Source feature pyramid: an hourglass on the source image; its decoder outputs are the pyramid levels.
+    block_expansion: int = 64
+    max_features: int = 512
+    num_blocks: int = 3
+    dec_lease: int = 0  # 0: the finest level is full resolution (official); 1: it is half resolution
+    down_mode: Literal["pool", "stride"] = "pool"
+    # Decoder: channels entering each fused-norm residual block, then the output width of the last block.
+    seed: Literal["identity", "warped"] = "identity"  # official: start from z_id at 4x4; "warped": from warped feats
+    block_channels: tuple[int, ...] = (512, 512, 512, 512, 256, 128, 64, 32)
+    spade_hidden: int = 128  # hidden width of the SPADE conditioning convs
+    spade_kernel: int = 3  # conv size of the shared SPADE conv and of the attention-mask conv
+    spade_param_kernel: int = 3  # conv size of the SPADE gamma / beta convs (1 is much cheaper at full width)
+    landmark_lines: bool = True  # condition on source + driving landmark-line images (6 channels)
+    gaze_heatmap: bool = True  # official only: 8 Gaussian maps of the driving gaze points (needs driving_keypoints)
+    mouth_line: bool = True  # official only: driving lines inside the driving mouth box (needs driving_keypoints)
+    antialias: bool = False  # anti-alias when shrinking condition maps (official: plain bilinear)
+    output: Literal["tanh", "occlusion_blend"] = "tanh"
+    # "tanh": official; the decoder's tanh output is used as the image (values < 0 are clipped).
+    # "occlusion_blend": out = occ * warped + (1 - occ) * sigmoid(decoder), see models/refine.py.
+
+    def __post_init__(self):
+        _check(len(self.block_channels) >= 2, "refine.block_channels needs at least two entries")
+        _check(self.spade_kernel % 2 == 1 and self.spade_param_kernel % 2 == 1, "refine SPADE kernels must be odd")
+        _check(0 <= self.dec_lease < self.num_blocks, "refine.dec_lease must be in [0, num_blocks)")
+        num_decoder_blocks = len(self.block_channels) - 1
+        if self.seed == "identity":
+            _check(num_decoder_blocks >= 4, "refine.seed='identity' needs the 3 head/middle blocks + 1 up block")
+        else:
+            # Seeded at the coarsest pyramid level, each block doubles the resolution up to the finest level.
+            _check(
+                num_decoder_blocks == self.num_blocks - self.dec_lease + 1,
+                f"refine.seed='warped' needs num_blocks - dec_lease + 1 = {self.num_blocks - self.dec_lease + 1} "
+                f"decoder blocks, got {num_decoder_blocks}",
+            )
+        _check(
+            self.output == "tanh" or self.seed == "warped",
+            "refine.output='occlusion_blend' is designed for seed='warped' (it needs the full-res warped image)",
+        )
+
+
+@dataclass(frozen=True)
+class DiscriminatorConfig:
+    """Multi-scale patch discriminator (official `MultiScaleDiscriminator`, FOMM/pix2pix style)."""
+
+    scales: tuple[float, ...] = (1.0,)
+    block_expansion: int = 32
+    max_features: int = 512
+    num_blocks: int = 4
+    norm: Norm = "instance"  # official: InstanceNorm2d(affine=True) on blocks 1..num_blocks-1
+
+    def __post_init__(self):
+        _check(len(self.scales) >= 1 and all(0 < s <= 1 for s in self.scales), "discriminator.scales must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a `Generator` (and its discriminator) from a checkpoint."""
+
+    image_size: int = 256  # training/reference resolution; the lite model runs at any multiple of 32
+    landmark_topology: LandmarkTopology = "official669"  # which landmark set the line images are drawn from
+    identity_dim: int = 256  # 128 for our dlib encoder, 256 for the official (Microsoft-internal) one
+    use_identity: bool = True  # False: ablation without the identity (AdaIN) branch in the refinement norms
+    use_mesh_prior: bool = False  # True: F_w refines a piecewise-affine mesh warp given as `prior_grid`
+    norm: Norm = "instance"  # parameter-free normalisation in E_w, F_w and the fused norms of SPDAE_G
+    spectral_norm: bool = True  # official: spectral norm on E_w convs and on every SPDAE_G conv
+    warp: WarpConfig = field(default_factory=WarpConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+
+    def __post_init__(self):
+        _check(self.image_size % 32 == 0, f"image_size must be a multiple of 32, got {self.image_size}")
+        _check(
+            self.use_identity or self.refine.seed == "warped",
+            "use_identity=False needs refine.seed='warped' (the 'identity' seed is built from z_id)",
+        )
+        if self.refine.seed == "identity":
+            # The decoder starts at 4x4 and doubles per block; it must end at the finest pyramid level.
+            end = 4 * 2 ** (len(self.refine.block_channels) - 2) * 2**self.refine.dec_lease
+            _check(end == self.image_size, f"refine.seed='identity' with these blocks only works at {end}², "
+                   f"got image_size={self.image_size}")
+        needs_keypoints = self.refine.gaze_heatmap or self.refine.mouth_line
+        _check(
+            not needs_keypoints or self.landmark_topology == "official669",
+            "refine.gaze_heatmap / mouth_line use the official 58-point subset: landmark_topology must be official669",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe nested dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Inverse of `to_dict`. Unknown or missing keys raise ValueError naming them."""
+        return _from_dict(cls, data, "model")
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some top-level fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    missing = sorted(set(fields) - set(data))
+    if unknown or missing:
+        raise ValueError(f"{where}: unknown keys {unknown}, missing keys {missing} (allowed: {sorted(fields)})")
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _from_dict(hint, value, f"{where}.{name}")
+        elif getattr(hint, "__origin__", None) is tuple:
+            kwargs[name] = tuple(value)
+        elif getattr(hint, "__origin__", None) is Literal and value not in get_args(hint):
+            raise ValueError(f"{where}.{name}: {value!r} is not one of {get_args(hint)}")
+        elif hint is float and isinstance(value, int):
+            kwargs[name] = float(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+# The official generator, exactly (config/meta_portrait_256_eval.yaml of the MetaPortrait release).
+_OFFICIAL = ModelConfig()
+
+# The CPU model. Widths were chosen by measuring FLOPs and step time (benchmarks/bench_model.py).
+_LITE = ModelConfig(
+    image_size=256,
+    landmark_topology="mediapipe478",
+    identity_dim=128,
+    use_identity=True,
+    use_mesh_prior=True,
+    norm="none",
+    spectral_norm=False,
+    warp=WarpConfig(
+        input_size=128,
+        encoder_channels=(16, 32, 64, 128, 128),
+        motion_dim=128,
+        block_expansion=8,
+        max_features=64,
+        num_blocks=4,
+        dec_lease=1,
+        same_blocks=False,
+        film_hidden=64,
+        down_mode="stride",
+        head_kernel=5,
+        identity_grid="centers",
+        occlusion_init_bias=2.0,
+        padding_mode="border",
+    ),
+    refine=RefineConfig(
+        block_expansion=8,
+        max_features=64,
+        num_blocks=3,
+        dec_lease=1,
+        down_mode="stride",
+        seed="warped",
+        block_channels=(64, 48, 32, 16),
+        spade_hidden=16,
+        spade_kernel=3,
+        spade_param_kernel=1,
+        landmark_lines=True,
+        gaze_heatmap=False,
+        mouth_line=False,
+        antialias=True,
+        output="occlusion_blend",
+    ),
+    discriminator=DiscriminatorConfig(scales=(1.0, 0.5), block_expansion=16, max_features=256, num_blocks=4, norm="none"),
+)
+
+# Same structure as lite with a handful of channels, for fast tests at 64².
+_TINY = dataclasses.replace(
+    _LITE,
+    image_size=64,
+    warp=dataclasses.replace(
+        _LITE.warp, input_size=64, encoder_channels=(4, 8, 8, 8), motion_dim=8, block_expansion=2, max_features=8,
+        film_hidden=8, head_kernel=3,
+    ),
+    refine=dataclasses.replace(
+        _LITE.refine, block_expansion=2, max_features=8, block_channels=(8, 8, 4, 4), spade_hidden=4,
+    ),
+    discriminator=DiscriminatorConfig(scales=(1.0, 0.5), block_expansion=2, max_features=8, num_blocks=3, norm="none"),
+)
+
+PRESETS: dict[str, ModelConfig] = {"tiny": _TINY, "lite": _LITE, "official": _OFFICIAL}

@@ -1,0 +1,1 @@
+"""Evaluation: metrics as plain functions (`metrics`), feature extractors (`features`), protocols (`protocols`)."""

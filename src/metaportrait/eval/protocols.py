@@ -1,0 +1,600 @@
+"""Evaluation protocols: self-reconstruction and cross-reenactment, run on several methods in one pass.
+
+A *method* is any callable ``(source_image, source_landmarks, driving_frames, target_landmarks) -> frames`` on
+square face crops (`Method`): the two training-free baselines (`source_copy`, `mesh_warp`) and trained models
+(`ModelMethod`). Every method gets the same inputs, so the comparison is fair by construction:
+
+- **self** (`evaluate_self`): per clip, every kept frame is cut with one stable box (the clip's median
+  face box) at ``size`` px. Frame 0 is the source; the targets are the real crops' landmarks (One-Euro
+  smoothed, as the animation pipeline smooths a driver). Outputs for frames 1..T-1 are compared with the
+  real crops: L1, PSNR, SSIM, face-region L1 (inside the real face-oval hull), ST-LPIPS (alex), identity to
+  the source, AKD / AED / APD against the real frames' landmarks, E_warp with the real video's optical flow,
+  and FD-MobileNetV2 of all output frames against all real frames.
+- **cross** (`evaluate_cross`): every source portrait with every driving clip. The driver is tracked and cut
+  with a smoothed box that follows its head, and its motion is transferred onto the source crop
+  (`metaportrait.motion.relative_motion`, or ``absolute``), exactly as `metaportrait.pipeline.Animator` does.
+  Metrics: identity distance and ID loss to the source; AKD / AED / APD of the output landmarks against the
+  target landmarks the methods were given; AED / APD against the driver itself (``aed_driver``,
+  ``apd_driver``: the literature's definition, which also counts face-shape differences); E_warp with each
+  output's own flow (there is no ground truth); FD-MobileNetV2 of all outputs against the source crops.
+
+Output landmarks are measured with MediaPipe on the output frames (no smoothing), as the real frames' are.
+Per-clip values are averaged over frames; a method's ``mean`` is the mean over clips (each clip counts once),
+except FD, which pools all frames. ``face_found`` is the fraction of output frames in which MediaPipe found a
+face (landmark metrics reuse the last found landmarks elsewhere). Metric definitions and their relation to
+published numbers: `metaportrait.eval.metrics`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from metaportrait.data.face import BoxSmoother, CropBox, clip_box, crop, points_to_crop
+from metaportrait.data.landmarks import (
+    LANDMARK_BETA,
+    LANDMARK_D_CUTOFF,
+    LANDMARK_MIN_CUTOFF,
+    OneEuroFilter,
+    iter_tracked,
+    landmarks_of_image,
+    track_frames,
+)
+from metaportrait.data.mesh_warp import face_mask, mesh_warp_image
+from metaportrait.errors import InputError, NoFaceError
+from metaportrait.eval import metrics
+from metaportrait.motion import absolute_motion, relative_motion
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SIZE = 256
+LPIPS_BATCH = 8
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Methods
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Method(Protocol):
+    """A talking-head method under evaluation, on ``S`` x ``S`` face crops."""
+
+    def __call__(
+        self,
+        source_image: np.ndarray,
+        source_landmarks: np.ndarray,
+        driving_frames: np.ndarray,
+        target_landmarks: np.ndarray,
+    ) -> np.ndarray:
+        """Args:
+            source_image: ``uint8`` ``(S, S, 3)`` source crop.
+            source_landmarks: ``(478, 2)`` its landmarks (crop pixels).
+            driving_frames: ``uint8`` ``(T, S, S, 3)`` driving crops (the real frames in the self protocol).
+            target_landmarks: ``(T, 478, 2)`` the landmarks each output frame should have, in source-crop pixels.
+
+        Returns:
+            ``uint8`` ``(T, S, S, 3)`` generated frames.
+        """
+        ...
+
+
+def source_copy(source_image, source_landmarks, driving_frames, target_landmarks) -> np.ndarray:
+    """Baseline: the source crop, unchanged, for every frame."""
+    return np.repeat(source_image[None], len(target_landmarks), axis=0)
+
+
+def mesh_warp(source_image, source_landmarks, driving_frames, target_landmarks) -> np.ndarray:
+    """Baseline: the face-masked piecewise-affine mesh warp (`metaportrait.data.mesh_warp`), no training."""
+    return np.stack([mesh_warp_image(source_image, source_landmarks, t, face_masked=True) for t in target_landmarks])
+
+
+BASELINES: dict[str, Method] = {"source-copy": source_copy, "mesh-warp": mesh_warp}
+
+
+class ModelMethod:
+    """A trained model through the inference pipeline (`metaportrait.pipeline.Animator.animate_landmarks`).
+
+    The crop is the "portrait": the model re-crops the face from it, generates, and pastes the result back, so
+    the output is aligned with the evaluation crop whatever the model's own resolution.
+    """
+
+    def __init__(self, checkpoint: str | Path | None):
+        from metaportrait.pipeline import Animator
+
+        self.animator = Animator.from_pretrained(checkpoint)
+
+    def __call__(self, source_image, source_landmarks, driving_frames, target_landmarks) -> np.ndarray:
+        frames = self.animator.animate_landmarks(
+            source_image, target_landmarks, paste_back=True, source_landmarks=source_landmarks
+        )
+        return np.stack(list(frames))
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """SHA-256 of a checkpoint's weights: the file itself, or ``model.safetensors`` inside a folder."""
+    path = Path(path)
+    weights = path / "model.safetensors" if path.is_dir() else path
+    if not weights.is_file():
+        raise InputError(path, "checkpoint weights not found")
+    digest = hashlib.sha256()
+    with open(weights, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metric networks and shared per-clip metrics
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MetricModels:
+    """The frozen networks behind ST-LPIPS, identity and FD; loaded once per run."""
+
+    lpips: torch.nn.Module  # metaportrait.eval.features.STLPIPS
+    identity: torch.nn.Module  # metaportrait.models.identity.IdentityEncoder
+    features: torch.nn.Module  # metaportrait.eval.features.MobileNetV2PooledFeatures
+
+    @classmethod
+    def load(cls) -> MetricModels:
+        """ST-LPIPS (alex), dlib identity ResNet and ImageNet MobileNetV2, from their installed weight files."""
+        from metaportrait.eval.features import STLPIPS, MobileNetV2PooledFeatures
+        from metaportrait.models.identity import IdentityEncoder
+
+        return cls(STLPIPS("alex"), IdentityEncoder.from_dlib(), MobileNetV2PooledFeatures())
+
+
+@torch.no_grad()
+def _st_lpips(model: torch.nn.Module, a: np.ndarray, b: np.ndarray) -> float:
+    from metaportrait.io.image import frames_to_tensor
+
+    values = [
+        model(frames_to_tensor(a[i : i + LPIPS_BATCH]), frames_to_tensor(b[i : i + LPIPS_BATCH]))
+        for i in range(0, len(a), LPIPS_BATCH)
+    ]
+    return float(torch.cat(values).mean())
+
+
+def _pooled_features(models: MetricModels, frames: np.ndarray) -> np.ndarray:
+    from metaportrait.eval.features import mobilenetv2_features
+    from metaportrait.io.image import frames_to_tensor
+
+    return mobilenetv2_features(frames_to_tensor(frames), models.features)
+
+
+def _track_output(frames: np.ndarray, name: str) -> tuple[np.ndarray | None, float]:
+    """Raw MediaPipe landmarks of generated frames and the fraction of frames with a face (None if no face)."""
+    try:
+        landmarks, present = track_frames(frames, smooth=False, name=name)
+    except NoFaceError:
+        return None, 0.0
+    return landmarks, float(present.mean())
+
+
+def _smooth(landmarks: np.ndarray, fps: float) -> np.ndarray:
+    """One-Euro smoothing of a landmark track with the pipeline's settings (targets as a driver would give)."""
+    smoother = OneEuroFilter(fps, LANDMARK_MIN_CUTOFF, LANDMARK_BETA, LANDMARK_D_CUTOFF)
+    return np.stack([smoother(points) for points in landmarks]).astype(np.float32)
+
+
+def _landmark_metrics(prefix: str, output: np.ndarray | None, reference: np.ndarray, size: int) -> dict[str, float]:
+    names = ("akd", "aed", "apd") if prefix == "" else ("aed", "apd")
+    if output is None:  # no face anywhere in the output: the landmark metrics are undefined
+        return {f"{name}{prefix}": math.nan for name in names}
+    values = {"akd": lambda: metrics.akd(output, reference), "aed": lambda: metrics.aed(output, reference),
+              "apd": lambda: metrics.apd(output, reference, image_size=size)}
+    return {f"{name}{prefix}": values[name]() for name in names}
+
+
+@dataclass
+class _Accumulator:
+    """Per-method results while a protocol runs: per-clip metric values and pooled FD features."""
+
+    per_clip: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> clip -> value
+    features: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, clip: str, values: dict[str, float]) -> None:
+        for metric, value in values.items():
+            self.per_clip.setdefault(metric, {})[clip] = value
+
+    def summary(self, fd: float | None) -> dict[str, dict]:
+        # Non-finite values (PSNR of an exact copy, landmark metrics without a face) are stored as null and left
+        # out of the mean.
+        result = {}
+        for metric, clips in self.per_clip.items():
+            finite = [v for v in clips.values() if math.isfinite(v)]
+            result[metric] = {"mean": float(np.mean(finite)) if finite else None,
+                              "per_clip": {c: (v if math.isfinite(v) else None) for c, v in clips.items()}}
+        result["fd_mobilenetv2"] = {"mean": fd, "per_clip": {}}
+        return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _read_frames(path: Path, max_frames: int | None, stride: int) -> tuple[np.ndarray, float]:
+    """Every ``stride``-th frame (up to ``max_frames`` kept) and the resulting frame rate."""
+    from metaportrait.io.video import VideoReader
+
+    kept = []
+    with VideoReader(path) as reader:
+        fps = reader.fps
+        for index, frame in enumerate(reader):
+            if index % stride == 0:
+                kept.append(frame)
+                if max_frames is not None and len(kept) >= max_frames:
+                    break
+    if len(kept) < 3:
+        raise InputError(path, f"needs at least 3 frames after --stride {stride}, got {len(kept)}")
+    return np.stack(kept), fps / stride
+
+
+@dataclass(frozen=True)
+class SelfClip:
+    """One clip of the self-reconstruction protocol, cut to the evaluation size."""
+
+    name: str
+    frames: np.ndarray  # uint8 (T, S, S, 3) crops with one stable box
+    landmarks: np.ndarray  # float32 (T, 478, 2) raw MediaPipe landmarks of the crops
+    targets: np.ndarray  # float32 (T, 478, 2) the same, One-Euro smoothed: what the methods are driven with
+    fps: float
+
+
+def load_self_clip(path: str | Path, size: int, max_frames: int | None, stride: int) -> SelfClip:
+    """Decode, track and crop one clip for `evaluate_self`.
+
+    Raises:
+        InputError: unreadable or too short; NoFaceError: no face in any frame.
+    """
+    path = Path(path)
+    frames, fps = _read_frames(path, max_frames, stride)
+    full_landmarks, present = track_frames(frames, smooth=False, name=path)
+    box = clip_box(full_landmarks, present)
+    crops = np.stack([crop(frame, box, size) for frame in frames])
+    landmarks, _ = track_frames(crops, smooth=False, name=path)
+    return SelfClip(path.stem, crops, landmarks, _smooth(landmarks, fps), fps)
+
+
+@dataclass(frozen=True)
+class CrossPair:
+    """One (source, driver) pair of the cross-reenactment protocol."""
+
+    name: str
+    source: np.ndarray  # uint8 (S, S, 3)
+    source_landmarks: np.ndarray  # float32 (478, 2)
+    driving: np.ndarray  # uint8 (T, S, S, 3) driver crops (smoothed box following the head)
+    driving_landmarks: np.ndarray  # float32 (T, 478, 2) the driver's landmarks in its crops
+    targets: np.ndarray  # float32 (T, 478, 2) transferred motion, source-crop pixels
+    fps: float
+
+
+def load_source(path: str | Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A source portrait (image, or a video's first frame) cut to its face box: crop and crop landmarks."""
+    from metaportrait.io.image import is_image_path, read_image
+    from metaportrait.io.video import read_video
+
+    path = Path(path)
+    image = read_image(path) if is_image_path(path) else read_video(path, max_frames=1)[0][0]
+    points = landmarks_of_image(image, path)
+    box = CropBox.from_landmarks(points)
+    return crop(image, box, size), points_to_crop(points, box, size)
+
+
+def load_driver(
+    path: str | Path, size: int, max_frames: int | None, stride: int
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Driver crops and landmarks as the pipeline sees them: tracked and smoothed, box following the head."""
+    path = Path(path)
+    frames, fps = _read_frames(path, max_frames, stride)
+    boxes = BoxSmoother(fps)
+    crops, landmarks = [], []
+    for frame, points, _ in iter_tracked(frames, smooth=True, fps=fps, name=path):
+        box = boxes(CropBox.from_landmarks(points))
+        crops.append(crop(frame, box, size))
+        landmarks.append(points_to_crop(points, box, size))
+    return np.stack(crops), np.stack(landmarks), fps
+
+
+def transfer(source_landmarks: np.ndarray, driving_landmarks: np.ndarray, motion: str) -> np.ndarray:
+    """Target landmarks in source-crop pixels (driver and source crops have the same size)."""
+    if motion == "relative":
+        return relative_motion(source_landmarks, driving_landmarks, driving_landmarks[0])
+    if motion == "absolute":
+        size = 1  # same crop size on both sides: absolute motion is the driver's landmarks as they are
+        return absolute_motion(driving_landmarks, size, size)
+    raise ValueError(f"motion must be 'relative' or 'absolute', got {motion!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Protocols
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Visuals:
+    """What a protocol keeps for the comparison grid and the side-by-side video (per clip, per method)."""
+
+    fps: float = 25.0  # frame rate of the first kept clip (after the stride)
+    clips: list[str] = field(default_factory=list)
+    sources: list[np.ndarray] = field(default_factory=list)  # (S, S, 3) per clip
+    driving: list[np.ndarray] = field(default_factory=list)  # (T, S, S, 3) per clip
+    outputs: list[dict[str, np.ndarray]] = field(default_factory=list)  # method -> (T, S, S, 3) per clip
+
+
+@dataclass
+class ProtocolResult:
+    """``results``: the JSON document; ``visuals``: frames for the figures (a few clips only)."""
+
+    results: dict
+    visuals: Visuals
+
+
+def _progress(iterable, **kwargs):
+    from tqdm import tqdm
+
+    return tqdm(iterable, disable=None, **kwargs)
+
+
+def evaluate_self(
+    videos: Sequence[str | Path],
+    methods: dict[str, Method],
+    models: MetricModels,
+    size: int = DEFAULT_SIZE,
+    max_frames: int | None = 100,
+    stride: int = 2,
+    keep_visuals: int = 4,
+) -> ProtocolResult:
+    """Self-reconstruction on each video (see the module docstring).
+
+    Args:
+        videos: clip files; names (file stems) must be unique.
+        methods: name -> method; all run on every clip.
+        models: metric networks.
+        size: evaluation crop size in pixels (AKD is in these pixels).
+        max_frames: frames kept per clip (after the stride); None = all.
+        stride: keep every ``stride``-th frame.
+        keep_visuals: frames of the first this-many clips are kept for the figures.
+    """
+    _check_unique([Path(v).stem for v in videos])
+    accumulators = {name: _Accumulator() for name in methods}
+    real_features: list[np.ndarray] = []
+    reference: dict[str, float] = {}
+    visuals = Visuals()
+    for video in _progress(videos, desc="self", unit="clip"):
+        clip = load_self_clip(video, size, max_frames, stride)
+        source, source_landmarks = clip.frames[0], clip.targets[0]
+        real, real_landmarks = clip.frames[1:], clip.landmarks[1:]
+        flow = metrics.temporal_flow(real)  # Lai et al.: flow of the ground truth, shared by all methods
+        reference[clip.name] = metrics.warping_error(real, flow)
+        face = np.stack([face_mask(points, size, size, 0.0, 0.0) for points in real_landmarks])
+        real_features.append(_pooled_features(models, real))
+        outputs = {}
+        for name, method in methods.items():
+            output = method(source, source_landmarks, real, clip.targets[1:])
+            _check_output(name, output, real.shape)
+            output_landmarks, found = _track_output(output, f"{name} on {clip.name}")
+            values = {
+                "l1": metrics.l1(output, real),
+                "psnr": metrics.psnr(output, real),
+                "ssim": metrics.ssim(output, real),
+                "face_l1": metrics.face_region_l1(output, real, face),
+                "st_lpips": _st_lpips(models.lpips, output, real),
+                **metrics.identity_metrics(output, _or(output_landmarks, real_landmarks), source, source_landmarks,
+                                           models.identity),
+                **_landmark_metrics("", output_landmarks, real_landmarks, size),
+                "e_warp": metrics.warping_error(output, flow),
+                "face_found": found,
+            }
+            accumulators[name].add(clip.name, values)
+            accumulators[name].features.append(_pooled_features(models, output))
+            outputs[name] = output
+        if len(visuals.clips) < keep_visuals:
+            visuals.fps = visuals.fps if visuals.clips else clip.fps
+            visuals.clips.append(clip.name)
+            visuals.sources.append(source)
+            visuals.driving.append(real)
+            visuals.outputs.append(outputs)
+    real_all = np.concatenate(real_features)
+    results = {
+        "protocol": "self",
+        "settings": {"size": size, "max_frames": max_frames, "stride": stride, "clips": len(videos)},
+        "methods": {name: acc.summary(_fd(np.concatenate(acc.features), real_all))
+                    for name, acc in accumulators.items()},
+        "reference": {"e_warp_real": {"mean": float(np.mean(list(reference.values()))), "per_clip": reference}},
+        "series": {},
+    }
+    return ProtocolResult(results, visuals)
+
+
+def evaluate_cross(
+    sources: Sequence[str | Path],
+    drivers: Sequence[str | Path],
+    methods: dict[str, Method],
+    models: MetricModels,
+    motion: str = "relative",
+    size: int = DEFAULT_SIZE,
+    max_frames: int | None = 100,
+    stride: int = 2,
+    keep_visuals: int = 4,
+) -> ProtocolResult:
+    """Cross-identity reenactment of every source by every driver (see the module docstring).
+
+    Args:
+        sources: portrait images (or videos: first frame); drivers: driving clips. Stems must be unique.
+        motion: "relative" (keeps the source's face shape) or "absolute".
+        Others as in `evaluate_self`.
+    """
+    _check_unique([Path(s).stem for s in sources])
+    _check_unique([Path(d).stem for d in drivers])
+    loaded_sources = {Path(s).stem: load_source(s, size) for s in _progress(sources, desc="sources", unit="image")}
+    accumulators = {name: _Accumulator() for name in methods}
+    visuals = Visuals()
+    for driver in _progress(drivers, desc="cross", unit="driver"):
+        driving, driving_landmarks, fps = load_driver(driver, size, max_frames, stride)
+        for source_name, (source, source_landmarks) in loaded_sources.items():
+            pair = f"{source_name}<-{Path(driver).stem}"
+            targets = transfer(source_landmarks, driving_landmarks, motion)
+            outputs = {}
+            for name, method in methods.items():
+                output = method(source, source_landmarks, driving, targets)
+                _check_output(name, output, driving.shape)
+                output_landmarks, found = _track_output(output, f"{name} on {pair}")
+                values = {
+                    **metrics.identity_metrics(output, _or(output_landmarks, targets), source, source_landmarks,
+                                               models.identity),
+                    **_landmark_metrics("", output_landmarks, targets, size),
+                    **_landmark_metrics("_driver", output_landmarks, driving_landmarks, size),
+                    "e_warp": metrics.warping_error(output),
+                    "face_found": found,
+                }
+                accumulators[name].add(pair, values)
+                accumulators[name].features.append(_pooled_features(models, output))
+                outputs[name] = output
+            if len(visuals.clips) < keep_visuals:
+                visuals.fps = visuals.fps if visuals.clips else fps
+                visuals.clips.append(pair)
+                visuals.sources.append(source)
+                visuals.driving.append(driving)
+                visuals.outputs.append(outputs)
+    source_features = _pooled_features(models, np.stack([s for s, _ in loaded_sources.values()]))
+    if len(source_features) < 2:
+        logger.warning("FD-MobileNetV2 needs at least 2 source images; not computed")
+    results = {
+        "protocol": "cross",
+        "settings": {"size": size, "max_frames": max_frames, "stride": stride, "motion": motion,
+                     "sources": len(sources), "drivers": len(drivers)},
+        "methods": {
+            name: acc.summary(_fd(np.concatenate(acc.features), source_features) if len(source_features) > 1 else None)
+            for name, acc in accumulators.items()
+        },
+        "series": {},
+    }
+    return ProtocolResult(results, visuals)
+
+
+def _fd(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    from metaportrait.eval.features import frechet_distance, gaussian_statistics
+
+    return frechet_distance(*gaussian_statistics(features_a), *gaussian_statistics(features_b))
+
+
+def _or(landmarks: np.ndarray | None, fallback: np.ndarray) -> np.ndarray:
+    # Identity alignment needs landmarks; without a detected face use the targets (the face should be there).
+    return fallback if landmarks is None else landmarks
+
+
+def _check_output(name: str, output: np.ndarray, expected: tuple[int, ...]) -> None:
+    if not isinstance(output, np.ndarray) or output.dtype != np.uint8 or output.shape != expected:
+        description = f"{output.dtype} {output.shape}" if isinstance(output, np.ndarray) else type(output).__name__
+        raise RuntimeError(f"method {name!r} returned {description}, expected uint8 {expected}")
+
+
+def _check_unique(names: list[str]) -> None:
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InputError(duplicates[0], "two inputs have the same file name; results are keyed by it")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reports: markdown table, comparison grid, side-by-side video
+# ---------------------------------------------------------------------------------------------------------
+
+# metric -> (column title, lower is better, decimals); also fixes the column order
+TABLE_COLUMNS: dict[str, tuple[str, bool, int]] = {
+    "fd_mobilenetv2": ("FD-MNv2", True, 2),
+    "st_lpips": ("ST-LPIPS", True, 4),
+    "id_distance": ("ID dist", True, 4),
+    "id_loss": ("ID loss", True, 4),
+    "akd": ("AKD px", True, 3),
+    "aed": ("AED", True, 4),
+    "apd": ("APD °", True, 3),
+    "aed_driver": ("AED drv", True, 4),
+    "apd_driver": ("APD drv °", True, 3),
+    "e_warp": ("E_warp", True, 5),
+    "l1": ("L1", True, 4),
+    "psnr": ("PSNR", False, 2),
+    "ssim": ("SSIM", False, 4),
+    "face_l1": ("face L1", True, 4),
+    "face_found": ("face found", False, 3),
+}
+
+
+def markdown_table(results: dict) -> str:
+    """Table 1-style markdown: one row per method, the protocol's metrics as columns, best value in bold."""
+    methods = results["methods"]
+    present = [m for m in TABLE_COLUMNS if any(m in values for values in methods.values())]
+    header = "| method | " + " | ".join(f"{TABLE_COLUMNS[m][0]} {'↓' if TABLE_COLUMNS[m][1] else '↑'}"
+                                        for m in present) + " |"
+    lines = [header, "|---" * (len(present) + 1) + "|"]
+    best = {}
+    for metric in present:
+        values = [v[metric]["mean"] for v in methods.values() if v.get(metric, {}).get("mean") is not None]
+        if values:
+            best[metric] = min(values) if TABLE_COLUMNS[metric][1] else max(values)
+    for name, values in methods.items():
+        cells = []
+        for metric in present:
+            mean = values.get(metric, {}).get("mean")
+            if mean is None:
+                cells.append("–")
+                continue
+            text = f"{mean:.{TABLE_COLUMNS[metric][2]}f}"
+            cells.append(f"**{text}**" if len(methods) > 1 and mean == best.get(metric) else text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _label(tile: np.ndarray, text: str) -> np.ndarray:
+    import cv2
+
+    tile = tile.copy()
+    scale = tile.shape[0] / 256
+    cv2.putText(tile, text, (4, int(18 * scale) + 2), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale, (0, 0, 0), 3, cv2.LINE_AA)
+    cv2.putText(tile, text, (4, int(18 * scale) + 2), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale, (255, 255, 255), 1,
+                cv2.LINE_AA)
+    return tile
+
+
+def comparison_grid(visuals: Visuals, steps: int = 5, tile: int = 128) -> np.ndarray:
+    """``uint8`` image: per clip a block whose first row is the source then the driving frames at ``steps``
+    evenly spaced times, and one row per method (its name in the first column) at the same times."""
+    import cv2
+
+    def small(image: np.ndarray) -> np.ndarray:
+        return cv2.resize(image, (tile, tile), interpolation=cv2.INTER_AREA)
+
+    blank = np.full((tile, tile, 3), 255, np.uint8)
+    blocks = []
+    for clip, source, driving, outputs in zip(visuals.clips, visuals.sources, visuals.driving, visuals.outputs):
+        times = np.linspace(0, len(driving) - 1, steps).round().astype(int)
+        rows = [[_label(small(source), clip[:20])] + [_label(small(driving[t]), f"driving {t + 1}") for t in times]]
+        rows += [[_label(blank, name)] + [small(frames[t]) for t in times] for name, frames in outputs.items()]
+        blocks.append(np.concatenate([np.concatenate(row, axis=1) for row in rows], axis=0))
+    gap = np.full((4, blocks[0].shape[1], 3), 255, np.uint8)
+    return np.concatenate([part for block in blocks for part in (block, gap)][:-1], axis=0)
+
+
+def side_by_side_frames(visuals: Visuals):
+    """Yields ``uint8`` frames: [source | driving | each method], every kept clip one after another."""
+    for source, driving, outputs in zip(visuals.sources, visuals.driving, visuals.outputs):
+        for t in range(len(driving)):
+            tiles = [_label(source, "source"), _label(driving[t], "driving")]
+            tiles += [_label(frames[t], name) for name, frames in outputs.items()]
+            yield np.concatenate(tiles, axis=1)
+
+
+def methods_from_checkpoints(checkpoints: dict[str, str | Path | None],
+                             factory: Callable[[str | Path | None], Method] = ModelMethod) -> dict[str, Method]:
+    """name -> `ModelMethod` for each checkpoint (None = the bundled model)."""
+    return {name: factory(path) for name, path in checkpoints.items()}

@@ -1,0 +1,1 @@
+"""File formats: images, videos (with audio passthrough), checkpoints. The only package that knows containers."""

@@ -1,0 +1,1 @@
+"""Training losses: small functions and thin modules around frozen networks (perceptual, identity)."""

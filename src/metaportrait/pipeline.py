@@ -1,0 +1,339 @@
+"""Inference: animate a portrait with a driving video, or with a sequence of target landmarks.
+
+::
+
+    from metaportrait.io.image import read_image
+    from metaportrait.io.video import VideoReader
+    from metaportrait.pipeline import Animator
+
+    animator = Animator.from_pretrained()  # the bundled lite checkpoint
+    with VideoReader("driving.mp4") as reader:
+        for frame in animator(read_image("portrait.jpg"), reader, driving_fps=reader.fps):
+            ...  # uint8 (H, W, 3) RGB, the size of the portrait
+    print(animator.stats)
+
+Both entry points share one code path. Step 1 prepares the source; step 2 produces per-frame target landmarks in
+source-crop pixels: `Animator.__call__` measures them on a driving video and transfers the motion,
+`Animator.animate_landmarks` takes them as given; steps 3-4 (`Animator._render`) turn targets into frames.
+Frames are streamed: a driving video is read, and results are produced, a few frames (``batch_size``) at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import itertools
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from metaportrait.config import ModelConfig
+from metaportrait.data.drawing import draw_landmark_image
+from metaportrait.data.face import BoxSmoother, CropBox, crop, points_to_crop
+from metaportrait.data.face import paste_back as blend_crop  # the name `paste_back` is our flag
+from metaportrait.data.landmarks import iter_tracked, landmarks_of_image
+from metaportrait.data.mesh_warp import mesh_warp_grid
+from metaportrait.errors import InputError
+from metaportrait.io.image import frames_to_tensor, to_tensor, to_uint8_frames
+from metaportrait.motion import Controls, absolute_motion, relative_motion
+
+Motion = Literal["relative", "absolute"]
+MOTIONS: tuple[str, ...] = ("relative", "absolute")
+BUNDLED_CHECKPOINT = "assets/models/lite"  # inside the metaportrait package
+DEFAULT_BATCH_SIZE = 4  # frames per generator forward: amortises per-call overhead, keeps latency and memory low
+
+
+@dataclass
+class AnimationStats:
+    """Counters of the latest animation, updated while its frames are produced."""
+
+    frames: int = 0  # frames produced so far
+    lost_frames: int = 0  # driving frames without a detected face (the last good landmarks were reused)
+    seconds: float = 0.0  # wall time from the call until the latest frame
+
+    @property
+    def fps(self) -> float:
+        """Frames per second so far (0 before the first frame)."""
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class PreparedSource:
+    """Step 1's result: everything about the source portrait the per-frame steps reuse."""
+
+    image: np.ndarray  # uint8 (H, W, 3) RGB, the full portrait
+    landmarks: np.ndarray  # float32 (478, 2) pixels of `image`
+    box: CropBox  # the one crop box of the still source
+    crop: np.ndarray  # uint8 (S, S, 3), S = config.image_size
+    crop_landmarks: np.ndarray  # float32 (478, 2) pixels of `crop`
+    tensor: torch.Tensor  # (1, 3, S, S) in [0, 1]
+    lines: torch.Tensor  # (1, 3, S, S) in [0, 1], the source landmark line image
+    identity: torch.Tensor | None  # (1, identity_dim) embedding, None when the model does not use identity
+
+
+@functools.cache
+def dlib_identity_encoder() -> torch.nn.Module:
+    """The dlib identity encoder, loaded once per process: parsing its weights takes seconds, and the module is
+    frozen (eval mode, no trainable state), so every animator can share it."""
+    from metaportrait.models.identity import IdentityEncoder
+
+    return IdentityEncoder.from_dlib()
+
+
+def bundled_checkpoint() -> Path:
+    """Folder of the lite checkpoint shipped inside the package (it may be absent in a fresh source checkout)."""
+    return Path(str(importlib.resources.files("metaportrait") / BUNDLED_CHECKPOINT))
+
+
+class Animator:
+    """Talking-head generation: a still portrait made to follow a driving video or target landmarks.
+
+    Args:
+        generator: the trained `metaportrait.models.generator.Generator` (put in eval mode here).
+        config: its `ModelConfig`; the landmark topology must be ``mediapipe478`` (what we can measure).
+        identity_encoder: `IdentityEncoder` for the source embedding; loaded from dlib's weights when the model
+            uses identity and none is given.
+        batch_size: frames per generator forward.
+
+    Attributes:
+        stats: `AnimationStats` of the latest call, filled in while its frames are consumed.
+    """
+
+    def __init__(self, generator: torch.nn.Module, config: ModelConfig, identity_encoder: torch.nn.Module | None = None,
+                 batch_size: int = DEFAULT_BATCH_SIZE):
+        if config.landmark_topology != "mediapipe478":
+            raise ValueError(
+                f"the animator measures MediaPipe landmarks; this model was built for {config.landmark_topology!r} "
+                "line images (only 'mediapipe478' models can be animated)"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if config.use_identity and identity_encoder is None:
+            identity_encoder = dlib_identity_encoder()
+        self.generator = generator.eval()
+        self.config = config
+        self.identity_encoder = identity_encoder if config.use_identity else None
+        self.batch_size = batch_size
+        self.size = config.image_size
+        self.stats = AnimationStats()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> Animator:
+        """Load a checkpoint folder (``model.safetensors`` + ``config.json``).
+
+        Args:
+            path: the folder; ``None`` or ``"default"`` means the lite checkpoint bundled with the package.
+
+        Raises:
+            InputError: the folder (or the bundled checkpoint) is missing or not a valid checkpoint.
+        """
+        from metaportrait.io.checkpoint import load_model
+
+        if path is None or str(path) == "default":
+            path = bundled_checkpoint()
+            if not (path / "model.safetensors").is_file():
+                raise InputError(path, "the bundled lite checkpoint is not installed; pass --checkpoint FOLDER")
+        path = Path(path)
+        if not path.is_dir():
+            raise InputError(path, "checkpoint folder not found")
+        generator, config = load_model(path)
+        return cls(generator, config, batch_size=batch_size)
+
+    # --- entry points -----------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        source_image: np.ndarray,
+        driving_frames: Iterable[np.ndarray],
+        motion: Motion = "relative",
+        paste_back: bool = True,
+        crop_output: bool = False,
+        controls: Controls | None = None,
+        *,
+        driving_fps: float = 25.0,
+        source_name: str | Path = "<source>",
+        driving_name: str | Path = "<driving>",
+        source_landmarks: np.ndarray | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Animate ``source_image`` with the head motion and expressions of ``driving_frames``.
+
+        The source is checked (step 1) when this is called; the driving frames are read lazily while the
+        returned iterator is consumed, one small batch at a time.
+
+        Args:
+            source_image: ``uint8`` ``(H, W, 3)`` RGB portrait.
+            driving_frames: ``uint8`` ``(h, w, 3)`` RGB frames of one clip, in order (e.g. a `VideoReader`).
+            motion: ``"relative"`` moves the source face as the driver moves relative to its first frame, keeping
+                the source's face shape; ``"absolute"`` uses the driver's landmarks as they are (the driver's face
+                shape, positioned by the driver's crop).
+            paste_back: blend each generated face crop into the full portrait with a feathered edge (True), or
+                yield the model's ``(S, S, 3)`` face crop as it is (False; ``S`` = ``config.image_size``).
+            crop_output: cut the pasted-back frame to the source's face box, at the portrait's own resolution
+                (``round(box side)`` pixels square): a close-up without the static rest of a large photo.
+                Needs ``paste_back``.
+            controls: expression / pose edits applied to every frame (`metaportrait.motion.Controls`).
+            driving_fps: frame rate of the driving clip (sets the landmark and crop smoothing time constants).
+            source_name, driving_name: file names for error messages.
+            source_landmarks: ``(478, 2)`` landmarks of ``source_image`` if already measured.
+
+        Returns:
+            Iterator of ``uint8`` RGB frames: ``(H, W, 3)``; ``(S, S, 3)`` without ``paste_back``; the face box's
+            size with ``crop_output``.
+
+        Raises:
+            NoFaceError: no face in the source (now), or in any driving frame (when iterating, before any
+                frame is produced).
+        """
+        if motion not in MOTIONS:
+            raise ValueError(f"motion must be one of {MOTIONS}, got {motion!r}")
+        _check_output_mode(paste_back, crop_output)
+        start = self._start()
+        # 1. Source: landmarks, one crop box, the crop at the model's size, identity embedding, line image.
+        source = self.prepare_source(source_image, source_name, source_landmarks)
+        # 2. Driving: per frame, tracked + smoothed landmarks (lost face -> last good), mapped into the driver's
+        #    own smoothed crop, then transferred onto the source crop.
+        targets = self._driving_targets(source, driving_frames, motion, driving_fps, driving_name)
+        # 3-4. Controls, model inputs, generator, paste back.
+        return self._render(source, targets, controls, paste_back, crop_output, start)
+
+    def animate_landmarks(
+        self,
+        source_image: np.ndarray,
+        target_landmarks: Iterable[np.ndarray],
+        paste_back: bool = True,
+        crop_output: bool = False,
+        controls: Controls | None = None,
+        *,
+        source_name: str | Path = "<source>",
+        source_landmarks: np.ndarray | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Animate ``source_image`` along given target landmarks (no driving video), e.g. scripted motion.
+
+        Args:
+            source_image: ``uint8`` ``(H, W, 3)`` RGB portrait.
+            target_landmarks: per output frame a ``(478, 2)`` array of landmarks in pixels of ``source_image``
+                (e.g. the source's own landmarks edited with `metaportrait.motion.edit_landmarks`); a
+                ``(T, 478, 2)`` array works too.
+            paste_back, crop_output, controls, source_name, source_landmarks: as in `__call__`.
+
+        Returns:
+            Iterator of ``uint8`` RGB frames, one per target.
+        """
+        _check_output_mode(paste_back, crop_output)
+        start = self._start()
+        # 1. Source (as in __call__).
+        source = self.prepare_source(source_image, source_name, source_landmarks)
+        # 2. Targets are given in portrait pixels: move them into the source crop.
+        targets = ((points_to_crop(np.asarray(t, np.float32), source.box, self.size), True) for t in target_landmarks)
+        return self._render(source, targets, controls, paste_back, crop_output, start)
+
+    # --- steps ----------------------------------------------------------------------------------------------
+
+    def _start(self) -> float:
+        self.stats = AnimationStats()
+        return time.perf_counter()
+
+    def prepare_source(self, image: np.ndarray, name: str | Path = "<source>",
+                       landmarks: np.ndarray | None = None) -> PreparedSource:
+        """Step 1: the source portrait's landmarks, crop, line image and identity embedding.
+
+        Raises:
+            NoFaceError: no face in ``image`` (naming ``name``).
+        """
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"source image must be uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}")
+        if landmarks is None:
+            landmarks = landmarks_of_image(image, name)
+        box = CropBox.from_landmarks(landmarks)
+        crop_image = crop(image, box, self.size)
+        crop_landmarks = points_to_crop(landmarks, box, self.size)
+        tensor = to_tensor(crop_image)
+        lines = to_tensor(draw_landmark_image(crop_landmarks, self.size, self.size, self.config.landmark_topology))
+        identity = None
+        if self.identity_encoder is not None:
+            with torch.no_grad():
+                identity = self.identity_encoder.embed(tensor, torch.from_numpy(crop_landmarks)[None])
+        return PreparedSource(image, landmarks, box, crop_image, crop_landmarks, tensor, lines, identity)
+
+    def _driving_targets(self, source: PreparedSource, frames: Iterable[np.ndarray], motion: Motion, fps: float,
+                         name: str | Path) -> Iterator[tuple[np.ndarray, bool]]:
+        """Step 2 for a driving video: ``(target landmarks in source-crop pixels, face found)`` per frame."""
+        boxes = BoxSmoother(fps)
+        reference: np.ndarray | None = None
+        for frame, points, present in iter_tracked(frames, smooth=True, fps=fps, name=name):
+            # The driver's crop follows its head smoothly, so its landmarks are comparable across frames and
+            # with the source crop (both are face-sized squares of the same side).
+            box = boxes(CropBox.from_landmarks(points))
+            driving = points_to_crop(points, box, self.size)
+            if reference is None:
+                reference = driving
+            if motion == "relative":
+                yield relative_motion(source.crop_landmarks, driving, reference), present
+            else:
+                yield absolute_motion(driving, self.size, self.size), present
+
+    def _render(self, source: PreparedSource, targets: Iterable[tuple[np.ndarray, bool]], controls: Controls | None,
+                paste_back: bool, crop_output: bool, start: float) -> Iterator[np.ndarray]:
+        """Steps 2b-4, shared by both entry points: controls, model inputs, generator, compositing."""
+        controls = controls or Controls()
+        targets = iter(targets)
+        while batch := list(itertools.islice(targets, self.batch_size)):
+            # 2b. User controls on the target landmarks; count frames whose driver face was lost.
+            points = [controls.apply(target) for target, _ in batch]
+            self.stats.lost_frames += sum(not present for _, present in batch)
+            # 3. Generator on a batch of frames.
+            crops = self._generate(source, points)
+            # 4. The face crop, or the full portrait with the crop pasted back.
+            for face in crops:
+                frame = compose_frame(source, face, paste_back, crop_output)
+                self.stats.frames += 1
+                self.stats.seconds = time.perf_counter() - start
+                yield frame
+
+    def _generate(self, source: PreparedSource, targets: list[np.ndarray]) -> np.ndarray:
+        """Step 3: ``uint8`` ``(B, S, S, 3)`` generated crops for ``B`` target landmark sets (source-crop pixels)."""
+        size, count = self.size, len(targets)
+        lines = frames_to_tensor(
+            np.stack([draw_landmark_image(t, size, size, self.config.landmark_topology) for t in targets])
+        )  # (B, 3, S, S)
+        prior_grid = None
+        if self.config.use_mesh_prior:
+            prior_grid = torch.from_numpy(
+                np.stack([mesh_warp_grid(source.crop_landmarks, t, size, size) for t in targets])
+            )  # (B, S, S, 2)
+        identity = None if source.identity is None else source.identity.expand(count, -1)
+        with torch.no_grad():
+            result = self.generator(
+                source.tensor.expand(count, -1, -1, -1),
+                source.lines.expand(count, -1, -1, -1),
+                lines,
+                identity=identity,
+                prior_grid=prior_grid,
+            )
+        # The official-style tanh head can overshoot [0, 1]; values outside are not colours, so clip them.
+        return to_uint8_frames(result["output"].clamp(0.0, 1.0))
+
+
+PASTE_FEATHER = 0.1  # soft paste-back edge, as a fraction of the crop side
+
+
+def _check_output_mode(paste_back: bool, crop_output: bool) -> None:
+    if crop_output and not paste_back:
+        raise ValueError("crop_output cuts the face box out of the pasted-back frame; it needs paste_back=True")
+
+
+def compose_frame(source: PreparedSource, face: np.ndarray, paste_back: bool = True,
+                  crop_output: bool = False) -> np.ndarray:
+    """Step 4: one output frame from a generated ``uint8`` ``(S, S, 3)`` face crop (see `Animator.__call__`)."""
+    _check_output_mode(paste_back, crop_output)
+    if not paste_back:
+        return face
+    frame = blend_crop(source.image, face, source.box, feather=PASTE_FEATHER)
+    if crop_output:
+        return crop(frame, source.box, max(2, round(source.box.side)))
+    return frame

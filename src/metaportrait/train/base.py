@@ -1,0 +1,540 @@
+"""Base-model training (MetaPortrait §3.1): stage ``warp`` trains the warping network W on the warped source image;
+stage ``full`` trains W and the refinement network R together with a discriminator.
+
+`train_base` is one function read top to bottom (set-up, data, networks, optimisers, resume, loop). It runs as a
+single process, or as several under ``torchrun`` (``python -m torch.distributed.run --nproc_per_node N``): every
+process draws its own pairs, gradients are averaged with an explicit all-reduce (no DDP wrapper: the warp stage
+leaves R's parameters unused, and two optimisers are easier to follow this way), and only rank 0 writes files.
+
+Run directory (``out_dir``):
+
+``train_config.json``   the `TrainConfig` (``--resume`` rebuilds the run from it)
+``log.jsonl``           one line per ``log_every`` steps: step, losses (mean over the interval and the ranks),
+                        gradient norms, lr, s/step
+``val.jsonl``           one line per validation: step, PSNR, L1, face-region L1 (on held-out identities)
+``checkpoint.pt``       training state (networks, optimisers, step, RNG states), tensors and primitives only,
+                        so ``torch.load(..., weights_only=True)`` reads it; written atomically
+``model/``              the latest generator, `metaportrait.io.checkpoint.save_model` format (what inference loads)
+``best/``               the generator with the best validation PSNR, same format
+``samples/step_*.png``  rows of source | driving landmarks | warped | output (stage full) | driving frame
+
+Exact resume: training pairs are a function of the step (`metaportrait.data.pairs.StepSampler`), the lr schedule
+of the step, and nothing in the networks draws random numbers, so on CPU with ``num_workers=0`` a run resumed
+at step n ends with the same weights as an uninterrupted run (tests/test_train.py checks it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from metaportrait.config import PRESETS, ModelConfig
+from metaportrait.data.dataset import PreparedDataset, split_by_identity
+from metaportrait.data.pairs import REGIONS, FixedPairs, PairOptions, RandomPairs, StepSampler, box_masks
+from metaportrait.errors import InputError
+from metaportrait.eval.metrics import face_region_l1, l1, psnr
+from metaportrait.io.checkpoint import load_model, save_model
+from metaportrait.io.image import to_uint8_frames, write_image
+from metaportrait.losses.perceptual import MobileNetV2Features, PerceptualPyramidLoss, VGG19Features
+from metaportrait.models.discriminator import MultiScaleDiscriminator
+from metaportrait.models.generator import Generator
+from metaportrait.models.identity import IdentityEncoder, cosine_distance
+from metaportrait.train.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+# Settings that may change when a run is resumed: they do not change what is computed.
+RESUMABLE_CHANGES = ("steps", "num_workers", "threads", "log_every", "sample_every", "checkpoint_every", "val_every")
+MAX_SKIPPED_STEPS = 10  # consecutive steps with a non-finite loss before training stops
+SAMPLE_ROWS = 4
+# Prepared datasets hold MediaPipe points; these are the line topologies that can be drawn from them.
+MEDIAPIPE_TOPOLOGIES = ("mediapipe478", "sparse68")
+
+
+def train_base(
+    cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: bool = False, progress: bool = True
+) -> dict[str, float]:
+    """Train the base generator of preset ``cfg.preset`` on a prepared dataset.
+
+    Args:
+        cfg: training settings (see `metaportrait.train.config`).
+        data_dir: a `metaportrait prepare` output folder.
+        out_dir: the run folder (created; see the module docstring for its content).
+        resume: continue the run in ``out_dir`` from its ``checkpoint.pt`` up to ``cfg.steps``. ``cfg`` must
+            equal the run's ``train_config.json`` except for `RESUMABLE_CHANGES`.
+        progress: show a tqdm bar (rank 0 only).
+
+    Returns:
+        ``step`` reached, ``best_psnr`` (nan without validation) and the last logged losses.
+
+    Raises:
+        InputError: bad data folder, a run folder that already holds a run (without ``resume``) or none (with it),
+            or an ``init`` run whose model does not match.
+    """
+    # ------------------------------------------------------------------------------------------------------------
+    # Set-up: processes, device, threads, seeds.
+    # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; gloo on CPU, nccl on CUDA.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    distributed = world_size > 1
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    we_initialised_group = False
+    if distributed and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        we_initialised_group = True
+    is_main = rank == 0
+    torch.set_num_threads(cfg.threads)
+    use_amp = cfg.amp and device.type == "cuda"  # float16 autocast is a CUDA feature; CPU stays float32
+    full = cfg.stage == "full"
+    model_cfg = PRESETS[cfg.preset]
+    if model_cfg.landmark_topology not in MEDIAPIPE_TOPOLOGIES:
+        raise ValueError(
+            f"preset {cfg.preset!r} draws {model_cfg.landmark_topology!r} landmark lines, but prepared datasets hold "
+            f"MediaPipe landmarks; train a preset with one of {MEDIAPIPE_TOPOLOGIES}"
+        )
+    out_dir = Path(out_dir)
+    checkpoint_path = out_dir / "checkpoint.pt"
+    if resume and not checkpoint_path.is_file():
+        raise InputError(checkpoint_path, "not found: there is no run to resume here")
+    if not resume and (out_dir / "train_config.json").exists():
+        raise InputError(out_dir, "already holds a training run; pass --resume to continue it or choose a new folder")
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same on every rank: all ranks build identical initial networks
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Data: identity-disjoint train / validation split, random training pairs, fixed validation pairs.
+    dataset = PreparedDataset(data_dir)
+    train_clips, val_clips = split_by_identity(dataset, cfg.val_identities)
+    pair_options = PairOptions(
+        size=cfg.size,
+        topology=model_cfg.landmark_topology,
+        prior_size=cfg.size if model_cfg.use_mesh_prior else None,  # the generator warps at the prior's resolution
+    )
+    train_pairs = RandomPairs(train_clips, pair_options, cfg.augment, cfg.seed, cfg.clip_weighting)
+    val_pairs = FixedPairs(val_clips[: cfg.val_max_clips], pair_options, cfg.val_pairs_per_clip) if val_clips else None
+    if is_main:
+        logger.info(
+            "data: %d training clips (%d identities), %s validation pairs",
+            len(train_pairs.clips), len({c.identity for c in train_pairs.clips}),
+            len(val_pairs) if val_pairs else "no",
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Networks: G (trained), D (stage full), frozen perceptual backbone and identity encoder.
+    generator = Generator(model_cfg).to(device).train()
+    discriminator = MultiScaleDiscriminator(model_cfg.discriminator).to(device).train() if full else None
+    if cfg.perceptual_backbone == "mobilenet_v2":
+        backbone = MobileNetV2Features()
+    else:
+        backbone = VGG19Features(cfg.vgg19_weights)
+    # Two weightings of one backbone (the module is shared, not copied).
+    perceptual_warped = PerceptualPyramidLoss(backbone, cfg.loss.pyramid_scales, cfg.loss.perceptual_warped).to(device)
+    perceptual_output = PerceptualPyramidLoss(backbone, cfg.loss.pyramid_scales, cfg.loss.perceptual_output).to(device)
+    needs_identity = full and (model_cfg.use_identity or cfg.loss.identity > 0)
+    identity_encoder = IdentityEncoder.from_dlib().to(device) if needs_identity else None
+    if model_cfg.use_identity and identity_encoder is not None:
+        assert model_cfg.identity_dim == 128, "our identity encoder gives 128-d embeddings"
+    # The official tanh output is trained on its raw value (clipping would cut the gradient below 0).
+    output_key = "output_raw" if model_cfg.refine.output == "tanh" else "output"
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Optimisers: G with two parameter groups (refine at lr, warp at lr * warp_lr_scale), D alone.
+    warp_params, refine_params = list(generator.warp_parameters()), list(generator.refine_parameters())
+    if {id(p) for p in warp_params} | {id(p) for p in refine_params} != {id(p) for p in generator.parameters()}:
+        raise RuntimeError("warp_parameters() and refine_parameters() must cover all generator parameters")
+    optimizer_g = torch.optim.Adam(
+        [
+            {"params": refine_params, "lr": cfg.lr, "base_lr": cfg.lr},
+            {"params": warp_params, "lr": cfg.lr * cfg.warp_lr_scale, "base_lr": cfg.lr * cfg.warp_lr_scale},
+        ],
+        betas=cfg.betas,
+    )
+    optimizer_d = None
+    if full:
+        optimizer_d = torch.optim.Adam(
+            [{"params": list(discriminator.parameters()), "lr": cfg.lr_discriminator, "base_lr": cfg.lr_discriminator}],
+            betas=cfg.betas,
+        )
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)  # one scaler for G and D, as the official code
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Resume, or start (stage full: optionally from a warp-stage run's warp network).
+    start_step, best_psnr, skipped_in_a_row = 0, -math.inf, 0
+    if resume:
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise InputError(checkpoint_path, f"checkpoint version {state.get('version')}, expected {CHECKPOINT_VERSION}")
+        saved = TrainConfig.from_dict(state["train_config"])
+        changed = [k for k, v in cfg.to_dict().items() if saved.to_dict()[k] != v and k not in RESUMABLE_CHANGES]
+        if changed:
+            raise InputError(checkpoint_path, f"settings differ from the saved run: {changed} (only {RESUMABLE_CHANGES} may)")
+        generator.load_state_dict(state["generator"])
+        optimizer_g.load_state_dict(state["optimizer_generator"])
+        if full:
+            discriminator.load_state_dict(state["discriminator"])
+            optimizer_d.load_state_dict(state["optimizer_discriminator"])
+        scaler.load_state_dict(state["scaler"])
+        start_step, best_psnr = int(state["step"]), float(state["best_psnr"])
+        _set_rng_state(state["rng"])
+    elif cfg.init is not None:
+        init_model = Path(cfg.init) / "model"
+        warp_run, init_cfg = load_model(init_model)
+        if init_cfg != model_cfg:
+            raise InputError(init_model, f"model config differs from preset {cfg.preset!r}; cannot initialise from it")
+        # Only the warping network, as the official Full stage (the warp stage never trains R).
+        warp_state = {k: v for k, v in warp_run.state_dict().items() if k.split(".")[0] in _WARP_MODULES}
+        missing, unexpected = generator.load_state_dict(warp_state, strict=False)
+        if unexpected or any(k.split(".")[0] in _WARP_MODULES for k in missing):
+            raise InputError(init_model, f"warp weights do not fit: missing {missing}, unexpected {unexpected}")
+    if distributed:
+        # Identical start on every rank whatever happened above (rank 0 is the reference).
+        for module in (generator, discriminator):
+            if module is not None:
+                for tensor in list(module.parameters()) + list(module.buffers()):
+                    dist.broadcast(tensor.data, src=0)
+
+    # Output files: the config, and logs cut back to the checkpoint's step when resuming.
+    if is_main:
+        (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(out_dir / "train_config.json", cfg.to_dict())
+        for name in ("log.jsonl", "val.jsonl"):
+            _truncate_jsonl(out_dir / name, start_step)
+    sampler = StepSampler(start_step, cfg.steps, cfg.batch_size, rank, world_size)
+    loader = DataLoader(
+        train_pairs,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        worker_init_fn=_worker_init,
+        persistent_workers=False,
+    )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Training loop.
+    sums: dict[str, float] = {}  # loss name -> sum over the steps since the last log line
+    interval_steps, interval_time = 0, 0.0
+    last_logged: dict[str, float] = {}
+    step = start_step
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (is_main and progress), desc=f"train {cfg.stage}")
+    tick = time.perf_counter()
+    for batch in loader:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        source, driving = batch["source"], batch["driving"]
+
+        # Learning rates of this step (official: MultiStepLR x lr_decay at each milestone).
+        decay = cfg.lr_decay ** sum(step >= m for m in cfg.lr_milestones)
+        for optimizer in (optimizer_g, optimizer_d):
+            for group in optimizer.param_groups if optimizer is not None else ():
+                group["lr"] = group["base_lr"] * decay
+
+        # Generator losses.
+        losses: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            source_identity = identity_encoder.embed(source, batch["source_landmarks"]) if needs_identity else None
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            out = generator(
+                source, batch["source_lines"], batch["driving_lines"],
+                identity=source_identity if full and model_cfg.use_identity else None,
+                prior_grid=batch.get("prior_grid"), stage=cfg.stage,
+            )  # fmt: skip
+            warped = out["warped"]
+            losses["perceptual_warped"] = perceptual_warped(warped, driving)
+            if cfg.loss.l1_warped > 0:
+                losses["l1_warped"] = cfg.loss.l1_warped * (warped - driving).abs().mean()
+            if full:
+                prediction = out[output_key]
+                losses["perceptual_output"] = perceptual_output(prediction, driving)
+                if cfg.loss.l1_output > 0:
+                    losses["l1_output"] = cfg.loss.l1_output * (prediction - driving).abs().mean()
+                if cfg.loss.eye > 0 or cfg.loss.mouth > 0:
+                    masks = box_masks(batch["boxes"], cfg.size, cfg.size, cfg.size)  # (B, 3, H, W)
+                    error = (prediction - driving).abs().mean(dim=1, keepdim=True)  # (B, 1, H, W)
+                    region = (error * masks).sum(dim=(2, 3)) / masks.sum(dim=(2, 3)).clamp_min(1.0)  # (B, 3)
+                    losses["eye"] = cfg.loss.eye * region[:, : REGIONS.index("mouth")].mean()
+                    losses["mouth"] = cfg.loss.mouth * region[:, REGIONS.index("mouth")].mean()
+                if cfg.loss.identity > 0:
+                    # The output is aligned for E_id with the driving landmarks: it should show them.
+                    output_identity = identity_encoder.embed(prediction, batch["driving_landmarks"])
+                    losses["identity"] = cfg.loss.identity * cosine_distance(output_identity, source_identity).mean()
+                if cfg.loss.gan > 0 or cfg.loss.feature_matching > 0:
+                    discriminator.requires_grad_(False)  # G's step must not leave gradients in D
+                    fake_scales = discriminator(prediction)
+                    with torch.no_grad():
+                        real_scales = discriminator(driving)
+                    discriminator.requires_grad_(True)
+                    gan = sum(((1 - prediction_map) ** 2).mean() for _, prediction_map in fake_scales)
+                    losses["gan_g"] = cfg.loss.gan * gan
+                    matching = sum(
+                        (fake_feature - real_feature).abs().mean()
+                        for (fake_features, _), (real_features, _) in zip(fake_scales, real_scales)
+                        for fake_feature, real_feature in zip(fake_features, real_features)
+                    )
+                    losses["feature_matching"] = cfg.loss.feature_matching * matching
+            total_g = sum(losses.values())
+
+        # Non-finite loss on any rank: every rank skips this step (fail after MAX_SKIPPED_STEPS in a row).
+        finite = torch.tensor(float(torch.isfinite(total_g.detach()).item()))
+        if distributed:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            skipped_in_a_row += 1
+            sums["skipped"] = sums.get("skipped", 0.0) + 1.0
+            if skipped_in_a_row >= MAX_SKIPPED_STEPS:
+                raise FloatingPointError(f"step {step}: non-finite loss {MAX_SKIPPED_STEPS} steps in a row")
+            optimizer_g.zero_grad(set_to_none=True)
+        else:
+            skipped_in_a_row = 0
+
+            # Generator update.
+            optimizer_g.zero_grad(set_to_none=True)
+            scaler.scale(total_g).backward()
+            scaler.unscale_(optimizer_g)
+            losses["grad_norm_g"] = _finish_gradients(generator.parameters(), cfg, world_size)
+            scaler.step(optimizer_g)
+
+            # Discriminator update (stage full): LSGAN on the driving frame vs the detached output.
+            if full and cfg.loss.gan > 0:
+                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    real_scales = discriminator(driving)
+                    fake_scales = discriminator(prediction.detach())
+                    total_d = cfg.loss.gan * sum(
+                        ((1 - real_map) ** 2).mean() + (fake_map**2).mean()
+                        for (_, real_map), (_, fake_map) in zip(real_scales, fake_scales)
+                    )
+                optimizer_d.zero_grad(set_to_none=True)
+                scaler.scale(total_d).backward()
+                scaler.unscale_(optimizer_d)
+                losses["grad_norm_d"] = _finish_gradients(discriminator.parameters(), cfg, world_size)
+                scaler.step(optimizer_d)
+                losses["gan_d"] = total_d
+            scaler.update()
+            losses["total_g"] = total_g
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+        step += 1
+        interval_steps += 1
+        interval_time += time.perf_counter() - tick
+        bar.update(1)
+
+        # Log: means over the interval and over the ranks.
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            names = sorted(sums)
+            totals = torch.tensor([sums[n] for n in names] + [interval_time], dtype=torch.float64)
+            if distributed:
+                dist.all_reduce(totals)
+                totals /= world_size
+            means = {n: totals[i].item() / interval_steps for i, n in enumerate(names) if n != "skipped"}
+            if "skipped" in sums:
+                means["skipped"] = totals[names.index("skipped")].item()
+            record = {
+                "step": step,
+                **{k: round(v, 6) for k, v in means.items()},
+                "lr": optimizer_g.param_groups[0]["lr"],
+                "lr_warp": optimizer_g.param_groups[1]["lr"],
+                "s_per_step": round(totals[-1].item() / interval_steps, 4),
+                "world_size": world_size,
+            }
+            if is_main:
+                _append_jsonl(out_dir / "log.jsonl", record)
+                bar.set_postfix(loss=f"{means.get('total_g', float('nan')):.3f}", s_step=record["s_per_step"])
+            last_logged = record
+            sums, interval_steps, interval_time = {}, 0, 0.0
+
+        # Samples, validation, checkpoint (rank 0 only; the other ranks go on to the next all-reduce and wait).
+        if is_main and (step % cfg.sample_every == 0 or step == cfg.steps):
+            columns = [source, batch["driving_lines"], out["warped"]] + ([out["output"]] if full else []) + [driving]
+            rows = [torch.cat([c[i].detach().float().clamp(0, 1) for c in columns], dim=2) for i in range(min(SAMPLE_ROWS, len(source)))]
+            write_image(out_dir / "samples" / f"step_{step:07d}.png", to_uint8_frames(torch.cat(rows, dim=1)[None])[0])
+        if is_main and val_pairs is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+            metrics = _validate(generator, val_pairs, identity_encoder, cfg, model_cfg, device)
+            improved = metrics["psnr"] > best_psnr
+            best_psnr = max(best_psnr, metrics["psnr"])
+            _append_jsonl(out_dir / "val.jsonl", {"step": step, **metrics, "best": improved})
+            if improved:
+                _export_model(out_dir / "best", generator, model_cfg)
+        if is_main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            state = {
+                "version": CHECKPOINT_VERSION,
+                "step": step,
+                "best_psnr": best_psnr,
+                "train_config": cfg.to_dict(),
+                "model_config": model_cfg.to_dict(),
+                "generator": generator.state_dict(),
+                "optimizer_generator": optimizer_g.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": _get_rng_state(),
+            }
+            if full:
+                state["discriminator"] = discriminator.state_dict()
+                state["optimizer_discriminator"] = optimizer_d.state_dict()
+            tmp = checkpoint_path.with_name(checkpoint_path.name + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, checkpoint_path)
+            _export_model(out_dir / "model", generator, model_cfg)
+        tick = time.perf_counter()
+    bar.close()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Done.
+    if distributed:
+        dist.barrier()
+        if we_initialised_group:
+            dist.destroy_process_group()
+    return {"step": step, "best_psnr": best_psnr if best_psnr > -math.inf else math.nan, **last_logged}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers of the loop.
+
+_WARP_MODULES = ("ladder_network", "dense_motion_network")
+
+
+def _finish_gradients(parameters, cfg: TrainConfig, world_size: int) -> torch.Tensor:
+    """Average gradients over ranks, replace NaN/inf (official ``nan_to_num``), clip; returns the norm before clipping."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if world_size > 1:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+    bound = cfg.grad_nan_bound
+    for g in grads:
+        torch.nan_to_num_(g, nan=0.0, posinf=bound, neginf=-bound)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    scale = (cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s rule
+    for g in grads:
+        g.mul_(scale)
+    return norm
+
+
+@torch.no_grad()
+def _validate(
+    generator: Generator,
+    pairs: FixedPairs,
+    identity_encoder: IdentityEncoder | None,
+    cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    device: torch.device,
+) -> dict[str, float]:
+    """Self-reconstruction on the validation pairs: PSNR / L1 / face-region L1 of the output (stage full) or
+    of the warped image (stage warp) against the driving frame, at the training size."""
+    generator.eval()
+    predictions, targets, masks = [], [], []
+    loader = DataLoader(pairs, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        identity = None
+        if cfg.stage == "full" and model_cfg.use_identity:
+            identity = identity_encoder.embed(batch["source"], batch["source_landmarks"])
+        out = generator(
+            batch["source"], batch["source_lines"], batch["driving_lines"], identity=identity,
+            prior_grid=batch.get("prior_grid"), stage=cfg.stage,
+        )  # fmt: skip
+        image = out["output"] if cfg.stage == "full" else out["warped"]
+        predictions.append(image.float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy())
+        targets.append(batch["driving"].permute(0, 2, 3, 1).cpu().numpy())
+        masks.append(batch["face_mask"][:, 0].cpu().numpy())
+    generator.train()
+    prediction, target, mask = np.concatenate(predictions), np.concatenate(targets), np.concatenate(masks)
+    return {
+        "psnr": round(psnr(prediction, target), 4),
+        "l1": round(l1(prediction, target), 6),
+        "face_l1": round(face_region_l1(prediction, target, mask), 6),
+        "pairs": len(prediction),
+    }
+
+
+def _export_model(folder: Path, generator: Generator, model_cfg: ModelConfig) -> None:
+    """`save_model` into a temporary folder, then swap it in, so ``folder`` is never half-written."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    old = folder.with_name(folder.name + ".old")
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    save_model(tmp, generator, model_cfg)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _get_rng_state() -> dict:
+    """Python, NumPy and torch RNG states as tensors and primitives (loadable with weights_only=True)."""
+    version, python_state, gauss = random.getstate()
+    numpy_state = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
+            "pos": int(numpy_state[2]),
+            "has_gauss": int(numpy_state[3]),
+            "cached_gaussian": float(numpy_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+    numpy = state["numpy"]
+    np.random.set_state(
+        ("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _worker_init(worker_id: int) -> None:
+    # Pairs are seeded by their index, not by the worker; only keep each worker to one thread.
+    import cv2
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the lines of ``path`` with ``step <= last_step`` (a resumed run rewrites what came after its checkpoint)."""
+    if not path.exists():
+        path.touch()
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)

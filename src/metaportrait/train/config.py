@@ -1,0 +1,191 @@
+"""Typed training configuration of the base model (`train_base`), and one recipe per model preset.
+
+A run directory keeps its `TrainConfig` as ``train_config.json``; ``--resume`` rebuilds the run from it.
+
+Recipes (`recipe(preset, stage, steps)`):
+
+* ``official``: the released MetaPortrait settings (notes/official_metaportrait.md §2.4): 256², Adam 2e-4 with
+  betas (0.5, 0.999), warp group at 0.1x (even in the warp stage), gradient clip 0.3, step decay x0.1 at 3/4 of
+  training (epoch 45 of 60), loss weights perceptual 10 per layer on the warped image and on the output,
+  eye/mouth 50, LSGAN 1, feature matching 10 per layer, ID 20. Those were tuned for a VGG19 perceptual loss;
+  use ``perceptual_backbone="vgg19"`` with a user-given torchvision weight file to match them.
+* ``lite``: the CPU model trained from scratch at 128². Differences from official, and why:
+  - the warp network trains at the full learning rate in stage ``warp`` (it starts from scratch here; the 0.1x
+    of the official configs assumes a warp net that is already good), and at 0.1x in stage ``full``;
+  - the perceptual backbone is ImageNet MobileNetV2 (the only ImageNet CNN available offline). Calibration on
+    40 same-clip frame pairs at 128² (vox/styletalk crops, "copy" = compare two frames of one clip): per layer
+    summed over the 4 pyramid scales its L1 terms are 1.36, 1.94, 1.63, 1.06 and 0.20, i.e. 0.3-0.5 per
+    (layer, scale) for the first four layers, the same order as VGG19's in FOMM's logs. So the official
+    balance between terms is kept, but every weight is divided by 10 (perceptual 1 per layer, ~6 on copy
+    pairs): with the official magnitudes almost every step was clipped at gradient norm 0.3;
+  - a pixel L1 term (official: none) on the output (x100) and on the warped image (x25): on copy pairs it
+    equals the perceptual term (100 x 0.067 ~ 6.7), as in the CPU prototype (notes/feasibility.md §3), where
+    it was what made the PSNR move within a one-hour budget;
+  - eye and mouth losses are L1 inside the boxes (official: squared error) at x10 (official 50 / 10 = 5,
+    doubled: the mouth is where the mesh-warp prior fails and the budget is short).
+* ``tiny``: ``lite`` at 64² with batch 2 and frequent logging/checkpoints, for tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from metaportrait.config import PRESETS, _from_dict
+from metaportrait.data.pairs import AugmentConfig
+
+Stage = Literal["warp", "full"]
+Backbone = Literal["mobilenet_v2", "vgg19"]
+ClipWeighting = Literal["identity", "sqrt_frames"]
+STAGES = ("warp", "full")
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the generator and discriminator losses (0 switches a term off)."""
+
+    # FOMM perceptual pyramid: one weight per backbone feature map, summed over `pyramid_scales`.
+    perceptual_warped: tuple[float, ...] = (10.0, 10.0, 10.0, 10.0, 10.0)  # warped source vs driving (both stages)
+    perceptual_output: tuple[float, ...] = (10.0, 10.0, 10.0, 10.0, 10.0)  # output vs driving (stage full)
+    pyramid_scales: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125)
+    l1_warped: float = 0.0  # mean |warped - driving| (not in the official code)
+    l1_output: float = 0.0  # mean |output - driving| (stage full; not in the official code)
+    # Eye and mouth: L1 inside the driving landmarks' boxes, divided by the box area, at full resolution only
+    # (official: squared error at every pyramid scale; at 128² the 1/8 scale leaves 2 x 1 px eye boxes).
+    eye: float = 50.0
+    mouth: float = 50.0
+    gan: float = 1.0  # LSGAN: G gets (1 - D(fake))², D gets (1 - D(real))² + D(fake)² (stage full)
+    feature_matching: float = 10.0  # per discriminator layer, L1 between features of real and fake (stage full)
+    identity: float = 20.0  # 1 - cos(E_id(output), E_id(source)) (stage full; disabled in the official release)
+
+    def __post_init__(self):
+        for name, value in dataclasses.asdict(self).items():
+            values = value if isinstance(value, tuple) else (value,)
+            if any(v < 0 for v in values):
+                raise ValueError(f"loss.{name} must be >= 0, got {value}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `train_base` needs besides the data and output folders (one default per setting)."""
+
+    stage: Stage = "warp"  # "warp": train W alone on the warped image; "full": W + R with all losses and D
+    preset: str = "lite"  # model preset (`metaportrait.config.PRESETS`)
+    size: int = 128  # training crop side (frames are resized to it; a multiple of 32)
+    batch_size: int = 8  # per process
+    steps: int = 4000  # total optimiser steps (a resumed run continues up to this)
+    # Optimisation.
+    lr: float = 2e-4  # generator refinement group (and the base of the warp group)
+    warp_lr_scale: float = 1.0  # warp group lr = lr * warp_lr_scale (official: 0.1)
+    lr_discriminator: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    lr_milestones: tuple[int, ...] = ()  # steps at which every lr is multiplied by lr_decay (official: 3/4)
+    lr_decay: float = 0.1
+    grad_clip: float = 0.3  # max global gradient norm, G and D separately
+    grad_nan_bound: float = 1e5  # gradients go through nan_to_num(+-bound) before clipping (official)
+    amp: bool = True  # float16 autocast + GradScaler; only used on CUDA
+    # Losses and data.
+    loss: LossWeights = field(default_factory=LossWeights)
+    perceptual_backbone: Backbone = "mobilenet_v2"
+    vgg19_weights: str | None = None  # torchvision vgg19-dcbb9e9d.pth, needed for perceptual_backbone="vgg19"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    clip_weighting: ClipWeighting = "identity"  # see metaportrait.data.pairs
+    num_workers: int = 0  # DataLoader workers per process (2 cores: 0 or 1)
+    # Validation: self-reconstruction on held-out identities (first frame -> evenly spaced frames).
+    val_identities: tuple[str, ...] = ()  # their clips are removed from training; empty = no validation
+    val_pairs_per_clip: int = 8
+    val_max_clips: int = 20
+    # Bookkeeping (in steps).
+    log_every: int = 20
+    sample_every: int = 250
+    checkpoint_every: int = 500
+    val_every: int = 500
+    # Start and reproducibility.
+    init: str | None = None  # stage full: a warp-stage run folder whose warp network weights are loaded
+    seed: int = 0
+    threads: int = 2  # torch CPU threads per process
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.size % 32 or self.size < 32:
+            raise ValueError(f"size must be a positive multiple of 32, got {self.size}")
+        positive = ("batch_size", "steps", "log_every", "sample_every", "checkpoint_every", "val_every", "threads")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.lr_discriminator <= 0 or self.warp_lr_scale < 0:
+            raise ValueError("lr and lr_discriminator must be > 0 and warp_lr_scale >= 0")
+        if list(self.lr_milestones) != sorted(set(self.lr_milestones)) or any(m < 1 for m in self.lr_milestones):
+            raise ValueError(f"lr_milestones must be increasing positive steps, got {self.lr_milestones}")
+        if self.perceptual_backbone == "vgg19" and self.vgg19_weights is None:
+            raise ValueError("perceptual_backbone='vgg19' needs vgg19_weights (torchvision's vgg19-dcbb9e9d.pth)")
+        if self.init is not None and self.stage != "full":
+            raise ValueError("init (a warp-stage run to start from) only applies to stage 'full'")
+        if self.num_workers < 0 or self.val_pairs_per_clip < 1 or self.val_max_clips < 1:
+            raise ValueError("num_workers must be >= 0, val_pairs_per_clip and val_max_clips >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe nested dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of `to_dict`; unknown or missing keys raise ValueError naming them."""
+        return _from_dict(cls, data, "train")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some top-level fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+# Official weights divided by 10, plus pixel L1 and L1 eye/mouth (module docstring).
+_LITE_LOSS = LossWeights(
+    perceptual_warped=(1.0, 1.0, 1.0, 1.0, 1.0),
+    perceptual_output=(1.0, 1.0, 1.0, 1.0, 1.0),
+    l1_warped=25.0,
+    l1_output=100.0,
+    eye=10.0,
+    mouth=10.0,
+    gan=0.1,
+    feature_matching=1.0,
+    identity=2.0,
+)
+
+
+def recipe(preset: str, stage: Stage, steps: int | None = None) -> TrainConfig:
+    """The recommended `TrainConfig` of a model preset and stage (module docstring).
+
+    Args:
+        preset: ``"official"``, ``"lite"`` or ``"tiny"``.
+        stage: ``"warp"`` or ``"full"``.
+        steps: total steps (default: the recipe's); the lr decay milestone is placed at 3/4 of it.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if preset == "official":
+        steps = steps or 200_000
+        return TrainConfig(
+            stage=stage, preset=preset, size=256, batch_size=48, steps=steps, warp_lr_scale=0.1,
+            lr_milestones=(steps * 3 // 4,), loss=LossWeights(), log_every=100, sample_every=2000,
+            checkpoint_every=5000, val_every=5000,
+        )  # fmt: skip
+    if preset == "lite":
+        steps = steps or (3000 if stage == "warp" else 2500)
+        return TrainConfig(
+            stage=stage, preset=preset, size=128, batch_size=8, steps=steps, lr=2e-4,
+            warp_lr_scale=1.0 if stage == "warp" else 0.1, lr_milestones=(steps * 3 // 4,), loss=_LITE_LOSS,
+            log_every=20, sample_every=250, checkpoint_every=250, val_every=500,
+        )  # fmt: skip
+    if preset == "tiny":
+        steps = steps or 4
+        return TrainConfig(
+            stage=stage, preset=preset, size=64, batch_size=2, steps=steps, lr=2e-4,
+            warp_lr_scale=1.0 if stage == "warp" else 0.1, lr_milestones=(max(1, steps * 3 // 4),), loss=_LITE_LOSS,
+            log_every=1, sample_every=2, checkpoint_every=2, val_every=2, val_pairs_per_clip=2, val_max_clips=2,
+        )  # fmt: skip
+    raise ValueError(f"no training recipe for preset {preset!r}; choose one of {sorted(PRESETS)}")

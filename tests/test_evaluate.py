@@ -1,0 +1,135 @@
+"""Evaluation runner: protocols on a tiny synthetic clip, report helpers, and the `metaportrait eval` CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from metaportrait.eval import protocols
+
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def clip_path(tmp_path_factory):
+    """A 6-frame, 160 px clip of scikit-image's astronaut turning and sliding a little."""
+    from skimage.data import astronaut
+
+    from metaportrait.data.face import CropBox, crop
+    from metaportrait.data.landmarks import landmarks_of_image
+    from metaportrait.io.video import write_video
+
+    image = astronaut()
+    face = crop(image, CropBox.from_landmarks(landmarks_of_image(image), expand=2.0), 160)
+    frames = []
+    for t in range(6):
+        matrix = cv2.getRotationMatrix2D((80.0, 80.0), 2.0 * t, 1.0)
+        matrix[:, 2] += (1.5 * t, -1.0 * t)
+        frames.append(cv2.warpAffine(face, matrix, (160, 160), borderMode=cv2.BORDER_REFLECT))
+    path = tmp_path_factory.mktemp("clips") / "astronaut_turn.mp4"
+    write_video(path, frames, fps=25.0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models():
+    return protocols.MetricModels.load()
+
+
+def _real_frames(source_image, source_landmarks, driving_frames, target_landmarks):
+    """An oracle 'method' that returns the ground truth: pins down what a perfect method scores."""
+    return driving_frames.copy()
+
+
+@pytest.fixture(scope="module")
+def self_result(clip_path, models):
+    methods = {**protocols.BASELINES, "oracle": _real_frames}
+    return protocols.evaluate_self([clip_path], methods, models, size=SIZE, max_frames=6, stride=1)
+
+
+def test_self_protocol_known_answers(self_result):
+    results = self_result.results
+    assert results["protocol"] == "self" and set(results["methods"]) == {"source-copy", "mesh-warp", "oracle"}
+    oracle, copy, mesh = (results["methods"][m] for m in ("oracle", "source-copy", "mesh-warp"))
+    assert set(oracle["l1"]["per_clip"]) == {"astronaut_turn"}
+    # the oracle is the ground truth: zero error, identical landmarks, the real video's own warping error
+    assert oracle["l1"]["mean"] == 0.0 and oracle["psnr"]["mean"] is None  # inf PSNR is stored as null
+    assert oracle["ssim"]["mean"] == pytest.approx(1.0)
+    assert oracle["st_lpips"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert oracle["akd"]["mean"] == pytest.approx(0.0, abs=1e-4)
+    assert oracle["e_warp"]["mean"] == pytest.approx(results["reference"]["e_warp_real"]["mean"])
+    assert oracle["fd_mobilenetv2"]["mean"] == pytest.approx(0.0, abs=1e-3)
+    # the mesh warp follows the motion; the copy does not
+    assert mesh["face_l1"]["mean"] < copy["face_l1"]["mean"]
+    assert mesh["akd"]["mean"] < copy["akd"]["mean"]
+    assert copy["e_warp"]["mean"] == pytest.approx(0.0, abs=1e-6)  # a still image is perfectly stable
+    assert copy["id_distance"]["mean"] < 0.1  # the source itself (dlib: same person below 0.6)
+    for values in results["methods"].values():
+        assert values["face_found"]["mean"] == 1.0
+        for metric in values.values():
+            assert metric["mean"] is None or math.isfinite(metric["mean"])
+
+
+def test_report_outputs(self_result):
+    visuals = self_result.visuals
+    assert visuals.clips == ["astronaut_turn"] and visuals.driving[0].shape == (5, SIZE, SIZE, 3)
+    grid = protocols.comparison_grid(visuals, steps=3, tile=64)
+    assert grid.shape == (64 * 4, 64 * 4, 3) and grid.dtype == np.uint8  # rows: driving + 3 methods
+    frames = list(protocols.side_by_side_frames(visuals))
+    assert len(frames) == 5 and frames[0].shape == (SIZE, SIZE * 5, 3)
+    table = protocols.markdown_table(self_result.results)
+    assert table.splitlines()[0].startswith("| method | FD-MNv2 ↓ | ST-LPIPS ↓")
+    assert "| oracle | **0.00" in table
+
+
+def test_markdown_table_marks_the_best():
+    results = {"methods": {"a": {"psnr": {"mean": 20.0}, "l1": {"mean": 0.1}},
+                           "b": {"psnr": {"mean": 25.0}, "l1": {"mean": None}}}}
+    lines = protocols.markdown_table(results).splitlines()
+    assert lines[0] == "| method | L1 ↓ | PSNR ↑ |"
+    assert lines[2] == "| a | **0.1000** | 20.00 |"
+    assert lines[3] == "| b | – | **25.00** |"
+
+
+def test_cli_cross(clip_path, tmp_path):
+    from skimage.data import astronaut
+
+    from metaportrait.cli import main
+    from metaportrait.io.image import write_image
+
+    source = tmp_path / "astronaut.png"
+    write_image(source, astronaut())
+    output = tmp_path / "cross.json"
+    status = main(["eval", "cross", "--sources", str(source), "--driving", str(clip_path), "--output", str(output),
+                   "--size", str(SIZE), "--max-frames", "4", "--stride", "1"])
+    assert status == 0
+    results = json.loads(output.read_text())
+    assert results["protocol"] == "cross" and results["checkpoints"] == {}
+    assert results["command"].startswith("metaportrait")
+    pair = "astronaut<-astronaut_turn"
+    for method in ("source-copy", "mesh-warp"):
+        values = results["methods"][method]
+        assert set(values) >= {"id_distance", "id_loss", "akd", "aed", "apd", "aed_driver", "apd_driver", "e_warp"}
+        assert pair in values["akd"]["per_clip"]
+        assert values["fd_mobilenetv2"]["mean"] is None  # one source image: no covariance
+    # the mesh warp reaches the transferred target landmarks, the copy stays where the source was
+    assert results["methods"]["mesh-warp"]["akd"]["mean"] < results["methods"]["source-copy"]["akd"]["mean"]
+    for suffix in (".md", ".png", ".mp4"):
+        assert output.with_suffix(suffix).stat().st_size > 0
+
+
+def test_cli_rejects_bad_arguments(clip_path, tmp_path, capsys):
+    from metaportrait.cli import main
+
+    assert main(["eval", "self", "--videos", str(clip_path), "--output", str(tmp_path / "r.txt")]) == 2
+    assert "must end in .json" in capsys.readouterr().err
+    assert main(["eval", "self", "--videos", str(tmp_path / "missing.mp4"), "--output", str(tmp_path / "r.json")]) == 2
+    assert "file not found" in capsys.readouterr().err
+    args = ["eval", "self", "--videos", str(clip_path), "--output", str(tmp_path / "r.json"), "--compare", "mesh-warp=x"]
+    assert main(args) == 2
+    assert "method name used twice" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()

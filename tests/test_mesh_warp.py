@@ -1,0 +1,150 @@
+"""Mesh warp: identity, translation, grid conventions, face masking, speed."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metaportrait.data import mesh_warp
+from metaportrait.data.mesh_warp import apply_grid, face_mask, identity_grid, mesh_warp_grid, mesh_warp_image
+
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def face():
+    """A real face (scikit-image's astronaut) cropped to 128 px, with its MediaPipe landmarks in crop pixels."""
+    from skimage.data import astronaut
+
+    from metaportrait.data.face import CropBox, crop, points_to_crop
+    from metaportrait.data.landmarks import landmarks_of_image
+
+    image = astronaut()
+    points = landmarks_of_image(image)
+    box = CropBox.from_landmarks(points)
+    return crop(image, box, SIZE), points_to_crop(points, box, SIZE)
+
+
+def _hull_mask(landmarks: np.ndarray, grow: float) -> np.ndarray:
+    """Hard face-oval hull grown by ``grow`` px (negative shrinks), as bool (H, W)."""
+    soft = face_mask(landmarks, SIZE, SIZE, dilate_px=max(grow, 0.0), feather_sigma=0.0) > 0.5
+    if grow >= 0:
+        return soft
+    import cv2
+
+    return cv2.erode(soft.astype(np.uint8), np.ones((2 * int(-grow) + 1,) * 2, np.uint8)).astype(bool)
+
+
+def test_topology_is_a_consistent_mesh():
+    topology = mesh_warp.mesh_topology()
+    assert topology.face.shape == (852, 3)
+    assert topology.holes.shape == (46, 3)  # mouth 18 + 2 eyes x 14
+    assert topology.irises.shape == (8, 3)
+    assert topology.oval.shape == (36,)
+    # Consistent winding: every interior directed edge appears once, never twice in the same direction.
+    directed = [(t[i], t[(i + 1) % 3]) for t in topology.face.tolist() for i in range(3)]
+    assert len(directed) == len(set(directed))
+
+
+def test_identical_landmarks_give_the_identity(face):
+    image, landmarks = face
+    for masked in (False, True):
+        grid = mesh_warp_grid(landmarks, landmarks, SIZE, SIZE, face_masked=masked)
+        assert grid.shape == (SIZE, SIZE, 2) and grid.dtype == np.float32
+        np.testing.assert_allclose(grid, identity_grid(SIZE, SIZE), atol=1e-5)
+        # Sampling at exact pixel centres returns the source unchanged.
+        assert np.abs(apply_grid(image, grid).astype(int) - image).max() <= 1
+
+
+def test_identity_grid_matches_grid_sample_convention():
+    image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    grid = identity_grid(5, 7)
+    tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    sampled = F.grid_sample(tensor, torch.from_numpy(grid)[None], align_corners=False)
+    np.testing.assert_allclose(sampled[0].permute(1, 2, 0).numpy(), image, atol=1e-3)
+
+
+def test_translation_moves_the_face(face):
+    image, landmarks = face
+    shift = np.array([6.0, -4.0], dtype=np.float32)
+    driving = landmarks + shift
+    grid = mesh_warp_grid(landmarks, driving, SIZE, SIZE)
+    # Inside the driving face (shrunk by 2 px, away from triangle seams with the outer band) every pixel
+    # samples the source at its own position minus the shift.
+    inside = _hull_mask(driving, -2)
+    assert inside.sum() > 1000
+    expected = identity_grid(SIZE, SIZE) - 2 * shift / SIZE
+    np.testing.assert_allclose(grid[inside], expected[inside], atol=1e-4)
+    warped = mesh_warp_image(image, landmarks, driving, face_masked=False)
+    moved = np.roll(image, shift=(-4, 6), axis=(0, 1))  # integer shift: output(y, x) = source(y + 4, x - 6)
+    assert np.abs(warped[inside].astype(int) - moved[inside]).max() <= 1
+    # The fixed border points keep the image corners (nearly) in place.
+    corners = grid[[0, 0, -1, -1], [0, -1, 0, -1]]
+    np.testing.assert_allclose(corners, identity_grid(SIZE, SIZE)[[0, 0, -1, -1], [0, -1, 0, -1]], atol=0.03)
+
+
+def test_grid_stays_in_range_for_moderate_motion(face):
+    _, landmarks = face
+    rng = np.random.default_rng(0)
+    centre = landmarks.mean(0)
+    angle = np.deg2rad(8.0)
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]], dtype=np.float32)
+    driving = (landmarks - centre) @ rotation.T * 1.05 + centre + rng.normal(0, 0.5, landmarks.shape)
+    grid = mesh_warp_grid(landmarks, driving.astype(np.float32), SIZE, SIZE)
+    assert np.isfinite(grid).all()
+    assert grid.min() > -1.1 and grid.max() < 1.1
+    # The face moved, so the grid is not the identity inside the face.
+    inside = _hull_mask(driving, -2)
+    assert np.abs(grid - identity_grid(SIZE, SIZE))[inside].max() > 0.05
+
+
+def test_face_masked_is_identity_away_from_the_face(face):
+    _, landmarks = face
+    driving = landmarks + np.array([5.0, 3.0], dtype=np.float32)
+    full = mesh_warp_grid(landmarks, driving, SIZE, SIZE, face_masked=False)
+    masked = mesh_warp_grid(landmarks, driving, SIZE, SIZE, face_masked=True)
+    identity = identity_grid(SIZE, SIZE)
+    # Dilation 8 px + cv2's Gaussian kernel radius (4 sigma = 12 px) at 128 px: beyond 20 px the mask is 0.
+    far = ~(_hull_mask(driving, 21) | _hull_mask(landmarks, 21))  # beyond the driving and the source face
+    assert far.sum() > 1000
+    np.testing.assert_allclose(masked[far], identity[far], atol=1e-5)
+    assert np.abs(full[far] - identity[far]).max() > 1e-3  # the unmasked warp does move the background
+    inside = _hull_mask(driving, -2)
+    np.testing.assert_allclose(masked[inside], full[inside], atol=1e-3)
+
+
+def test_face_mask_range_and_shape(face):
+    _, landmarks = face
+    mask = face_mask(landmarks, SIZE, SIZE, dilate_px=6, feather_sigma=2)
+    assert mask.shape == (SIZE, SIZE) and mask.dtype == np.float32
+    assert mask.min() >= 0 and mask.max() <= 1
+    hull = _hull_mask(landmarks, 0)
+    assert mask[hull].min() > 0.99
+    assert mask[~_hull_mask(landmarks, 14)].max() < 1e-3
+
+
+def test_rejects_bad_landmarks(face):
+    _, landmarks = face
+    with pytest.raises(ValueError, match="478"):
+        mesh_warp_grid(landmarks[:468], landmarks, SIZE, SIZE)
+    bad = landmarks.copy()
+    bad[3, 0] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        mesh_warp_grid(landmarks, bad, SIZE, SIZE)
+
+
+def test_speed(face):
+    # Budget: <= 5 ms at 64 px, <= 15 ms at 256 px on a free core; allow 3x for a shared CI machine.
+    _, landmarks = face
+    driving = landmarks + np.array([2.0, 1.0], dtype=np.float32)
+    for size, budget in ((64, 0.015), (256, 0.045)):
+        source, target = landmarks * size / SIZE, driving * size / SIZE
+        mesh_warp_grid(source, target, size, size, face_masked=True)
+        start = time.perf_counter()
+        for _ in range(5):
+            mesh_warp_grid(source, target, size, size, face_masked=True)
+        assert (time.perf_counter() - start) / 5 < budget

@@ -1,0 +1,316 @@
+"""The animate pipeline (metaportrait.pipeline), the scripted demo motion and the animate / edit / demo CLIs.
+
+A freshly built ``tiny`` model (64x64) saved to a temporary folder stands in for the bundled checkpoint, so
+these tests check plumbing, shapes, streaming, audio and error handling, not image quality.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from metaportrait.cli import main
+from metaportrait.config import PRESETS
+from metaportrait.data.face import CropBox, crop
+from metaportrait.demo_motion import scripted_motion
+from metaportrait.errors import InputError, NoFaceError
+from metaportrait.io.image import write_image
+from metaportrait.io.video import VideoReader
+from metaportrait.models.generator import Generator
+from metaportrait.motion import Controls
+from metaportrait.pipeline import Animator, bundled_checkpoint
+
+TINY = PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> tuple[np.ndarray, np.ndarray]:
+    """The photo, uint8 (512, 512, 3), and its landmarks (478, 2)."""
+    from skimage import data
+
+    from metaportrait.data.landmarks import landmarks_of_image
+
+    image = data.astronaut()
+    return image, landmarks_of_image(image, "astronaut")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from metaportrait.io.checkpoint import save_model
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_model")
+    save_model(Generator(TINY), TINY, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def animator() -> Animator:
+    torch.manual_seed(0)
+    return Animator(Generator(TINY), TINY, batch_size=2)
+
+
+def driving_frames(astronaut_image: np.ndarray, count: int, size: int = 128) -> list[np.ndarray]:
+    """A synthetic talking-head clip: the astronaut's face drifting inside a square crop."""
+    frames = []
+    for k in range(count):
+        phase = 2 * np.pi * k / 12
+        frames.append(crop(astronaut_image, CropBox(225 + 10 * np.sin(phase), 125 + 5 * np.cos(phase), 260), size))
+    return frames
+
+
+def write_clip(path: Path, frames: list[np.ndarray], fps: int, audio: bool) -> None:
+    """An H.264 mp4 of ``frames``, with a 440 Hz AAC tone as long as the video when ``audio``."""
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.height, video.width = frames[0].shape[:2]
+        video.pix_fmt = "yuv420p"
+        sound = container.add_stream("aac", rate=16000) if audio else None
+        if sound is not None:
+            sound.layout = "mono"
+        for frame in frames:
+            container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(video.encode(None))
+        if sound is not None:
+            samples = int(16000 * len(frames) / fps)
+            tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(samples) / 16000)).astype(np.float32)[None]
+            chunk = 1024
+            for start in range(0, samples, chunk):
+                piece = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[:, start:start + chunk]), format="flt",
+                                                   layout="mono")
+                piece.sample_rate, piece.pts, piece.time_base = 16000, start, Fraction(1, 16000)
+                container.mux(sound.encode(piece))
+            container.mux(sound.encode(None))
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory, astronaut) -> dict[str, Path]:
+    """Input files: the portrait as PNG, a driving clip with audio, one without any face."""
+    folder = tmp_path_factory.mktemp("media")
+    image, _ = astronaut
+    write_image(folder / "astronaut.png", image)
+    write_image(folder / "grey.png", np.full((96, 96, 3), 128, np.uint8))
+    write_clip(folder / "driving.mp4", driving_frames(image, 6), fps=10, audio=True)
+    write_clip(folder / "faceless.mp4", [np.full((64, 64, 3), 90, np.uint8)] * 3, fps=10, audio=False)
+    return {p.stem: p for p in folder.iterdir()}
+
+
+def count_frames(path: Path) -> tuple[int, tuple[int, int], bool]:
+    """(decoded frames, (height, width), has audio) of a video file."""
+    with VideoReader(path) as reader:
+        frames = list(reader)
+        return len(frames), frames[0].shape[:2], reader.has_audio
+
+
+# --- the pipeline object ------------------------------------------------------------------------------------
+
+
+def test_scripted_motion_starts_at_the_photo_and_moves(astronaut):
+    _, points = astronaut
+    targets = scripted_motion(points, 100)
+    assert targets.shape == (100, 478, 2) and targets.dtype == np.float32
+    np.testing.assert_allclose(targets[0], points, atol=1e-4)
+    assert np.abs(targets - points).max(axis=(1, 2)).max() > 10  # a head turn moves points by many pixels
+
+
+def test_animate_landmarks_output_sizes(animator, astronaut):
+    image, points = astronaut
+    targets = scripted_motion(points, 3)
+    frames = list(animator.animate_landmarks(image, targets, source_landmarks=points))
+    assert len(frames) == 3 and all(f.shape == image.shape and f.dtype == np.uint8 for f in frames)
+    assert animator.stats.frames == 3 and animator.stats.lost_frames == 0
+    # Far from the face the portrait is untouched by the paste-back.
+    np.testing.assert_array_equal(frames[1][-40:], image[-40:])
+
+    crops = list(animator.animate_landmarks(image, targets, paste_back=False, source_landmarks=points))
+    assert [c.shape for c in crops] == [(TINY.image_size, TINY.image_size, 3)] * 3
+    side = round(CropBox.from_landmarks(points).side)
+    close_ups = list(animator.animate_landmarks(image, targets[:1], crop_output=True, source_landmarks=points))
+    assert close_ups[0].shape == (side, side, 3)
+    with pytest.raises(ValueError, match="paste_back"):
+        animator.animate_landmarks(image, targets, paste_back=False, crop_output=True)
+
+
+def test_controls_change_the_model_input(animator, astronaut):
+    image, points = astronaut
+    source = animator.prepare_source(image, landmarks=points)
+    plain = animator._generate(source, [source.crop_landmarks])
+    edited = animator._generate(source, [Controls(mouth=0.7, yaw=15).apply(source.crop_landmarks)])
+    assert plain.shape == (1, TINY.image_size, TINY.image_size, 3)
+    assert np.abs(plain.astype(int) - edited).max() > 0
+
+
+def test_video_driving_tracks_and_counts_lost_frames(animator, astronaut):
+    image, points = astronaut
+    clip = driving_frames(image, 5)
+    clip[3] = np.full_like(clip[3], 128)  # the driver's face disappears for one frame
+    frames = list(animator(image, clip, driving_fps=10, source_landmarks=points))
+    assert len(frames) == 5 and frames[0].shape == image.shape
+    assert animator.stats.frames == 5 and animator.stats.lost_frames == 1
+
+
+def test_still_driver_relative_keeps_source_absolute_copies_driver(animator, astronaut):
+    import cv2
+
+    from metaportrait.data.face import points_to_crop
+    from metaportrait.data.landmarks import landmarks_of_image
+
+    image, _ = astronaut
+    # The source is the photo turned by 20°; the driver holds still, upright.
+    tilted = cv2.warpAffine(image, cv2.getRotationMatrix2D((256, 160), 20, 1.0), (512, 512),
+                            borderMode=cv2.BORDER_REPLICATE)
+    source = animator.prepare_source(tilted, "tilted")
+    still = driving_frames(image, 1)[0]
+    relative = [t for t, _ in animator._driving_targets(source, [still] * 3, "relative", 25.0, "still")]
+    absolute = [t for t, _ in animator._driving_targets(source, [still] * 3, "absolute", 25.0, "still")]
+    driver = landmarks_of_image(still, "still")
+    driver_crop = points_to_crop(driver, CropBox.from_landmarks(driver), TINY.image_size)
+    tolerance = 0.5 * TINY.image_size / 64  # MediaPipe's tracking jitters a little even on identical frames
+    for target in relative:  # no motion relative to the first frame: the source, tilted, as it is
+        np.testing.assert_allclose(target, source.crop_landmarks, atol=tolerance)
+    for target in absolute:  # the driver's own upright landmarks
+        np.testing.assert_allclose(target, driver_crop, atol=2 * tolerance)
+    assert np.abs(driver_crop - source.crop_landmarks).max() > 10 * tolerance  # the two modes really differ
+
+
+def test_no_face_errors_name_the_file(animator, astronaut):
+    image, points = astronaut
+    with pytest.raises(NoFaceError, match="portrait.png"):
+        animator(np.full((96, 96, 3), 128, np.uint8), [], source_name="portrait.png")
+    frames = animator(image, [np.full((64, 64, 3), 128, np.uint8)] * 3, driving_name="drv.mp4",
+                      source_landmarks=points)
+    with pytest.raises(NoFaceError, match="drv.mp4"):
+        next(frames)
+    with pytest.raises(ValueError, match="motion"):
+        animator(image, [], motion="sideways")
+
+
+def test_from_pretrained_missing_folder(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        Animator.from_pretrained(tmp_path / "nowhere")
+
+
+def test_default_checkpoint_is_the_bundled_one():
+    if (bundled_checkpoint() / "model.safetensors").is_file():
+        assert Animator.from_pretrained(None).size == 256
+    else:
+        with pytest.raises(InputError, match="bundled"):
+            Animator.from_pretrained("default")
+
+
+# --- the CLI ------------------------------------------------------------------------------------------------
+
+
+def test_cli_animate_writes_video_with_audio(media, tiny_checkpoint, tmp_path):
+    out = tmp_path / "result.mp4"
+    code = main(["animate", "-s", str(media["astronaut"]), "-d", str(media["driving"]), "-o", str(out),
+                 "--checkpoint", str(tiny_checkpoint), "--mouth", "0.3"])
+    assert code == 0
+    assert count_frames(out) == (6, (512, 512), True)
+    assert [p.name for p in tmp_path.iterdir()] == ["result.mp4"]  # no temporary file left behind
+
+
+def test_cli_animate_fps_max_frames_and_crop(media, tiny_checkpoint, tmp_path):
+    out = tmp_path / "crop.mp4"
+    code = main(["animate", "-s", str(media["driving"]), "-d", str(media["driving"]), "-o", str(out),
+                 "--checkpoint", str(tiny_checkpoint), "--fps", "5", "--max-frames", "2", "--no-paste-back"])
+    assert code == 0
+    frames, size, has_audio = count_frames(out)
+    assert (frames, size, has_audio) == (2, (64, 64), True)
+    with av.open(str(out)) as container:
+        assert float(container.streams.video[0].average_rate) == pytest.approx(5.0)
+
+
+def test_cli_edit_writes_one_image(media, tiny_checkpoint, tmp_path):
+    from metaportrait.io.image import read_image
+
+    out = tmp_path / "edited.png"
+    assert main(["edit", "-s", str(media["astronaut"]), "--mouth", "0.6", "--yaw", "10", "-o", str(out),
+                 "--checkpoint", str(tiny_checkpoint)]) == 0
+    assert read_image(out).shape == (512, 512, 3)
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("grey_source", "grey.png: no face found"),
+        ("faceless_driving", "faceless.mp4: no face found"),
+        ("missing_source", "missing.png: file not found"),
+        ("missing_driving", "missing.mp4: file not found"),
+        ("missing_folder", "no_such_folder/out.mp4: output folder"),
+        ("bad_suffix", "out.gif: output must end with"),
+    ],
+)
+def test_cli_animate_bad_inputs(case, expected, media, tiny_checkpoint, tmp_path, capsys):
+    source, driving, out = media["astronaut"], media["driving"], tmp_path / "out.mp4"
+    if case == "grey_source":
+        source = media["grey"]
+    elif case == "faceless_driving":
+        driving = media["faceless"]
+    elif case == "missing_source":
+        source = tmp_path / "missing.png"
+    elif case == "missing_driving":
+        driving = tmp_path / "missing.mp4"
+    elif case == "missing_folder":
+        out = tmp_path / "no_such_folder" / "out.mp4"
+    elif case == "bad_suffix":
+        out = tmp_path / "out.gif"
+    capsys.readouterr()
+    code = main(["animate", "-s", str(source), "-d", str(driving), "-o", str(out),
+                 "--checkpoint", str(tiny_checkpoint)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary file
+
+
+def test_cli_error_in_a_fresh_process(tmp_path):
+    """The installed console entry: exit status 2 and a single stderr line, no traceback."""
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "metaportrait"), "animate", "-s", str(tmp_path / "nope.jpg"),
+         "-d", str(tmp_path / "nope.mp4"), "-o", str(tmp_path / "out.mp4")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.jpg'}: file not found"]
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- slow end-to-end checks ---------------------------------------------------------------------------------
+
+
+def _demo_checkpoint(tiny_checkpoint: Path) -> Path:
+    bundled = bundled_checkpoint()
+    return bundled if (bundled / "model.safetensors").is_file() else tiny_checkpoint
+
+
+@pytest.mark.slow
+def test_demo_on_the_astronaut(tiny_checkpoint, tmp_path, caplog):
+    from metaportrait.cli.demo import write_animation_demo
+
+    checkpoint = _demo_checkpoint(tiny_checkpoint)
+    paths, distances = write_animation_demo(tmp_path, checkpoint)
+    assert [p.name for p in paths] == ["demo.mp4", "demo_side_by_side.mp4"]
+    assert count_frames(paths[0]) == (100, (512, 512), False)
+    assert count_frames(paths[1])[:2] == (100, (512, 1536))
+    assert len(distances) == 4 and distances[0][0] == 0 and distances[-1][0] == 99
+    if checkpoint != tiny_checkpoint:  # a trained model keeps the astronaut recognisable
+        assert all(d is not None and d < 0.6 for _, d in distances), distances
+
+
+@pytest.mark.slow
+def test_animate_real_clip_with_audio(shared_data, tiny_checkpoint, tmp_path):
+    checkpoint = _demo_checkpoint(tiny_checkpoint)
+    out = tmp_path / "real.mp4"
+    code = main(["animate", "-s", str(shared_data / "sources" / "fomm_01.png"),
+                 "-d", str(shared_data / "driving" / "lp_d1.mp4"), "-o", str(out), "--checkpoint", str(checkpoint)])
+    assert code == 0
+    frames, _, has_audio = count_frames(out)
+    assert frames == 16 and has_audio
