@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from metaportrait.data.dataset import PreparedClip
 from metaportrait.data.drawing import draw_landmark_image
 from metaportrait.data.mesh_warp import face_mask, mesh_warp_grid
 from metaportrait.io.image import frames_to_tensor
@@ -301,44 +302,32 @@ def make_pair(
     return sample
 
 
-class _Clip:
-    """The arrays of one clip and its usable (face present) frame numbers."""
-
-    def __init__(self, clip):
-        self.name = clip.name
-        self.identity = clip.identity
-        self.frames = clip.frames
-        self.landmarks = clip.landmarks
-        self.usable = np.flatnonzero(np.asarray(clip.present))
-
-
 class RandomPairs(Dataset):
     """Random same-clip (source, driving) pairs with augmentation; sample ``index`` is a pure function of
     ``(seed, index)``. Use with `StepSampler` (the dataset has no natural length)."""
 
     def __init__(
         self,
-        clips: Sequence,
+        clips: Sequence[PreparedClip],
         options: PairOptions,
         augment: AugmentConfig,
         seed: int,
         weighting: Literal["identity", "sqrt_frames"] = "identity",
     ):
         """Args:
-            clips: clips of a `PreparedDataset` (objects with ``name``, ``identity``, ``frames``, ``landmarks``,
-                ``present``).
+            clips: clips of a `PreparedDataset`; clips with fewer than two face frames are left out.
             options, augment: see `make_pair`.
             seed: base seed of the sample stream.
             weighting: clip sampling (module docstring).
         """
-        self.clips = [_Clip(clip) for clip in clips]
-        self.clips = [clip for clip in self.clips if len(clip.usable) >= 2]
+        self.clips = [clip for clip in clips if len(clip.usable_frames) >= 2]
         if not self.clips:
             raise ValueError("no clip has two frames with a face: nothing to train on")
+        self.usable = [clip.usable_frames for clip in self.clips]
         self.options = options
         self.augment = augment
         self.seed = seed
-        root = np.sqrt([len(clip.usable) for clip in self.clips])
+        root = np.sqrt([len(usable) for usable in self.usable])
         if weighting == "sqrt_frames":
             weights = root
         elif weighting == "identity":
@@ -357,8 +346,9 @@ class RandomPairs(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, int(index)])
-        clip = self.clips[min(int(np.searchsorted(self.cumulative, rng.random(), side="right")), len(self.clips) - 1)]
-        source, driving = rng.choice(clip.usable, size=2, replace=False)
+        position = min(int(np.searchsorted(self.cumulative, rng.random(), side="right")), len(self.clips) - 1)
+        clip = self.clips[position]
+        source, driving = rng.choice(self.usable[position], size=2, replace=False)
         frames = np.stack([clip.frames[source], clip.frames[driving]])
         landmarks = np.stack([clip.landmarks[source], clip.landmarks[driving]])
         return make_pair(frames, landmarks, self.options, self.augment, rng)
@@ -368,15 +358,16 @@ class FixedPairs(Dataset):
     """A fixed list of pairs without augmentation, for validation: per clip the first usable frame is the
     source and ``per_clip`` driving frames are spread evenly over the rest (the feasibility protocol)."""
 
-    def __init__(self, clips: Sequence, options: PairOptions, per_clip: int = 8):
-        self.clips = [_Clip(clip) for clip in clips]
+    def __init__(self, clips: Sequence[PreparedClip], options: PairOptions, per_clip: int = 8):
+        self.clips = list(clips)
         self.options = options
         self.pairs: list[tuple[int, int, int]] = []  # (clip position, source frame, driving frame)
         for position, clip in enumerate(self.clips):
-            if len(clip.usable) < 2:
+            usable = clip.usable_frames
+            if len(usable) < 2:
                 continue
-            picks = np.unique(np.linspace(1, len(clip.usable) - 1, per_clip).round().astype(int))
-            self.pairs += [(position, int(clip.usable[0]), int(clip.usable[k])) for k in picks]
+            picks = np.unique(np.linspace(1, len(usable) - 1, per_clip).round().astype(int))
+            self.pairs += [(position, int(usable[0]), int(usable[k])) for k in picks]
         if not self.pairs:
             raise ValueError("no validation clip has two frames with a face")
 

@@ -1,0 +1,183 @@
+"""Base-model training: training pairs (augmentation, mirroring, sampling) and `train_base` end to end on a tiny
+synthetic prepared dataset (scikit-image's astronaut moved around), with exact resume and 2-process DDP."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from metaportrait.data.pairs import (
+    LEFT_EYE_POINTS,
+    MIRROR_INDEX,
+    NO_AUGMENT,
+    RIGHT_EYE_POINTS,
+    AugmentConfig,
+    FixedPairs,
+    PairOptions,
+    RandomPairs,
+    StepSampler,
+    _Draw,
+    _geometry,
+    box_masks,
+    flip_landmarks,
+    make_pair,
+    region_boxes,
+)
+
+CLIP_SIZE = 64
+FRAMES = 6
+
+
+@pytest.fixture(scope="module")
+def astronaut_face():
+    """scikit-image's astronaut (512²) and its MediaPipe landmarks in image pixels."""
+    from skimage.data import astronaut
+
+    from metaportrait.data.landmarks import landmarks_of_image
+
+    image = astronaut()
+    return image, landmarks_of_image(image, "astronaut")
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory, astronaut_face) -> Path:
+    """A prepared dataset (docs/contracts.md layout): 3 clips x 6 frames of 64², two identities.
+
+    Each frame crops the astronaut with a slightly moved and zoomed box, so the face moves in the crop and the
+    landmarks move with it. Identity "blue" is the astronaut with red and blue swapped (a different-looking face
+    for the validation split). One frame of clip 0 has no face (``present`` False).
+    """
+    from metaportrait.data.face import CropBox, crop, points_to_crop
+
+    image, points = astronaut_face
+    root = tmp_path_factory.mktemp("prepared")
+    base = CropBox.from_landmarks(points)
+    rng = np.random.default_rng(0)
+    clips = [("astro_0", "astro", image), ("astro_1", "astro", image), ("blue_0", "blue", image[..., ::-1].copy())]
+    manifest = []
+    for number, (name, identity, picture) in enumerate(clips):
+        folder = root / "clips" / name
+        folder.mkdir(parents=True)
+        frames, landmarks = [], []
+        for _ in range(FRAMES):
+            dx, dy = rng.uniform(-0.06, 0.06, 2) * base.side
+            box = CropBox(base.cx + dx, base.cy + dy, base.side * rng.uniform(0.92, 1.08))
+            frames.append(crop(picture, box, CLIP_SIZE))
+            landmarks.append(points_to_crop(points, box, CLIP_SIZE))
+        present = np.ones(FRAMES, dtype=bool)
+        if number == 0:
+            present[2] = False
+        np.save(folder / "frames.npy", np.stack(frames).astype(np.uint8))
+        np.save(folder / "landmarks.npy", np.stack(landmarks).astype(np.float32))
+        np.save(folder / "present.npy", present)
+        manifest.append(
+            {"clip": name, "identity": identity, "source_video": f"{name}.mp4", "frames": FRAMES, "fps": 25.0,
+             "size": CLIP_SIZE, "crop": base.to_list()}  # fmt: skip
+        )
+    (root / "manifest.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in manifest))
+    return root
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pairs
+
+
+def test_mirror_index_is_the_face_mesh_symmetry(astronaut_face):
+    assert (MIRROR_INDEX[MIRROR_INDEX] == np.arange(478)).all()
+    assert sorted(MIRROR_INDEX[list(RIGHT_EYE_POINTS)]) == sorted(LEFT_EYE_POINTS)
+    # MediaPipe on the mirrored photo finds (nearly) the mirrored landmarks, point by point.
+    from metaportrait.data.landmarks import landmarks_of_image
+
+    image, points = astronaut_face
+    measured = landmarks_of_image(np.ascontiguousarray(image[:, ::-1]), "mirrored astronaut")
+    predicted = flip_landmarks(points, image.shape[1])
+    error = np.linalg.norm(measured - predicted, axis=-1)
+    # Wrong pairs would be off by the distance between the two eyes (~50 px here).
+    assert np.median(error) < 2.0 and error.max() < 8.0, (np.median(error), error.max())
+    naive = points.copy()  # mirrored coordinates without swapping the indices
+    naive[:, 0] = image.shape[1] - naive[:, 0]
+    assert np.median(np.linalg.norm(measured - naive, axis=-1)) > 10
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_geometry_moves_image_and_landmarks_together(flip):
+    """A bright dot drawn at a landmark ends where the transformed landmark says, after flip, resize, zoom, shift."""
+    size = 64
+    landmarks = np.zeros((2, 478, 2), np.float32)
+    landmarks[:, :] = [40.0, 50.0]
+    landmarks[:, 33] = [30.5, 60.5]  # right eye corner: pixel (30, 60) of the 128-px frame
+    frames = np.zeros((2, 128, 128, 3), np.uint8)
+    frames[:, 59:62, 29:32] = 255  # 3x3 dot centred on the pixel (30, 60)
+    draw = _Draw(flip=flip, scale=1.1, shift=(0.05, -0.03), brightness=1.0, contrast=1.0, saturation=1.0)
+    out_frames, out_landmarks = _geometry(frames, landmarks, draw, size)
+    assert out_frames.shape == (2, size, size, 3)
+    point = out_landmarks[0, 263 if flip else 33]  # a flip makes the right eye corner the left one
+    weights = out_frames[0, ..., 0].astype(np.float64)
+    centroid = np.array([(weights.sum(0) * (np.arange(size) + 0.5)).sum(), (weights.sum(1) * (np.arange(size) + 0.5)).sum()])
+    centroid /= weights.sum()
+    assert np.abs(centroid - point).max() < 0.2, (centroid, point)
+
+
+def test_pairs_are_deterministic_and_consistent(dataset_dir):
+    from metaportrait.data.dataset import PreparedDataset
+
+    dataset = PreparedDataset(dataset_dir)
+    options = PairOptions(size=64, prior_size=64)
+    pairs = RandomPairs(list(dataset), options, AugmentConfig(), seed=3)
+    first, again, other = pairs[5], pairs[5], pairs[6]
+    for key in first:
+        assert torch.equal(first[key], again[key]), key
+    assert not torch.equal(first["driving"], other["driving"])
+    assert first["source"].shape == (3, 64, 64) and first["source"].dtype == torch.float32
+    assert first["prior_grid"].shape == (64, 64, 2) and first["boxes"].shape == (3, 4)
+    # The line image is drawn from the landmarks that come with the sample.
+    from metaportrait.data.drawing import draw_landmark_image
+
+    lines = draw_landmark_image(first["driving_landmarks"].numpy(), 64, 64)
+    assert torch.equal(first["driving_lines"], torch.from_numpy(lines).permute(2, 0, 1).float() / 255)
+    # Frames without a face are never used: frame 2 of clip 0 is the only one with these exact pixels.
+    hidden = torch.from_numpy(np.asarray(dataset[0].frames[2])).permute(2, 0, 1).float() / 255
+    fixed = FixedPairs(list(dataset), PairOptions(size=64), per_clip=3)
+    assert all(not torch.equal(fixed[i]["driving"], hidden) and not torch.equal(fixed[i]["source"], hidden)
+               for i in range(len(fixed)))  # fmt: skip
+    assert [p[1] for p in fixed.pairs if p[0] == 0] == [0, 0, 0]
+
+
+def test_boxes_cover_the_eyes_and_mouth(astronaut_face):
+    _, points = astronaut_face
+    boxes = region_boxes(points * 0.25, 128)  # 512 -> 128
+    masks = box_masks(torch.from_numpy(boxes)[None], 128, 128, 128)[0]
+    for region, point in zip(range(3), (468, 473, 13)):  # iris centres, upper inner lip
+        x, y = (points[point] * 0.25).astype(int)
+        assert masks[region, y, x] == 1
+    assert 0 < masks.sum() < 0.1 * 128 * 128
+    # Half resolution: the same boxes scaled.
+    half = box_masks(torch.from_numpy(boxes)[None], 64, 64, 128)[0]
+    assert abs(half.sum().item() * 4 - masks.sum().item()) < 0.15 * masks.sum().item()
+
+
+def test_step_sampler_splits_ranks_and_resumes():
+    straight = list(StepSampler(0, 4, 3))
+    assert straight == list(StepSampler(0, 2, 3)) + list(StepSampler(2, 4, 3)) == list(range(12))
+    rank0, rank1 = list(StepSampler(1, 3, 2, 0, 2)), list(StepSampler(1, 3, 2, 1, 2))
+    assert rank0 == [4, 5, 8, 9] and rank1 == [6, 7, 10, 11]
+
+
+def test_colour_jitter_is_shared_by_source_and_driving():
+    frames = np.stack([np.full((64, 64, 3), 100, np.uint8), np.full((64, 64, 3), 100, np.uint8)])
+    frames[1, :, :, 0] = 150
+    landmarks = np.tile(np.array([32.0, 32.0], np.float32), (2, 478, 1))
+    strong = AugmentConfig(flip=0.0, scale=0.0, translate=0.0, brightness=0.5, contrast=0.5, saturation=0.5)
+    sample = make_pair(frames, landmarks, PairOptions(size=64), strong, np.random.default_rng(1))
+    plain = make_pair(frames, landmarks, PairOptions(size=64), NO_AUGMENT, np.random.default_rng(1))
+    assert not torch.allclose(sample["source"], plain["source"])
+    # Same map on both: the green/blue channels (equal in both frames) stay equal.
+    assert torch.equal(sample["source"][1:], sample["driving"][1:])
