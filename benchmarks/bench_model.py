@@ -4,7 +4,8 @@
 
 Prints one JSON object. FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` (2 per multiply-add;
 convolutions and matmuls only, so grid_sample / interpolation are not counted). Timings are medians over repeats and
-depend on what else runs on the machine: check ``load_average`` in the output.
+depend on what else runs on the machine: check ``load_average`` in the output; the ``*_cpu_ms_*_1thread`` entries
+(process CPU time on one thread) are the numbers to compare across runs on a busy machine.
 """
 
 from __future__ import annotations
@@ -49,14 +50,14 @@ def count_gflops(generator: Generator, inputs: dict[str, torch.Tensor], stage: s
     return counter.get_total_flops() / 1e9 / inputs["source"].shape[0]
 
 
-def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
+def _median_ms(fn, repeats: int, warmup: int = 2, clock=time.perf_counter) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append((time.perf_counter() - start) * 1000)
+        times.append((clock() - start) * 1000)
     return statistics.median(times)
 
 
@@ -93,6 +94,12 @@ def run(threads: int = 2, preset: str = "lite", repeats: int = 10) -> dict:
     del generator_cl
     best = min(result["infer_ms_256_inference_mode"], result["infer_ms_256_channels_last"])
     result["infer_fps_256_best"] = 1000 / best
+    # Process CPU time on one thread: close to the wall time of an idle core, and much less sensitive than wall
+    # time to other jobs on a shared machine.
+    torch.set_num_threads(1)
+    with torch.inference_mode():
+        result["infer_cpu_ms_256_1thread"] = _median_ms(lambda: generator(**frame), repeats, clock=time.process_time)
+    torch.set_num_threads(threads)
 
     # Training step, batch 8 at 128: generator forward + backward of an L1 loss (no perceptual net, no D).
     generator.train()
@@ -110,6 +117,11 @@ def run(threads: int = 2, preset: str = "lite", repeats: int = 10) -> dict:
 
     result["train_step_ms_128_b8_full"] = _median_ms(lambda: step("full"), max(3, repeats // 2))
     result["train_step_ms_128_b8_warp"] = _median_ms(lambda: step("warp"), max(3, repeats // 2))
+    torch.set_num_threads(1)
+    result["train_step_cpu_ms_128_b8_full_1thread"] = _median_ms(
+        lambda: step("full"), max(3, repeats // 2), clock=time.process_time
+    )
+    torch.set_num_threads(threads)
     return result
 
 

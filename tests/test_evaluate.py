@@ -8,6 +8,7 @@ import math
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from metaportrait.eval import protocols
 
@@ -35,9 +36,23 @@ def clip_path(tmp_path_factory):
     return path
 
 
+class _TinyFeatures(torch.nn.Module):
+    """8-d stand-in for the MobileNetV2 features: the real ones make each FD a 1280-d matrix square root (~8 s).
+    Only the FD plumbing is tested here; the network has its own tests."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 8, stride=8)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.conv(images).mean(dim=(2, 3))
+
+
 @pytest.fixture(scope="module")
 def models():
-    return protocols.MetricModels.load()
+    real = protocols.MetricModels.load()
+    torch.manual_seed(0)
+    return protocols.MetricModels(real.lpips, real.identity, _TinyFeatures())
 
 
 def _real_frames(source_image, source_landmarks, driving_frames, target_landmarks):
@@ -66,7 +81,8 @@ def test_self_protocol_known_answers(self_result):
     # the mesh warp follows the motion; the copy does not
     assert mesh["face_l1"]["mean"] < copy["face_l1"]["mean"]
     assert mesh["akd"]["mean"] < copy["akd"]["mean"]
-    assert copy["e_warp"]["mean"] == pytest.approx(0.0, abs=1e-6)  # a still image is perfectly stable
+    # E_warp uses the real video's flow (Lai et al.), so a still output that ignores the motion is penalised
+    assert copy["e_warp"]["mean"] > 2 * oracle["e_warp"]["mean"]
     assert copy["id_distance"]["mean"] < 0.1  # the source itself (dlib: same person below 0.6)
     for values in results["methods"].values():
         assert values["face_found"]["mean"] == 1.0
@@ -83,7 +99,8 @@ def test_report_outputs(self_result):
     assert len(frames) == 5 and frames[0].shape == (SIZE, SIZE * 5, 3)
     table = protocols.markdown_table(self_result.results)
     assert table.splitlines()[0].startswith("| method | FD-MNv2 ↓ | ST-LPIPS ↓")
-    assert "| oracle | **0.00" in table
+    oracle_row = next(line for line in table.splitlines() if line.startswith("| oracle |"))
+    assert oracle_row.split(" | ")[2] == "**0.0000**"  # best (zero) ST-LPIPS in bold
 
 
 def test_markdown_table_marks_the_best():
@@ -105,11 +122,12 @@ def test_cli_cross(clip_path, tmp_path):
     write_image(source, astronaut())
     output = tmp_path / "cross.json"
     status = main(["eval", "cross", "--sources", str(source), "--driving", str(clip_path), "--output", str(output),
-                   "--size", str(SIZE), "--max-frames", "4", "--stride", "1"])
+                   "--size", str(SIZE), "--max-frames", "3", "--stride", "1"])
     assert status == 0
     results = json.loads(output.read_text())
     assert results["protocol"] == "cross" and results["checkpoints"] == {}
-    assert results["command"].startswith("metaportrait")
+    command = results["command"]
+    assert command.startswith("metaportrait eval cross --sources ") and "--motion relative" in command
     pair = "astronaut<-astronaut_turn"
     for method in ("source-copy", "mesh-warp"):
         values = results["methods"][method]
@@ -127,9 +145,23 @@ def test_cli_rejects_bad_arguments(clip_path, tmp_path, capsys):
 
     assert main(["eval", "self", "--videos", str(clip_path), "--output", str(tmp_path / "r.txt")]) == 2
     assert "must end in .json" in capsys.readouterr().err
-    assert main(["eval", "self", "--videos", str(tmp_path / "missing.mp4"), "--output", str(tmp_path / "r.json")]) == 2
+    missing = tmp_path / "missing.mp4"
+    assert main(["eval", "self", "--videos", str(missing), "--output", str(tmp_path / "r.json")]) == 2
     assert "file not found" in capsys.readouterr().err
     args = ["eval", "self", "--videos", str(clip_path), "--output", str(tmp_path / "r.json"), "--compare", "mesh-warp=x"]
     assert main(args) == 2
     assert "method name used twice" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.slow
+def test_self_protocol_on_real_clips(shared_data, models):
+    """On real talking-head clips the face-masked mesh warp beats copying the source on the face."""
+    clips = [shared_data / "driving" / name for name in ("lp_d14.mp4", "lp_d11.mp4")]
+    result = protocols.evaluate_self(clips, dict(protocols.BASELINES), models, size=256, max_frames=12, stride=8)
+    copy, mesh = (result.results["methods"][m] for m in ("source-copy", "mesh-warp"))
+    for clip in ("lp_d14", "lp_d11"):
+        assert mesh["face_l1"]["per_clip"][clip] < copy["face_l1"]["per_clip"][clip]
+        assert mesh["akd"]["per_clip"][clip] < copy["akd"]["per_clip"][clip]
+    assert mesh["psnr"]["mean"] > copy["psnr"]["mean"]
+    assert copy["id_distance"]["mean"] < 0.6  # dlib's same-person threshold

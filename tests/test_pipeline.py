@@ -47,7 +47,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny_model")
-    save_model(Generator(TINY), TINY, folder)
+    save_model(folder, Generator(TINY), TINY)
     return folder
 
 
@@ -283,6 +283,19 @@ def test_cli_error_in_a_fresh_process(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_bench_finds_the_benchmark_scripts(monkeypatch, tmp_path):
+    import inspect
+
+    from metaportrait.cli import bench
+
+    assert (bench.benchmarks_dir() / "bench_animate.py").is_file()
+    module = bench.load_benchmark("animate")
+    assert "threads" in inspect.signature(module.run).parameters
+    monkeypatch.setattr(bench, "benchmarks_dir", lambda: tmp_path)
+    with pytest.raises(InputError, match="source checkout"):
+        bench.load_benchmark("animate")
+
+
 # --- slow end-to-end checks ---------------------------------------------------------------------------------
 
 
@@ -292,11 +305,11 @@ def _demo_checkpoint(tiny_checkpoint: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_demo_on_the_astronaut(tiny_checkpoint, tmp_path, caplog):
+def test_demo_on_the_astronaut(tiny_checkpoint, tmp_path):
     from metaportrait.cli.demo import write_animation_demo
 
     checkpoint = _demo_checkpoint(tiny_checkpoint)
-    paths, distances = write_animation_demo(tmp_path, checkpoint)
+    paths, distances = write_animation_demo(tmp_path, Animator.from_pretrained(checkpoint))
     assert [p.name for p in paths] == ["demo.mp4", "demo_side_by_side.mp4"]
     assert count_frames(paths[0]) == (100, (512, 512), False)
     assert count_frames(paths[1])[:2] == (100, (512, 1536))

@@ -46,6 +46,7 @@ Motion = Literal["relative", "absolute"]
 MOTIONS: tuple[str, ...] = ("relative", "absolute")
 BUNDLED_CHECKPOINT = "assets/models/lite"  # inside the metaportrait package
 DEFAULT_BATCH_SIZE = 4  # frames per generator forward: amortises per-call overhead, keeps latency and memory low
+PASTE_FEATHER = 0.1  # soft paste-back edge, as a fraction of the crop side
 
 
 @dataclass
@@ -265,7 +266,7 @@ class Animator:
         """Step 2 for a driving video: ``(target landmarks in source-crop pixels, face found)`` per frame."""
         boxes = BoxSmoother(fps)
         reference: np.ndarray | None = None
-        for frame, points, present in iter_tracked(frames, smooth=True, fps=fps, name=name):
+        for _, points, present in iter_tracked(frames, smooth=True, fps=fps, name=name):
             # The driver's crop follows its head smoothly, so its landmarks are comparable across frames and
             # with the source crop (both are face-sized squares of the same side).
             box = boxes(CropBox.from_landmarks(points))
@@ -315,11 +316,7 @@ class Animator:
                 identity=identity,
                 prior_grid=prior_grid,
             )
-        # The official-style tanh head can overshoot [0, 1]; values outside are not colours, so clip them.
-        return to_uint8_frames(result["output"].clamp(0.0, 1.0))
-
-
-PASTE_FEATHER = 0.1  # soft paste-back edge, as a fraction of the crop side
+        return to_uint8_frames(result["output"])  # (B, S, S, 3); the generator's output is already in [0, 1]
 
 
 def _check_output_mode(paste_back: bool, crop_output: bool) -> None:

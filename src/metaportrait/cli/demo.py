@@ -16,17 +16,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from metaportrait.cli.landmarks import write_landmark_file
 from metaportrait.data.drawing import draw_landmark_image, draw_landmarks_on
 from metaportrait.data.landmarks import landmarks_of_image
 from metaportrait.demo_motion import DEMO_FPS, DEMO_SECONDS, scripted_motion
-from metaportrait.errors import NoFaceError
+from metaportrait.errors import InputError, NoFaceError
 from metaportrait.io.image import to_tensor, write_image
-from metaportrait.models.identity import DLIB_SAME_PERSON_THRESHOLD
+from metaportrait.io.video import VideoWriter
+from metaportrait.models.identity import DLIB_SAME_PERSON_THRESHOLD, identity_distance
+from metaportrait.pipeline import Animator, dlib_identity_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    args.output.mkdir(parents=True, exist_ok=True)
+    try:
+        args.output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(args.output, f"cannot create the output folder ({error.strerror})") from None
+    if not os.access(args.output, os.W_OK | os.X_OK):
+        raise InputError(args.output, "output folder is not writable")
+    animator = Animator.from_pretrained(args.checkpoint)  # a missing checkpoint fails before anything is written
     for path in write_landmark_demo(args.output):
         logger.info("wrote %s", path)
-    paths, distances = write_animation_demo(args.output, args.checkpoint)
+    paths, distances = write_animation_demo(args.output, animator)
     for path in paths:
         logger.info("wrote %s", path)
     logger.info("identity distance of result frames to the photo (dlib; same person below %.1f):",
@@ -72,32 +82,26 @@ def write_landmark_demo(out_dir: str | Path) -> list[Path]:
 
 
 def write_animation_demo(
-    out_dir: str | Path, checkpoint: str | Path | None = None, num_frames: int = round(DEMO_FPS * DEMO_SECONDS)
+    out_dir: str | Path, animator: Animator, num_frames: int = round(DEMO_FPS * DEMO_SECONDS)
 ) -> tuple[list[Path], list[tuple[int, float | None]]]:
     """Animate the astronaut with the scripted demo motion; writes ``demo.mp4`` and ``demo_side_by_side.mp4``.
 
     Args:
         out_dir: existing folder for the two videos.
-        checkpoint: model folder; ``None`` = the bundled lite checkpoint.
+        animator: the model, e.g. ``Animator.from_pretrained()`` (the bundled lite checkpoint).
         num_frames: length at 25 fps (default 4 s).
 
     Returns:
         The paths written, and ``(frame index, identity distance to the photo)`` for a few result frames
         (``None`` where no face is found in the result).
     """
-    import torch
     from skimage import data
-
-    from metaportrait.io.video import VideoWriter
-    from metaportrait.models.identity import identity_distance
-    from metaportrait.pipeline import Animator, dlib_identity_encoder
 
     out_dir = Path(out_dir)
     image = data.astronaut()  # uint8 (512, 512, 3) RGB
     height, width = image.shape[:2]
     points = landmarks_of_image(image, ASTRONAUT)
     targets = scripted_motion(points, num_frames, DEMO_FPS)  # (T, 478, 2) pixels of the photo
-    animator = Animator.from_pretrained(checkpoint)
     frames = animator.animate_landmarks(image, targets, source_name=ASTRONAUT, source_landmarks=points)
 
     sample_at = set(np.linspace(0, num_frames - 1, IDENTITY_SAMPLES).round().astype(int).tolist())

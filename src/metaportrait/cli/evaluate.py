@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shlex
-import sys
 import tempfile
 from pathlib import Path
 
@@ -104,6 +103,22 @@ def _write_text(path: Path, text: str) -> None:
         raise
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The command line with every setting spelled out (defaults included), for the results file."""
+    parts = ["metaportrait", "eval", args.protocol]
+    if args.protocol == "self":
+        parts += ["--videos", *map(str, args.videos)]
+    else:
+        parts += ["--sources", *map(str, args.sources), "--driving", *map(str, args.driving), "--motion", args.motion]
+    parts += ["--output", str(args.output), "--max-frames", str(args.max_frames), "--stride", str(args.stride),
+              "--size", str(args.size)]
+    if args.checkpoint is not None:
+        parts += ["--checkpoint", args.checkpoint]
+    for name, path in args.compare:
+        parts += ["--compare", f"{name}={path}"]
+    return shlex.join(parts)
+
+
 def run(args: argparse.Namespace) -> int:
     from metaportrait.eval import protocols
     from metaportrait.io.image import write_image
@@ -126,8 +141,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         outcome = protocols.evaluate_cross(args.sources, args.driving, methods, models, motion=args.motion, **options)
 
-    results = {"protocol": outcome.results["protocol"], "command": shlex.join(["metaportrait", *sys.argv[1:]]),
-               "checkpoints": hashes, **outcome.results}
+    results = {"protocol": outcome.results["protocol"], "command": _command(args), "checkpoints": hashes,
+               **outcome.results}
     table = protocols.markdown_table(results)
     _write_text(args.output, json.dumps(results, indent=2, allow_nan=False) + "\n")
     _write_text(args.output.with_suffix(".md"), f"# {args.protocol} evaluation\n\n`{results['command']}`\n\n{table}")

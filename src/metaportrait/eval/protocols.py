@@ -51,7 +51,7 @@ from metaportrait.data.landmarks import (
 from metaportrait.data.mesh_warp import face_mask, mesh_warp_image
 from metaportrait.errors import InputError, NoFaceError
 from metaportrait.eval import metrics
-from metaportrait.motion import absolute_motion, relative_motion
+from metaportrait.motion import relative_motion
 
 logger = logging.getLogger(__name__)
 
@@ -186,13 +186,15 @@ def _smooth(landmarks: np.ndarray, fps: float) -> np.ndarray:
     return np.stack([smoother(points) for points in landmarks]).astype(np.float32)
 
 
-def _landmark_metrics(prefix: str, output: np.ndarray | None, reference: np.ndarray, size: int) -> dict[str, float]:
-    names = ("akd", "aed", "apd") if prefix == "" else ("aed", "apd")
-    if output is None:  # no face anywhere in the output: the landmark metrics are undefined
-        return {f"{name}{prefix}": math.nan for name in names}
-    values = {"akd": lambda: metrics.akd(output, reference), "aed": lambda: metrics.aed(output, reference),
-              "apd": lambda: metrics.apd(output, reference, image_size=size)}
-    return {f"{name}{prefix}": values[name]() for name in names}
+def _landmark_metrics(output: np.ndarray | None, reference: np.ndarray, size: int) -> dict[str, float]:
+    """AKD, AED and APD of output landmarks against reference landmarks (NaN if the output has no face)."""
+    if output is None:
+        return {"akd": math.nan, "aed": math.nan, "apd": math.nan}
+    return {
+        "akd": metrics.akd(output, reference),
+        "aed": metrics.aed(output, reference),
+        "apd": metrics.apd(output, reference, image_size=size),
+    }
 
 
 @dataclass
@@ -266,19 +268,6 @@ def load_self_clip(path: str | Path, size: int, max_frames: int | None, stride: 
     return SelfClip(path.stem, crops, landmarks, _smooth(landmarks, fps), fps)
 
 
-@dataclass(frozen=True)
-class CrossPair:
-    """One (source, driver) pair of the cross-reenactment protocol."""
-
-    name: str
-    source: np.ndarray  # uint8 (S, S, 3)
-    source_landmarks: np.ndarray  # float32 (478, 2)
-    driving: np.ndarray  # uint8 (T, S, S, 3) driver crops (smoothed box following the head)
-    driving_landmarks: np.ndarray  # float32 (T, 478, 2) the driver's landmarks in its crops
-    targets: np.ndarray  # float32 (T, 478, 2) transferred motion, source-crop pixels
-    fps: float
-
-
 def load_source(path: str | Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     """A source portrait (image, or a video's first frame) cut to its face box: crop and crop landmarks."""
     from metaportrait.io.image import is_image_path, read_image
@@ -310,9 +299,8 @@ def transfer(source_landmarks: np.ndarray, driving_landmarks: np.ndarray, motion
     """Target landmarks in source-crop pixels (driver and source crops have the same size)."""
     if motion == "relative":
         return relative_motion(source_landmarks, driving_landmarks, driving_landmarks[0])
-    if motion == "absolute":
-        size = 1  # same crop size on both sides: absolute motion is the driver's landmarks as they are
-        return absolute_motion(driving_landmarks, size, size)
+    if motion == "absolute":  # the driver's landmarks as they are (both crops have the same size)
+        return driving_landmarks.astype(np.float32)
     raise ValueError(f"motion must be 'relative' or 'absolute', got {motion!r}")
 
 
@@ -353,7 +341,7 @@ def evaluate_self(
     size: int = DEFAULT_SIZE,
     max_frames: int | None = 100,
     stride: int = 2,
-    keep_visuals: int = 4,
+    keep_visuals: int = 2,
 ) -> ProtocolResult:
     """Self-reconstruction on each video (see the module docstring).
 
@@ -371,8 +359,9 @@ def evaluate_self(
     real_features: list[np.ndarray] = []
     reference: dict[str, float] = {}
     visuals = Visuals()
-    for video in _progress(videos, desc="self", unit="clip"):
+    for number, video in enumerate(_progress(videos, desc="self", unit="clip"), start=1):
         clip = load_self_clip(video, size, max_frames, stride)
+        logger.info("self %d/%d: %s, %d frames", number, len(videos), clip.name, len(clip.frames))
         source, source_landmarks = clip.frames[0], clip.targets[0]
         real = clip.frames[1:]
         # Re-tracked from frame 1 on, exactly as the outputs will be (MediaPipe's tracking mode depends on
@@ -395,7 +384,7 @@ def evaluate_self(
                 "st_lpips": _st_lpips(models.lpips, output, real),
                 **metrics.identity_metrics(output, _or(output_landmarks, real_landmarks), source, source_landmarks,
                                            models.identity),
-                **_landmark_metrics("", output_landmarks, real_landmarks, size),
+                **_landmark_metrics(output_landmarks, real_landmarks, size),
                 "e_warp": metrics.warping_error(output, flow),
                 "face_found": found,
             }
@@ -403,7 +392,8 @@ def evaluate_self(
             accumulators[name].features.append(_pooled_features(models, output))
             outputs[name] = output
         if len(visuals.clips) < keep_visuals:
-            visuals.fps = visuals.fps if visuals.clips else clip.fps
+            if not visuals.clips:
+                visuals.fps = clip.fps
             visuals.clips.append(clip.name)
             visuals.sources.append(source)
             visuals.driving.append(real)
@@ -429,7 +419,7 @@ def evaluate_cross(
     size: int = DEFAULT_SIZE,
     max_frames: int | None = 100,
     stride: int = 2,
-    keep_visuals: int = 4,
+    keep_visuals: int = 2,
 ) -> ProtocolResult:
     """Cross-identity reenactment of every source by every driver (see the module docstring).
 
@@ -443,8 +433,9 @@ def evaluate_cross(
     loaded_sources = {Path(s).stem: load_source(s, size) for s in _progress(sources, desc="sources", unit="image")}
     accumulators = {name: _Accumulator() for name in methods}
     visuals = Visuals()
-    for driver in _progress(drivers, desc="cross", unit="driver"):
+    for number, driver in enumerate(_progress(drivers, desc="cross", unit="driver"), start=1):
         driving, driving_landmarks, fps = load_driver(driver, size, max_frames, stride)
+        logger.info("cross %d/%d: %s, %d frames", number, len(drivers), Path(driver).stem, len(driving))
         for source_name, (source, source_landmarks) in loaded_sources.items():
             pair = f"{source_name}<-{Path(driver).stem}"
             targets = transfer(source_landmarks, driving_landmarks, motion)
@@ -456,8 +447,12 @@ def evaluate_cross(
                 values = {
                     **metrics.identity_metrics(output, _or(output_landmarks, targets), source, source_landmarks,
                                                models.identity),
-                    **_landmark_metrics("", output_landmarks, targets, size),
-                    **_landmark_metrics("_driver", output_landmarks, driving_landmarks, size),
+                    **_landmark_metrics(output_landmarks, targets, size),
+                    **{
+                        f"{name}_driver": value
+                        for name, value in _landmark_metrics(output_landmarks, driving_landmarks, size).items()
+                        if name != "akd"  # the driver's face has another shape: its keypoints are no target
+                    },
                     "e_warp": metrics.warping_error(output),
                     "face_found": found,
                 }
@@ -465,7 +460,8 @@ def evaluate_cross(
                 accumulators[name].features.append(_pooled_features(models, output))
                 outputs[name] = output
             if len(visuals.clips) < keep_visuals:
-                visuals.fps = visuals.fps if visuals.clips else fps
+                if not visuals.clips:
+                    visuals.fps = fps
                 visuals.clips.append(pair)
                 visuals.sources.append(source)
                 visuals.driving.append(driving)
@@ -558,14 +554,17 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _label(tile: np.ndarray, text: str) -> np.ndarray:
+def _label(tile: np.ndarray, text: str, on_image: bool = True) -> np.ndarray:
+    """``tile`` with ``text`` in its top-left corner: white with a dark outline over an image, else black."""
     import cv2
 
     tile = tile.copy()
-    scale = tile.shape[0] / 256
-    cv2.putText(tile, text, (4, int(18 * scale) + 2), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale, (0, 0, 0), 3, cv2.LINE_AA)
-    cv2.putText(tile, text, (4, int(18 * scale) + 2), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale, (255, 255, 255), 1,
-                cv2.LINE_AA)
+    scale = max(tile.shape[0] / 256, 0.4)
+    origin = (4, int(18 * scale) + 2)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    if on_image:
+        cv2.putText(tile, text, origin, font, 0.5 * scale, (0, 0, 0), 3, cv2.LINE_AA)
+    cv2.putText(tile, text, origin, font, 0.5 * scale, (255, 255, 255) if on_image else (0, 0, 0), 1, cv2.LINE_AA)
     return tile
 
 
@@ -582,7 +581,8 @@ def comparison_grid(visuals: Visuals, steps: int = 5, tile: int = 128) -> np.nda
     for clip, source, driving, outputs in zip(visuals.clips, visuals.sources, visuals.driving, visuals.outputs):
         times = np.linspace(0, len(driving) - 1, steps).round().astype(int)
         rows = [[_label(small(source), clip[:20])] + [_label(small(driving[t]), f"driving {t + 1}") for t in times]]
-        rows += [[_label(blank, name)] + [small(frames[t]) for t in times] for name, frames in outputs.items()]
+        rows += [[_label(blank, name, on_image=False)] + [small(frames[t]) for t in times]
+                 for name, frames in outputs.items()]
         blocks.append(np.concatenate([np.concatenate(row, axis=1) for row in rows], axis=0))
     gap = np.full((4, blocks[0].shape[1], 3), 255, np.uint8)
     return np.concatenate([part for block in blocks for part in (block, gap)][:-1], axis=0)

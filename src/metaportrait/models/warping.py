@@ -53,7 +53,11 @@ def build_motion_input(
     size = (cfg.input_size, cfg.input_size)
     # Anti-aliased shrinking: 1-px landmark lines would otherwise break up when 256 -> 128.
     source_small = resize_map(source, size, antialias=True)
-    parts = [source_small, resize_map(source_lines, size, antialias=True), resize_map(driving_lines, size, antialias=True)]
+    parts = [
+        source_small,
+        resize_map(source_lines, size, antialias=True),
+        resize_map(driving_lines, size, antialias=True),
+    ]
     if prior_grid is not None:
         grid = resize_grid(prior_grid, size)  # (B, S, S, 2)
         parts.append(deform_input(source_small, grid, cfg.padding_mode))

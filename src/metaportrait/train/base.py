@@ -32,6 +32,7 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ from metaportrait.io.image import to_uint8_frames, write_image
 from metaportrait.losses.perceptual import MobileNetV2Features, PerceptualPyramidLoss, VGG19Features
 from metaportrait.models.discriminator import MultiScaleDiscriminator
 from metaportrait.models.generator import Generator
-from metaportrait.models.identity import IdentityEncoder, cosine_distance
+from metaportrait.models.identity import EMBEDDING_DIM, IdentityEncoder, cosine_distance
 from metaportrait.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -65,9 +66,19 @@ SAMPLE_ROWS = 4
 MEDIAPIPE_TOPOLOGIES = ("mediapipe478", "sparse68")
 
 
+@dataclass
+class TrainResult:
+    """What `train_base` returns."""
+
+    step: int  # last step trained
+    best_psnr: float  # best validation PSNR in dB (nan without validation)
+    log: dict  # the last log.jsonl record
+    generator: Generator  # the trained generator (identical on every rank)
+
+
 def train_base(
     cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: bool = False, progress: bool = True
-) -> dict[str, float]:
+) -> TrainResult:
     """Train the base generator of preset ``cfg.preset`` on a prepared dataset.
 
     Args:
@@ -79,7 +90,7 @@ def train_base(
         progress: show a tqdm bar (rank 0 only).
 
     Returns:
-        ``step`` reached, ``best_psnr`` (nan without validation) and the last logged losses.
+        the step reached, the best validation PSNR, the last log record and the trained generator.
 
     Raises:
         InputError: bad data folder, a run folder that already holds a run (without ``resume``) or none (with it),
@@ -98,6 +109,7 @@ def train_base(
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         we_initialised_group = True
     is_main = rank == 0
+    previous_threads = torch.get_num_threads()  # restored at the end: callers (tests) share the process
     torch.set_num_threads(cfg.threads)
     use_amp = cfg.amp and device.type == "cuda"  # float16 autocast is a CUDA feature; CPU stays float32
     full = cfg.stage == "full"
@@ -147,9 +159,11 @@ def train_base(
     perceptual_warped = PerceptualPyramidLoss(backbone, cfg.loss.pyramid_scales, cfg.loss.perceptual_warped).to(device)
     perceptual_output = PerceptualPyramidLoss(backbone, cfg.loss.pyramid_scales, cfg.loss.perceptual_output).to(device)
     needs_identity = full and (model_cfg.use_identity or cfg.loss.identity > 0)
+    if needs_identity and model_cfg.use_identity and model_cfg.identity_dim != EMBEDDING_DIM:
+        raise ValueError(
+            f"preset {cfg.preset!r} takes {model_cfg.identity_dim}-d identities; our encoder gives {EMBEDDING_DIM}-d"
+        )
     identity_encoder = IdentityEncoder.from_dlib().to(device) if needs_identity else None
-    if model_cfg.use_identity and identity_encoder is not None:
-        assert model_cfg.identity_dim == 128, "our identity encoder gives 128-d embeddings"
     # The official tanh output is trained on its raw value (clipping would cut the gradient below 0).
     output_key = "output_raw" if model_cfg.refine.output == "tanh" else "output"
 
@@ -227,6 +241,12 @@ def train_base(
 
     # ------------------------------------------------------------------------------------------------------------
     # Training loop.
+    if is_main and val_pairs is not None and start_step == 0:
+        # Step 0: the untrained model, and the training-free baselines on the same pairs, for reference.
+        metrics = _validate(generator, val_pairs, identity_encoder, cfg, model_cfg, device, baselines=True)
+        best_psnr = metrics["psnr"]
+        _append_jsonl(out_dir / "val.jsonl", {"step": 0, **metrics, "best": True})
+        _export_model(out_dir / "best", generator, model_cfg, {"step": 0, "stage": cfg.stage, **metrics})
     sums: dict[str, float] = {}  # loss name -> sum over the steps since the last log line
     interval_steps, interval_time = 0, 0.0
     last_logged: dict[str, float] = {}
@@ -367,7 +387,7 @@ def train_base(
             best_psnr = max(best_psnr, metrics["psnr"])
             _append_jsonl(out_dir / "val.jsonl", {"step": step, **metrics, "best": improved})
             if improved:
-                _export_model(out_dir / "best", generator, model_cfg)
+                _export_model(out_dir / "best", generator, model_cfg, {"step": step, "stage": cfg.stage, **metrics})
         if is_main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             state = {
                 "version": CHECKPOINT_VERSION,
@@ -386,17 +406,18 @@ def train_base(
             tmp = checkpoint_path.with_name(checkpoint_path.name + ".tmp")
             torch.save(state, tmp)
             os.replace(tmp, checkpoint_path)
-            _export_model(out_dir / "model", generator, model_cfg)
+            _export_model(out_dir / "model", generator, model_cfg, {"step": step, "stage": cfg.stage})
         tick = time.perf_counter()
     bar.close()
 
     # ------------------------------------------------------------------------------------------------------------
     # Done.
+    torch.set_num_threads(previous_threads)
     if distributed:
         dist.barrier()
         if we_initialised_group:
             dist.destroy_process_group()
-    return {"step": step, "best_psnr": best_psnr if best_psnr > -math.inf else math.nan, **last_logged}
+    return TrainResult(step, best_psnr if best_psnr > -math.inf else math.nan, last_logged, generator)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -434,11 +455,16 @@ def _validate(
     cfg: TrainConfig,
     model_cfg: ModelConfig,
     device: torch.device,
+    baselines: bool = False,
 ) -> dict[str, float]:
     """Self-reconstruction on the validation pairs: PSNR / L1 / face-region L1 of the output (stage full) or
-    of the warped image (stage warp) against the driving frame, at the training size."""
+    of the warped image (stage warp) against the driving frame, at the training size.
+
+    With ``baselines``, also PSNR and face-region L1 of the source itself (``copy_*``) and, for mesh-prior
+    models, of the source warped by the mesh prior alone (``prior_*``).
+    """
     generator.eval()
-    predictions, targets, masks = [], [], []
+    predictions, targets, masks, copies, priors = [], [], [], [], []
     loader = DataLoader(pairs, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -453,24 +479,33 @@ def _validate(
         predictions.append(image.float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy())
         targets.append(batch["driving"].permute(0, 2, 3, 1).cpu().numpy())
         masks.append(batch["face_mask"][:, 0].cpu().numpy())
+        copies.append(batch["source"].permute(0, 2, 3, 1).cpu().numpy())
+        if "prior_grid" in batch:
+            prior = F.grid_sample(batch["source"], batch["prior_grid"], padding_mode="border", align_corners=False)
+            priors.append(prior.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy())
     generator.train()
-    prediction, target, mask = np.concatenate(predictions), np.concatenate(targets), np.concatenate(masks)
-    return {
-        "psnr": round(psnr(prediction, target), 4),
-        "l1": round(l1(prediction, target), 6),
-        "face_l1": round(face_region_l1(prediction, target, mask), 6),
-        "pairs": len(prediction),
-    }
+    target, mask = np.concatenate(targets), np.concatenate(masks)
+    images = {"": np.concatenate(predictions)}
+    if baselines:
+        images["copy_"] = np.concatenate(copies)
+        if priors:
+            images["prior_"] = np.concatenate(priors)
+    metrics = {}
+    for prefix, image in images.items():
+        metrics[prefix + "psnr"] = round(psnr(image, target), 4)
+        metrics[prefix + "l1"] = round(l1(image, target), 6)
+        metrics[prefix + "face_l1"] = round(face_region_l1(image, target, mask), 6)
+    return {**metrics, "pairs": len(target)}
 
 
-def _export_model(folder: Path, generator: Generator, model_cfg: ModelConfig) -> None:
-    """`save_model` into a temporary folder, then swap it in, so ``folder`` is never half-written."""
+def _export_model(folder: Path, generator: Generator, model_cfg: ModelConfig, meta: dict) -> None:
+    """`save_model` into a temporary folder, then swap it in, so ``folder`` never mixes two versions."""
     tmp = folder.with_name(folder.name + ".tmp")
     old = folder.with_name(folder.name + ".old")
     for leftover in (tmp, old):
         if leftover.exists():
             shutil.rmtree(leftover)
-    save_model(tmp, generator, model_cfg)
+    save_model(tmp, generator, model_cfg, extra_meta=meta)
     if folder.exists():
         os.replace(folder, old)
     os.replace(tmp, folder)

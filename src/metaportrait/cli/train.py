@@ -1,0 +1,126 @@
+"""`metaportrait train base`: train the base generator (stage warp, then stage full) on a prepared dataset.
+
+Examples::
+
+    metaportrait train base --stage warp --data datasets/pool --out runs/warp --val-identities lp_d3,lp_d9
+    metaportrait train base --stage full --data datasets/pool --out runs/full --init runs/warp --val-identities ids.txt
+    metaportrait train base --stage warp --data datasets/pool --out runs/warp --resume --steps 6000
+    python -m torch.distributed.run --nproc_per_node 2 "$(which metaportrait)" train base --stage warp ...
+
+The settings start from the recipe of ``--preset`` and ``--stage`` (`metaportrait.train.config.recipe`); flags
+override single fields. The resolved config is printed and saved as ``RUN_DIR/train_config.json``. With
+``--resume`` the saved config is used; only ``--steps`` and the runtime flags (workers, threads, intervals) may
+change it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from metaportrait.config import PRESETS
+from metaportrait.errors import InputError
+
+# flag destination -> TrainConfig field, for the flags that override one field
+_OVERRIDES = {
+    "steps": "steps",
+    "batch_size": "batch_size",
+    "size": "size",
+    "lr": "lr",
+    "warp_lr_scale": "warp_lr_scale",
+    "num_workers": "num_workers",
+    "threads": "threads",
+    "seed": "seed",
+    "log_every": "log_every",
+    "sample_every": "sample_every",
+    "checkpoint_every": "checkpoint_every",
+    "val_every": "val_every",
+    "val_identities": "val_identities",
+    "init": "init",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="train_command", required=True, metavar="WHAT")
+    base = sub.add_parser("base", help="the base generator: warp stage, then full stage", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    base.add_argument("--stage", choices=("warp", "full"), required=True, help="warp: W alone; full: W + R + GAN")
+    base.add_argument("--data", type=Path, required=True, metavar="DATASET_DIR", help="`metaportrait prepare` output")
+    base.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run folder (created)")
+    base.add_argument("--preset", choices=sorted(PRESETS), help="model preset (default: lite)")
+    base.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its checkpoint")
+    base.add_argument("--init", metavar="RUN_DIR", help="stage full: start from this warp-stage run's warp network")
+    base.add_argument("--steps", type=int, help="total training steps (default: the recipe's)")
+    base.add_argument("--batch-size", type=int, help="pairs per step and process")
+    base.add_argument("--size", type=int, help="training crop size in pixels (multiple of 32)")
+    base.add_argument("--lr", type=float, help="generator learning rate")
+    base.add_argument("--warp-lr-scale", type=float, help="warp network lr = lr x this")
+    base.add_argument("--val-identities", metavar="FILE_OR_LIST",
+                      help="held-out identities: a file with one per line, or a comma-separated list")  # fmt: skip
+    base.add_argument("--num-workers", type=int, help="DataLoader workers per process")
+    base.add_argument("--threads", type=int, help="torch CPU threads per process")
+    base.add_argument("--seed", type=int)
+    base.add_argument("--log-every", type=int, metavar="STEPS")
+    base.add_argument("--sample-every", type=int, metavar="STEPS")
+    base.add_argument("--checkpoint-every", type=int, metavar="STEPS")
+    base.add_argument("--val-every", type=int, metavar="STEPS")
+    base.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
+def _identities(value: str) -> tuple[str, ...]:
+    path = Path(value)
+    if path.is_file():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        names = [line.split("#")[0].strip() for line in lines]
+    else:
+        names = [name.strip() for name in value.split(",")]
+    names = [name for name in names if name]
+    if not names:
+        raise InputError(value, "no identity names given")
+    return tuple(names)
+
+
+def build_config(args: argparse.Namespace):
+    """The `TrainConfig` of the command line: recipe + overrides, or the resumed run's config."""
+    from metaportrait.train.base import RESUMABLE_CHANGES
+    from metaportrait.train.config import TrainConfig, recipe
+
+    given = {field: getattr(args, flag) for flag, field in _OVERRIDES.items() if getattr(args, flag) is not None}
+    if "val_identities" in given:
+        given["val_identities"] = _identities(given["val_identities"])
+    if args.resume:
+        saved = args.out / "train_config.json"
+        if not saved.is_file():
+            raise InputError(saved, "not found: there is no run to resume here")
+        cfg = TrainConfig.from_dict(json.loads(saved.read_text(encoding="utf-8")))
+        fixed = sorted(set(given) - set(RESUMABLE_CHANGES))
+        if fixed:
+            raise InputError(args.out, f"a resumed run keeps its settings; cannot change {fixed}")
+        if cfg.stage != args.stage or cfg.preset != (args.preset or cfg.preset):
+            raise InputError(saved, f"the run is stage {cfg.stage!r}, preset {cfg.preset!r}; the command line differs")
+        return cfg.replace(**given)
+    cfg = recipe(args.preset or "lite", args.stage, given.get("steps"))
+    if "init" in given:
+        given["init"] = str(Path(given["init"]))
+    try:
+        return cfg.replace(**given)
+    except ValueError as error:
+        raise InputError(args.out, f"invalid settings: {error}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.train_command != "base":
+        raise ValueError(f"unknown training command {args.train_command!r}")
+    from metaportrait.train.base import train_base
+
+    cfg = build_config(args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(cfg.to_dict(), indent=2))
+    if args.dry_run:
+        return 0
+    result = train_base(cfg, args.data, args.out, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: step {result.step}, best validation PSNR {result.best_psnr:.2f} dB; weights in {args.out / 'model'}")
+    return 0

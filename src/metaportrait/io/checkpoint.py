@@ -1,0 +1,103 @@
+"""Model checkpoints: a folder with ``model.safetensors`` (weights) and ``config.json`` (the `ModelConfig`).
+
+Loading rebuilds the generator from the stored config, so it never asks for architecture flags. Both files are
+written under temporary names in the same folder and renamed into place, so an interrupted save never leaves a
+half-written checkpoint. Training state (optimisers, step) is the trainer's business and lives elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from metaportrait.config import ModelConfig
+from metaportrait.errors import InputError
+
+FORMAT_NAME = "metaportrait-generator"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def save_model(
+    path_dir: str | Path,
+    generator: torch.nn.Module,
+    cfg: ModelConfig,
+    extra_meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``generator``'s weights and ``cfg`` into the folder ``path_dir`` (created if needed).
+
+    Args:
+        generator: a `metaportrait.models.generator.Generator` built from ``cfg``.
+        extra_meta: JSON-safe facts to keep beside the config (training step, data, ...), under ``"meta"``.
+    Returns:
+        The folder path.
+    """
+    path_dir = Path(path_dir)
+    path_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in generator.state_dict().items()}
+    document = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model": cfg.to_dict(),
+        "meta": extra_meta or {},
+    }
+    text = json.dumps(document, indent=2, sort_keys=True)  # fails here, before writing, if extra_meta is not JSON-safe
+    _atomic_write(path_dir / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT_NAME}))
+    _atomic_write(path_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text + "\n"))
+    return path_dir
+
+
+def load_config(path_dir: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """Read ``config.json`` of a checkpoint folder: ``(ModelConfig, extra_meta)``."""
+    path = Path(path_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise InputError(path, "checkpoint config not found (expected a folder written by save_model)")
+    try:
+        document = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(path, f"not valid JSON: {e}") from e
+    if document.get("format") != FORMAT_NAME:
+        raise InputError(path, f"not a {FORMAT_NAME} checkpoint (format={document.get('format')!r})")
+    if document.get("format_version") != FORMAT_VERSION:
+        raise InputError(
+            path, f"checkpoint format version {document.get('format_version')} is not supported (need {FORMAT_VERSION})"
+        )
+    try:
+        cfg = ModelConfig.from_dict(document["model"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise InputError(path, f"invalid model config: {e}") from e
+    return cfg, document.get("meta", {})
+
+
+def load_model(path_dir: str | Path):
+    """Rebuild the generator saved by `save_model`: returns ``(Generator, ModelConfig)``, in eval mode.
+
+    Weights are loaded strictly (every key and shape must match the stored config's architecture).
+    """
+    from metaportrait.models.generator import Generator  # io may not import models at module level (layering)
+
+    cfg, _ = load_config(path_dir)
+    weights = Path(path_dir) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise InputError(weights, "checkpoint weights not found")
+    generator = Generator(cfg)
+    generator.load_state_dict(load_file(str(weights)), strict=True)
+    return generator.eval(), cfg
+
+
+def _atomic_write(final: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

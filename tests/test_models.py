@@ -1,0 +1,323 @@
+"""Base generator / discriminator: official checkpoint layouts, converter, tiny-preset behaviour, lite FLOP budget."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from metaportrait.config import PRESETS, DiscriminatorConfig, ModelConfig, RefineConfig, WarpConfig
+from metaportrait.io.checkpoint import load_model, save_model
+from metaportrait.io.convert_official import load_official_checkpoint
+from metaportrait.models.blocks import make_coordinate_grid, remove_all_spectral_norms
+from metaportrait.models.discriminator import MultiScaleDiscriminator
+from metaportrait.models.generator import Generator
+from metaportrait.models.refine import mouth_mask
+
+TINY = PRESETS["tiny"]
+
+# The official structure (identity seed, spectral norm, InstanceNorm, gaze + mouth conditioning) at 32², for tests
+# that must run the official code path.
+TINY_OFFICIAL = dataclasses.replace(
+    PRESETS["official"],
+    image_size=32,
+    identity_dim=16,
+    warp=WarpConfig(input_size=32, encoder_channels=(4, 8, 8), motion_dim=8, block_expansion=2, max_features=8,
+                    num_blocks=3, dec_lease=1, film_hidden=8),
+    refine=RefineConfig(block_expansion=2, max_features=8, block_channels=(8, 8, 8, 4, 4), spade_hidden=4),
+    discriminator=DiscriminatorConfig(block_expansion=2, max_features=8, num_blocks=3),
+)
+
+
+def read_listing(path) -> dict[str, tuple[int, ...]]:
+    """Parse an official state-dict listing (TSV: key, shape, dtype, numel, kind) into {key: shape}."""
+    rows = path.read_text().splitlines()
+    assert rows[0].split("\t")[:2] == ["key", "shape"]
+    return {key: tuple(json.loads(shape)) for key, shape, *_ in (row.split("\t") for row in rows[1:])}
+
+
+def state_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def make_inputs(cfg: ModelConfig, batch: int = 2, size: int | None = None, seed: int = 0, prior_noise: float = 0.03):
+    size = size or cfg.image_size
+    g = torch.Generator().manual_seed(seed)
+    inputs = {
+        "source": torch.rand(batch, 3, size, size, generator=g),
+        "source_lines": torch.rand(batch, 3, size, size, generator=g),
+        "driving_lines": torch.rand(batch, 3, size, size, generator=g),
+    }
+    if cfg.use_identity:
+        inputs["identity"] = torch.randn(batch, cfg.identity_dim, generator=g)
+    if cfg.use_mesh_prior:
+        grid = make_coordinate_grid(size, size, "centers")[None].repeat(batch, 1, 1, 1)
+        inputs["prior_grid"] = grid + prior_noise * torch.randn(batch, size, size, 2, generator=g)
+    if cfg.refine.gaze_heatmap or cfg.refine.mouth_line:
+        inputs["driving_keypoints"] = torch.rand(batch, 58, 2, generator=g) * 1.6 - 0.8
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Official layouts
+
+
+def test_official_generator_matches_listing(official_reference):
+    with torch.device("meta"):  # 130 M parameters: shapes only, no memory
+        generator = Generator(PRESETS["official"])
+    expected = read_listing(official_reference / "base_generator.tsv")
+    assert len(expected) == 436
+    assert state_shapes(generator) == expected
+
+
+def test_official_generator_without_spectral_norm_matches_listing(official_reference):
+    with torch.device("meta"):
+        generator = Generator(PRESETS["official"].replace(spectral_norm=False))
+    expected = read_listing(official_reference / "base_generator_remove_sn.tsv")
+    assert len(expected) == 386
+    assert state_shapes(generator) == expected
+
+
+def test_official_discriminator_matches_listing(official_reference):
+    discriminator = MultiScaleDiscriminator(PRESETS["official"].discriminator)
+    assert state_shapes(discriminator) == read_listing(official_reference / "base_discriminator.tsv")
+
+
+def test_official_sn_removed_checkpoint_loads_in_one_call(official_reference, tmp_path):
+    # A fake meta-trained checkpoint: the 386-key layout with random tensors, DDP prefixes, training wrapper.
+    g = torch.Generator().manual_seed(0)
+    generator_state = {
+        f"module.{k}": torch.randn(shape, generator=g)
+        for k, shape in read_listing(official_reference / "base_generator_remove_sn.tsv").items()
+    }
+    discriminator_state = {
+        k: torch.randn(shape, generator=g)
+        for k, shape in read_listing(official_reference / "base_discriminator.tsv").items()
+    }
+    path = tmp_path / "ckpt_meta.pth.tar"
+    torch.save({"generator": generator_state, "discriminator": discriminator_state, "epoch": 3,
+                "optimizer_generator": {"state": {}, "param_groups": []}}, path)
+
+    generator, discriminator = load_official_checkpoint(path)
+
+    assert generator.cfg.spectral_norm is False
+    loaded = generator.state_dict()
+    assert all(torch.equal(loaded[k.removeprefix("module.")], v) for k, v in generator_state.items())
+    assert all(torch.equal(discriminator.state_dict()[k], v) for k, v in discriminator_state.items())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Converter rules on the official structure at 32²
+
+
+def _trained_official_tiny() -> Generator:
+    torch.manual_seed(1)
+    generator = Generator(TINY_OFFICIAL)
+    with torch.no_grad():  # a few train-mode passes move the spectral-norm u, v away from their initial values
+        for seed in range(3):
+            generator(**make_inputs(TINY_OFFICIAL, seed=seed))
+    return generator.eval()
+
+
+@pytest.mark.parametrize("remove_sn", [False, True], ids=["436-layout", "386-layout"])
+def test_official_converter_round_trip_gives_identical_outputs(tmp_path, remove_sn):
+    generator = _trained_official_tiny()
+    inputs = make_inputs(TINY_OFFICIAL, seed=7)
+    with torch.no_grad():
+        expected = generator(**inputs)["output"]
+    saved = remove_all_spectral_norms(copy.deepcopy(generator)) if remove_sn else generator
+    state = saved.state_dict()
+    assert any(k.endswith("weight_u") for k in state) != remove_sn
+    discriminator = MultiScaleDiscriminator(TINY_OFFICIAL.discriminator)
+    path = tmp_path / "ckpt.pth.tar"
+    torch.save({"generator": {f"module.{k}": v for k, v in state.items()},
+                "discriminator": discriminator.state_dict()}, path)
+
+    loaded, _ = load_official_checkpoint(path, cfg=TINY_OFFICIAL)
+
+    assert loaded.cfg.spectral_norm is not remove_sn
+    with torch.no_grad():
+        actual = loaded(**inputs)["output"]
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
+
+
+def test_official_converter_rejects_foreign_layout(tmp_path):
+    path = tmp_path / "other.pth.tar"
+    torch.save({"generator": {"conv.weight": torch.zeros(1)}}, path)
+    with pytest.raises(Exception, match="layout does not match"):
+        load_official_checkpoint(path, cfg=TINY_OFFICIAL)
+
+
+def test_official_structure_requires_driving_keypoints():
+    generator = Generator(TINY_OFFICIAL)
+    inputs = make_inputs(TINY_OFFICIAL)
+    with torch.no_grad():
+        out = generator(**inputs)
+        assert out["output"].shape == (2, 3, 32, 32)
+        assert 0 <= out["output"].min() and out["output"].max() <= 1
+        inputs.pop("driving_keypoints")
+        assert generator(**inputs, stage="warp")["warped"].shape == (2, 3, 32, 32)  # warp stage does not need them
+        with pytest.raises(ValueError, match="driving_keypoints"):
+            generator(**inputs)
+
+
+def test_mouth_mask_is_the_padded_official_box():
+    keypoints = torch.zeros(1, 58, 2)
+    keypoints[0, 14, 0], keypoints[0, 15, 0] = -0.5, 0.25  # x: pixels 16 .. 40 at width 64
+    keypoints[0, 56, 1], keypoints[0, 57, 1] = 0.0, 0.5  # y: pixels 32 .. 48
+    mask = mouth_mask(keypoints, (64, 64))[0, 0]
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    assert (xs.min().item(), xs.max().item(), ys.min().item(), ys.max().item()) == (11, 45, 27, 53)
+    assert mask.sum().item() == 35 * 27
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny preset (the lite structure)
+
+
+def test_tiny_forward_shapes_and_ranges():
+    generator = Generator(TINY)
+    inputs = make_inputs(TINY)
+    with torch.no_grad():
+        warp = generator(**inputs, stage="warp")
+        full = generator(**inputs, stage="full")
+    assert "output" not in warp
+    assert warp["deformation"].shape == (2, 64, 64, 2)
+    assert warp["occlusion"].shape == (2, 1, 64, 64)
+    assert warp["warped"].shape == full["output"].shape == full["generated"].shape == (2, 3, 64, 64)
+    for key in ("warped", "output", "generated", "occlusion"):
+        assert 0 <= full[key].min() and full[key].max() <= 1, key
+    assert torch.isfinite(full["deformation"]).all()
+
+
+def test_tiny_runs_at_other_multiples_of_32():
+    generator = Generator(TINY)
+    with torch.no_grad():
+        out = generator(**make_inputs(TINY, batch=1, size=96))
+    assert out["output"].shape == (1, 3, 96, 96)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        generator(**make_inputs(TINY, batch=1, size=80))
+
+
+def test_tiny_step_zero_equals_mesh_prior_warp():
+    generator = Generator(TINY)
+    inputs = make_inputs(TINY, prior_noise=0.1)
+    with torch.no_grad():
+        out = generator(**inputs, stage="warp")
+    torch.testing.assert_close(out["deformation"], inputs["prior_grid"], rtol=0, atol=0)
+    expected = F.grid_sample(inputs["source"], inputs["prior_grid"], mode="bilinear",
+                             padding_mode=TINY.warp.padding_mode, align_corners=False)
+    torch.testing.assert_close(out["warped"], expected, rtol=0, atol=0)
+
+
+def test_tiny_one_step_trains_both_networks():
+    torch.manual_seed(0)
+    generator = Generator(TINY)
+    inputs = make_inputs(TINY)
+    target = torch.rand(2, 3, 64, 64)
+    before = copy.deepcopy(generator.state_dict())
+    optimizer = torch.optim.Adam(
+        [{"params": generator.warp_parameters(), "lr": 1e-3}, {"params": generator.refine_parameters(), "lr": 1e-3}]
+    )
+    loss = F.l1_loss(generator(**inputs)["output"], target)
+    loss.backward()
+    # Every decoder parameter receives a gradient; the warp net learns through its (zero-initialised) heads first.
+    names = [n for n, p in generator.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not [n for n in names if n.startswith(("SPDAE_G", "feature_encoder", "fuse_high_res"))], names
+    optimizer.step()
+    after = generator.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert "dense_motion_network.reger.2.weight" in changed
+    assert "dense_motion_network.occlusion_net.2.weight" in changed
+    assert "SPDAE_G.conv_img.weight" in changed and "ladder_network.fc.weight" not in changed
+    assert F.l1_loss(generator(**inputs)["output"], target) < loss
+
+
+def test_parameter_groups_partition_the_generator():
+    generator = Generator(TINY)
+    warp = {id(p) for p in generator.warp_parameters()}
+    refine = {id(p) for p in generator.refine_parameters()}
+    assert not warp & refine
+    assert warp | refine == {id(p) for p in generator.parameters()}
+
+
+def test_tiny_save_load_round_trip(tmp_path):
+    generator = Generator(TINY).eval()
+    inputs = make_inputs(TINY)
+    save_model(tmp_path / "ckpt", generator, TINY, extra_meta={"step": 12})
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    loaded, cfg = load_model(tmp_path / "ckpt")
+    assert cfg == TINY
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs)["output"], generator(**inputs)["output"], rtol=0, atol=0)
+
+
+def test_without_identity_branch():
+    cfg = TINY.replace(use_identity=False)
+    generator = Generator(cfg)
+    assert not [n for n, _ in generator.named_parameters() if "adain" in n or "mlp_attention" in n]
+    assert [n for n, _ in Generator(TINY).named_parameters() if "adain" in n]
+    inputs = make_inputs(cfg)
+    assert "identity" not in inputs
+    with torch.no_grad():
+        assert generator(**inputs)["output"].shape == (2, 3, 64, 64)
+        with pytest.raises(ValueError, match="identity"):
+            generator(**inputs, identity=torch.zeros(2, cfg.identity_dim))
+
+
+def test_missing_inputs_fail_loudly():
+    generator = Generator(TINY)
+    inputs = make_inputs(TINY)
+    with pytest.raises(ValueError, match="prior_grid"):
+        generator(**{**inputs, "prior_grid": None})
+    with pytest.raises(ValueError, match="identity"):
+        generator(**{**inputs, "identity": None})
+    with pytest.raises(ValueError, match="stage"):
+        generator(**inputs, stage="Refine")
+    no_prior = Generator(TINY.replace(use_mesh_prior=False))
+    with pytest.raises(ValueError, match="prior_grid"):
+        no_prior(**inputs)
+
+
+def test_discriminator_tiny_outputs():
+    discriminator = MultiScaleDiscriminator(TINY.discriminator)
+    outputs = discriminator(torch.rand(2, 3, 64, 64))
+    assert len(outputs) == len(TINY.discriminator.scales) == 2
+    features, prediction = outputs[0]
+    assert len(features) == TINY.discriminator.num_blocks
+    assert prediction.shape[:2] == (2, 1) and outputs[1][1].shape[-1] < prediction.shape[-1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config and budget
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_config_json_round_trip(name):
+    cfg = PRESETS[name]
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_config_rejects_unknown_and_invalid_keys():
+    data = TINY.to_dict()
+    with pytest.raises(ValueError, match="unknown keys \\['colour'\\]"):
+        ModelConfig.from_dict({**data, "colour": 1})
+    with pytest.raises(ValueError, match="missing keys"):
+        ModelConfig.from_dict({k: v for k, v in data.items() if k != "norm"})
+    with pytest.raises(ValueError, match="not one of"):
+        ModelConfig.from_dict({**data, "norm": "group"})
+    with pytest.raises(ValueError, match="multiple of 32"):
+        TINY.replace(image_size=100)
+
+
+def test_lite_flops_per_frame_within_budget():
+    cfg = PRESETS["lite"]
+    generator = Generator(cfg).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        generator(**make_inputs(cfg, batch=1, size=256))
+    assert counter.get_total_flops() / 1e9 <= 2.2
