@@ -148,3 +148,14 @@ def test_speed(face):
         for _ in range(5):
             mesh_warp_grid(source, target, size, size, face_masked=True)
         assert (time.perf_counter() - start) / 5 < budget
+
+
+def test_apply_grid_matches_grid_sample():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)
+    grid = rng.uniform(-1.2, 1.2, (16, 18, 2)).astype(np.float32)  # another size, some points outside
+    tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    expected = F.grid_sample(tensor, torch.from_numpy(grid)[None], padding_mode="border", align_corners=False)
+    expected = expected[0].permute(1, 2, 0).numpy()
+    # cv2.remap interpolates with 5-bit fixed-point weights: within ~1 grey level of the float result
+    assert np.abs(apply_grid(image, grid).astype(float) - expected).max() <= 2.0

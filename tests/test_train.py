@@ -121,8 +121,8 @@ def test_geometry_moves_image_and_landmarks_together(flip):
     assert out_frames.shape == (2, size, size, 3)
     point = out_landmarks[0, 263 if flip else 33]  # a flip makes the right eye corner the left one
     weights = out_frames[0, ..., 0].astype(np.float64)
-    centroid = np.array([(weights.sum(0) * (np.arange(size) + 0.5)).sum(), (weights.sum(1) * (np.arange(size) + 0.5)).sum()])
-    centroid /= weights.sum()
+    centres = np.arange(size) + 0.5
+    centroid = np.array([(weights.sum(0) * centres).sum(), (weights.sum(1) * centres).sum()]) / weights.sum()
     assert np.abs(centroid - point).max() < 0.2, (centroid, point)
 
 
@@ -317,3 +317,24 @@ def test_two_process_ddp_ends_with_identical_weights(dataset_dir, tmp_path):
     torch.manual_seed(0)
     fresh = Generator(PRESETS["tiny"]).state_dict()
     assert any(not torch.equal(fresh[k], rank0[k]) for k in rank0)
+
+
+def test_cli_resolves_the_config(tmp_path, capsys, warp_run, dataset_dir):
+    from metaportrait.cli import main
+
+    ids = tmp_path / "ids.txt"
+    ids.write_text("# held out\nblue\n\n")
+    argv = ["train", "base", "--stage", "full", "--preset", "tiny", "--data", str(dataset_dir), "--out",
+            str(tmp_path / "run"), "--val-identities", str(ids), "--steps", "8", "--init", str(warp_run),
+            "--dry-run"]  # fmt: skip
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["val_identities"] == ["blue"] and printed["steps"] == 8 and printed["lr_milestones"] == [6]
+    assert printed["init"] == str(warp_run) and printed["warp_lr_scale"] == 0.1
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+    # A resumed run keeps its settings: changing the learning rate is refused with a one-line error.
+    resume = ["train", "base", "--stage", "warp", "--data", str(dataset_dir), "--out", str(warp_run), "--resume"]
+    assert main(resume + ["--lr", "0.1"]) == 2
+    assert "cannot change ['lr']" in capsys.readouterr().err
+    assert main(resume + ["--steps", "5", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 5

@@ -46,14 +46,26 @@ def _bounded_float(low: float | None, high: float | None):
     return parse
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--checkpoint``, ``--no-paste-back`` and ``--crop-output``."""
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="checkpoint folder (model.safetensors + config.json); default: the bundled lite model")
-    parser.add_argument("--no-paste-back", dest="paste_back", action="store_false",
-                        help="write the model's square face crop instead of the full portrait")
-    parser.add_argument("--crop-output", action="store_true",
-                        help="write only the face box of the pasted-back portrait, at the portrait's resolution")
+    output_mode = parser.add_mutually_exclusive_group()
+    output_mode.add_argument("--no-paste-back", dest="paste_back", action="store_false",
+                             help="write the model's square face crop instead of the full portrait")
+    output_mode.add_argument("--crop-output", action="store_true",
+                             help="write only the face box of the pasted-back portrait, at the portrait's resolution")
 
 
 def add_control_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +74,8 @@ def add_control_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eyes", type=_bounded_float(0.0, 3.0), default=None,
                        help="eye openness factor: 1 unchanged, 0 closed, 1.3 wider")
     group.add_argument("--mouth", type=_bounded_float(0.0, 1.5), default=None,
-                       help="mouth openness (inner-lip gap / mouth width): 0 closed, 0.3 talking, 0.6 open jaw")
+                       help="mouth openness (inner-lip gap / mouth width): 0 closed, 0.3 talking, 0.6 open jaw; "
+                            "when animating, it replaces the driver's mouth motion")
     angle = _bounded_float(-MAX_YAW_PITCH_DEGREES, MAX_YAW_PITCH_DEGREES)
     group.add_argument("--yaw", type=angle, default=0.0, help="head turn in degrees (+ = nose to the image's right)")
     group.add_argument("--pitch", type=angle, default=0.0, help="head nod in degrees (+ = nose down)")
@@ -109,10 +122,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="relative: follow the driver's motion but keep the portrait's face shape (default); "
                              "absolute: use the driver's landmarks as they are")
     add_model_arguments(parser)
-    parser.add_argument("--max-frames", type=int, default=None, metavar="N", help="stop after N output frames")
+    parser.add_argument("--max-frames", type=positive_int, default=None, metavar="N", help="stop after N output frames")
     parser.add_argument("--fps", type=_bounded_float(1.0, 240.0), default=None,
                         help="output frame rate (default: the driving video's); frames are dropped or repeated")
-    parser.add_argument("--batch-size", type=int, default=4, help="frames per generator call")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="frames per generator call")
     add_control_arguments(parser)
 
 
@@ -122,10 +135,6 @@ def run(args: argparse.Namespace) -> int:
     from metaportrait.io.video import VideoReader, VideoWriter, even_size, resample_fps
     from metaportrait.pipeline import Animator
 
-    if args.max_frames is not None and args.max_frames < 1:
-        raise InputError(args.output, f"--max-frames must be at least 1, got {args.max_frames}")
-    if args.crop_output and not args.paste_back:
-        raise InputError(args.output, "--crop-output cuts the pasted-back portrait; it cannot go with --no-paste-back")
     # 1. Check every input and the output location before loading the model.
     output = check_output_path(args.output, VIDEO_OUTPUT_SUFFIXES)
     source_image = read_source(args.source)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from metaportrait.cli.animate import positive_int
 from metaportrait.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -48,14 +49,13 @@ def load_benchmark(name: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch (and the benchmarks' pools)")
+    parser.add_argument("--threads", type=positive_int, default=2,
+                        help="CPU threads for torch (and the benchmarks' own pools)")
     parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append", default=None,
                         help="run only this benchmark (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads < 1:
-        raise InputError("--threads", f"must be at least 1, got {args.threads}")
     names = [name for name in BENCHMARKS if args.only is None or name in args.only]
     modules = {name: load_benchmark(name) for name in names}  # all scripts load before any long measurement
     torch.set_num_threads(args.threads)

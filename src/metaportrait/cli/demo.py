@@ -45,13 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    animator = Animator.from_pretrained(args.checkpoint)  # a missing checkpoint fails before anything is written
     try:
         args.output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise InputError(args.output, f"cannot create the output folder ({error.strerror})") from None
     if not os.access(args.output, os.W_OK | os.X_OK):
         raise InputError(args.output, "output folder is not writable")
-    animator = Animator.from_pretrained(args.checkpoint)  # a missing checkpoint fails before anything is written
     for path in write_landmark_demo(args.output):
         logger.info("wrote %s", path)
     paths, distances = write_animation_demo(args.output, animator)

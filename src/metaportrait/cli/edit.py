@@ -21,7 +21,6 @@ from metaportrait.cli.animate import (
     controls_from_args,
     read_source,
 )
-from metaportrait.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +37,6 @@ def run(args: argparse.Namespace) -> int:
     from metaportrait.io.image import IMAGE_SUFFIXES, write_image
     from metaportrait.pipeline import Animator
 
-    if args.crop_output and not args.paste_back:
-        raise InputError(args.output, "--crop-output cuts the pasted-back portrait; it cannot go with --no-paste-back")
     output = check_output_path(args.output, IMAGE_SUFFIXES)
     image = read_source(args.source)
     points = landmarks_of_image(image, args.source)

@@ -122,5 +122,5 @@ def run(args: argparse.Namespace) -> int:
         return 0
     result = train_base(cfg, args.data, args.out, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"done: step {result.step}, best validation PSNR {result.best_psnr:.2f} dB; weights in {args.out / 'model'}")
+        print(f"done: step {result.step}, best validation PSNR {result.best_psnr:.2f} dB; model: {args.out / 'model'}")
     return 0

@@ -196,7 +196,8 @@ def _geometry(frames: np.ndarray, landmarks: np.ndarray, draw: _Draw, size: int)
     if source_size != size:
         # INTER_AREA: a proper box filter when shrinking (our usual 256 -> 128); landmarks scale exactly.
         interpolation = cv2.INTER_AREA if size < source_size else cv2.INTER_LINEAR
-        frames = np.stack([cv2.resize(np.ascontiguousarray(f), (size, size), interpolation=interpolation) for f in frames])
+        frames = np.stack([cv2.resize(np.ascontiguousarray(f), (size, size), interpolation=interpolation)
+                           for f in frames])  # fmt: skip
         landmarks = landmarks * (size / source_size)
     if draw.scale != 1.0 or draw.shift != (0.0, 0.0):
         # p' = c + scale * (p - c) + shift in continuous pixel coordinates (pixel i spans [i, i+1)).

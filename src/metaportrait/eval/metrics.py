@@ -21,12 +21,16 @@ Offline proxies, to be labelled as such in reports (the literature's networks ca
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from metaportrait.eval.features import fd_mobilenetv2
 from metaportrait.motion import fit_similarity
+
+if TYPE_CHECKING:
+    from metaportrait.models.identity import IdentityEncoder
 
 __all__ = [
     "IMAGE_METRICS",
@@ -360,7 +364,7 @@ def identity_metrics(
     landmarks: np.ndarray,
     source_image: np.ndarray,
     source_landmarks: np.ndarray,
-    encoder,
+    encoder: IdentityEncoder,
     batch_size: int = 32,
 ) -> dict[str, float]:
     """Identity distance of generated frames to the source portrait, with dlib descriptors.
@@ -403,7 +407,11 @@ def identity_metrics(
 
 
 def id_distance(
-    images: np.ndarray, landmarks: np.ndarray, source_image: np.ndarray, source_landmarks: np.ndarray, encoder
+    images: np.ndarray,
+    landmarks: np.ndarray,
+    source_image: np.ndarray,
+    source_landmarks: np.ndarray,
+    encoder: IdentityEncoder,
 ) -> float:
     """Mean dlib identity distance of generated frames to the source (see `identity_metrics`)."""
     return identity_metrics(images, landmarks, source_image, source_landmarks, encoder)["id_distance"]

@@ -59,7 +59,9 @@ class ConvBNReLU(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, groups: int = 1):
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2, groups=groups, bias=False),
+            nn.Conv2d(
+                in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2, groups=groups, bias=False
+            ),
             nn.BatchNorm2d(out_channels),
             nn.ReLU6(inplace=False),
         )
@@ -87,7 +89,9 @@ class InvertedResidual(nn.Module):
 
 
 # (expand ratio t, out channels c, repeats n, first stride s), from the MobileNetV2 paper / torchvision.
-_MOBILENET_V2_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+_MOBILENET_V2_SETTING = (
+    (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)
+)
 
 
 def mobilenet_v2_weights_path() -> Path:

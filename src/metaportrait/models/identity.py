@@ -340,7 +340,9 @@ class DlibFaceResNet(nn.Module):
                 conv.bias.copy_(torch.from_numpy(source.bias))
             for index, (affine, (gamma, beta)) in enumerate(zip(affines, weights.affines)):
                 if affine.gamma.shape[0] != gamma.shape[0]:
-                    raise ValueError(f"affine {index}: file has {gamma.shape[0]} channels, expected {affine.gamma.shape[0]}")
+                    raise ValueError(
+                        f"affine {index}: file has {gamma.shape[0]} channels, expected {affine.gamma.shape[0]}"
+                    )
                 affine.gamma.copy_(torch.from_numpy(gamma))
                 affine.beta.copy_(torch.from_numpy(beta))
             if weights.fc.shape != (256, EMBEDDING_DIM):

@@ -193,11 +193,11 @@ def train_base(
     if resume:
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         if state.get("version") != CHECKPOINT_VERSION:
-            raise InputError(checkpoint_path, f"checkpoint version {state.get('version')}, expected {CHECKPOINT_VERSION}")
+            raise InputError(checkpoint_path, f"format version {state.get('version')}, expected {CHECKPOINT_VERSION}")
         saved = TrainConfig.from_dict(state["train_config"])
         changed = [k for k, v in cfg.to_dict().items() if saved.to_dict()[k] != v and k not in RESUMABLE_CHANGES]
         if changed:
-            raise InputError(checkpoint_path, f"settings differ from the saved run: {changed} (only {RESUMABLE_CHANGES} may)")
+            raise InputError(checkpoint_path, f"settings differ from the run's: {changed} (only {RESUMABLE_CHANGES})")
         generator.load_state_dict(state["generator"])
         optimizer_g.load_state_dict(state["optimizer_generator"])
         if full:
@@ -379,8 +379,9 @@ def train_base(
         # Samples, validation, checkpoint (rank 0 only; the other ranks go on to the next all-reduce and wait).
         if is_main and (step % cfg.sample_every == 0 or step == cfg.steps):
             columns = [source, batch["driving_lines"], out["warped"]] + ([out["output"]] if full else []) + [driving]
-            rows = [torch.cat([c[i].detach().float().clamp(0, 1) for c in columns], dim=2) for i in range(min(SAMPLE_ROWS, len(source)))]
-            write_image(out_dir / "samples" / f"step_{step:07d}.png", to_uint8_frames(torch.cat(rows, dim=1)[None])[0])
+            grid = torch.cat([c[:SAMPLE_ROWS].detach().float().clamp(0, 1) for c in columns], dim=3)  # (n, 3, h, k*w)
+            grid = torch.cat(list(grid), dim=1)  # (3, n*h, k*w): one row per pair
+            write_image(out_dir / "samples" / f"step_{step:07d}.png", to_uint8_frames(grid[None])[0])
         if is_main and val_pairs is not None and (step % cfg.val_every == 0 or step == cfg.steps):
             metrics = _validate(generator, val_pairs, identity_encoder, cfg, model_cfg, device)
             improved = metrics["psnr"] > best_psnr
@@ -427,7 +428,10 @@ _WARP_MODULES = ("ladder_network", "dense_motion_network")
 
 
 def _finish_gradients(parameters, cfg: TrainConfig, world_size: int) -> torch.Tensor:
-    """Average gradients over ranks, replace NaN/inf (official ``nan_to_num``), clip; returns the norm before clipping."""
+    """Average gradients over ranks, replace NaN/inf (official ``nan_to_num``) and clip.
+
+    Returns the global gradient norm before clipping.
+    """
     grads = [p.grad for p in parameters if p.grad is not None]
     if world_size > 1:
         flat = torch.cat([g.reshape(-1) for g in grads])

@@ -16,8 +16,9 @@ Recipes (`recipe(preset, stage, steps)`):
     40 same-clip frame pairs at 128² (vox/styletalk crops, "copy" = compare two frames of one clip): per layer
     summed over the 4 pyramid scales its L1 terms are 1.36, 1.94, 1.63, 1.06 and 0.20, i.e. 0.3-0.5 per
     (layer, scale) for the first four layers, the same order as VGG19's in FOMM's logs. So the official
-    balance between terms is kept, but every weight is divided by 10 (perceptual 1 per layer, ~6 on copy
-    pairs): with the official magnitudes almost every step was clipped at gradient norm 0.3;
+    balance between the official terms is kept. Every weight is divided by 10 (perceptual 1 per layer, ~6 on
+    copy pairs) only to keep the logged numbers small: Adam does not see a global loss scale, and the 0.3
+    gradient clip is active at every step either way (measured generator gradient norms 5-15 in the warp stage);
   - a pixel L1 term (official: none) on the output (x100) and on the warped image (x25): on copy pairs it
     equals the perceptual term (100 x 0.067 ~ 6.7), as in the CPU prototype (notes/feasibility.md §3), where
     it was what made the PSNR move within a one-hour budget;
