@@ -43,9 +43,11 @@ def _patches(astronaut: torch.Tensor, size: int = 96) -> dict[str, torch.Tensor]
 def test_stlpips_alex_orders_distortions(astronaut):
     metric = STLPIPS("alex")
     patches = _patches(astronaut)
+    names = ("same", "shift", "noise", "other")
     with torch.no_grad():
-        scores = {name: metric(patches["base"], patches[name]).item() for name in ("same", "shift", "noise", "other")}
-    assert scores["same"] == 0.0
+        values = metric(patches["base"].expand(len(names), -1, -1, -1), torch.cat([patches[n] for n in names]))
+    scores = dict(zip(names, values.tolist()))
+    assert scores["same"] < 1e-9  # batched convolutions can differ in the last bits
     assert 0 < scores["shift"] < 0.02  # shift tolerant: a 1-pixel shift is almost free
     assert scores["shift"] < scores["noise"] < scores["other"]
     assert scores["other"] > 0.4

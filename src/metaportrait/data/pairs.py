@@ -172,14 +172,14 @@ class _Draw:
     @staticmethod
     def sample(config: AugmentConfig, rng: np.random.Generator) -> _Draw:
         # Always consume the same number of draws, so changing one probability does not reshuffle the rest.
-        u = rng.uniform(-1.0, 1.0, size=6)
+        u = rng.uniform(-1.0, 1.0, size=7)
         return _Draw(
             flip=bool((u[0] + 1.0) / 2.0 < config.flip),
             scale=1.0 + config.scale * float(u[1]),
             shift=(config.translate * float(u[2]), config.translate * float(u[3])),
             brightness=1.0 + config.brightness * float(u[4]),
             contrast=1.0 + config.contrast * float(u[5]),
-            saturation=1.0 + config.saturation * float(rng.uniform(-1.0, 1.0)),
+            saturation=1.0 + config.saturation * float(u[6]),
         )
 
 

