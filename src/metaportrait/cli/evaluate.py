@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shlex
-import tempfile
 from pathlib import Path
 
 from metaportrait.errors import InputError
+from metaportrait.io.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -92,17 +91,6 @@ def _checkpoints(args: argparse.Namespace) -> dict[str, str]:
     return checkpoints
 
 
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp_name, path)
-    except BaseException:
-        os.unlink(tmp_name)
-        raise
-
-
 def _command(args: argparse.Namespace) -> str:
     """The command line with every setting spelled out (defaults included), for the results file."""
     parts = ["metaportrait", "eval", args.protocol]
@@ -144,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
     results = {"protocol": outcome.results["protocol"], "command": _command(args), "checkpoints": hashes,
                **outcome.results}
     table = protocols.markdown_table(results)
-    _write_text(args.output, json.dumps(results, indent=2, allow_nan=False) + "\n")
-    _write_text(args.output.with_suffix(".md"), f"# {args.protocol} evaluation\n\n`{results['command']}`\n\n{table}")
+    write_text_atomic(args.output, json.dumps(results, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(args.output.with_suffix(".md"), f"# {args.protocol} evaluation\n\n`{results['command']}`\n\n{table}")
     write_image(args.output.with_suffix(".png"), protocols.comparison_grid(outcome.visuals))
     if not args.no_video:
         with VideoWriter(args.output.with_suffix(".mp4"), fps=outcome.visuals.fps) as writer:

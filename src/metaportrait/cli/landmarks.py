@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ from tqdm import tqdm
 from metaportrait.data.drawing import TOPOLOGIES, draw_landmarks_on
 from metaportrait.data.landmarks import iter_tracked, landmarks_of_image
 from metaportrait.errors import InputError
+from metaportrait.io.atomic import atomic_path
 from metaportrait.io.image import IMAGE_SUFFIXES, is_image_path, is_video_path, read_image, write_image
 from metaportrait.io.video import VideoReader, VideoWriter, even_size
 
@@ -140,24 +139,11 @@ def write_landmark_file(
     path = Path(path)
     if landmarks.ndim != 3 or landmarks.shape[1:] != (478, 2) or present.shape != (len(landmarks),):
         raise ValueError(f"landmarks {landmarks.shape} / present {present.shape} do not match (T, 478, 2) / (T,)")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(
-                handle,
-                landmarks=landmarks.astype(np.float32),
-                present=present.astype(bool),
-                fps=np.float64(fps),
-                image_size=np.array(image_size, dtype=np.int64),
-            )
-        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(
+            handle,
+            landmarks=landmarks.astype(np.float32),
+            present=present.astype(bool),
+            fps=np.float64(fps),
+            image_size=np.array(image_size, dtype=np.int64),
+        )

@@ -8,8 +8,6 @@ half-written checkpoint. Training state (optimisers, step) is the trainer's busi
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from metaportrait.config import ModelConfig
 from metaportrait.errors import InputError
+from metaportrait.io.atomic import atomic_path, write_text_atomic
 
 FORMAT_NAME = "metaportrait-generator"
 FORMAT_VERSION = 1
@@ -49,8 +48,9 @@ def save_model(
         "meta": extra_meta or {},
     }
     text = json.dumps(document, indent=2, sort_keys=True)  # fails here, before writing, if extra_meta is not JSON-safe
-    _atomic_write(path_dir / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT_NAME}))
-    _atomic_write(path_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text + "\n"))
+    with atomic_path(path_dir / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT_NAME})
+    write_text_atomic(path_dir / CONFIG_FILE, text + "\n")
     return path_dir
 
 
@@ -91,13 +91,3 @@ def load_model(path_dir: str | Path):
     generator.load_state_dict(load_file(str(weights)), strict=True)
     return generator.eval(), cfg
 
-
-def _atomic_write(final: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

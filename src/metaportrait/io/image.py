@@ -6,8 +6,6 @@ Arrays at I/O are ``uint8`` ``(H, W, 3)`` RGB; tensors are ``float32`` ``(B, 3, 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from metaportrait.errors import InputError
+from metaportrait.io.atomic import atomic_path
 
 if TYPE_CHECKING:
     import torch
@@ -76,14 +75,8 @@ def write_image(path: str | Path, image: np.ndarray, quality: int = 95) -> None:
         raise ValueError(f"{path}: cannot write images with suffix {path.suffix!r}; use one of {allowed}")
     _check_image(image)
     options = {"quality": quality} if image_format in ("JPEG", "WEBP") else {}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            Image.fromarray(image).save(handle, format=image_format, **options)
-        os.replace(tmp_name, path)
-    except BaseException:
-        os.unlink(tmp_name)
-        raise
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format=image_format, **options)
 
 
 def to_tensor(image: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -98,7 +91,8 @@ def frames_to_tensor(frames: np.ndarray, device: str | torch.device = "cpu") -> 
 
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 frames of shape (T, H, W, 3), got {frames.dtype} {frames.shape}")
-    tensor = torch.from_numpy(np.ascontiguousarray(frames)).to(device)
+    # torch.tensor copies, so read-only arrays (memory maps, PIL buffers) are accepted without a warning.
+    tensor = torch.tensor(frames, device=device)
     return tensor.permute(0, 3, 1, 2).float().div_(255.0).contiguous()  # (T, 3, H, W)
 
 

@@ -1,0 +1,44 @@
+"""Atomic file output: write to a temporary name beside the target, rename on success.
+
+Every writer of user-visible files goes through `atomic_path`, so an interrupted or failed run never leaves a
+half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary path in ``final``'s folder; on normal exit it replaces ``final``, on error it is removed.
+
+    The temporary file gets ordinary permissions (``0666`` minus the umask), not ``mkstemp``'s ``0600``.
+    """
+    final = Path(final)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_current_umask())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(final: str | Path, text: str) -> None:
+    """Write ``text`` to ``final`` atomically."""
+    with atomic_path(final) as tmp:
+        tmp.write_text(text)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
