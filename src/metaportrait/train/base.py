@@ -47,6 +47,7 @@ from metaportrait.data.dataset import PreparedDataset, split_by_identity
 from metaportrait.data.pairs import REGIONS, FixedPairs, PairOptions, RandomPairs, StepSampler, box_masks
 from metaportrait.errors import InputError
 from metaportrait.eval.metrics import face_region_l1, l1, psnr
+from metaportrait.io.atomic import atomic_path, write_text_atomic
 from metaportrait.io.checkpoint import load_model, save_model
 from metaportrait.io.image import to_uint8_frames, write_image
 from metaportrait.losses.perceptual import MobileNetV2Features, PerceptualPyramidLoss, VGG19Features
@@ -226,7 +227,7 @@ def train_base(
     # Output files: the config, and logs cut back to the checkpoint's step when resuming.
     if is_main:
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(out_dir / "train_config.json", cfg.to_dict())
+        write_text_atomic(out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         for name in ("log.jsonl", "val.jsonl"):
             _truncate_jsonl(out_dir / name, start_step)
     sampler = StepSampler(start_step, cfg.steps, cfg.batch_size, rank, world_size)
@@ -404,9 +405,8 @@ def train_base(
             if full:
                 state["discriminator"] = discriminator.state_dict()
                 state["optimizer_discriminator"] = optimizer_d.state_dict()
-            tmp = checkpoint_path.with_name(checkpoint_path.name + ".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, checkpoint_path)
+            with atomic_path(checkpoint_path) as tmp:
+                torch.save(state, tmp)
             _export_model(out_dir / "model", generator, model_cfg, {"step": step, "stage": cfg.stage})
         tick = time.perf_counter()
     bar.close()
@@ -556,12 +556,6 @@ def _worker_init(worker_id: int) -> None:
     cv2.setNumThreads(1)
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
@@ -574,6 +568,4 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
         return
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     kept = [line for line in lines if json.loads(line)["step"] <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
