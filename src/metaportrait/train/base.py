@@ -278,11 +278,21 @@ def train_base(
             losses["perceptual_warped"] = perceptual_warped(warped, driving)
             if cfg.loss.l1_warped > 0:
                 losses["l1_warped"] = cfg.loss.l1_warped * (warped - driving).abs().mean()
+            if cfg.loss.face > 0:
+                face = batch["face_mask"]  # (B, 1, H, W), 1 inside the driving face
+                face_area = face.sum(dim=(1, 2, 3)).clamp_min(1.0) * 3  # (B,), times 3 colour channels
+                losses["face_warped"] = cfg.loss.face * ((warped - driving).abs() * face).sum(dim=(1, 2, 3)).div(
+                    face_area
+                ).mean()
             if full:
                 prediction = out[output_key]
                 losses["perceptual_output"] = perceptual_output(prediction, driving)
                 if cfg.loss.l1_output > 0:
                     losses["l1_output"] = cfg.loss.l1_output * (prediction - driving).abs().mean()
+                if cfg.loss.face > 0:
+                    losses["face_output"] = cfg.loss.face * ((prediction - driving).abs() * face).sum(
+                        dim=(1, 2, 3)
+                    ).div(face_area).mean()
                 if cfg.loss.eye > 0 or cfg.loss.mouth > 0:
                     masks = box_masks(batch["boxes"], cfg.size, cfg.size, cfg.size)  # (B, 3, H, W)
                     error = (prediction - driving).abs().mean(dim=1, keepdim=True)  # (B, 1, H, W)
