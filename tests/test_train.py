@@ -338,3 +338,21 @@ def test_cli_resolves_the_config(tmp_path, capsys, warp_run, dataset_dir):
     assert "cannot change ['lr']" in capsys.readouterr().err
     assert main(resume + ["--steps", "5", "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 5
+
+
+def test_ablation_flags_change_the_model_config(tmp_path):
+    """`--landmark-topology sparse68 --no-identity` reach the model config (paper Table 3 ablations)."""
+    from metaportrait.cli import main
+
+    args = ["train", "base", "--stage", "full", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+            "--preset", "tiny", "--landmark-topology", "sparse68", "--no-identity", "--dry-run"]  # fmt: skip
+    assert main(args) == 0
+    from metaportrait.cli.train import build_config, add_arguments
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = build_config(parser.parse_args(args[1:]))
+    model = cfg.model_config()
+    assert model.landmark_topology == "sparse68" and model.use_identity is False
+    assert cfg.replace(landmark_topology=None, use_identity=None).model_config().use_identity is True

@@ -38,6 +38,8 @@ _OVERRIDES = {
     "checkpoint_every": "checkpoint_every",
     "val_every": "val_every",
     "val_identities": "val_identities",
+    "landmark_topology": "landmark_topology",
+    "use_identity": "use_identity",
     "init": "init",
 }
 
@@ -66,6 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     base.add_argument("--sample-every", type=int, metavar="STEPS")
     base.add_argument("--checkpoint-every", type=int, metavar="STEPS")
     base.add_argument("--val-every", type=int, metavar="STEPS")
+    ablation = base.add_argument_group("ablations (paper Table 3)")
+    ablation.add_argument("--landmark-topology", choices=("mediapipe478", "sparse68"),
+                          help="landmark line images: dense mesh (the preset's) or a sparse 68-point subset")  # fmt: skip
+    ablation.add_argument("--no-identity", dest="use_identity", action="store_const", const=False,
+                          help="refinement without the identity branch")  # fmt: skip
     base.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from metaportrait.config import PRESETS, ModelConfig
+from metaportrait.config import ModelConfig
 from metaportrait.data.dataset import PreparedDataset, split_by_identity
 from metaportrait.data.pairs import REGIONS, FixedPairs, PairOptions, RandomPairs, StepSampler, box_masks
 from metaportrait.errors import InputError
@@ -114,7 +114,7 @@ def train_base(
     torch.set_num_threads(cfg.threads)
     use_amp = cfg.amp and device.type == "cuda"  # float16 autocast is a CUDA feature; CPU stays float32
     full = cfg.stage == "full"
-    model_cfg = PRESETS[cfg.preset]
+    model_cfg = cfg.model_config()
     if model_cfg.landmark_topology not in MEDIAPIPE_TOPOLOGIES:
         raise ValueError(
             f"preset {cfg.preset!r} draws {model_cfg.landmark_topology!r} landmark lines, but prepared datasets hold "
@@ -210,8 +210,9 @@ def train_base(
     elif cfg.init is not None:
         init_model = Path(cfg.init) / "model"
         warp_run, init_cfg = load_model(init_model)
-        if init_cfg != model_cfg:
-            raise InputError(init_model, f"model config differs from preset {cfg.preset!r}; cannot initialise from it")
+        # The identity branch lives in R only, so a warp run serves both sides of the identity ablation.
+        if init_cfg.replace(use_identity=model_cfg.use_identity) != model_cfg:
+            raise InputError(init_model, "its model config differs from this run's; cannot initialise from it")
         # Only the warping network, as the official Full stage (the warp stage never trains R).
         warp_state = {k: v for k, v in warp_run.state_dict().items() if k.split(".")[0] in _WARP_MODULES}
         missing, unexpected = generator.load_state_dict(warp_state, strict=False)

@@ -36,7 +36,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from metaportrait.config import PRESETS, _from_dict
+from metaportrait.config import PRESETS, ModelConfig, _from_dict
 from metaportrait.data.pairs import AugmentConfig
 
 Stage = Literal["warp", "full"]
@@ -80,6 +80,9 @@ class TrainConfig:
 
     stage: Stage = "warp"  # "warp": train W alone on the warped image; "full": W + R with all losses and D
     preset: str = "lite"  # model preset (`metaportrait.config.PRESETS`)
+    # Ablations (paper Table 3): change one property of the preset's model; None keeps the preset's value.
+    landmark_topology: str | None = None  # "mediapipe478" (dense) or "sparse68" (sparse) line images
+    use_identity: bool | None = None  # False: refinement without the identity branch
     size: int = 128  # training crop side (frames are resized to it; a multiple of 32)
     batch_size: int = 8  # per process
     steps: int = 4000  # total optimiser steps (a resumed run continues up to this)
@@ -144,6 +147,11 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Inverse of `to_dict`; unknown or missing keys raise ValueError naming them."""
         return _from_dict(cls, data, "train")
+
+    def model_config(self) -> ModelConfig:
+        """The preset's model config with this run's ablation changes applied."""
+        changes = {"landmark_topology": self.landmark_topology, "use_identity": self.use_identity}
+        return PRESETS[self.preset].replace(**{k: v for k, v in changes.items() if v is not None})
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some top-level fields changed (validated again)."""
