@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from metaportrait.config import ModelConfig
-from metaportrait.data.drawing import draw_landmark_image
+from metaportrait.data.drawing import MEDIAPIPE_TOPOLOGIES, draw_landmark_image
 from metaportrait.data.face import BoxSmoother, CropBox, crop, points_to_crop
 from metaportrait.data.face import paste_back as blend_crop  # the name `paste_back` is our flag
 from metaportrait.data.landmarks import iter_tracked, landmarks_of_image
@@ -96,7 +96,8 @@ class Animator:
 
     Args:
         generator: the trained `metaportrait.models.generator.Generator` (put in eval mode here).
-        config: its `ModelConfig`; the landmark topology must be ``mediapipe478`` (what we can measure).
+        config: its `ModelConfig`; its line images must be drawn from MediaPipe points (``mediapipe478`` or the
+            ``sparse68`` subset).
         identity_encoder: `IdentityEncoder` for the source embedding; loaded from dlib's weights when the model
             uses identity and none is given.
         batch_size: frames per generator forward.
@@ -107,10 +108,10 @@ class Animator:
 
     def __init__(self, generator: torch.nn.Module, config: ModelConfig, identity_encoder: torch.nn.Module | None = None,
                  batch_size: int = DEFAULT_BATCH_SIZE):
-        if config.landmark_topology != "mediapipe478":
+        if config.landmark_topology not in MEDIAPIPE_TOPOLOGIES:
             raise ValueError(
                 f"the animator measures MediaPipe landmarks; this model was built for {config.landmark_topology!r} "
-                "line images (only 'mediapipe478' models can be animated)"
+                f"line images (only {', '.join(MEDIAPIPE_TOPOLOGIES)} models can be animated)"
             )
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")

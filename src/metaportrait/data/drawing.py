@@ -216,6 +216,8 @@ TOPOLOGIES: dict[str, Topology] = {
     "sparse68": _sparse68_topology(),
     "official669": _asset_topology("official669", "official669_edges.tsv", 669, subpixel=False),
 }
+# Topologies drawn from MediaPipe Face Mesh points, i.e. the ones our trackers and datasets can feed.
+MEDIAPIPE_TOPOLOGIES = ("mediapipe478", "sparse68")
 
 _SHIFT_BITS = 4  # OpenCV fixed-point endpoints: 1/16 px
 

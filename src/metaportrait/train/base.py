@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from metaportrait.config import ModelConfig
+from metaportrait.data.drawing import MEDIAPIPE_TOPOLOGIES
 from metaportrait.data.dataset import PreparedDataset, split_by_identity
 from metaportrait.data.pairs import REGIONS, FixedPairs, PairOptions, RandomPairs, StepSampler, box_masks
 from metaportrait.errors import InputError
@@ -63,8 +64,6 @@ CHECKPOINT_VERSION = 1
 RESUMABLE_CHANGES = ("steps", "num_workers", "threads", "log_every", "sample_every", "checkpoint_every", "val_every")
 MAX_SKIPPED_STEPS = 10  # consecutive steps with a non-finite loss before training stops
 SAMPLE_ROWS = 4
-# Prepared datasets hold MediaPipe points; these are the line topologies that can be drawn from them.
-MEDIAPIPE_TOPOLOGIES = ("mediapipe478", "sparse68")
 
 
 @dataclass
