@@ -175,17 +175,16 @@ class Animator:
                 shape, positioned by the driver's crop).
             paste_back: blend each generated face crop into the full portrait with a feathered edge (True), or
                 yield the model's ``(S, S, 3)`` face crop as it is (False; ``S`` = ``config.image_size``).
-            crop_output: cut the pasted-back frame to the source's face box, at the portrait's own resolution
-                (``round(box side)`` pixels square): a close-up without the static rest of a large photo.
-                Needs ``paste_back``.
+            crop_output: yield just the generated ``(S, S, 3)`` face crop (the CLI's ``--crop-output``); the
+                same frames as ``paste_back=False``.
             controls: expression / pose edits applied to every frame (`metaportrait.motion.Controls`).
             driving_fps: frame rate of the driving clip (sets the landmark and crop smoothing time constants).
             source_name, driving_name: file names for error messages.
             source_landmarks: ``(478, 2)`` landmarks of ``source_image`` if already measured.
 
         Returns:
-            Iterator of ``uint8`` RGB frames: ``(H, W, 3)``; ``(S, S, 3)`` without ``paste_back``; the face box's
-            size with ``crop_output``.
+            Iterator of ``uint8`` RGB frames: ``(H, W, 3)`` pasted back; ``(S, S, 3)`` with ``crop_output`` or
+            without ``paste_back``.
 
         Raises:
             NoFaceError: no face in the source (now), or in any driving frame (when iterating, before any
@@ -193,7 +192,6 @@ class Animator:
         """
         if motion not in MOTIONS:
             raise ValueError(f"motion must be one of {MOTIONS}, got {motion!r}")
-        _check_output_mode(paste_back, crop_output)
         start = self._start()
         # 1. Source: landmarks, one crop box, the crop at the model's size, identity embedding, line image.
         source = self.prepare_source(source_image, source_name, source_landmarks)
@@ -226,7 +224,6 @@ class Animator:
         Returns:
             Iterator of ``uint8`` RGB frames, one per target.
         """
-        _check_output_mode(paste_back, crop_output)
         start = self._start()
         # 1. Source (as in __call__).
         source = self.prepare_source(source_image, source_name, source_landmarks)
@@ -320,18 +317,9 @@ class Animator:
         return to_uint8_frames(result["output"])  # (B, S, S, 3); the generator's output is already in [0, 1]
 
 
-def _check_output_mode(paste_back: bool, crop_output: bool) -> None:
-    if crop_output and not paste_back:
-        raise ValueError("crop_output cuts the face box out of the pasted-back frame; it needs paste_back=True")
-
-
 def compose_frame(source: PreparedSource, face: np.ndarray, paste_back: bool = True,
                   crop_output: bool = False) -> np.ndarray:
     """Step 4: one output frame from a generated ``uint8`` ``(S, S, 3)`` face crop (see `Animator.__call__`)."""
-    _check_output_mode(paste_back, crop_output)
-    if not paste_back:
+    if crop_output or not paste_back:
         return face
-    frame = blend_crop(source.image, face, source.box, feather=PASTE_FEATHER)
-    if crop_output:
-        return crop(frame, source.box, max(2, round(source.box.side)))
-    return frame
+    return blend_crop(source.image, face, source.box, feather=PASTE_FEATHER)

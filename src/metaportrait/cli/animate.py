@@ -4,7 +4,7 @@ Examples::
 
     metaportrait animate -s portrait.jpg -d driving.mp4 -o result.mp4
     metaportrait animate -s portrait.jpg -d driving.mp4 -o result.mp4 --motion absolute --max-frames 100
-    metaportrait animate -s portrait.jpg -d driving.mp4 -o close_up.mp4 --crop-output --eyes 1.2 --yaw 10
+    metaportrait animate -s portrait.jpg -d driving.mp4 -o face_crop.mp4 --crop-output --eyes 1.2 --yaw 10
 
 The source may be an image or a video (its first frame is used). The output has the driving video's frame
 rate (or ``--fps``) and its audio, cut to the video's length. Frames are streamed, so memory does not grow
@@ -61,11 +61,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--checkpoint``, ``--no-paste-back`` and ``--crop-output``."""
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="checkpoint folder (model.safetensors + config.json); default: the bundled lite model")
-    output_mode = parser.add_mutually_exclusive_group()
-    output_mode.add_argument("--no-paste-back", dest="paste_back", action="store_false",
-                             help="write the model's square face crop instead of the full portrait")
-    output_mode.add_argument("--crop-output", action="store_true",
-                             help="write only the face box of the pasted-back portrait, at the portrait's resolution")
+    parser.add_argument("--no-paste-back", dest="paste_back", action="store_false",
+                        help="do not blend the generated face back into the full portrait: write the face crop")
+    parser.add_argument("--crop-output", action="store_true",
+                        help="write just the generated face crop (the model's size, 256 for the bundled model)")
 
 
 def add_control_arguments(parser: argparse.ArgumentParser) -> None:
