@@ -91,12 +91,24 @@ def source_copy(source_image, source_landmarks, driving_frames, target_landmarks
     return np.repeat(source_image[None], len(target_landmarks), axis=0)
 
 
-def mesh_warp(source_image, source_landmarks, driving_frames, target_landmarks) -> np.ndarray:
-    """Baseline: the face-masked piecewise-affine mesh warp (`metaportrait.data.mesh_warp`), no training."""
-    return np.stack([mesh_warp_image(source_image, source_landmarks, t, face_masked=True) for t in target_landmarks])
+def mesh_warp(source_image, source_landmarks, driving_frames, target_landmarks, face_masked=True) -> np.ndarray:
+    """Baseline: the piecewise-affine mesh warp (`metaportrait.data.mesh_warp`), no training; by default only
+    inside the face (identity elsewhere), the stronger of the two."""
+    return np.stack(
+        [mesh_warp_image(source_image, source_landmarks, t, face_masked=face_masked) for t in target_landmarks]
+    )
 
 
-BASELINES: dict[str, Method] = {"source-copy": source_copy, "mesh-warp": mesh_warp}
+def mesh_warp_whole_frame(source_image, source_landmarks, driving_frames, target_landmarks) -> np.ndarray:
+    """Baseline: the mesh warp applied to the whole frame (the face ring and border move hair and background)."""
+    return mesh_warp(source_image, source_landmarks, driving_frames, target_landmarks, face_masked=False)
+
+
+BASELINES: dict[str, Method] = {
+    "source-copy": source_copy,
+    "mesh-warp": mesh_warp,
+    "mesh-warp-whole": mesh_warp_whole_frame,
+}
 
 
 class ModelMethod:
