@@ -20,27 +20,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from metaportrait.config import PRESETS, ModelConfig
-from metaportrait.models.blocks import make_coordinate_grid
-from metaportrait.models.generator import Generator
-
-
-def make_inputs(cfg: ModelConfig, batch: int, size: int) -> dict[str, torch.Tensor]:
-    """Random inputs of the right shapes and ranges for `Generator.forward` at ``size``²."""
-    g = torch.Generator().manual_seed(0)
-    inputs = {
-        "source": torch.rand(batch, 3, size, size, generator=g),
-        "source_lines": torch.rand(batch, 3, size, size, generator=g),
-        "driving_lines": torch.rand(batch, 3, size, size, generator=g),
-    }
-    if cfg.use_identity:
-        inputs["identity"] = torch.randn(batch, cfg.identity_dim, generator=g)
-    if cfg.use_mesh_prior:
-        identity = make_coordinate_grid(size, size, "centers")[None].expand(batch, -1, -1, -1)
-        inputs["prior_grid"] = identity + 0.02 * torch.randn(batch, size, size, 2, generator=g)
-    if cfg.refine.gaze_heatmap or cfg.refine.mouth_line:
-        inputs["driving_keypoints"] = torch.rand(batch, 58, 2, generator=g) * 2 - 1
-    return inputs
+from metaportrait.config import PRESETS
+from metaportrait.models.generator import Generator, example_inputs
 
 
 def count_gflops(generator: Generator, inputs: dict[str, torch.Tensor], stage: str = "full") -> float:
@@ -75,7 +56,7 @@ def run(threads: int = 2, preset: str = "lite", repeats: int = 10) -> dict:
         "warp_params_M": sum(p.numel() for p in generator.warp_parameters()) / 1e6,
         "refine_params_M": sum(p.numel() for p in generator.refine_parameters()) / 1e6,
     }
-    frame = make_inputs(cfg, 1, 256)
+    frame = example_inputs(cfg, batch=1, size=256)
     result["gflops_per_frame_256"] = count_gflops(generator, frame)
     result["gflops_warp_only_256"] = count_gflops(generator, frame, stage="warp")
 
@@ -103,7 +84,7 @@ def run(threads: int = 2, preset: str = "lite", repeats: int = 10) -> dict:
 
     # Training step, batch 8 at 128: generator forward + backward of an L1 loss (no perceptual net, no D).
     generator.train()
-    batch = make_inputs(cfg, 8, 128)
+    batch = example_inputs(cfg, batch=8, size=128)
     target = torch.rand(8, 3, 128, 128)
     optimizer = torch.optim.Adam(generator.parameters(), lr=1e-4)
 

@@ -95,9 +95,9 @@ def test_report_outputs(self_result):
     visuals = self_result.visuals
     assert visuals.clips == ["astronaut_turn"] and visuals.driving[0].shape == (5, SIZE, SIZE, 3)
     grid = protocols.comparison_grid(visuals, steps=3, tile=64)
-    assert grid.shape == (64 * 4, 64 * 4, 3) and grid.dtype == np.uint8  # rows: driving + 3 methods
+    assert grid.shape == (64 * 5, 64 * 4, 3) and grid.dtype == np.uint8  # rows: driving + 4 methods
     frames = list(protocols.side_by_side_frames(visuals))
-    assert len(frames) == 5 and frames[0].shape == (SIZE, SIZE * 5, 3)
+    assert len(frames) == 5 and frames[0].shape == (SIZE, SIZE * 6, 3)  # source, driving, 4 methods
     table = protocols.markdown_table(self_result.results)
     assert table.splitlines()[0].startswith("| method | FD-MNv2 ↓ | ST-LPIPS ↓")
     oracle_row = next(line for line in table.splitlines() if line.startswith("| oracle |"))

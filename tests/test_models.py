@@ -14,9 +14,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from metaportrait.config import PRESETS, DiscriminatorConfig, ModelConfig, RefineConfig, WarpConfig
 from metaportrait.io.checkpoint import load_model, save_model
 from metaportrait.io.convert_official import load_official_checkpoint
-from metaportrait.models.blocks import make_coordinate_grid, remove_all_spectral_norms
+from metaportrait.models.blocks import remove_all_spectral_norms
 from metaportrait.models.discriminator import MultiScaleDiscriminator
-from metaportrait.models.generator import Generator
+from metaportrait.models.generator import Generator, example_inputs
 from metaportrait.models.refine import mouth_mask
 
 TINY = PRESETS["tiny"]
@@ -45,22 +45,6 @@ def state_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def make_inputs(cfg: ModelConfig, batch: int = 2, size: int | None = None, seed: int = 0, prior_noise: float = 0.03):
-    size = size or cfg.image_size
-    g = torch.Generator().manual_seed(seed)
-    inputs = {
-        "source": torch.rand(batch, 3, size, size, generator=g),
-        "source_lines": torch.rand(batch, 3, size, size, generator=g),
-        "driving_lines": torch.rand(batch, 3, size, size, generator=g),
-    }
-    if cfg.use_identity:
-        inputs["identity"] = torch.randn(batch, cfg.identity_dim, generator=g)
-    if cfg.use_mesh_prior:
-        grid = make_coordinate_grid(size, size, "centers")[None].repeat(batch, 1, 1, 1)
-        inputs["prior_grid"] = grid + prior_noise * torch.randn(batch, size, size, 2, generator=g)
-    if cfg.refine.gaze_heatmap or cfg.refine.mouth_line:
-        inputs["driving_keypoints"] = torch.rand(batch, 58, 2, generator=g) * 1.6 - 0.8
-    return inputs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -120,14 +104,14 @@ def _trained_official_tiny() -> Generator:
     generator = Generator(TINY_OFFICIAL)
     with torch.no_grad():  # a few train-mode passes move the spectral-norm u, v away from their initial values
         for seed in range(3):
-            generator(**make_inputs(TINY_OFFICIAL, seed=seed))
+            generator(**example_inputs(TINY_OFFICIAL, seed=seed))
     return generator.eval()
 
 
 @pytest.mark.parametrize("remove_sn", [False, True], ids=["436-layout", "386-layout"])
 def test_official_converter_round_trip_gives_identical_outputs(tmp_path, remove_sn):
     generator = _trained_official_tiny()
-    inputs = make_inputs(TINY_OFFICIAL, seed=7)
+    inputs = example_inputs(TINY_OFFICIAL, seed=7)
     with torch.no_grad():
         expected = generator(**inputs)["output"]
     saved = remove_all_spectral_norms(copy.deepcopy(generator)) if remove_sn else generator
@@ -155,7 +139,7 @@ def test_official_converter_rejects_foreign_layout(tmp_path):
 
 def test_official_structure_requires_driving_keypoints():
     generator = Generator(TINY_OFFICIAL)
-    inputs = make_inputs(TINY_OFFICIAL)
+    inputs = example_inputs(TINY_OFFICIAL)
     with torch.no_grad():
         out = generator(**inputs)
         assert out["output"].shape == (2, 3, 32, 32)
@@ -182,7 +166,7 @@ def test_mouth_mask_is_the_padded_official_box():
 
 def test_tiny_forward_shapes_and_ranges():
     generator = Generator(TINY)
-    inputs = make_inputs(TINY)
+    inputs = example_inputs(TINY)
     with torch.no_grad():
         warp = generator(**inputs, stage="warp")
         full = generator(**inputs, stage="full")
@@ -198,15 +182,15 @@ def test_tiny_forward_shapes_and_ranges():
 def test_tiny_runs_at_other_multiples_of_32():
     generator = Generator(TINY)
     with torch.no_grad():
-        out = generator(**make_inputs(TINY, batch=1, size=96))
+        out = generator(**example_inputs(TINY, batch=1, size=96))
     assert out["output"].shape == (1, 3, 96, 96)
     with pytest.raises(ValueError, match="multiple of 32"):
-        generator(**make_inputs(TINY, batch=1, size=80))
+        generator(**example_inputs(TINY, batch=1, size=80))
 
 
 def test_tiny_step_zero_equals_mesh_prior_warp():
     generator = Generator(TINY)
-    inputs = make_inputs(TINY, prior_noise=0.1)
+    inputs = example_inputs(TINY, prior_noise=0.1)
     with torch.no_grad():
         out = generator(**inputs, stage="warp")
     torch.testing.assert_close(out["deformation"], inputs["prior_grid"], rtol=0, atol=0)
@@ -218,7 +202,7 @@ def test_tiny_step_zero_equals_mesh_prior_warp():
 def test_tiny_one_step_trains_both_networks():
     torch.manual_seed(0)
     generator = Generator(TINY)
-    inputs = make_inputs(TINY)
+    inputs = example_inputs(TINY)
     target = torch.rand(2, 3, 64, 64)
     before = copy.deepcopy(generator.state_dict())
     optimizer = torch.optim.Adam(
@@ -248,7 +232,7 @@ def test_parameter_groups_partition_the_generator():
 
 def test_tiny_save_load_round_trip(tmp_path):
     generator = Generator(TINY).eval()
-    inputs = make_inputs(TINY)
+    inputs = example_inputs(TINY)
     save_model(tmp_path / "ckpt", generator, TINY, extra_meta={"step": 12})
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
     loaded, cfg = load_model(tmp_path / "ckpt")
@@ -262,7 +246,7 @@ def test_without_identity_branch():
     generator = Generator(cfg)
     assert not [n for n, _ in generator.named_parameters() if "adain" in n or "mlp_attention" in n]
     assert [n for n, _ in Generator(TINY).named_parameters() if "adain" in n]
-    inputs = make_inputs(cfg)
+    inputs = example_inputs(cfg)
     assert "identity" not in inputs
     with torch.no_grad():
         assert generator(**inputs)["output"].shape == (2, 3, 64, 64)
@@ -272,7 +256,7 @@ def test_without_identity_branch():
 
 def test_missing_inputs_fail_loudly():
     generator = Generator(TINY)
-    inputs = make_inputs(TINY)
+    inputs = example_inputs(TINY)
     with pytest.raises(ValueError, match="prior_grid"):
         generator(**{**inputs, "prior_grid": None})
     with pytest.raises(ValueError, match="identity"):
@@ -319,5 +303,5 @@ def test_lite_flops_per_frame_within_budget():
     cfg = PRESETS["lite"]
     generator = Generator(cfg).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        generator(**make_inputs(cfg, batch=1, size=256))
+        generator(**example_inputs(cfg, batch=1, size=256))
     assert counter.get_total_flops() / 1e9 <= 2.2

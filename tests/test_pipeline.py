@@ -132,8 +132,8 @@ def test_animate_landmarks_output_sizes(animator, astronaut):
     crops = list(animator.animate_landmarks(image, targets, paste_back=False, source_landmarks=points))
     assert [c.shape for c in crops] == [(TINY.image_size, TINY.image_size, 3)] * 3
     close_ups = list(animator.animate_landmarks(image, targets, crop_output=True, source_landmarks=points))
-    for close_up, crop in zip(close_ups, crops):
-        np.testing.assert_array_equal(close_up, crop)
+    for close_up, face_crop in zip(close_ups, crops):
+        np.testing.assert_array_equal(close_up, face_crop)
 
 
 def test_controls_change_the_model_input(animator, astronaut):

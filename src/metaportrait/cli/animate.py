@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from metaportrait.cli.arguments import positive_int
 from metaportrait.errors import InputError
 from metaportrait.motion import MAX_YAW_PITCH_DEGREES, Controls
 
@@ -45,16 +46,6 @@ def _bounded_float(low: float | None, high: float | None):
 
     return parse
 
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

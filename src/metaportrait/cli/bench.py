@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from metaportrait.cli.animate import positive_int
+from metaportrait.cli.arguments import positive_int
 from metaportrait.errors import InputError
 
 logger = logging.getLogger(__name__)

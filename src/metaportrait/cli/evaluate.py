@@ -20,20 +20,12 @@ import logging
 import shlex
 from pathlib import Path
 
+from metaportrait.cli.arguments import positive_int
 from metaportrait.errors import InputError
 from metaportrait.io.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _named_checkpoint(text: str) -> tuple[str, str]:
@@ -50,9 +42,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         "('default' = the bundled model); without it only the baselines run")
     parser.add_argument("--compare", type=_named_checkpoint, action="append", default=[], metavar="NAME=PATH",
                         help="another checkpoint to evaluate under NAME (repeatable)")
-    parser.add_argument("--max-frames", type=_positive_int, default=100, help="frames kept per clip, after --stride")
-    parser.add_argument("--stride", type=_positive_int, default=2, help="keep every K-th frame")
-    parser.add_argument("--size", type=_positive_int, default=256, help="evaluation crop size in pixels")
+    parser.add_argument("--max-frames", type=positive_int, default=100, help="frames kept per clip, after --stride")
+    parser.add_argument("--stride", type=positive_int, default=2, help="keep every K-th frame")
+    parser.add_argument("--size", type=positive_int, default=256, help="evaluation crop size in pixels")
     parser.add_argument("--no-video", action="store_true", help="skip the side-by-side mp4")
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from metaportrait.config import ModelConfig
-from metaportrait.models.blocks import Hourglass, deform_input
+from metaportrait.models.blocks import Hourglass, deform_input, make_coordinate_grid
 from metaportrait.models.refine import SPADEGenerator, condition_maps
 from metaportrait.models.warping import (
     MOTION_CHANNELS,
@@ -178,3 +178,27 @@ class Generator(nn.Module):
             raise ValueError(f"driving_keypoints must be (B={B}, 58, 2), got {tuple(driving_keypoints.shape)}")
         if cfg.refine.seed == "identity" and stage == "full" and (H, W) != (cfg.image_size, cfg.image_size):
             raise ValueError(f"this config's decoder starts at 4x4 from z_id and only works at {cfg.image_size}²")
+
+
+def example_inputs(cfg: ModelConfig, batch: int = 2, size: int | None = None, seed: int = 0,
+                   prior_noise: float = 0.03) -> dict[str, torch.Tensor]:
+    """Random `Generator.forward` keyword inputs of the right shapes and ranges, for tests and benchmarks.
+
+    Images and line images are uniform in [0, 1]; the prior grid (if the model uses one) is the identity grid
+    plus ``prior_noise`` Gaussian noise; official keypoints lie inside [-0.8, 0.8].
+    """
+    size = size or cfg.image_size
+    g = torch.Generator().manual_seed(seed)
+    inputs = {
+        "source": torch.rand(batch, 3, size, size, generator=g),
+        "source_lines": torch.rand(batch, 3, size, size, generator=g),
+        "driving_lines": torch.rand(batch, 3, size, size, generator=g),
+    }
+    if cfg.use_identity:
+        inputs["identity"] = torch.randn(batch, cfg.identity_dim, generator=g)
+    if cfg.use_mesh_prior:
+        grid = make_coordinate_grid(size, size, "centers")[None].repeat(batch, 1, 1, 1)
+        inputs["prior_grid"] = grid + prior_noise * torch.randn(batch, size, size, 2, generator=g)
+    if cfg.refine.gaze_heatmap or cfg.refine.mouth_line:
+        inputs["driving_keypoints"] = torch.rand(batch, 58, 2, generator=g) * 1.6 - 0.8
+    return inputs
