@@ -55,6 +55,7 @@ from metaportrait.data.dataset import CLIPS, MANIFEST, SKIPPED, read_jsonl
 from metaportrait.data.face import DEFAULT_EXPAND, DEFAULT_SHIFT, clip_box, crop
 from metaportrait.data.landmarks import NUM_LANDMARKS, iter_tracked, track_frames
 from metaportrait.errors import InputError, NoFaceError
+from metaportrait.io.atomic import write_text_atomic
 from metaportrait.io.image import VIDEO_SUFFIXES
 from metaportrait.io.video import VideoReader, resample_fps
 
@@ -354,9 +355,7 @@ def _check_settings(output_dir: Path, input_dir: Path, config: PrepareConfig) ->
             details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
             raise InputError(output_dir, f"dataset was prepared with other settings ({details}); use a new folder")
         return
-    tmp = path.with_name(f".{SETTINGS}.tmp")
-    tmp.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(settings, indent=2) + "\n")
 
 
 def prepare_dataset(
