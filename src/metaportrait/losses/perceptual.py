@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from metaportrait.models.backbones import FrozenBackbone, MobileNetV2Features, VGG19Features
+from metaportrait.models.blocks import AntiAliasInterpolation2d
 
 __all__ = ["AntiAliasInterpolation2d", "MobileNetV2Features", "PerceptualPyramidLoss", "VGG19Features"]
 
@@ -27,33 +27,6 @@ DEFAULT_LAYER_WEIGHTS = (10.0, 10.0, 10.0, 10.0, 10.0)
 DEFAULT_SCALES = (1.0, 0.5, 0.25, 0.125)
 
 
-class AntiAliasInterpolation2d(nn.Module):
-    """Band-limited downsampling by ``scale`` (FOMM's ``AntiAliasInterpolation2d``), for (B, C, H, W)."""
-
-    def __init__(self, channels: int, scale: float):
-        super().__init__()
-        inverse = round(1.0 / scale)
-        if not 0 < scale <= 1 or abs(inverse * scale - 1.0) > 1e-6:
-            raise ValueError(f"scale must be 1/n for a whole n, got {scale}")
-        self.step = inverse
-        self.channels = channels
-        sigma = (1.0 / scale - 1.0) / 2.0
-        kernel_size = 2 * round(sigma * 4) + 1
-        self.before = kernel_size // 2  # odd kernel, so the same padding on both sides
-        positions = torch.arange(kernel_size, dtype=torch.float32) - (kernel_size - 1) / 2.0
-        gaussian = torch.exp(-(positions**2) / (2.0 * sigma**2)) if sigma > 0 else (positions == 0).float()
-        kernel = gaussian[:, None] * gaussian[None, :]
-        kernel = kernel / kernel.sum()
-        self.register_buffer("weight", kernel.expand(channels, 1, kernel_size, kernel_size).clone(), persistent=False)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, C, ceil(H*scale), ceil(W*scale))."""
-        if self.step == 1:
-            return images
-        assert images.ndim == 4 and images.shape[1] == self.channels, images.shape
-        x = F.pad(images, (self.before,) * 4)  # zero padding, as FOMM (it darkens the border slightly)
-        x = F.conv2d(x, self.weight, groups=self.channels)
-        return x[:, :, :: self.step, :: self.step]
 
 
 class PerceptualPyramidLoss(nn.Module):

@@ -81,31 +81,35 @@ def resize_map(x: torch.Tensor, size: tuple[int, int] | torch.Size, antialias: b
 
 
 class AntiAliasInterpolation2d(nn.Module):
-    """Gaussian blur (sigma = (1/scale - 1)/2) then nearest resize by ``scale``: FOMM's image-pyramid step.
-
-    Input ``(B, C, H, W)``; output ``(B, C, H*scale, W*scale)``. ``scale == 1`` is the identity.
+    """Band-limited downsampling by ``scale`` = 1/n (FOMM's ``AntiAliasInterpolation2d``): Gaussian blur with
+    sigma = (1/scale - 1)/2, then every n-th pixel (FOMM's nearest resize). Input ``(B, C, H, W)``; ``scale == 1``
+    is the identity. Used by the perceptual pyramid and the multi-scale discriminator.
     """
 
     def __init__(self, channels: int, scale: float):
         super().__init__()
-        self.scale = scale
-        self.groups = channels
-        sigma = (1 / scale - 1) / 2
+        inverse = round(1.0 / scale)
+        if not 0 < scale <= 1 or abs(inverse * scale - 1.0) > 1e-6:
+            raise ValueError(f"scale must be 1/n for a whole n, got {scale}")
+        self.step = inverse
+        self.channels = channels
+        sigma = (1.0 / scale - 1.0) / 2.0
         kernel_size = 2 * round(sigma * 4) + 1
-        self.pad = kernel_size // 2
-        coords = torch.arange(kernel_size, dtype=torch.float32) - (kernel_size - 1) / 2
-        g = torch.exp(-(coords**2) / (2 * sigma**2)) if sigma > 0 else torch.ones(1)
-        kernel = g[:, None] * g[None, :]
+        self.before = kernel_size // 2  # odd kernel, so the same padding on both sides
+        positions = torch.arange(kernel_size, dtype=torch.float32) - (kernel_size - 1) / 2.0
+        gaussian = torch.exp(-(positions**2) / (2.0 * sigma**2)) if sigma > 0 else (positions == 0).float()
+        kernel = gaussian[:, None] * gaussian[None, :]
         kernel = kernel / kernel.sum()
-        # A fixed filter, not state: kept out of the state dict so that checkpoints do not depend on it.
         self.register_buffer("weight", kernel.expand(channels, 1, kernel_size, kernel_size).clone(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scale == 1.0:
-            return x
-        out = F.pad(x, (self.pad, self.pad, self.pad, self.pad))
-        out = F.conv2d(out, self.weight, groups=self.groups)
-        return F.interpolate(out, scale_factor=(self.scale, self.scale))
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, ceil(H*scale), ceil(W*scale))."""
+        if self.step == 1:
+            return images
+        assert images.ndim == 4 and images.shape[1] == self.channels, images.shape
+        x = F.pad(images, (self.before,) * 4)  # zero padding, as FOMM (it darkens the border slightly)
+        x = F.conv2d(x, self.weight, groups=self.channels)
+        return x[:, :, :: self.step, :: self.step]
 
 
 # ----------------------------------------------------------------------------------------------------------------
