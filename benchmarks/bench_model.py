@@ -72,7 +72,6 @@ def run(threads: int = 2, preset: str = "lite", repeats: int = 10) -> dict:
                 for k, v in frame.items()}
     with torch.inference_mode():
         result["infer_ms_256_channels_last"] = _median_ms(lambda: generator_cl(**frame_cl), repeats)
-    del generator_cl
     best = min(result["infer_ms_256_inference_mode"], result["infer_ms_256_channels_last"])
     result["infer_fps_256_best"] = 1000 / best
     # Process CPU time on one thread: close to the wall time of an idle core, and much less sensitive than wall
