@@ -263,9 +263,51 @@ def test_missing_inputs_fail_loudly():
         generator(**{**inputs, "identity": None})
     with pytest.raises(ValueError, match="stage"):
         generator(**inputs, stage="Refine")
-    no_prior = Generator(TINY.replace(use_mesh_prior=False))
+    with pytest.raises(ValueError, match="prior_masks"):
+        generator(**{**inputs, "prior_masks": None})
+    with pytest.raises(ValueError, match="prior_masks"):
+        generator(**{**inputs, "prior_masks": inputs["prior_masks"][:, :1]})
+    no_prior = Generator(TINY.replace(use_mesh_prior=False, prior_masks=False))
     with pytest.raises(ValueError, match="prior_grid"):
-        no_prior(**inputs)
+        no_prior(**{k: v for k, v in inputs.items() if k != "prior_masks"})
+
+
+def _with_trained_heads(cfg):
+    """A generator whose flow head is no longer zero, so its residual flow is not zero either."""
+    torch.manual_seed(0)
+    generator = Generator(cfg).eval()
+    head = generator.dense_motion_network.reger[2]
+    torch.nn.init.normal_(head.weight, std=0.5)
+    return generator
+
+
+def test_prior_masks_keep_the_mesh_in_the_face_and_synthesise_the_mouth():
+    generator = _with_trained_heads(TINY)
+    inputs = example_inputs(TINY)
+    ones, zeros = torch.ones(2, 1, 64, 64), torch.zeros(2, 1, 64, 64)
+    with torch.no_grad():
+        free = generator(**{**inputs, "prior_masks": torch.cat([zeros, zeros], 1)})
+        face = generator(**{**inputs, "prior_masks": torch.cat([ones, zeros], 1)})
+        mouth = generator(**{**inputs, "prior_masks": torch.cat([zeros, ones], 1)})
+    assert (free["deformation"] - inputs["prior_grid"]).abs().max() > 1e-3  # the residual is active ...
+    torch.testing.assert_close(face["deformation"], inputs["prior_grid"], rtol=0, atol=0)  # ... but not in the face
+    torch.testing.assert_close(mouth["output"], mouth["generated"], rtol=0, atol=0)  # mouth: all synthesised
+    assert (free["output"] - free["generated"]).abs().max() > 1e-3
+    # Without masks (an older checkpoint's config), the model behaves as with all-zero masks.
+    plain = Generator(TINY.replace(prior_masks=False)).eval()
+    plain.load_state_dict(generator.state_dict())
+    with torch.no_grad():
+        old = plain(**{k: v for k, v in inputs.items() if k != "prior_masks"})
+    torch.testing.assert_close(old["output"], free["output"])
+
+
+def test_config_from_before_prior_masks_loads_with_them_off():
+    data = TINY.to_dict()
+    del data["prior_masks"]
+    assert ModelConfig.from_dict(data) == TINY.replace(prior_masks=False)
+    del data["use_mesh_prior"]
+    with pytest.raises(ValueError, match="use_mesh_prior"):
+        ModelConfig.from_dict(data)
 
 
 def test_discriminator_tiny_outputs():

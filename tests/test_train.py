@@ -257,6 +257,23 @@ def test_full_stage_from_warp_run(warp_run, dataset_dir, tmp_path):
     assert read_sample_width(tmp_path / "full") == 5 * 64
 
 
+def test_full_stage_continues_a_full_model(warp_run, dataset_dir, tmp_path):
+    from metaportrait.errors import InputError
+    from metaportrait.io.checkpoint import load_model
+    from metaportrait.train.base import train_base
+
+    with pytest.raises(InputError, match="full-stage"):
+        train_base(_tiny("full", 1, init=str(warp_run), init_refine=True), dataset_dir, tmp_path / "x", progress=False)
+    first = train_base(_tiny("full", 2, init=str(warp_run)), dataset_dir, tmp_path / "first", progress=False)
+    # A model folder (not a run folder) is accepted; with init_refine the refinement network is loaded too.
+    second = train_base(_tiny("full", 1, init=str(tmp_path / "first" / "model"), init_refine=True, lr=1e-9),
+                        dataset_dir, tmp_path / "second", progress=False)  # fmt: skip
+    start, _ = load_model(tmp_path / "first" / "model")
+    for key, value in start.state_dict().items():
+        torch.testing.assert_close(second.generator.state_dict()[key], value, atol=1e-5, rtol=0)
+    assert first.generator is not second.generator
+
+
 def read_sample_width(run: Path) -> int:
     from metaportrait.io.image import read_image
 

@@ -120,6 +120,10 @@ class ModelConfig:
     identity_dim: int = 256  # 128 for our dlib encoder, 256 for the official (Microsoft-internal) one
     use_identity: bool = True  # False: ablation without the identity (AdaIN) branch in the refinement norms
     use_mesh_prior: bool = False  # True: F_w refines a piecewise-affine mesh warp given as `prior_grid`
+    # True (needs use_mesh_prior): the forward also takes `prior_masks` (data/mesh_warp.prior_masks): the learned
+    # residual flow is faded out inside the driving face, where the mesh is exact, and the output is synthesised
+    # (occlusion forced to 0) inside the driving mouth opening, where the source has no pixels.
+    prior_masks: bool = False
     norm: Norm = "instance"  # parameter-free normalisation in E_w, F_w and the fused norms of SPDAE_G
     spectral_norm: bool = True  # official: spectral norm on E_w convs and on every SPDAE_G conv
     warp: WarpConfig = field(default_factory=WarpConfig)
@@ -137,6 +141,11 @@ class ModelConfig:
             end = 4 * 2 ** (len(self.refine.block_channels) - 2) * 2**self.refine.dec_lease
             _check(end == self.image_size, f"refine.seed='identity' with these blocks only works at {end}², "
                    f"got image_size={self.image_size}")
+        _check(not self.prior_masks or self.use_mesh_prior, "prior_masks needs use_mesh_prior")
+        _check(
+            not self.prior_masks or self.refine.output == "occlusion_blend",
+            "prior_masks needs refine.output='occlusion_blend' (it gates the occlusion blend)",
+        )
         needs_keypoints = self.refine.gaze_heatmap or self.refine.mouth_line
         _check(
             not needs_keypoints or self.landmark_topology == "official669",
@@ -149,12 +158,21 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Inverse of `to_dict`. Unknown or missing keys raise ValueError naming them."""
+        """Inverse of `to_dict`. Unknown or missing keys raise ValueError naming them, except fields added after
+        checkpoints were published (`ADDED_FIELDS`), which take their default: the behaviour before they existed."""
         return _from_dict(cls, data, "model")
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some top-level fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+# Fields added after checkpoints were published, per dataclass: a missing one takes its default, which keeps the
+# behaviour the checkpoint was trained with.
+ADDED_FIELDS: dict[str, frozenset[str]] = {
+    "ModelConfig": frozenset({"prior_masks"}),
+    "TrainConfig": frozenset({"init_refine"}),
+}
 
 
 def _check(condition: bool, message: str) -> None:
@@ -167,7 +185,7 @@ def _from_dict(cls: type, data: dict[str, Any], where: str):
         raise ValueError(f"{where}: expected an object, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
-    missing = sorted(set(fields) - set(data))
+    missing = sorted(set(fields) - set(data) - ADDED_FIELDS.get(cls.__name__, frozenset()))
     if unknown or missing:
         raise ValueError(f"{where}: unknown keys {unknown}, missing keys {missing} (allowed: {sorted(fields)})")
     hints = get_type_hints(cls)
@@ -197,6 +215,7 @@ _LITE = ModelConfig(
     identity_dim=128,
     use_identity=True,
     use_mesh_prior=True,
+    prior_masks=True,
     # InstanceNorm measured +10-20% on the lite training step (128², batch 8, 1 thread) for little expected gain at
     # this size; FiLM / SPADE modulations work on the raw activations instead.
     norm="none",

@@ -37,7 +37,7 @@ from metaportrait.data.drawing import MEDIAPIPE_TOPOLOGIES, draw_landmark_image
 from metaportrait.data.face import BoxSmoother, CropBox, crop, points_to_crop
 from metaportrait.data.face import paste_back as blend_crop  # the name `paste_back` is our flag
 from metaportrait.data.landmarks import iter_tracked, landmarks_of_image
-from metaportrait.data.mesh_warp import mesh_warp_grid
+from metaportrait.data.mesh_warp import mesh_warp_grid, prior_masks
 from metaportrait.errors import InputError
 from metaportrait.io.image import frames_to_tensor, to_tensor, to_uint8_frames
 from metaportrait.motion import Controls, absolute_motion, relative_motion
@@ -300,11 +300,13 @@ class Animator:
         lines = frames_to_tensor(
             np.stack([draw_landmark_image(t, size, size, self.config.landmark_topology) for t in targets])
         )  # (B, 3, S, S)
-        prior_grid = None
+        prior_grid = masks = None
         if self.config.use_mesh_prior:
             prior_grid = torch.from_numpy(
                 np.stack([mesh_warp_grid(source.crop_landmarks, t, size, size) for t in targets])
             )  # (B, S, S, 2)
+        if self.config.prior_masks:
+            masks = torch.from_numpy(np.stack([prior_masks(t, size, size) for t in targets]))  # (B, 2, S, S)
         identity = None if source.identity is None else source.identity.expand(count, -1)
         with torch.no_grad():
             result = self.generator(
@@ -313,6 +315,7 @@ class Animator:
                 lines,
                 identity=identity,
                 prior_grid=prior_grid,
+                prior_masks=masks,
             )
         return to_uint8_frames(result["output"])  # (B, S, S, 3); the generator's output is already in [0, 1]
 

@@ -41,6 +41,7 @@ _OVERRIDES = {
     "landmark_topology": "landmark_topology",
     "use_identity": "use_identity",
     "init": "init",
+    "init_refine": "init_refine",
 }
 
 
@@ -53,7 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     base.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run folder (created)")
     base.add_argument("--preset", choices=sorted(PRESETS), help="model preset (default: lite)")
     base.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its checkpoint")
-    base.add_argument("--init", metavar="RUN_DIR", help="stage full: start from this warp-stage run's warp network")
+    base.add_argument("--init", metavar="RUN_DIR",
+                      help="stage full: start from the warp network of this run (or model folder)")  # fmt: skip
+    base.add_argument("--init-refine", action="store_const", const=True,
+                      help="with --init: also load its refinement network (a full-stage run or model)")  # fmt: skip
     base.add_argument("--steps", type=int, help="total training steps (default: the recipe's)")
     base.add_argument("--batch-size", type=int, help="pairs per step and process")
     base.add_argument("--size", type=int, help="training crop size in pixels (multiple of 32)")

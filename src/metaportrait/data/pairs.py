@@ -36,7 +36,7 @@ from torch.utils.data import Dataset, Sampler
 
 from metaportrait.data.dataset import PreparedClip
 from metaportrait.data.drawing import draw_landmark_image
-from metaportrait.data.mesh_warp import face_mask, mesh_warp_grid
+from metaportrait.data.mesh_warp import face_mask, mesh_warp_grid, prior_masks
 from metaportrait.io.image import frames_to_tensor
 
 NUM_LANDMARKS = 478
@@ -247,10 +247,13 @@ class PairOptions:
     # Side of the mesh prior grid, None = no prior. The generator warps with the (prior + learned residual) grid
     # at the prior's resolution, so the inference pipeline passes it at the image size; so do we by default.
     prior_size: int | None = None
+    prior_masks: bool = False  # also the `mesh_warp.prior_masks` of the driving face, at the prior's size
 
     def __post_init__(self):
         if self.size < 16:
             raise ValueError(f"size must be at least 16 px, got {self.size}")
+        if self.prior_masks and self.prior_size is None:
+            raise ValueError("prior_masks needs a prior_size")
         if self.prior_size is not None and self.prior_size < 4:
             raise ValueError(f"prior_size must be at least 4, got {self.prior_size}")
 
@@ -276,7 +279,8 @@ def make_pair(
         ``source_landmarks``, ``driving_landmarks``: ``(478, 2)`` pixels of the ``s``-px images;
         ``boxes``: ``(3, 4)`` eye/eye/mouth boxes of the driving face (`region_boxes`);
         ``face_mask``: ``(1, s, s)`` 1 inside the driving face-oval hull;
-        ``prior_grid``: ``(p, p, 2)`` mesh warp grid (only when ``options.prior_size``).
+        ``prior_grid``: ``(p, p, 2)`` mesh warp grid (only when ``options.prior_size``);
+        ``prior_masks``: ``(2, p, p)`` driving face and mouth opening (only when ``options.prior_masks``).
     """
     assert frames.shape[0] == 2 and frames.dtype == np.uint8 and landmarks.shape == (2, NUM_LANDMARKS, 2)
     draw = _Draw.sample(augment, rng)
@@ -300,6 +304,9 @@ def make_pair(
         scale = options.prior_size / size
         grid = mesh_warp_grid(landmarks[0] * scale, landmarks[1] * scale, options.prior_size, options.prior_size)
         sample["prior_grid"] = torch.from_numpy(grid)
+        if options.prior_masks:
+            masks = prior_masks(landmarks[1] * scale, options.prior_size, options.prior_size)
+            sample["prior_masks"] = torch.from_numpy(masks)
     return sample
 
 

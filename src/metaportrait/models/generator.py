@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from metaportrait.config import ModelConfig
-from metaportrait.models.blocks import Hourglass, deform_input, make_coordinate_grid
+from metaportrait.models.blocks import Hourglass, deform_input, make_coordinate_grid, resize_map
 from metaportrait.models.refine import SPADEGenerator, condition_maps
 from metaportrait.models.warping import (
     MOTION_CHANNELS,
@@ -86,6 +86,7 @@ class Generator(nn.Module):
         prior_grid: torch.Tensor | None = None,
         stage: Stage = "full",
         driving_keypoints: torch.Tensor | None = None,
+        prior_masks: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Animate ``source`` to follow the driving landmarks.
 
@@ -99,6 +100,9 @@ class Generator(nn.Module):
             stage: "warp" runs W only; "full" runs W and R.
             driving_keypoints: ``(B, 58, 2)`` official landmark subset in [-1, 1]; required iff the config uses
                 gaze heat-maps or the mouth line (official preset) and stage "full"; must be None otherwise.
+            prior_masks: ``(B, 2, H', W')`` in [0, 1] at the prior grid's size, from
+                `metaportrait.data.mesh_warp.prior_masks`: the driving face (the residual flow is faded out
+                there) and the driving mouth opening (occlusion forced to 0 there); required iff ``prior_masks``.
         Returns:
             ``deformation`` ``(B, h, w, 2)`` sampling grid; ``occlusion`` ``(B, 1, H, W)`` in (0, 1), 1 = source
             visible; ``warped`` ``(B, 3, H, W)`` source warped by the deformation, in [0, 1]; ``flow``
@@ -107,12 +111,18 @@ class Generator(nn.Module):
         """
         cfg = self.cfg
         self._check_inputs(source, source_lines, driving_lines, identity, prior_grid, stage, driving_keypoints)
+        self._check_prior_masks(prior_masks, prior_grid)
         B, _, H, W = source.shape
 
         # 1. Warping network: motion code z_w, deformation and occlusion, warped source image.
         motion_input = build_motion_input(source, source_lines, driving_lines, prior_grid, cfg.warp)
         motion_code = self.ladder_network(motion_input[:, :MOTION_CHANNELS])
-        out = self.dense_motion_network(motion_input, motion_code, (H, W), prior_grid)
+        trust = None if prior_masks is None else prior_masks[:, :1]
+        out = self.dense_motion_network(motion_input, motion_code, (H, W), prior_grid, trust)
+        if prior_masks is not None:
+            # The source has no mouth interior to show: the refinement synthesises it (stage full).
+            mouth = resize_map(prior_masks[:, 1:], (H, W))
+            out["occlusion"] = out["occlusion"] * (1 - mouth)
         out["warped"] = deform_input(source, out["deformation"], cfg.warp.padding_mode)
         if stage == "warp":
             return out
@@ -138,6 +148,18 @@ class Generator(nn.Module):
             out["output"] = occlusion * out["warped"] + (1 - occlusion) * out["generated"]
         assert out["output"].shape == (B, 3, H, W), out["output"].shape
         return out
+
+    def _check_prior_masks(self, prior_masks, prior_grid):
+        if self.cfg.prior_masks != (prior_masks is not None):
+            raise ValueError(
+                f"prior_masks is required iff the config's prior_masks (config: {self.cfg.prior_masks}, "
+                f"prior_masks given: {prior_masks is not None})"
+            )
+        if prior_masks is not None and prior_masks.shape != (prior_grid.shape[0], 2, *prior_grid.shape[1:3]):
+            raise ValueError(
+                f"prior_masks must be (B, 2, H', W') at the prior grid's size {tuple(prior_grid.shape[:3])}, "
+                f"got {tuple(prior_masks.shape)}"
+            )
 
     def _check_inputs(self, source, source_lines, driving_lines, identity, prior_grid, stage, driving_keypoints):
         cfg = self.cfg
@@ -185,7 +207,7 @@ def example_inputs(cfg: ModelConfig, batch: int = 2, size: int | None = None, se
     """Random `Generator.forward` keyword inputs of the right shapes and ranges, for tests and benchmarks.
 
     Images and line images are uniform in [0, 1]; the prior grid (if the model uses one) is the identity grid
-    plus ``prior_noise`` Gaussian noise; official keypoints lie inside [-0.8, 0.8].
+    plus ``prior_noise`` Gaussian noise; prior masks are uniform in [0, 1]; official keypoints lie inside [-0.8, 0.8].
     """
     size = size or cfg.image_size
     g = torch.Generator().manual_seed(seed)
@@ -199,6 +221,8 @@ def example_inputs(cfg: ModelConfig, batch: int = 2, size: int | None = None, se
     if cfg.use_mesh_prior:
         grid = make_coordinate_grid(size, size, "centers")[None].repeat(batch, 1, 1, 1)
         inputs["prior_grid"] = grid + prior_noise * torch.randn(batch, size, size, 2, generator=g)
+    if cfg.prior_masks:
+        inputs["prior_masks"] = torch.rand(batch, 2, size, size, generator=g)
     if cfg.refine.gaze_heatmap or cfg.refine.mouth_line:
         inputs["driving_keypoints"] = torch.rand(batch, 58, 2, generator=g) * 1.6 - 0.8
     return inputs

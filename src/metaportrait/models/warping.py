@@ -134,6 +134,7 @@ class DenseMotionNetworkReg(nn.Module):
         motion_code: torch.Tensor,
         image_size: tuple[int, int],
         prior_grid: torch.Tensor | None = None,
+        prior_trust: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Estimate the backward deformation (driving -> source) and the occlusion map.
 
@@ -142,6 +143,8 @@ class DenseMotionNetworkReg(nn.Module):
             motion_code: ``(B, motion_dim)`` from `LadderEncoder`.
             image_size: ``(H, W)`` of the images; the occlusion map is upsampled to it.
             prior_grid: ``(B, H', W', 2)`` mesh prior; the deformation is then returned at ``(H', W')``.
+            prior_trust: ``(B, 1, H', W')`` in [0, 1], 1 where the prior is kept as is (the residual is
+                multiplied by ``1 - prior_trust``); only with a prior.
         Returns:
             ``deformation`` ``(B, h, w, 2)`` sampling grid in [-1, 1] (x, y) (``h = S / 2**dec_lease`` without a
             prior); ``flow`` ``(B, 2, h, w)`` the learned offset in normalised units; ``occlusion`` ``(B, 1, H, W)``
@@ -160,8 +163,11 @@ class DenseMotionNetworkReg(nn.Module):
             deformation = grid[None] + flow.permute(0, 2, 3, 1)
         else:
             # Upsample the smooth residual, not the prior, so that a zero residual reproduces the prior exactly.
-            residual = resize_map(flow, prior_grid.shape[1:3]).permute(0, 2, 3, 1)
-            deformation = prior_grid + residual
+            residual = resize_map(flow, prior_grid.shape[1:3])
+            if prior_trust is not None:
+                assert prior_trust.shape == (flow.shape[0], 1, *prior_grid.shape[1:3]), prior_trust.shape
+                residual = residual * (1 - prior_trust)
+            deformation = prior_grid + residual.permute(0, 2, 3, 1)
         occlusion = torch.sigmoid(self.occlusion_net(features))
         occlusion = resize_map(occlusion, image_size)
         return {"deformation": deformation, "flow": flow, "occlusion": occlusion}

@@ -49,7 +49,7 @@ from metaportrait.data.pairs import REGIONS, FixedPairs, PairOptions, RandomPair
 from metaportrait.errors import InputError
 from metaportrait.eval.metrics import face_region_l1, l1, psnr
 from metaportrait.io.atomic import atomic_path, write_text_atomic
-from metaportrait.io.checkpoint import load_model, save_model
+from metaportrait.io.checkpoint import load_config, load_model, save_model
 from metaportrait.io.image import to_uint8_frames, write_image
 from metaportrait.losses.perceptual import MobileNetV2Features, PerceptualPyramidLoss, VGG19Features
 from metaportrait.models.discriminator import MultiScaleDiscriminator
@@ -137,6 +137,7 @@ def train_base(
         size=cfg.size,
         topology=model_cfg.landmark_topology,
         prior_size=cfg.size if model_cfg.use_mesh_prior else None,  # the generator warps at the prior's resolution
+        prior_masks=model_cfg.prior_masks,
     )
     train_pairs = RandomPairs(train_clips, pair_options, cfg.augment, cfg.seed, cfg.clip_weighting)
     val_pairs = FixedPairs(val_clips[: cfg.val_max_clips], pair_options, cfg.val_pairs_per_clip) if val_clips else None
@@ -207,16 +208,26 @@ def train_base(
         start_step, best_psnr = int(state["step"]), float(state["best_psnr"])
         _set_rng_state(state["rng"])
     elif cfg.init is not None:
-        init_model = Path(cfg.init) / "model"
-        warp_run, init_cfg = load_model(init_model)
-        # The identity branch lives in R only, so a warp run serves both sides of the identity ablation.
-        if init_cfg.replace(use_identity=model_cfg.use_identity) != model_cfg:
+        init_model = Path(cfg.init)
+        if not (init_model / "config.json").is_file():
+            init_model = init_model / "model"  # a run folder
+        init_run, init_cfg = load_model(init_model)
+        _, init_meta = load_config(init_model)
+        # The identity branch lives in R only, so a warp run serves both sides of the identity ablation; the prior
+        # masks change no weights.
+        comparable = init_cfg.replace(prior_masks=model_cfg.prior_masks)
+        if not cfg.init_refine:
+            comparable = comparable.replace(use_identity=model_cfg.use_identity)
+        if comparable != model_cfg:
             raise InputError(init_model, "its model config differs from this run's; cannot initialise from it")
-        # Only the warping network, as the official Full stage (the warp stage never trains R).
-        warp_state = {k: v for k, v in warp_run.state_dict().items() if k.split(".")[0] in _WARP_MODULES}
-        missing, unexpected = generator.load_state_dict(warp_state, strict=False)
-        if unexpected or any(k.split(".")[0] in _WARP_MODULES for k in missing):
-            raise InputError(init_model, f"warp weights do not fit: missing {missing}, unexpected {unexpected}")
+        if cfg.init_refine and init_meta.get("stage") != "full":
+            raise InputError(init_model, f"init_refine needs a full-stage model, this one is {init_meta.get('stage')!r}")
+        # The warping network, as the official Full stage (the warp stage never trains R); or all of G.
+        keep = None if cfg.init_refine else _WARP_MODULES
+        init_state = {k: v for k, v in init_run.state_dict().items() if keep is None or k.split(".")[0] in keep}
+        missing, unexpected = generator.load_state_dict(init_state, strict=False)
+        if unexpected or any(keep is None or k.split(".")[0] in keep for k in missing):
+            raise InputError(init_model, f"weights do not fit: missing {missing}, unexpected {unexpected}")
     if distributed:
         # Identical start on every rank whatever happened above (rank 0 is the reference).
         for module in (generator, discriminator):
@@ -272,7 +283,7 @@ def train_base(
             out = generator(
                 source, batch["source_lines"], batch["driving_lines"],
                 identity=source_identity if full and model_cfg.use_identity else None,
-                prior_grid=batch.get("prior_grid"), stage=cfg.stage,
+                prior_grid=batch.get("prior_grid"), prior_masks=batch.get("prior_masks"), stage=cfg.stage,
             )  # fmt: skip
             warped = out["warped"]
             losses["perceptual_warped"] = perceptual_warped(warped, driving)
@@ -487,7 +498,7 @@ def _validate(
             identity = identity_encoder.embed(batch["source"], batch["source_landmarks"])
         out = generator(
             batch["source"], batch["source_lines"], batch["driving_lines"], identity=identity,
-            prior_grid=batch.get("prior_grid"), stage=cfg.stage,
+            prior_grid=batch.get("prior_grid"), prior_masks=batch.get("prior_masks"), stage=cfg.stage,
         )  # fmt: skip
         image = out["output"] if cfg.stage == "full" else out["warped"]
         predictions.append(image.float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy())
