@@ -49,10 +49,15 @@ class _TinyFeatures(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def models():
+def models(lpips_weight_files):
+    """The real ST-LPIPS and identity networks; LPIPS with random weights in the official layout (the real files
+    are not available offline); 8-d stand-ins for the MobileNetV2 and Inception features (FD / FID plumbing)."""
+    from metaportrait.eval.reference_nets import LPIPSAlex
+
     real = protocols.MetricModels.load()
     torch.manual_seed(0)
-    return protocols.MetricModels(real.lpips, real.identity, _TinyFeatures())
+    return protocols.MetricModels(real.lpips, real.identity, _TinyFeatures(), reference_lpips=LPIPSAlex(
+        *lpips_weight_files), inception=_TinyFeatures())
 
 
 def _real_frames(source_image, source_landmarks, driving_frames, target_landmarks):
@@ -79,6 +84,10 @@ def test_self_protocol_known_answers(self_result):
     assert oracle["akd"]["mean"] == pytest.approx(0.0, abs=1e-4)
     assert oracle["e_warp"]["mean"] == pytest.approx(results["reference"]["e_warp_real"]["mean"])
     assert oracle["fd_mobilenetv2"]["mean"] == pytest.approx(0.0, abs=1e-3)
+    assert oracle["lpips"]["mean"] == 0.0  # identical frames: exactly zero
+    assert oracle["fid"]["mean"] == pytest.approx(0.0, abs=1e-6)  # identical feature sets
+    assert copy["lpips"]["mean"] > 0 and copy["fid"]["mean"] > 1e-5
+    assert set(copy["lpips"]["per_clip"]) == {"astronaut_turn"} and copy["fid"]["per_clip"] == {}
     # the mesh warp follows the motion; the copy does not
     assert mesh["face_l1"]["mean"] < copy["face_l1"]["mean"]
     assert mesh["akd"]["mean"] < copy["akd"]["mean"]
@@ -99,9 +108,10 @@ def test_report_outputs(self_result):
     frames = list(protocols.side_by_side_frames(visuals))
     assert len(frames) == 5 and frames[0].shape == (SIZE, SIZE * 6, 3)  # source, driving, 4 methods
     table = protocols.markdown_table(self_result.results)
-    assert table.splitlines()[0].startswith("| method | FD-MNv2 ↓ | ST-LPIPS ↓")
+    assert table.splitlines()[0].startswith("| method | FID ↓ | LPIPS ↓ | FD-MNv2 ↓ | ST-LPIPS ↓")
     oracle_row = next(line for line in table.splitlines() if line.startswith("| oracle |"))
-    assert oracle_row.split(" | ")[2] == "**0.0000**"  # best (zero) ST-LPIPS in bold
+    assert oracle_row.split(" | ")[2] == "**0.0000**"  # best (zero) LPIPS in bold
+    assert oracle_row.split(" | ")[4] == "**0.0000**"  # best (zero) ST-LPIPS in bold
 
 
 def test_markdown_table_marks_the_best():
@@ -113,7 +123,7 @@ def test_markdown_table_marks_the_best():
     assert lines[3] == "| b | – | **25.00** |"
 
 
-def test_cli_cross(clip_path, tmp_path):
+def test_cli_cross(clip_path, tmp_path, lpips_weight_files):
     from skimage.data import astronaut
 
     from metaportrait.cli import main
@@ -122,23 +132,29 @@ def test_cli_cross(clip_path, tmp_path):
     source = tmp_path / "astronaut.png"
     write_image(source, astronaut())
     output = tmp_path / "cross.json"
+    alexnet, linear = lpips_weight_files
     status = main(["eval", "cross", "--sources", str(source), "--driving", str(clip_path), "--output", str(output),
-                   "--size", str(SIZE), "--max-frames", "3", "--stride", "1"])
+                   "--size", str(SIZE), "--max-frames", "3", "--stride", "1", "--lpips-alexnet", str(alexnet),
+                   "--lpips-linear", str(linear)])
     assert status == 0
     results = json.loads(output.read_text())
-    assert results["protocol"] == "cross" and results["checkpoints"] == {}
+    assert results["protocol"] == "cross" and results["checkpoints"] == {} and results["series"] == {}
     command = results["command"]
     assert command.startswith("metaportrait eval cross --sources ") and "--motion relative" in command
+    assert f"--lpips-alexnet {alexnet} --lpips-linear {linear}" in command
     pair = "astronaut<-astronaut_turn"
     for method in ("source-copy", "mesh-warp"):
         values = results["methods"][method]
         assert set(values) >= {"id_distance", "id_loss", "akd", "aed", "apd", "aed_driver", "apd_driver", "e_warp"}
         assert pair in values["akd"]["per_clip"]
         assert values["fd_mobilenetv2"]["mean"] is None  # one source image: no covariance
+        assert "lpips" not in values  # no ground truth in cross-reenactment
+        assert "fid" not in values  # no --fid-inception: absent, never estimated
     # the mesh warp reaches the transferred target landmarks, the copy stays where the source was
     assert results["methods"]["mesh-warp"]["akd"]["mean"] < results["methods"]["source-copy"]["akd"]["mean"]
     for suffix in (".md", ".png", ".mp4"):
         assert output.with_suffix(suffix).stat().st_size > 0
+    assert not (tmp_path / "cross_series.png").exists()  # no series, no plot
 
 
 def test_cli_rejects_bad_arguments(clip_path, tmp_path, capsys):
@@ -152,6 +168,11 @@ def test_cli_rejects_bad_arguments(clip_path, tmp_path, capsys):
     args = ["eval", "self", "--videos", str(clip_path), "--output", str(tmp_path / "r.json"), "--compare", "mesh-warp=x"]
     assert main(args) == 2
     assert "method name used twice" in capsys.readouterr().err
+    weights = tmp_path / "alexnet.pth"
+    args = ["eval", "self", "--videos", str(clip_path), "--output", str(tmp_path / "r.json"), "--lpips-alexnet",
+            str(weights)]
+    assert main(args) == 2
+    assert f"error: {weights}: --lpips-alexnet needs --lpips-linear too" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
 
 

@@ -5,11 +5,18 @@ Examples::
     metaportrait eval self --videos clips/*.mp4 --output runs/eval/self.json --checkpoint runs/base/final
     metaportrait eval self --videos a.mp4 b.mp4 --output self.json --compare lite=default --max-frames 50
     metaportrait eval cross --sources faces/*.jpg --driving drivers/*.mp4 --output cross.json --checkpoint CKPT
+    metaportrait eval self --videos clips/*.mp4 --output self.json --checkpoint CKPT \
+        --lpips-alexnet alexnet-owt-7be5be79.pth --lpips-linear alex.pth \
+        --fid-inception pt_inception-2015-12-05-6726825d.pth
+    metaportrait eval curve --runs runs/lite_full runs/masks_full --output docs/images/curves.json
 
 Methods: ``source-copy`` and ``mesh-warp`` (face-masked, training-free) always, ``model`` for
 ``--checkpoint`` and one method per ``--compare NAME=PATH`` (``PATH`` = ``default`` is the bundled model).
 Beside ``results.json`` the run writes ``results.md`` (Table 1-style), ``results.png`` (comparison grid) and
-``results.mp4`` (source | driving | methods, side by side). Protocol details: `metaportrait.eval.protocols`.
+``results.mp4`` (source | driving | methods, side by side), and ``results_series.png`` when the results hold
+curves. The published LPIPS and FID are computed only from weight files the user gives (nothing is downloaded;
+`metaportrait.eval.reference_nets` says where they come from). ``curve`` turns training runs' validation logs
+into curves (`metaportrait.eval.curves`). Protocol details: `metaportrait.eval.protocols`.
 """
 
 from __future__ import annotations
@@ -48,17 +55,34 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-video", action="store_true", help="skip the side-by-side mp4")
 
 
+def _add_reference_metrics(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("published LPIPS / FID (only with their weight files; never downloaded)")
+    group.add_argument("--lpips-alexnet", type=Path, default=None, metavar="ALEXNET.pth",
+                       help="torchvision's ImageNet alexnet-owt-7be5be79.pth (LPIPS trunk; needs --lpips-linear)")
+    group.add_argument("--lpips-linear", type=Path, default=None, metavar="ALEX_LIN.pth",
+                       help="the lpips package's weights/v0.1/alex.pth (LPIPS heads; needs --lpips-alexnet)")
+    group.add_argument("--fid-inception", type=Path, default=None, metavar="PT_INCEPTION.pth",
+                       help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (FID)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     protocols = parser.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
     self_parser = protocols.add_parser("self", help="self-reconstruction: frame 0 of a clip driven by its own frames")
     self_parser.add_argument("--videos", type=Path, nargs="+", required=True, help="talking-head clips")
     _add_common(self_parser)
+    _add_reference_metrics(self_parser)
     cross = protocols.add_parser("cross", help="cross-identity reenactment: every source with every driver")
     cross.add_argument("--sources", type=Path, nargs="+", required=True, help="portrait images (or videos)")
     cross.add_argument("--driving", type=Path, nargs="+", required=True, help="driving clips")
     cross.add_argument("--motion", choices=("relative", "absolute"), default="relative",
                        help="how driver motion is transferred to the source face")
     _add_common(cross)
+    _add_reference_metrics(cross)
+    curve = protocols.add_parser("curve", help="validation PSNR / face L1 vs step of training runs, as a plot")
+    curve.add_argument("--runs", type=Path, nargs="+", required=True, metavar="RUN_DIR",
+                       help="training run folders (each with val.jsonl); curves are named by folder")
+    curve.add_argument("--output", "-o", type=Path, required=True,
+                       help="results file (.json); the plot goes beside it as <name>_series.png")
 
 
 def _check_inputs(args: argparse.Namespace) -> None:
@@ -66,7 +90,17 @@ def _check_inputs(args: argparse.Namespace) -> None:
         raise InputError(args.output, "results file must end in .json")
     if not args.output.parent.is_dir():
         raise InputError(args.output.parent, "output folder does not exist")
+    if args.protocol == "curve":
+        for run_dir in args.runs:
+            if not run_dir.is_dir():
+                raise InputError(run_dir, "run folder not found")
+        return
     paths = args.videos if args.protocol == "self" else [*args.sources, *args.driving]
+    # The weight files themselves are checked (existence, keys, shapes) when the networks are loaded.
+    if args.lpips_alexnet is not None and args.lpips_linear is None:
+        raise InputError(args.lpips_alexnet, "--lpips-alexnet needs --lpips-linear too (LPIPS = trunk + linear heads)")
+    if args.lpips_linear is not None and args.lpips_alexnet is None:
+        raise InputError(args.lpips_linear, "--lpips-linear needs --lpips-alexnet too (LPIPS = trunk + linear heads)")
     for path in paths:
         if not path.is_file():
             raise InputError(path, "file not found")
@@ -96,7 +130,35 @@ def _command(args: argparse.Namespace) -> str:
         parts += ["--checkpoint", args.checkpoint]
     for name, path in args.compare:
         parts += ["--compare", f"{name}={path}"]
+    for flag, path in (("--lpips-alexnet", args.lpips_alexnet), ("--lpips-linear", args.lpips_linear),
+                       ("--fid-inception", args.fid_inception)):
+        if path is not None:
+            parts += [flag, str(path)]
     return shlex.join(parts)
+
+
+def _series_path(output: Path) -> Path:
+    return output.with_name(f"{output.stem}_series.png")
+
+
+def _write_series(results: dict, output: Path) -> None:
+    """``<output stem>_series.png`` with every curve of ``results["series"]`` (nothing when there are none)."""
+    if results["series"]:
+        from metaportrait.eval.plots import plot_series
+
+        plot_series(results, _series_path(output))
+
+
+def _run_curve(args: argparse.Namespace) -> int:
+    from metaportrait.eval.curves import training_curves
+
+    command = shlex.join(["metaportrait", "eval", "curve", "--runs", *map(str, args.runs),
+                          "--output", str(args.output)])
+    results = {"command": command, **training_curves(args.runs)}
+    write_text_atomic(args.output, json.dumps(results, indent=2, allow_nan=False) + "\n")
+    _write_series(results, args.output)
+    logger.info("wrote %s and %s", args.output, _series_path(args.output))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
     from metaportrait.io.video import VideoWriter, even_size
 
     _check_inputs(args)
+    if args.protocol == "curve":
+        return _run_curve(args)
     checkpoints = _checkpoints(args)
     hashes = {}
     for name, path in checkpoints.items():
@@ -114,8 +178,9 @@ def run(args: argparse.Namespace) -> int:
             path = bundled_checkpoint()
         hashes[name] = protocols.checkpoint_sha256(path)
     methods = {**protocols.BASELINES, **protocols.methods_from_checkpoints(checkpoints)}
-    models = protocols.MetricModels.load()
-    options = dict(size=args.size, max_frames=args.max_frames, stride=args.stride)
+    lpips_files = (args.lpips_alexnet, args.lpips_linear) if args.lpips_alexnet is not None else None
+    models = protocols.MetricModels.load(lpips_files=lpips_files, fid_inception=args.fid_inception)
+    options = {"size": args.size, "max_frames": args.max_frames, "stride": args.stride}
     if args.protocol == "self":
         outcome = protocols.evaluate_self(args.videos, methods, models, **options)
     else:
@@ -127,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
     write_text_atomic(args.output, json.dumps(results, indent=2, allow_nan=False) + "\n")
     write_text_atomic(args.output.with_suffix(".md"), f"# {args.protocol} evaluation\n\n`{results['command']}`\n\n{table}")
     write_image(args.output.with_suffix(".png"), protocols.comparison_grid(outcome.visuals))
+    _write_series(results, args.output)
     if not args.no_video:
         with VideoWriter(args.output.with_suffix(".mp4"), fps=outcome.visuals.fps) as writer:
             for frame in protocols.side_by_side_frames(outcome.visuals):

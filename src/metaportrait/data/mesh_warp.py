@@ -350,30 +350,40 @@ def face_mask(landmarks: np.ndarray, height: int, width: int, dilate_px: float, 
     return mask
 
 
-def prior_masks(driving_landmarks: np.ndarray, height: int, width: int) -> np.ndarray:
+def prior_masks(source_landmarks: np.ndarray, driving_landmarks: np.ndarray, height: int, width: int) -> np.ndarray:
     """Where a mesh-prior model trusts the mesh, and where it must synthesise (``ModelConfig.prior_masks``).
 
     Channel 0, the driving face: the face-oval hull, feathered. The piecewise-affine warp is exact at the
     landmarks and measured better there than the learned residual flow, which is trained for hair, neck and
     background (bundled model, 80 held-out pairs at 256 px: face-region L1 0.0325 with the residual, 0.0306 with
-    the residual removed inside the face). Channel 1, the driving mouth opening: the filled inner-lip contour,
-    feathered; the source holds no pixels of the mouth interior, so the output there is generated.
+    the residual removed inside the face). Channel 1, the part of the driving mouth opening the source cannot
+    supply: the filled inner-lip contour, feathered, times ``1 - (source opening / driving opening)`` (areas
+    relative to the face hull's): 0 when the source's mouth is open at least as wide (its teeth are warped), 1
+    when it is closed (there are no pixels of the mouth interior to warp).
 
     Args:
-        driving_landmarks: ``(478, 2)`` pixel coordinates in the ``height`` x ``width`` frame.
+        source_landmarks, driving_landmarks: ``(478, 2)`` pixel coordinates in the ``height`` x ``width`` frame.
 
     Returns:
         ``float32`` ``(2, H, W)`` in ``[0, 1]``.
     """
+    source = _check_landmarks(source_landmarks, "source_landmarks")
     driving = _check_landmarks(driving_landmarks, "driving_landmarks")
     scale = min(height, width) / 128.0
     face = face_mask(driving, height, width, 0.0, TRUST_SIGMA_AT_128 * scale)
     topology = mesh_topology()
+    mouth_triangles = topology.holes[~topology.eye_holes]
+    opening = {}
+    for name, points in (("source", source), ("driving", driving)):
+        hull = cv2.convexHull(points[topology.oval].astype(np.float32))
+        opening[name] = np.abs(_signed_areas(points, mouth_triangles)).sum() / max(cv2.contourArea(hull), 1.0)
+    need = 0.0 if opening["driving"] <= 1e-6 else float(np.clip(1.0 - opening["source"] / opening["driving"], 0, 1))
     mouth = np.zeros((height, width), dtype=np.float32)
-    for triangle in topology.holes[~topology.eye_holes]:
-        corners = ((driving[triangle] - 0.5) * (1 << _SUBPIXEL_BITS)).astype(np.int32)
-        cv2.fillConvexPoly(mouth, corners, 1.0, cv2.LINE_8, _SUBPIXEL_BITS)
-    mouth = cv2.GaussianBlur(mouth, (0, 0), MOUTH_SIGMA_AT_128 * scale, borderType=cv2.BORDER_REPLICATE)
+    if need > 0:
+        for triangle in mouth_triangles:
+            corners = ((driving[triangle] - 0.5) * (1 << _SUBPIXEL_BITS)).astype(np.int32)
+            cv2.fillConvexPoly(mouth, corners, need, cv2.LINE_8, _SUBPIXEL_BITS)
+        mouth = cv2.GaussianBlur(mouth, (0, 0), MOUTH_SIGMA_AT_128 * scale, borderType=cv2.BORDER_REPLICATE)
     return np.stack([face, mouth]).astype(np.float32)
 
 

@@ -305,7 +305,7 @@ def make_pair(
         grid = mesh_warp_grid(landmarks[0] * scale, landmarks[1] * scale, options.prior_size, options.prior_size)
         sample["prior_grid"] = torch.from_numpy(grid)
         if options.prior_masks:
-            masks = prior_masks(landmarks[1] * scale, options.prior_size, options.prior_size)
+            masks = prior_masks(landmarks[0] * scale, landmarks[1] * scale, options.prior_size, options.prior_size)
             sample["prior_masks"] = torch.from_numpy(masks)
     return sample
 

@@ -189,14 +189,19 @@ class STLPIPS(nn.Module):
         assert a.shape == b.shape and a.ndim == 4 and a.shape[1] == 3, (a.shape, b.shape)
         features_a = self.net(self.scaling_layer(2.0 * a - 1.0))
         features_b = self.net(self.scaling_layer(2.0 * b - 1.0))
-        total = a.new_zeros(a.shape[0])
-        for index, (fa, fb) in enumerate(zip(features_a, features_b)):
-            # unit-normalise over channels (eps as in LPIPS), squared difference, learned 1x1 weights, mean over space
-            fa = fa / (fa.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
-            fb = fb / (fb.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
-            head = getattr(self, f"lin{index}")
-            total = total + head((fa - fb) ** 2).mean(dim=(1, 2, 3))
-        return total
+        heads = [getattr(self, f"lin{index}") for index in range(len(features_a))]
+        return lpips_from_features(features_a, features_b, heads)
+
+
+def lpips_from_features(features_a: list[torch.Tensor], features_b: list[torch.Tensor], heads) -> torch.Tensor:
+    """The LPIPS sum over layers: unit-normalise over channels (eps as in LPIPS), squared difference, learned
+    1x1 weights, mean over space. Features ``(B, C_l, h_l, w_l)`` per layer; returns ``(B,)``."""
+    total = features_a[0].new_zeros(features_a[0].shape[0])
+    for head, fa, fb in zip(heads, features_a, features_b, strict=True):
+        fa = fa / (fa.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+        fb = fb / (fb.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+        total = total + head((fa - fb) ** 2).mean(dim=(1, 2, 3))
+    return total
 
 
 # ---------------------------------------------------------------------------------------------------------

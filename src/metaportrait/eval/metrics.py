@@ -16,6 +16,9 @@ Offline proxies, to be labelled as such in reports (the literature's networks ca
 - identity: dlib ResNet descriptors (`metaportrait.models.identity`), not ArcFace.
 - ``fd_mobilenetv2`` (re-exported from `metaportrait.eval.features`): Fréchet distance on ImageNet
   MobileNetV2 features, not FID.
+
+The published LPIPS (AlexNet) and FID (pytorch-fid's Inception) are in `metaportrait.eval.reference_nets`, and
+are computed only from weight files the user gives.
 """
 
 from __future__ import annotations

@@ -9,18 +9,21 @@ square face crops (`Method`): the two training-free baselines (`source_copy`, `m
   smoothed, as the animation pipeline smooths a driver). Outputs for frames 1..T-1 are compared with the
   real crops: L1, PSNR, SSIM, face-region L1 (inside the real face-oval hull), ST-LPIPS (alex), identity to
   the source, AKD / AED / APD against the real frames' landmarks, E_warp with the real video's optical flow,
-  and FD-MobileNetV2 of all output frames against all real frames.
+  and FD-MobileNetV2 of all output frames against all real frames. With the user's weight files
+  (`MetricModels.load`), also the published LPIPS (AlexNet, v0.1) per frame and FID of all output frames against
+  all real frames (`metaportrait.eval.reference_nets`); without them these metrics are absent, never estimated.
 - **cross** (`evaluate_cross`): every source portrait with every driving clip. The driver is tracked and cut
   with a smoothed box that follows its head, and its motion is transferred onto the source crop
   (`metaportrait.motion.relative_motion`, or ``absolute``), exactly as `metaportrait.pipeline.Animator` does.
   Metrics: identity distance and ID loss to the source; AKD / AED / APD of the output landmarks against the
   target landmarks the methods were given; AED / APD against the driver itself (``aed_driver``,
   ``apd_driver``: the literature's definition, which also counts face-shape differences); E_warp with each
-  output's own flow (there is no ground truth); FD-MobileNetV2 of all outputs against the source crops.
+  output's own flow (there is no ground truth); FD-MobileNetV2 (and, with its weights, FID) of all outputs
+  against the source crops.
 
 Output landmarks are measured with MediaPipe on the output frames (no smoothing), as the real frames' are.
 Per-clip values are averaged over frames; a method's ``mean`` is the mean over clips (each clip counts once),
-except FD, which pools all frames. ``face_found`` is the fraction of output frames in which MediaPipe found a
+except FD and FID, which pool all frames. ``face_found`` is the fraction of output frames in which MediaPipe found a
 face (landmark metrics reuse the last found landmarks elsewhere). Metric definitions and their relation to
 published numbers: `metaportrait.eval.metrics`.
 """
@@ -150,23 +153,48 @@ def checkpoint_sha256(path: str | Path) -> str:
 
 @dataclass
 class MetricModels:
-    """The frozen networks behind ST-LPIPS, identity and FD; loaded once per run."""
+    """The frozen networks behind the metrics; loaded once per run. The last two exist only when the user gave
+    their weight files, and the metrics they compute ("lpips", "fid") are left out otherwise."""
 
     lpips: torch.nn.Module  # metaportrait.eval.features.STLPIPS
     identity: torch.nn.Module  # metaportrait.models.identity.IdentityEncoder
     features: torch.nn.Module  # metaportrait.eval.features.MobileNetV2PooledFeatures
+    reference_lpips: torch.nn.Module | None = None  # metaportrait.eval.reference_nets.LPIPSAlex
+    inception: torch.nn.Module | None = None  # metaportrait.eval.reference_nets.FIDInceptionV3
 
     @classmethod
-    def load(cls) -> MetricModels:
-        """ST-LPIPS (alex), dlib identity ResNet and ImageNet MobileNetV2, from their installed weight files."""
+    def load(
+        cls, lpips_files: tuple[str | Path, str | Path] | None = None, fid_inception: str | Path | None = None
+    ) -> MetricModels:
+        """ST-LPIPS (alex), dlib identity ResNet and ImageNet MobileNetV2, from their installed weight files; and
+        the published LPIPS / FID networks when their files are given.
+
+        Args:
+            lpips_files: (torchvision ``alexnet-owt-7be5be79.pth``, lpips ``weights/v0.1/alex.pth``) or None.
+            fid_inception: pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` or None.
+
+        Raises:
+            InputError: a given weight file is missing or does not fit.
+        """
         from metaportrait.eval.features import STLPIPS, MobileNetV2PooledFeatures
         from metaportrait.models.identity import IdentityEncoder
 
-        return cls(STLPIPS("alex"), IdentityEncoder.from_dlib(), MobileNetV2PooledFeatures())
+        reference_lpips = inception = None
+        if lpips_files is not None:
+            from metaportrait.eval.reference_nets import LPIPSAlex
+
+            reference_lpips = LPIPSAlex(*lpips_files)
+        if fid_inception is not None:
+            from metaportrait.eval.reference_nets import FIDInceptionV3
+
+            inception = FIDInceptionV3(fid_inception)
+        return cls(STLPIPS("alex"), IdentityEncoder.from_dlib(), MobileNetV2PooledFeatures(), reference_lpips,
+                   inception)
 
 
 @torch.no_grad()
-def _st_lpips(model: torch.nn.Module, a: np.ndarray, b: np.ndarray) -> float:
+def _lpips_mean(model: torch.nn.Module, a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over frames of an LPIPS-like ``model(a, b) -> (B,)`` on ``uint8`` ``(T, S, S, 3)`` frame pairs."""
     from metaportrait.io.image import frames_to_tensor
 
     values = [
@@ -176,11 +204,31 @@ def _st_lpips(model: torch.nn.Module, a: np.ndarray, b: np.ndarray) -> float:
     return float(torch.cat(values).mean())
 
 
-def _pooled_features(models: MetricModels, frames: np.ndarray) -> np.ndarray:
+def _pooled_features(models: MetricModels, frames: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-frame features of every set-level metric that is on: name -> (T, D) (FD-MobileNetV2; FID if loaded)."""
     from metaportrait.eval.features import mobilenetv2_features
     from metaportrait.io.image import frames_to_tensor
 
-    return mobilenetv2_features(frames_to_tensor(frames), models.features)
+    images = frames_to_tensor(frames)
+    features = {"fd_mobilenetv2": mobilenetv2_features(images, models.features)}
+    if models.inception is not None:
+        from metaportrait.eval.reference_nets import inception_features
+
+        features["fid"] = inception_features(images, models.inception)
+    return features
+
+
+def _concatenate(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Pooled features of several clips: name -> (sum of T, D)."""
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def _frame_metrics(models: MetricModels, output: np.ndarray, real: np.ndarray) -> dict[str, float]:
+    """ST-LPIPS against the real frames, and LPIPS when its networks are loaded."""
+    values = {"st_lpips": _lpips_mean(models.lpips, output, real)}
+    if models.reference_lpips is not None:
+        values["lpips"] = _lpips_mean(models.reference_lpips, output, real)
+    return values
 
 
 def _track_output(frames: np.ndarray, name: str) -> tuple[np.ndarray | None, float]:
@@ -211,16 +259,17 @@ def _landmark_metrics(output: np.ndarray | None, reference: np.ndarray, size: in
 
 @dataclass
 class _Accumulator:
-    """Per-method results while a protocol runs: per-clip metric values and pooled FD features."""
+    """Per-method results while a protocol runs: per-clip metric values and pooled features (FD, FID)."""
 
     per_clip: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> clip -> value
-    features: list[np.ndarray] = field(default_factory=list)
+    features: list[dict[str, np.ndarray]] = field(default_factory=list)  # per clip: metric -> (T, D)
 
     def add(self, clip: str, values: dict[str, float]) -> None:
         for metric, value in values.items():
             self.per_clip.setdefault(metric, {})[clip] = value
 
-    def summary(self, fd: float | None) -> dict[str, dict]:
+    def summary(self, pooled: dict[str, float | None]) -> dict[str, dict]:
+        """The method's JSON entry; ``pooled``: metric -> value of the set-level metrics (None: not computable)."""
         # Non-finite values (PSNR of an exact copy, landmark metrics without a face) are stored as null and left
         # out of the mean.
         result = {}
@@ -228,7 +277,8 @@ class _Accumulator:
             finite = [v for v in clips.values() if math.isfinite(v)]
             result[metric] = {"mean": float(np.mean(finite)) if finite else None,
                               "per_clip": {c: (v if math.isfinite(v) else None) for c, v in clips.items()}}
-        result["fd_mobilenetv2"] = {"mean": fd, "per_clip": {}}
+        for metric, value in pooled.items():
+            result[metric] = {"mean": value, "per_clip": {}}
         return result
 
 
@@ -334,7 +384,30 @@ class Visuals:
 
 @dataclass
 class ProtocolResult:
-    """``results``: the JSON document; ``visuals``: frames for the figures (a few clips only)."""
+    """``results``: the JSON document; ``visuals``: frames for the figures (a few clips only).
+
+    Results format (``results.json``; the CLI adds ``command`` and ``checkpoints``)::
+
+        protocol    "self" | "cross"
+        settings    the protocol's settings (size, frames, stride, counts, ...)
+        methods     {method: {metric: {"mean": float | null, "per_clip": {clip: float | null}}}}
+                    set-level metrics (fd_mobilenetv2, fid) have an empty per_clip
+        reference   (self only) {"e_warp_real": ...}: the real video's own warping error
+        series      {name: series}: curves of a metric against a varying quantity, for example
+                    personalisation (PSNR vs fine-tuning steps) or training (PSNR vs step);
+                    drawn by `metaportrait.eval.plots.plot_series`. Each series is
+
+                    {"x_label": "fine-tuning steps",
+                     "y_label": "PSNR (dB)",
+                     "lower_is_better": false,
+                     "curves": {name: {"x": [0, 10, ...], "y": [24.1, 25.3, ...],
+                                       "baseline": false}}}
+
+                    x and y have the same length; a null y is a value that could not be measured (drawn
+                    as a gap). "baseline" (optional, default false) marks a reference level drawn as a
+                    dashed line. The evaluation protocols write ``{}``; ``metaportrait eval curve`` fills
+                    it from training runs.
+    """
 
     results: dict
     visuals: Visuals
@@ -368,7 +441,7 @@ def evaluate_self(
     """
     _check_unique([Path(v).stem for v in videos])
     accumulators = {name: _Accumulator() for name in methods}
-    real_features: list[np.ndarray] = []
+    real_features: list[dict[str, np.ndarray]] = []
     reference: dict[str, float] = {}
     visuals = Visuals()
     for number, video in enumerate(_progress(videos, desc="self", unit="clip"), start=1):
@@ -393,7 +466,7 @@ def evaluate_self(
                 "psnr": metrics.psnr(output, real),
                 "ssim": metrics.ssim(output, real),
                 "face_l1": metrics.face_region_l1(output, real, face),
-                "st_lpips": _st_lpips(models.lpips, output, real),
+                **_frame_metrics(models, output, real),
                 **metrics.identity_metrics(output, _or(output_landmarks, real_landmarks), source, source_landmarks,
                                            models.identity),
                 **_landmark_metrics(output_landmarks, real_landmarks, size),
@@ -410,11 +483,11 @@ def evaluate_self(
             visuals.sources.append(source)
             visuals.driving.append(real)
             visuals.outputs.append(outputs)
-    real_all = np.concatenate(real_features)
+    real_all = _concatenate(real_features)
     results = {
         "protocol": "self",
         "settings": {"size": size, "max_frames": max_frames, "stride": stride, "clips": len(videos)},
-        "methods": {name: acc.summary(_fd(np.concatenate(acc.features), real_all))
+        "methods": {name: acc.summary(_set_metrics(_concatenate(acc.features), real_all))
                     for name, acc in accumulators.items()},
         "reference": {"e_warp_real": {"mean": float(np.mean(list(reference.values()))), "per_clip": reference}},
         "series": {},
@@ -442,6 +515,9 @@ def evaluate_cross(
     """
     _check_unique([Path(s).stem for s in sources])
     _check_unique([Path(d).stem for d in drivers])
+    if models.reference_lpips is not None:
+        logger.warning("LPIPS compares an output with its real frame, which cross-reenactment does not have: "
+                       "not computed")
     loaded_sources = {Path(s).stem: load_source(s, size) for s in _progress(sources, desc="sources", unit="image")}
     accumulators = {name: _Accumulator() for name in methods}
     visuals = Visuals()
@@ -479,16 +555,14 @@ def evaluate_cross(
                 visuals.driving.append(driving)
                 visuals.outputs.append(outputs)
     source_features = _pooled_features(models, np.stack([s for s, _ in loaded_sources.values()]))
-    if len(source_features) < 2:
-        logger.warning("FD-MobileNetV2 needs at least 2 source images; not computed")
+    if len(loaded_sources) < 2:
+        logger.warning("FD-MobileNetV2 / FID need at least 2 source images; not computed")
     results = {
         "protocol": "cross",
         "settings": {"size": size, "max_frames": max_frames, "stride": stride, "motion": motion,
                      "sources": len(sources), "drivers": len(drivers)},
-        "methods": {
-            name: acc.summary(_fd(np.concatenate(acc.features), source_features) if len(source_features) > 1 else None)
-            for name, acc in accumulators.items()
-        },
+        "methods": {name: acc.summary(_set_metrics(_concatenate(acc.features), source_features))
+                    for name, acc in accumulators.items()},
         "series": {},
     }
     return ProtocolResult(results, visuals)
@@ -498,6 +572,14 @@ def _fd(features_a: np.ndarray, features_b: np.ndarray) -> float:
     from metaportrait.eval.features import frechet_distance, gaussian_statistics
 
     return frechet_distance(*gaussian_statistics(features_a), *gaussian_statistics(features_b))
+
+
+def _set_metrics(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, float | None]:
+    """Fréchet distance of all output frames to the reference set, per feature network (FD-MobileNetV2, FID).
+
+    None when the reference set has fewer than 2 images (no covariance), as with a single cross source.
+    """
+    return {name: _fd(outputs[name], reference[name]) if len(reference[name]) > 1 else None for name in outputs}
 
 
 def _or(landmarks: np.ndarray | None, fallback: np.ndarray) -> np.ndarray:
@@ -521,8 +603,11 @@ def _check_unique(names: list[str]) -> None:
 # Reports: markdown table, comparison grid, side-by-side video
 # ---------------------------------------------------------------------------------------------------------
 
-# metric -> (column title, lower is better, decimals); also fixes the column order
+# metric -> (column title, lower is better, decimals); also fixes the column order. FID and LPIPS (the published
+# networks) appear only when their weight files were given.
 TABLE_COLUMNS: dict[str, tuple[str, bool, int]] = {
+    "fid": ("FID", True, 2),
+    "lpips": ("LPIPS", True, 4),
     "fd_mobilenetv2": ("FD-MNv2", True, 2),
     "st_lpips": ("ST-LPIPS", True, 4),
     "id_distance": ("ID dist", True, 4),
