@@ -349,6 +349,9 @@ def test_cli_resolves_the_config(tmp_path, capsys, warp_run, dataset_dir):
     assert printed["val_identities"] == ["blue"] and printed["steps"] == 8 and printed["lr_milestones"] == [6]
     assert printed["init"] == str(warp_run) and printed["warp_lr_scale"] == 0.1
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
+    assert main(argv + ["--lr-milestones", "5", "7", "--init-refine"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["lr_milestones"] == [5, 7] and printed["init_refine"] is True
     # A resumed run keeps its settings: changing the learning rate is refused with a one-line error.
     resume = ["train", "base", "--stage", "warp", "--data", str(dataset_dir), "--out", str(warp_run), "--resume"]
     assert main(resume + ["--lr", "0.1"]) == 2

@@ -42,6 +42,7 @@ _OVERRIDES = {
     "use_identity": "use_identity",
     "init": "init",
     "init_refine": "init_refine",
+    "lr_milestones": "lr_milestones",
 }
 
 
@@ -62,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     base.add_argument("--batch-size", type=int, help="pairs per step and process")
     base.add_argument("--size", type=int, help="training crop size in pixels (multiple of 32)")
     base.add_argument("--lr", type=float, help="generator learning rate")
+    base.add_argument("--lr-milestones", type=int, nargs="+", metavar="STEP",
+                      help="steps at which the learning rates decay (default: 3/4 of the recipe's steps)")  # fmt: skip
     base.add_argument("--warp-lr-scale", type=float, help="warp network lr = lr x this")
     base.add_argument("--val-identities", metavar="FILE_OR_LIST",
                       help="held-out identities: a file with one per line, or a comma-separated list")  # fmt: skip
@@ -115,6 +118,8 @@ def build_config(args: argparse.Namespace):
     cfg = recipe(args.preset or "lite", args.stage, given.get("steps"))
     if "init" in given:
         given["init"] = str(Path(given["init"]))
+    if "lr_milestones" in given:
+        given["lr_milestones"] = tuple(given["lr_milestones"])
     try:
         return cfg.replace(**given)
     except ValueError as error:
