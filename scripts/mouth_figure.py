@@ -16,7 +16,7 @@ import numpy as np
 
 from metaportrait.data.landmarks import landmarks_of_image
 from metaportrait.data.mesh_warp import mesh_warp_image
-from metaportrait.eval.protocols import _label
+from metaportrait.eval.protocols import label_tile
 from metaportrait.io.image import write_image
 from metaportrait.motion import Controls
 from metaportrait.pipeline import Animator
@@ -37,7 +37,7 @@ def main() -> None:
     points = landmarks_of_image(image, "astronaut")
 
     def tile(crop: np.ndarray, text: str) -> np.ndarray:
-        return _label(cv2.resize(crop, (TILE, TILE), interpolation=cv2.INTER_AREA), text)
+        return label_tile(cv2.resize(crop, (TILE, TILE), interpolation=cv2.INTER_AREA), text)
 
     rows = []
     for index, spec in enumerate(args.checkpoint):

@@ -306,7 +306,9 @@ class Animator:
                 np.stack([mesh_warp_grid(source.crop_landmarks, t, size, size) for t in targets])
             )  # (B, S, S, 2)
         if self.config.prior_masks:
-            masks = torch.from_numpy(np.stack([prior_masks(source.crop_landmarks, t, size, size) for t in targets]))  # (B, 2, S, S)
+            masks = torch.from_numpy(
+                np.stack([prior_masks(source.crop_landmarks, t, size, size) for t in targets])
+            )  # (B, 2, S, S)
         identity = None if source.identity is None else source.identity.expand(count, -1)
         with torch.no_grad():
             result = self.generator(

@@ -651,7 +651,7 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _label(tile: np.ndarray, text: str, on_image: bool = True) -> np.ndarray:
+def label_tile(tile: np.ndarray, text: str, on_image: bool = True) -> np.ndarray:
     """``tile`` with ``text`` in its top-left corner: white with a dark outline over an image, else black."""
     import cv2
 
@@ -677,8 +677,8 @@ def comparison_grid(visuals: Visuals, steps: int = 5, tile: int = 128) -> np.nda
     blocks = []
     for clip, source, driving, outputs in zip(visuals.clips, visuals.sources, visuals.driving, visuals.outputs):
         times = np.linspace(0, len(driving) - 1, steps).round().astype(int)
-        rows = [[_label(small(source), clip[:20])] + [_label(small(driving[t]), f"driving {t + 1}") for t in times]]
-        rows += [[_label(blank, name, on_image=False)] + [small(frames[t]) for t in times]
+        rows = [[label_tile(small(source), clip[:20])] + [label_tile(small(driving[t]), f"driving {t + 1}") for t in times]]
+        rows += [[label_tile(blank, name, on_image=False)] + [small(frames[t]) for t in times]
                  for name, frames in outputs.items()]
         blocks.append(np.concatenate([np.concatenate(row, axis=1) for row in rows], axis=0))
     gap = np.full((4, blocks[0].shape[1], 3), 255, np.uint8)
@@ -689,8 +689,8 @@ def side_by_side_frames(visuals: Visuals):
     """Yields ``uint8`` frames: [source | driving | each method], every kept clip one after another."""
     for source, driving, outputs in zip(visuals.sources, visuals.driving, visuals.outputs):
         for t in range(len(driving)):
-            tiles = [_label(source, "source"), _label(driving[t], "driving")]
-            tiles += [_label(frames[t], name) for name, frames in outputs.items()]
+            tiles = [label_tile(source, "source"), label_tile(driving[t], "driving")]
+            tiles += [label_tile(frames[t], name) for name, frames in outputs.items()]
             yield np.concatenate(tiles, axis=1)
 
 

@@ -43,8 +43,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from metaportrait.config import ModelConfig
-from metaportrait.data.drawing import MEDIAPIPE_TOPOLOGIES
 from metaportrait.data.dataset import PreparedDataset, split_by_identity
+from metaportrait.data.drawing import MEDIAPIPE_TOPOLOGIES
 from metaportrait.data.pairs import REGIONS, FixedPairs, PairOptions, RandomPairs, StepSampler, box_masks
 from metaportrait.errors import InputError
 from metaportrait.eval.metrics import face_region_l1, l1, psnr
@@ -211,8 +211,7 @@ def train_base(
         init_model = Path(cfg.init)
         if not (init_model / "config.json").is_file():
             init_model = init_model / "model"  # a run folder
-        init_run, init_cfg = load_model(init_model)
-        _, init_meta = load_config(init_model)
+        init_cfg, init_meta = load_config(init_model)  # checked before the weights are read
         # The identity branch lives in R only, so a warp run serves both sides of the identity ablation; the prior
         # masks change no weights.
         comparable = init_cfg.replace(prior_masks=model_cfg.prior_masks)
@@ -221,7 +220,9 @@ def train_base(
         if comparable != model_cfg:
             raise InputError(init_model, "its model config differs from this run's; cannot initialise from it")
         if cfg.init_refine and init_meta.get("stage") != "full":
-            raise InputError(init_model, f"init_refine needs a full-stage model, this one is {init_meta.get('stage')!r}")
+            stage = init_meta.get("stage")
+            raise InputError(init_model, f"init_refine needs a full-stage model, this one is {stage!r}")
+        init_run, _ = load_model(init_model)
         # The warping network, as the official Full stage (the warp stage never trains R); or all of G.
         keep = None if cfg.init_refine else _WARP_MODULES
         init_state = {k: v for k, v in init_run.state_dict().items() if keep is None or k.split(".")[0] in keep}
@@ -290,20 +291,14 @@ def train_base(
             if cfg.loss.l1_warped > 0:
                 losses["l1_warped"] = cfg.loss.l1_warped * (warped - driving).abs().mean()
             if cfg.loss.face > 0:
-                face = batch["face_mask"]  # (B, 1, H, W), 1 inside the driving face
-                face_area = face.sum(dim=(1, 2, 3)).clamp_min(1.0) * 3  # (B,), times 3 colour channels
-                losses["face_warped"] = cfg.loss.face * ((warped - driving).abs() * face).sum(dim=(1, 2, 3)).div(
-                    face_area
-                ).mean()
+                losses["face_warped"] = cfg.loss.face * _face_l1(warped, driving, batch["face_mask"])
             if full:
                 prediction = out[output_key]
                 losses["perceptual_output"] = perceptual_output(prediction, driving)
                 if cfg.loss.l1_output > 0:
                     losses["l1_output"] = cfg.loss.l1_output * (prediction - driving).abs().mean()
                 if cfg.loss.face > 0:
-                    losses["face_output"] = cfg.loss.face * ((prediction - driving).abs() * face).sum(
-                        dim=(1, 2, 3)
-                    ).div(face_area).mean()
+                    losses["face_output"] = cfg.loss.face * _face_l1(prediction, driving, batch["face_mask"])
                 if cfg.loss.eye > 0 or cfg.loss.mouth > 0:
                     masks = box_masks(batch["boxes"], cfg.size, cfg.size, cfg.size)  # (B, 3, H, W)
                     error = (prediction - driving).abs().mean(dim=1, keepdim=True)  # (B, 1, H, W)
@@ -446,6 +441,12 @@ def train_base(
 # Helpers of the loop.
 
 _WARP_MODULES = ("ladder_network", "dense_motion_network")
+
+
+def _face_l1(image: torch.Tensor, target: torch.Tensor, face: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error inside the face mask: ``(B, 3, H, W)`` images, ``(B, 1, H, W)`` mask -> scalar."""
+    area = face.sum(dim=(1, 2, 3)).clamp_min(1.0) * 3  # (B,), times 3 colour channels
+    return ((image - target).abs() * face).sum(dim=(1, 2, 3)).div(area).mean()
 
 
 def _finish_gradients(parameters, cfg: TrainConfig, world_size: int) -> torch.Tensor:
