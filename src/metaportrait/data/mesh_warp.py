@@ -356,7 +356,8 @@ def prior_masks(source_landmarks: np.ndarray, driving_landmarks: np.ndarray, hei
     Channel 0, the driving face: the face-oval hull, feathered. The piecewise-affine warp is exact at the
     landmarks and measured better there than the learned residual flow, which is trained for hair, neck and
     background (a one-off check on the earlier bundled model, 80 held-out pairs at 256 px: face-region L1 0.0325
-    with the residual, 0.0306 with it removed inside the face; docs/model_card.md has the retrained model's eval). Channel 1, the part of the driving mouth opening the source cannot
+    with the residual, 0.0306 with it removed inside the face; docs/model_card.md has the retrained model's eval).
+    Channel 1, the part of the driving mouth opening the source cannot
     supply: the filled inner-lip contour, feathered, times ``1 - (source opening / driving opening)`` (areas
     relative to the face hull's): 0 when the source's mouth is open at least as wide (its teeth are warped), 1
     when it is closed (there are no pixels of the mouth interior to warp).
