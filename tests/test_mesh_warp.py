@@ -147,6 +147,32 @@ def test_prior_masks_cover_the_face_and_the_mouth_opening_the_source_lacks(face)
     assert mesh_warp.prior_masks(opened, landmarks, SIZE, SIZE)[1].max() == 0  # closing needs no synthesis
 
 
+def test_upper_lip_fill_keeps_the_source_interior_unstretched(face):
+    _, landmarks = face
+    for masked in (False, True):
+        grid = mesh_warp_grid(landmarks, landmarks, SIZE, SIZE, face_masked=masked, mouth="upper_lip")
+        np.testing.assert_allclose(grid, identity_grid(SIZE, SIZE), atol=1e-5)
+    assert mesh_warp.prior_masks(landmarks, landmarks, SIZE, SIZE, mouth="upper_lip")[1].max() == 0
+    # Open the mouth: the lower inner lip moves down 6 px; the astronaut smiles, so her opening shows teeth.
+    topology = mesh_warp.mesh_topology()
+    opened = landmarks.copy()
+    opened[topology.mouth_lower[1:-1], 1] += 6.0
+    gap = landmarks[14, 1] - landmarks[13, 1]  # her opening at the lip centre, px
+    assert gap > 2
+    column, row = int(landmarks[13, 0]), int(landmarks[13, 1] + gap - 1)  # inside her own opening
+    read_y = {mouth: (mesh_warp_grid(landmarks, opened, SIZE, SIZE, mouth=mouth)[row, column, 1] + 1) * SIZE / 2
+              for mouth in ("stretch", "upper_lip")}  # fmt: skip
+    assert abs(read_y["upper_lip"] - (row + 0.5)) < 0.3  # the teeth stay where they were under the upper lip
+    assert read_y["stretch"] < row + 0.5 - 1.0  # the stretching mesh pulls them down
+    # Synthesis is asked for exactly in the 6-px band the source lacks, fully (not weighted by a ratio).
+    below = mesh_warp.prior_masks(landmarks, opened, SIZE, SIZE, mouth="upper_lip")[1]
+    lip_width = np.ptp(landmarks[topology.mouth_upper, 0])
+    assert 0.5 * 6.0 * lip_width < below.sum() < 1.2 * 6.0 * lip_width and below.max() > 0.9
+    assert below[: row - 1, column].max() < 0.05  # at the lip centre, nothing above the source's own opening depth
+    with pytest.raises(ValueError, match="mouth"):
+        mesh_warp_grid(landmarks, opened, SIZE, SIZE, mouth="sideways")
+
+
 def test_rejects_bad_landmarks(face):
     _, landmarks = face
     with pytest.raises(ValueError, match="478"):

@@ -310,6 +310,27 @@ def test_config_from_before_prior_masks_loads_with_them_off():
         ModelConfig.from_dict(data)
 
 
+def test_line_width_follows_the_image_size_the_model_was_trained_at():
+    lite, official = PRESETS["lite"], PRESETS["official"]
+    assert [lite.line_thickness(s) for s in (64, 128, 256, 512)] == [1, 1, 2, 4]
+    assert official.line_thickness(256) == official.line_thickness(512) == 1
+    data = lite.to_dict()
+    del data["line_reference_size"]  # a config written before the field: 1-px lines, as it was trained
+    assert ModelConfig.from_dict(data).line_thickness(256) == 1
+    with pytest.raises(ValueError, match="line_reference_size"):
+        lite.replace(line_reference_size=4)
+
+
+def test_mouth_discriminator_scores_mouth_crops_with_their_lines():
+    from metaportrait.models.discriminator import MouthDiscriminator
+
+    critic = MouthDiscriminator()
+    features, prediction = critic(torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32))
+    assert len(features) == 3 and prediction.shape == (2, 1, 2, 2)
+    with pytest.raises(AssertionError):
+        critic(torch.rand(2, 3, 32, 32), torch.rand(2, 3, 16, 16))
+
+
 def test_discriminator_tiny_outputs():
     discriminator = MultiScaleDiscriminator(TINY.discriminator)
     outputs = discriminator(torch.rand(2, 3, 64, 64))

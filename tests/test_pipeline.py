@@ -145,6 +145,14 @@ def test_controls_change_the_model_input(animator, astronaut):
     assert np.abs(plain.astype(int) - edited).max() > 0
 
 
+def test_source_lines_have_the_width_the_model_was_trained_with(astronaut):
+    image, points = astronaut
+    thin = Animator(Generator(TINY), TINY).prepare_source(image, landmarks=points).lines
+    wide_cfg = TINY.replace(line_reference_size=32)  # 2-px lines at the 64² image size
+    wide = Animator(Generator(wide_cfg), wide_cfg).prepare_source(image, landmarks=points).lines
+    assert wide.sum() > 1.3 * thin.sum()
+
+
 def test_video_driving_tracks_and_counts_lost_frames(animator, astronaut):
     image, points = astronaut
     clip = driving_frames(image, 5)

@@ -3,6 +3,7 @@ synthetic prepared dataset (scikit-image's astronaut moved around), with exact r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from metaportrait.data.pairs import (
     StepSampler,
     _Draw,
     _geometry,
+    box_crops,
     box_masks,
     flip_landmarks,
     make_pair,
@@ -162,6 +164,29 @@ def test_boxes_cover_the_eyes_and_mouth(astronaut_face):
     # Half resolution: the same boxes scaled.
     half = box_masks(torch.from_numpy(boxes)[None], 64, 64, 128)[0]
     assert abs(half.sum().item() * 4 - masks.sum().item()) < 0.15 * masks.sum().item()
+
+
+def test_pairs_draw_lines_of_the_given_width(dataset_dir):
+    from metaportrait.data.dataset import PreparedDataset
+
+    clip = next(iter(PreparedDataset(dataset_dir)))
+    frames, landmarks = np.stack([clip.frames[0], clip.frames[1]]), np.stack([clip.landmarks[0], clip.landmarks[1]])
+    thin = make_pair(frames, landmarks, PairOptions(size=64), NO_AUGMENT, np.random.default_rng(0))
+    thick = make_pair(frames, landmarks, PairOptions(size=64, line_thickness=2), NO_AUGMENT, np.random.default_rng(0))
+    assert thick["driving_lines"].sum() > 1.3 * thin["driving_lines"].sum()
+    torch.testing.assert_close(thick["driving"], thin["driving"])
+
+
+def test_box_crops_cut_square_crops_around_boxes():
+    images = torch.rand(2, 3, 32, 32)
+    # A box over the whole image, not grown, at the image's size: the image itself.
+    whole = torch.tensor([[0.0, 0.0, 32.0, 32.0]] * 2)
+    torch.testing.assert_close(box_crops(images, whole, 32, 32, grow=1.0), images)
+    # A 4 x 2 px box grown to a 8 px square at 8 px: exactly the pixels of rows 10..17, columns 4..11.
+    box = torch.tensor([[6.0, 13.0, 10.0, 15.0], [6.0, 13.0, 10.0, 15.0]])
+    torch.testing.assert_close(box_crops(images, box, 32, 8, grow=2.0), images[:, :, 10:18, 4:12])
+    # Boxes of a 64-px image applied to its 32-px version: the same crop.
+    torch.testing.assert_close(box_crops(images, box * 2, 64, 8, grow=2.0), images[:, :, 10:18, 4:12])
 
 
 def test_step_sampler_splits_ranks_and_resumes():
@@ -305,6 +330,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_mouth_critic_trains_and_resumes_exactly(dataset_dir, tmp_path):
+    from metaportrait.train.base import train_base
+    from metaportrait.train.config import LossWeights
+
+    cfg = _tiny("full", 4)
+    cfg = cfg.replace(loss=dataclasses.replace(cfg.loss, mouth_gan=1.0, mouth_feature_matching=1.0, mouth_perceptual=1.0))
+    straight = train_base(cfg, dataset_dir, tmp_path / "straight", progress=False).generator
+    log = _read_jsonl(tmp_path / "straight" / "log.jsonl")
+    assert {"mouth_gan_g", "mouth_gan_d", "mouth_feature_matching", "mouth_perceptual", "grad_norm_mouth_d"} <= set(log[-1])
+    assert log[-1]["grad_norm_mouth_d"] > 0
+    state = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    assert "mouth_discriminator" in state and "optimizer_mouth_discriminator" in state
+    train_base(cfg.replace(steps=2), dataset_dir, tmp_path / "resumed", progress=False)
+    resumed = train_base(cfg, dataset_dir, tmp_path / "resumed", resume=True, progress=False).generator
+    a, b = _weights(straight), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="mouth_gan"):
+        LossWeights(mouth_feature_matching=1.0)
+
+
 def test_two_process_ddp_ends_with_identical_weights(dataset_dir, tmp_path):
     """torchrun with 2 CPU processes (gloo): each rank trains on its own pairs, gradients are averaged."""
     worker = tmp_path / "worker.py"
@@ -352,6 +397,14 @@ def test_cli_resolves_the_config(tmp_path, capsys, warp_run, dataset_dir):
     assert main(argv + ["--lr-milestones", "5", "7", "--init-refine"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["lr_milestones"] == [5, 7] and printed["init_refine"] is True
+    # --loss NAME=WEIGHT overrides single loss weights of the recipe; unknown names and bad values are refused.
+    assert main(argv + ["--loss", "mouth_gan=0.5", "--loss", "mouth=12"]) == 0
+    printed = json.loads(capsys.readouterr().out)["loss"]
+    assert printed["mouth_gan"] == 0.5 and printed["mouth"] == 12 and printed["eye"] == 10
+    assert main(argv + ["--loss", "mouth_gun=1"]) == 2
+    assert "mouth_gun=1" in capsys.readouterr().err
+    assert main(argv + ["--loss", "mouth_feature_matching=1"]) == 2
+    assert "needs loss.mouth_gan" in capsys.readouterr().err
     # A resumed run keeps its settings: changing the learning rate is refused with a one-line error.
     resume = ["train", "base", "--stage", "warp", "--data", str(dataset_dir), "--out", str(warp_run), "--resume"]
     assert main(resume + ["--lr", "0.1"]) == 2
@@ -375,4 +428,7 @@ def test_ablation_flags_change_the_model_config(tmp_path):
     cfg = build_config(parser.parse_args(args[1:]))
     model = cfg.model_config()
     assert model.landmark_topology == "sparse68" and model.use_identity is False
+    assert model.prior_mouth == "upper_lip"  # the preset's
+    stretch = build_config(parser.parse_args(args[1:] + ["--prior-mouth", "stretch"])).model_config()
+    assert stretch.prior_mouth == "stretch" and stretch.replace(prior_mouth="upper_lip") == model
     assert cfg.replace(landmark_topology=None, use_identity=None).model_config().use_identity is True

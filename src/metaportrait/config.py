@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args, get_type_hints
 
 Norm = Literal["instance", "none"]
 LandmarkTopology = Literal["mediapipe478", "sparse68", "official669"]
+MouthFill = Literal["stretch", "upper_lip"]  # `metaportrait.data.mesh_warp.MouthFill`
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,14 @@ class ModelConfig:
     # residual flow is faded out inside the driving face, where the mesh is exact, and the output is synthesised
     # (occlusion forced to 0) inside the driving mouth opening, where the source has no pixels.
     prior_masks: bool = False
+    # How the mesh prior fills a driving mouth opening (`metaportrait.data.mesh_warp.MouthFill`): "stretch" the
+    # source's opening over it, or keep the source's interior "upper_lip"-anchored and synthesise the rest.
+    # Without a mesh prior it has no effect.
+    prior_mouth: MouthFill = "stretch"
+    # Image side at which the landmark lines are 1 px wide; at other sides the width scales with it (rounded, at
+    # least 1 px), so a model trained at 128² sees the same lines at 256² (thin lines at 256² cost 0.1 dB: the
+    # warp network's 128² input then shows them at half strength). None: 1 px at every size (official).
+    line_reference_size: int | None = None
     norm: Norm = "instance"  # parameter-free normalisation in E_w, F_w and the fused norms of SPDAE_G
     spectral_norm: bool = True  # official: spectral norm on E_w convs and on every SPDAE_G conv
     warp: WarpConfig = field(default_factory=WarpConfig)
@@ -142,6 +151,8 @@ class ModelConfig:
             _check(end == self.image_size, f"refine.seed='identity' with these blocks only works at {end}², "
                    f"got image_size={self.image_size}")
         _check(not self.prior_masks or self.use_mesh_prior, "prior_masks needs use_mesh_prior")
+        _check(self.line_reference_size is None or self.line_reference_size >= 16,
+               f"line_reference_size must be None or >= 16, got {self.line_reference_size}")
         _check(
             not self.prior_masks or self.refine.output == "occlusion_blend",
             "prior_masks needs refine.output='occlusion_blend' (it gates the occlusion blend)",
@@ -162,6 +173,12 @@ class ModelConfig:
         checkpoints were published (`ADDED_FIELDS`), which take their default: the behaviour before they existed."""
         return _from_dict(cls, data, "model")
 
+    def line_thickness(self, size: int) -> int:
+        """Width in pixels of the landmark lines drawn on a ``size`` x ``size`` image for this model."""
+        if self.line_reference_size is None:
+            return 1
+        return max(1, round(size / self.line_reference_size))
+
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some top-level fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -170,8 +187,9 @@ class ModelConfig:
 # Fields added after checkpoints were published, per dataclass: a missing one takes its default, which keeps the
 # behaviour the checkpoint was trained with.
 ADDED_FIELDS: dict[str, frozenset[str]] = {
-    "ModelConfig": frozenset({"prior_masks"}),
-    "TrainConfig": frozenset({"init_refine"}),
+    "ModelConfig": frozenset({"prior_masks", "line_reference_size", "prior_mouth"}),
+    "TrainConfig": frozenset({"init_refine", "prior_mouth"}),
+    "LossWeights": frozenset({"mouth_gan", "mouth_feature_matching", "mouth_perceptual"}),
 }
 
 
@@ -216,6 +234,8 @@ _LITE = ModelConfig(
     use_identity=True,
     use_mesh_prior=True,
     prior_masks=True,
+    prior_mouth="upper_lip",
+    line_reference_size=128,
     # InstanceNorm measured +10-20% on the lite training step (128², batch 8, 1 thread) for little expected gain at
     # this size; FiLM / SPADE modulations work on the raw activations instead.
     norm="none",

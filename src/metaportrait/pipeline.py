@@ -252,7 +252,9 @@ class Animator:
         crop_image = crop(image, box, self.size)
         crop_landmarks = points_to_crop(landmarks, box, self.size)
         tensor = to_tensor(crop_image)
-        lines = to_tensor(draw_landmark_image(crop_landmarks, self.size, self.size, self.config.landmark_topology))
+        thickness = self.config.line_thickness(self.size)
+        lines = to_tensor(draw_landmark_image(crop_landmarks, self.size, self.size, self.config.landmark_topology,
+                                              thickness))  # fmt: skip
         identity = None
         if self.identity_encoder is not None:
             with torch.no_grad():
@@ -297,17 +299,19 @@ class Animator:
     def _generate(self, source: PreparedSource, targets: list[np.ndarray]) -> np.ndarray:
         """Step 3: ``uint8`` ``(B, S, S, 3)`` generated crops for ``B`` target landmark sets (source-crop pixels)."""
         size, count = self.size, len(targets)
+        thickness = self.config.line_thickness(size)
         lines = frames_to_tensor(
-            np.stack([draw_landmark_image(t, size, size, self.config.landmark_topology) for t in targets])
+            np.stack([draw_landmark_image(t, size, size, self.config.landmark_topology, thickness) for t in targets])
         )  # (B, 3, S, S)
         prior_grid = masks = None
         if self.config.use_mesh_prior:
-            prior_grid = torch.from_numpy(
-                np.stack([mesh_warp_grid(source.crop_landmarks, t, size, size) for t in targets])
-            )  # (B, S, S, 2)
+            mouth = self.config.prior_mouth
+            grids = [mesh_warp_grid(source.crop_landmarks, t, size, size, mouth=mouth) for t in targets]
+            prior_grid = torch.from_numpy(np.stack(grids))  # (B, S, S, 2)
         if self.config.prior_masks:
+            mouth = self.config.prior_mouth
             masks = torch.from_numpy(
-                np.stack([prior_masks(source.crop_landmarks, t, size, size) for t in targets])
+                np.stack([prior_masks(source.crop_landmarks, t, size, size, mouth=mouth) for t in targets])
             )  # (B, 2, S, S)
         identity = None if source.identity is None else source.identity.expand(count, -1)
         with torch.no_grad():

@@ -16,6 +16,7 @@ change it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -40,6 +41,7 @@ _OVERRIDES = {
     "val_identities": "val_identities",
     "landmark_topology": "landmark_topology",
     "use_identity": "use_identity",
+    "prior_mouth": "prior_mouth",
     "init": "init",
     "init_refine": "init_refine",
     "lr_milestones": "lr_milestones",
@@ -66,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     base.add_argument("--lr-milestones", type=int, nargs="+", metavar="STEP",
                       help="steps at which the learning rates decay (default: 3/4 of the recipe's steps)")  # fmt: skip
     base.add_argument("--warp-lr-scale", type=float, help="warp network lr = lr x this")
+    base.add_argument("--loss", action="append", metavar="NAME=WEIGHT",
+                      help="override one loss weight of the recipe, e.g. --loss mouth_gan=1 (repeatable; the names "
+                           "are the fields of `metaportrait.train.config.LossWeights`)")  # fmt: skip
     base.add_argument("--val-identities", metavar="FILE_OR_LIST",
                       help="held-out identities: a file with one per line, or a comma-separated list")  # fmt: skip
     base.add_argument("--num-workers", type=int, help="DataLoader workers per process")
@@ -80,6 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="landmark line images: dense mesh (the preset's) or a sparse 68-point subset")  # fmt: skip
     ablation.add_argument("--no-identity", dest="use_identity", action="store_const", const=False,
                           help="refinement without the identity branch")  # fmt: skip
+    ablation.add_argument("--prior-mouth", choices=("stretch", "upper_lip"),
+                          help="how the mesh prior fills a mouth opening (the preset's: upper_lip)")  # fmt: skip
     base.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
@@ -96,6 +103,21 @@ def _identities(value: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _loss_weights(items: list[str], recipe_losses):
+    """``["mouth_gan=1", ...]`` applied to the recipe's `LossWeights` (scalar weights only)."""
+    changes = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        current = getattr(recipe_losses, name.strip(), None)
+        if not isinstance(current, float):
+            raise InputError("--loss", f"{item!r}: not NAME=WEIGHT with a scalar loss weight name")
+        try:
+            changes[name.strip()] = float(value)
+        except ValueError:
+            raise InputError("--loss", f"{item!r}: the weight is not a number") from None
+    return dataclasses.replace(recipe_losses, **changes)
+
+
 def build_config(args: argparse.Namespace):
     """The `TrainConfig` of the command line: recipe + overrides, or the resumed run's config."""
     from metaportrait.train.base import RESUMABLE_CHANGES
@@ -109,7 +131,7 @@ def build_config(args: argparse.Namespace):
         if not saved.is_file():
             raise InputError(saved, "not found: there is no run to resume here")
         cfg = TrainConfig.from_dict(json.loads(saved.read_text(encoding="utf-8")))
-        fixed = sorted(set(given) - set(RESUMABLE_CHANGES))
+        fixed = sorted(set(given) - set(RESUMABLE_CHANGES)) + (["loss"] if args.loss else [])
         if fixed:
             raise InputError(args.out, f"a resumed run keeps its settings; cannot change {fixed}")
         if cfg.stage != args.stage or cfg.preset != (args.preset or cfg.preset):
@@ -121,6 +143,8 @@ def build_config(args: argparse.Namespace):
     if "lr_milestones" in given:
         given["lr_milestones"] = tuple(given["lr_milestones"])
     try:
+        if args.loss:
+            given["loss"] = _loss_weights(args.loss, cfg.loss)
         return cfg.replace(**given)
     except ValueError as error:
         raise InputError(args.out, f"invalid settings: {error}") from None

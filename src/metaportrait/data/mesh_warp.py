@@ -31,6 +31,7 @@ import importlib.util
 import runpy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -58,6 +59,14 @@ MASK_SIGMA_AT_128 = 3.0
 # Prior masks (`prior_masks`), feathering sigmas at 128 px, scaled with the image size.
 TRUST_SIGMA_AT_128 = 2.0
 MOUTH_SIGMA_AT_128 = 1.0
+
+# How the mesh fills a driving mouth opening (`mesh_warp_grid`, `prior_masks`): "stretch" maps the source's
+# opening onto it (teeth stretched over a wide-open mouth: the classical baseline); "upper_lip" keeps the source's
+# interior at its own height under the upper lip, where the upper teeth sit, and leaves the rest of the opening to
+# synthesis (the lower lip's edge is repeated there in the grid).
+MouthFill = Literal["stretch", "upper_lip"]
+MOUTH_FILLS = ("stretch", "upper_lip")
+MOUTH_CORNERS = HOLE_CORNERS["mouth"]
 
 _SUBPIXEL_BITS = 4  # cv2.fillConvexPoly fixed-point precision (1/16 px)
 _MIN_AREA = 1e-3  # px^2; thinner driving triangles are not drawn (their affine map is ill-conditioned)
@@ -124,6 +133,7 @@ class MeshTopology:
         eye_holes: ``bool`` ``(K,)`` which hole triangles belong to an eye.
         irises: ``int32`` ``(8, 3)`` iris fans.
         oval: ``int64`` ``(36,)`` the face-oval contour, in order.
+        mouth_upper, mouth_lower: ``int64`` ``(11,)`` inner-lip contours from corner 78 to corner 308.
     """
 
     face: np.ndarray
@@ -131,6 +141,8 @@ class MeshTopology:
     eye_holes: np.ndarray
     irises: np.ndarray
     oval: np.ndarray
+    mouth_upper: np.ndarray
+    mouth_lower: np.ndarray
 
 
 @functools.cache
@@ -153,7 +165,7 @@ def mesh_topology() -> MeshTopology:
     face = _far_to_near(face, edges)
 
     boundary = {e for e, n in uses.items() if n == 1}
-    holes, eye_flags = [], []
+    holes, eye_flags, contours = [], [], {}
     for name, (corner_a, corner_b) in HOLE_CORNERS.items():
         component = _component(boundary, corner_a)
         loop = _ordered_loop(component)
@@ -163,6 +175,7 @@ def mesh_topology() -> MeshTopology:
         upper = loop[: split + 1]
         lower = [corner_a] + loop[split:][::-1]
         strip = _strip(upper, lower)
+        contours[name] = (upper, lower)  # both from corner_a to corner_b
         holes += strip
         eye_flags += [name.endswith("eye")] * len(strip)
 
@@ -177,7 +190,10 @@ def mesh_topology() -> MeshTopology:
         eye_holes=np.array(eye_flags, dtype=bool),
         irises=np.array(irises, dtype=np.int32),
         oval=np.array(oval, dtype=np.int64),
+        mouth_upper=np.array(contours["mouth"][0], dtype=np.int64),
+        mouth_lower=np.array(contours["mouth"][1], dtype=np.int64),
     )
+    assert len(topology.mouth_upper) == len(topology.mouth_lower), "inner lips must pair up point by point"
     assert topology.face.shape == (852, 3), topology.face.shape
     return topology
 
@@ -315,6 +331,43 @@ def _affine_maps(source: np.ndarray, driving: np.ndarray, triangles: np.ndarray)
     return maps.reshape(n, 6)
 
 
+def _hull_area(points: np.ndarray, oval: np.ndarray) -> float:
+    return max(float(cv2.contourArea(cv2.convexHull(points[oval].astype(np.float32)))), 1.0)
+
+
+def _mouth_split(source: np.ndarray, driving: np.ndarray, topology: MeshTopology) -> tuple[np.ndarray, np.ndarray]:
+    """For ``mouth="upper_lip"``: ``(9, 2)`` driving points splitting the inner-lip opening, and their ``(9, 2)``
+    source points (the source's lower inner lip).
+
+    Each split point lies below its upper-lip point by the source's opening there (scaled by the ratio of the
+    face sizes), at most down to the driving lower lip: above it the source's interior is shown unstretched,
+    below it the source has nothing to show."""
+    upper, lower = topology.mouth_upper[1:-1], topology.mouth_lower[1:-1]
+    scale = np.sqrt(_hull_area(driving, topology.oval) / _hull_area(source, topology.oval))
+    source_gap = np.linalg.norm(source[lower] - source[upper], axis=1) * scale
+    driving_offset = driving[lower] - driving[upper]
+    fraction = np.clip(source_gap / np.maximum(np.linalg.norm(driving_offset, axis=1), 1e-6), 0.0, 1.0)
+    return driving[upper] + fraction[:, None] * driving_offset, source[lower]
+
+
+def _coverage(polygon: np.ndarray, height: int, width: int, supersample: int = 4) -> np.ndarray:
+    """``float32`` ``(H, W)``: the fraction of each pixel inside ``polygon`` (``(N, 2)`` pixels, any shape),
+    from a ``supersample``-times finer rasterisation of its bounding box. A band thinner than a pixel gives
+    partial values, and one of zero area gives none (a plain fill would still draw its outline)."""
+    out = np.zeros((height, width), dtype=np.float32)
+    if abs(cv2.contourArea(polygon.astype(np.float32))) < 0.1:
+        return out
+    x0, y0 = np.maximum(np.floor(polygon.min(0)).astype(int) - 1, 0)
+    x1, y1 = np.minimum(np.ceil(polygon.max(0)).astype(int) + 1, [width, height])
+    if x1 <= x0 or y1 <= y0:
+        return out
+    fine = np.zeros(((y1 - y0) * supersample, (x1 - x0) * supersample), dtype=np.float32)
+    corners = ((polygon - [x0, y0]) * supersample - 0.5) * (1 << _SUBPIXEL_BITS)
+    cv2.fillPoly(fine, [corners.astype(np.int32)], 1.0, cv2.LINE_8, _SUBPIXEL_BITS)
+    out[y0:y1, x0:x1] = cv2.resize(fine, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
+    return out
+
+
 def identity_grid(height: int, width: int) -> np.ndarray:
     """``float32`` ``(H, W, 2)`` grid that samples every pixel at its own centre (``align_corners=False``)."""
     xs = (2.0 * np.arange(width) + 1.0) / width - 1.0
@@ -350,7 +403,9 @@ def face_mask(landmarks: np.ndarray, height: int, width: int, dilate_px: float, 
     return mask
 
 
-def prior_masks(source_landmarks: np.ndarray, driving_landmarks: np.ndarray, height: int, width: int) -> np.ndarray:
+def prior_masks(
+    source_landmarks: np.ndarray, driving_landmarks: np.ndarray, height: int, width: int, mouth: MouthFill = "stretch"
+) -> np.ndarray:
     """Where a mesh-prior model trusts the mesh, and where it must synthesise (``ModelConfig.prior_masks``).
 
     Channel 0, the driving face: the face-oval hull, feathered. The piecewise-affine warp is exact at the
@@ -364,20 +419,29 @@ def prior_masks(source_landmarks: np.ndarray, driving_landmarks: np.ndarray, hei
 
     Args:
         source_landmarks, driving_landmarks: ``(478, 2)`` pixel coordinates in the ``height`` x ``width`` frame.
+        mouth: the grid's `MouthFill`. With "upper_lip" channel 1 is instead the part of the opening below the
+            split line of `mesh_warp_grid` (feathered, 1 inside): exactly where that grid has no source pixels.
 
     Returns:
         ``float32`` ``(2, H, W)`` in ``[0, 1]``.
     """
+    if mouth not in MOUTH_FILLS:
+        raise ValueError(f"mouth must be one of {MOUTH_FILLS}, got {mouth!r}")
     source = _check_landmarks(source_landmarks, "source_landmarks")
     driving = _check_landmarks(driving_landmarks, "driving_landmarks")
     scale = min(height, width) / 128.0
     face = face_mask(driving, height, width, 0.0, TRUST_SIGMA_AT_128 * scale)
     topology = mesh_topology()
+    if mouth == "upper_lip":
+        split, _ = _mouth_split(source, driving, topology)
+        below = np.concatenate([driving[[MOUTH_CORNERS[0]]], split, driving[topology.mouth_lower[::-1]]])
+        fill = _coverage(below, height, width)
+        fill = cv2.GaussianBlur(fill, (0, 0), MOUTH_SIGMA_AT_128 * scale, borderType=cv2.BORDER_REPLICATE)
+        return np.stack([face, fill]).astype(np.float32)
     mouth_triangles = topology.holes[~topology.eye_holes]
     opening = {}
     for name, points in (("source", source), ("driving", driving)):
-        hull = cv2.convexHull(points[topology.oval].astype(np.float32))
-        opening[name] = np.abs(_signed_areas(points, mouth_triangles)).sum() / max(cv2.contourArea(hull), 1.0)
+        opening[name] = np.abs(_signed_areas(points, mouth_triangles)).sum() / _hull_area(points, topology.oval)
     need = 0.0 if opening["driving"] <= 1e-6 else float(np.clip(1.0 - opening["source"] / opening["driving"], 0, 1))
     mouth = np.zeros((height, width), dtype=np.float32)
     if need > 0:
@@ -394,6 +458,7 @@ def mesh_warp_grid(
     height: int,
     width: int,
     face_masked: bool = False,
+    mouth: MouthFill = "stretch",
 ) -> np.ndarray:
     """Backward sampling grid that moves the source face onto the driving landmarks (piecewise affine).
 
@@ -405,6 +470,7 @@ def mesh_warp_grid(
         face_masked: blend the grid to the identity outside the face-oval hulls of the driving and the source
             face (dilated 8 px and feathered with sigma 3 px at 128 px, scaled with the image size), so
             background and hair stay put.
+        mouth: how the inner-lip opening is filled (`MouthFill`); the baselines stretch.
 
     Returns:
         ``float32`` ``(H, W, 2)`` grid, ``(x, y)`` in ``grid_sample``'s ``[-1, 1]`` ``align_corners=False``
@@ -415,6 +481,8 @@ def mesh_warp_grid(
     driving = _check_landmarks(driving_landmarks, "driving_landmarks")
     if height <= 0 or width <= 0:
         raise ValueError(f"grid size must be positive, got {height} x {width}")
+    if mouth not in MOUTH_FILLS:
+        raise ValueError(f"mouth must be one of {MOUTH_FILLS}, got {mouth!r}")
     topology = mesh_topology()
 
     # 1. Control points: 478 landmarks, then the ring, then the fixed border points.
@@ -424,20 +492,31 @@ def mesh_warp_grid(
 
     # 2. Triangles in drawing order (later wins), and their driving->source affine maps.
     outer = _outer_band(source_points, topology.oval, NUM_LANDMARKS)
+    holes, eye_holes = topology.holes, topology.eye_holes
+    if mouth == "upper_lip":
+        # Two strips: upper lip -> split line shows the source's opening, split line -> lower lip its lower lip.
+        split_driving, split_source = _mouth_split(source, driving, topology)
+        first = len(source_points)
+        source_points = np.concatenate([source_points, split_source])
+        driving_points = np.concatenate([driving_points, split_driving])
+        split = [MOUTH_CORNERS[0], *range(first, first + len(split_driving)), MOUTH_CORNERS[1]]
+        mouth_strips = _strip(list(topology.mouth_upper), split) + _strip(split, list(topology.mouth_lower))
+        holes = np.concatenate([np.array(mouth_strips, dtype=np.int32), topology.holes[topology.eye_holes]])
+        eye_holes = np.concatenate([np.zeros(len(mouth_strips), bool), np.ones(int(topology.eye_holes.sum()), bool)])
     face_areas = _signed_areas(driving, topology.face)
     # Back-facing = winding opposite to the mesh's overall winding in this view (robust to mirrored faces).
     front = np.sign(face_areas) == np.sign(face_areas.sum())
     face = np.concatenate([topology.face[~front], topology.face[front]])
-    triangles = np.concatenate([outer, topology.holes, face, topology.irises])
+    triangles = np.concatenate([outer, holes, face, topology.irises])
     maps = _affine_maps(source_points, driving_points, triangles)
 
     # 3. Rasterise the driving triangles into an index map (-1 = no triangle).
     index = np.full((height, width), -1, dtype=np.int32)
-    base = len(outer) + len(topology.holes) + len(face)
+    base = len(outer) + len(holes) + len(face)
     _rasterise(driving_points, triangles[:base], index, 0)
     iris_index = np.full((height, width), -1, dtype=np.int32)
     _rasterise(driving_points, topology.irises, iris_index, base)
-    hole_ids = len(outer) + np.flatnonzero(topology.eye_holes)
+    hole_ids = len(outer) + np.flatnonzero(eye_holes)
     in_eye = np.isin(index, hole_ids)
     index = np.where(in_eye & (iris_index >= 0), iris_index, index)
 

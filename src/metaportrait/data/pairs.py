@@ -32,6 +32,7 @@ from typing import Literal
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from metaportrait.data.dataset import PreparedClip
@@ -128,6 +129,29 @@ def box_masks(boxes: torch.Tensor, height: int, width: int, box_size: int) -> to
     inside_x = (xs >= x0) & (xs <= x1)  # (B, R, W)
     inside_y = (ys >= y0) & (ys <= y1)  # (B, R, H)
     return (inside_y[..., :, None] & inside_x[..., None, :]).float()  # (B, R, H, W)
+
+
+def box_crops(images: torch.Tensor, boxes: torch.Tensor, box_size: int, out_size: int, grow: float = 1.2) -> torch.Tensor:
+    """Square crops around boxes, resampled to ``out_size`` (bilinear, differentiable, edges repeated).
+
+    Args:
+        images: ``(B, C, H, W)``.
+        boxes: ``(B, 4)`` ``(x0, y0, x1, y1)`` in pixels of a ``box_size`` x ``box_size`` image (one per image).
+        box_size: side of the image the boxes were measured on.
+        out_size: side of the crops.
+        grow: crop side = ``grow`` x the box's longer side, centred on the box.
+
+    Returns:
+        ``(B, C, out_size, out_size)``.
+    """
+    assert images.ndim == 4 and boxes.shape == (images.shape[0], 4), (images.shape, boxes.shape)
+    centre = (boxes[:, :2] + boxes[:, 2:]) / box_size - 1.0  # (B, 2) in [-1, 1] (x, y)
+    half = grow * (boxes[:, 2:] - boxes[:, :2]).amax(dim=1).clamp_min(1.0) / box_size  # (B,) half side in [-1, 1] units
+    theta = torch.zeros(images.shape[0], 2, 3, device=images.device, dtype=images.dtype)
+    theta[:, 0, 0], theta[:, 1, 1] = half, half
+    theta[:, :, 2] = centre
+    grid = F.affine_grid(theta, [images.shape[0], images.shape[1], out_size, out_size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -248,6 +272,8 @@ class PairOptions:
     # at the prior's resolution, so the inference pipeline passes it at the image size; so do we by default.
     prior_size: int | None = None
     prior_masks: bool = False  # also the `mesh_warp.prior_masks` of the driving face, at the prior's size
+    prior_mouth: str = "stretch"  # how the prior grid and masks fill the mouth opening (`mesh_warp.MouthFill`)
+    line_thickness: int = 1  # px (`ModelConfig.line_thickness`)
 
     def __post_init__(self):
         if self.size < 16:
@@ -287,7 +313,8 @@ def make_pair(
     size = options.size
     frames, landmarks = _geometry(frames, landmarks, draw, size)
     frames = _colour(frames, draw)
-    lines = np.stack([draw_landmark_image(points, size, size, options.topology) for points in landmarks])
+    lines = np.stack([draw_landmark_image(points, size, size, options.topology, options.line_thickness)
+                      for points in landmarks])  # fmt: skip
     images = frames_to_tensor(np.concatenate([frames, lines]))  # (4, 3, s, s): source, driving, their lines
     sample = {
         "source": images[0],
@@ -302,10 +329,11 @@ def make_pair(
     if options.prior_size is not None:
         # Landmarks in prior-grid pixels: the grid is resolution-free ([-1, 1]), so scale them, not the grid.
         scale = options.prior_size / size
-        grid = mesh_warp_grid(landmarks[0] * scale, landmarks[1] * scale, options.prior_size, options.prior_size)
+        source_points, driving_points, side = landmarks[0] * scale, landmarks[1] * scale, options.prior_size
+        grid = mesh_warp_grid(source_points, driving_points, side, side, mouth=options.prior_mouth)
         sample["prior_grid"] = torch.from_numpy(grid)
         if options.prior_masks:
-            masks = prior_masks(landmarks[0] * scale, landmarks[1] * scale, options.prior_size, options.prior_size)
+            masks = prior_masks(source_points, driving_points, side, side, mouth=options.prior_mouth)
             sample["prior_masks"] = torch.from_numpy(masks)
     return sample
 

@@ -40,14 +40,14 @@ class DownBlock2d(nn.Module):
 class Discriminator(nn.Module):
     """Patch discriminator: ``num_blocks`` down blocks then a 1x1 conv to one logit per patch.
 
-    ``forward(x (B, 3, H, W) in [0, 1])`` -> (features of each block, prediction ``(B, 1, h, w)``).
+    ``forward(x (B, in_channels, H, W))`` -> (features of each block, prediction ``(B, 1, h, w)``).
     """
 
-    def __init__(self, block_expansion: int, max_features: int, num_blocks: int, norm: Norm):
+    def __init__(self, block_expansion: int, max_features: int, num_blocks: int, norm: Norm, in_channels: int = 3):
         super().__init__()
         blocks = []
         for i in range(num_blocks):
-            fin = 3 if i == 0 else min(max_features, block_expansion * 2**i)
+            fin = in_channels if i == 0 else min(max_features, block_expansion * 2**i)
             fout = min(max_features, block_expansion * 2 ** (i + 1))
             blocks.append(DownBlock2d(fin, fout, norm=(i != 0 and norm == "instance"), pool=i != num_blocks - 1))
         self.down_blocks = nn.ModuleList(blocks)
@@ -83,3 +83,23 @@ class MultiScaleDiscriminator(nn.Module):
     def forward(self, image: torch.Tensor) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
         assert image.dim() == 4 and image.shape[1] == 3, image.shape
         return [self.discs[scale_key(s)](self.downsample[scale_key(s)](image)) for s in self.scales]
+
+
+class MouthDiscriminator(nn.Module):
+    """Patch discriminator on mouth crops, conditioned on the driving landmark lines of the same crop.
+
+    The whole-frame losses let the refinement network paint the average mouth (a smooth light cavity); this
+    local critic sees whether the teeth and the dark interior match the lip contour it is shown. Training only:
+    it is not part of the generator checkpoint.
+
+    ``forward(mouth (B, 3, s, s) in [0, 1], lines (B, 3, s, s) in [0, 1])`` -> ``(features of each block,
+    prediction (B, 1, h, w))``. ``s`` >= 32.
+    """
+
+    def __init__(self, block_expansion: int = 32, max_features: int = 128, num_blocks: int = 3):
+        super().__init__()
+        self.disc = Discriminator(block_expansion, max_features, num_blocks, "none", in_channels=6)
+
+    def forward(self, mouth: torch.Tensor, lines: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        assert mouth.shape == lines.shape and mouth.shape[1] == 3 and mouth.shape[-1] >= 32, (mouth.shape, lines.shape)
+        return self.disc(torch.cat([mouth, lines], dim=1))

@@ -1,5 +1,6 @@
 """Base-model training (MetaPortrait §3.1): stage ``warp`` trains the warping network W on the warped source image;
-stage ``full`` trains W and the refinement network R together with a discriminator.
+stage ``full`` trains W and the refinement network R together with a discriminator (and a mouth critic on mouth
+crops when ``loss.mouth_gan`` > 0).
 
 `train_base` is one function read top to bottom (set-up, data, networks, optimisers, resume, loop). It runs as a
 single process, or as several under ``torchrun`` (``python -m torch.distributed.run --nproc_per_node N``): every
@@ -45,14 +46,14 @@ from tqdm import tqdm
 from metaportrait.config import ModelConfig
 from metaportrait.data.dataset import PreparedDataset, split_by_identity
 from metaportrait.data.drawing import MEDIAPIPE_TOPOLOGIES
-from metaportrait.data.pairs import REGIONS, FixedPairs, PairOptions, RandomPairs, StepSampler, box_masks
+from metaportrait.data.pairs import REGIONS, FixedPairs, PairOptions, RandomPairs, StepSampler, box_crops, box_masks
 from metaportrait.errors import InputError
 from metaportrait.eval.metrics import face_region_l1, l1, psnr
 from metaportrait.io.atomic import atomic_path, write_text_atomic
 from metaportrait.io.checkpoint import load_config, load_model, save_model
 from metaportrait.io.image import to_uint8_frames, write_image
 from metaportrait.losses.perceptual import MobileNetV2Features, PerceptualPyramidLoss, VGG19Features
-from metaportrait.models.discriminator import MultiScaleDiscriminator
+from metaportrait.models.discriminator import MouthDiscriminator, MultiScaleDiscriminator
 from metaportrait.models.generator import Generator
 from metaportrait.models.identity import EMBEDDING_DIM, IdentityEncoder, cosine_distance
 from metaportrait.train.config import TrainConfig
@@ -138,6 +139,8 @@ def train_base(
         topology=model_cfg.landmark_topology,
         prior_size=cfg.size if model_cfg.use_mesh_prior else None,  # the generator warps at the prior's resolution
         prior_masks=model_cfg.prior_masks,
+        prior_mouth=model_cfg.prior_mouth,
+        line_thickness=model_cfg.line_thickness(cfg.size),
     )
     train_pairs = RandomPairs(train_clips, pair_options, cfg.augment, cfg.seed, cfg.clip_weighting)
     val_pairs = FixedPairs(val_clips[: cfg.val_max_clips], pair_options, cfg.val_pairs_per_clip) if val_clips else None
@@ -152,6 +155,8 @@ def train_base(
     # Networks: G (trained), D (stage full), frozen perceptual backbone and identity encoder.
     generator = Generator(model_cfg).to(device).train()
     discriminator = MultiScaleDiscriminator(model_cfg.discriminator).to(device).train() if full else None
+    mouth_critic = MouthDiscriminator().to(device).train() if full and cfg.loss.mouth_gan > 0 else None
+    mouth_crop = max(64, cfg.size // 4)  # px; the mouth box is about a quarter of the face crop wide
     if cfg.perceptual_backbone == "mobilenet_v2":
         backbone = MobileNetV2Features()
     else:
@@ -159,6 +164,8 @@ def train_base(
     # Two weightings of one backbone (the module is shared, not copied).
     perceptual_warped = PerceptualPyramidLoss(backbone, cfg.loss.pyramid_scales, cfg.loss.perceptual_warped).to(device)
     perceptual_output = PerceptualPyramidLoss(backbone, cfg.loss.pyramid_scales, cfg.loss.perceptual_output).to(device)
+    mouth_layers = (cfg.loss.mouth_perceptual,) * len(cfg.loss.perceptual_output)
+    perceptual_mouth = PerceptualPyramidLoss(backbone, (1.0,), mouth_layers).to(device)
     needs_identity = full and (model_cfg.use_identity or cfg.loss.identity > 0)
     if needs_identity and model_cfg.use_identity and model_cfg.identity_dim != EMBEDDING_DIM:
         raise ValueError(
@@ -186,6 +193,12 @@ def train_base(
             [{"params": list(discriminator.parameters()), "lr": cfg.lr_discriminator, "base_lr": cfg.lr_discriminator}],
             betas=cfg.betas,
         )
+    optimizer_m = None
+    if mouth_critic is not None:
+        optimizer_m = torch.optim.Adam(
+            [{"params": list(mouth_critic.parameters()), "lr": cfg.lr_discriminator, "base_lr": cfg.lr_discriminator}],
+            betas=cfg.betas,
+        )
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)  # one scaler for G and D, as the official code
 
     # ------------------------------------------------------------------------------------------------------------
@@ -204,6 +217,9 @@ def train_base(
         if full:
             discriminator.load_state_dict(state["discriminator"])
             optimizer_d.load_state_dict(state["optimizer_discriminator"])
+        if mouth_critic is not None:
+            mouth_critic.load_state_dict(state["mouth_discriminator"])
+            optimizer_m.load_state_dict(state["optimizer_mouth_discriminator"])
         scaler.load_state_dict(state["scaler"])
         start_step, best_psnr = int(state["step"]), float(state["best_psnr"])
         _set_rng_state(state["rng"])
@@ -213,8 +229,11 @@ def train_base(
             init_model = init_model / "model"  # a run folder
         init_cfg, init_meta = load_config(init_model)  # checked before the weights are read
         # The identity branch lives in R only, so a warp run serves both sides of the identity ablation; the prior
-        # masks change no weights.
-        comparable = init_cfg.replace(prior_masks=model_cfg.prior_masks)
+        # masks, their mouth fill and the line width change no weights.
+        comparable = init_cfg.replace(
+            prior_masks=model_cfg.prior_masks, prior_mouth=model_cfg.prior_mouth,
+            line_reference_size=model_cfg.line_reference_size,
+        )  # fmt: skip
         if not cfg.init_refine:
             comparable = comparable.replace(use_identity=model_cfg.use_identity)
         if comparable != model_cfg:
@@ -231,7 +250,7 @@ def train_base(
             raise InputError(init_model, f"weights do not fit: missing {missing}, unexpected {unexpected}")
     if distributed:
         # Identical start on every rank whatever happened above (rank 0 is the reference).
-        for module in (generator, discriminator):
+        for module in (generator, discriminator, mouth_critic):
             if module is not None:
                 for tensor in list(module.parameters()) + list(module.buffers()):
                     dist.broadcast(tensor.data, src=0)
@@ -272,7 +291,7 @@ def train_base(
 
         # Learning rates of this step (official: MultiStepLR x lr_decay at each milestone).
         decay = cfg.lr_decay ** sum(step >= m for m in cfg.lr_milestones)
-        for optimizer in (optimizer_g, optimizer_d):
+        for optimizer in (optimizer_g, optimizer_d, optimizer_m):
             for group in optimizer.param_groups if optimizer is not None else ():
                 group["lr"] = group["base_lr"] * decay
 
@@ -323,6 +342,23 @@ def train_base(
                         for fake_feature, real_feature in zip(fake_features, real_features)
                     )
                     losses["feature_matching"] = cfg.loss.feature_matching * matching
+                if mouth_critic is not None or cfg.loss.mouth_perceptual > 0:
+                    mouth_boxes = batch["boxes"][:, REGIONS.index("mouth")]
+                    real_mouth = box_crops(driving, mouth_boxes, cfg.size, mouth_crop)
+                    fake_mouth = box_crops(prediction, mouth_boxes, cfg.size, mouth_crop)
+                if cfg.loss.mouth_perceptual > 0:
+                    losses["mouth_perceptual"] = perceptual_mouth(fake_mouth, real_mouth)
+                if mouth_critic is not None:
+                    mouth_lines = box_crops(batch["driving_lines"], mouth_boxes, cfg.size, mouth_crop)
+                    mouth_critic.requires_grad_(False)
+                    fake_features, fake_map = mouth_critic(fake_mouth, mouth_lines)
+                    with torch.no_grad():
+                        real_features, _ = mouth_critic(real_mouth, mouth_lines)
+                    mouth_critic.requires_grad_(True)
+                    losses["mouth_gan_g"] = cfg.loss.mouth_gan * ((1 - fake_map) ** 2).mean()
+                    if cfg.loss.mouth_feature_matching > 0:
+                        matching = sum((f - r).abs().mean() for f, r in zip(fake_features, real_features))
+                        losses["mouth_feature_matching"] = cfg.loss.mouth_feature_matching * matching
             total_g = sum(losses.values())
 
         # Non-finite loss on any rank: every rank skips this step (fail after MAX_SKIPPED_STEPS in a row).
@@ -354,12 +390,15 @@ def train_base(
                         ((1 - real_map) ** 2).mean() + (fake_map**2).mean()
                         for (_, real_map), (_, fake_map) in zip(real_scales, fake_scales)
                     )
-                optimizer_d.zero_grad(set_to_none=True)
-                scaler.scale(total_d).backward()
-                scaler.unscale_(optimizer_d)
-                losses["grad_norm_d"] = _finish_gradients(discriminator.parameters(), cfg, world_size)
-                scaler.step(optimizer_d)
+                losses["grad_norm_d"] = _critic_step(total_d, optimizer_d, discriminator, scaler, cfg, world_size)
                 losses["gan_d"] = total_d
+            if mouth_critic is not None:
+                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    _, real_map = mouth_critic(real_mouth, mouth_lines)
+                    _, fake_map = mouth_critic(fake_mouth.detach(), mouth_lines)
+                    total_m = cfg.loss.mouth_gan * (((1 - real_map) ** 2).mean() + (fake_map**2).mean())
+                losses["grad_norm_mouth_d"] = _critic_step(total_m, optimizer_m, mouth_critic, scaler, cfg, world_size)
+                losses["mouth_gan_d"] = total_m
             scaler.update()
             losses["total_g"] = total_g
             for name, value in losses.items():
@@ -421,6 +460,9 @@ def train_base(
             if full:
                 state["discriminator"] = discriminator.state_dict()
                 state["optimizer_discriminator"] = optimizer_d.state_dict()
+            if mouth_critic is not None:
+                state["mouth_discriminator"] = mouth_critic.state_dict()
+                state["optimizer_mouth_discriminator"] = optimizer_m.state_dict()
             with atomic_path(checkpoint_path) as tmp:
                 torch.save(state, tmp)
             _export_model(out_dir / "model", generator, model_cfg, {"step": step, "stage": cfg.stage})
@@ -447,6 +489,16 @@ def _face_l1(image: torch.Tensor, target: torch.Tensor, face: torch.Tensor) -> t
     """Mean absolute error inside the face mask: ``(B, 3, H, W)`` images, ``(B, 1, H, W)`` mask -> scalar."""
     area = face.sum(dim=(1, 2, 3)).clamp_min(1.0) * 3  # (B,), times 3 colour channels
     return ((image - target).abs() * face).sum(dim=(1, 2, 3)).div(area).mean()
+
+
+def _critic_step(loss, optimizer, critic: torch.nn.Module, scaler, cfg: TrainConfig, world_size: int) -> torch.Tensor:
+    """One update of a discriminator on its loss; returns its gradient norm before clipping."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    norm = _finish_gradients(critic.parameters(), cfg, world_size)
+    scaler.step(optimizer)
+    return norm
 
 
 def _finish_gradients(parameters, cfg: TrainConfig, world_size: int) -> torch.Tensor:

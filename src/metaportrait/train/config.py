@@ -39,7 +39,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from metaportrait.config import PRESETS, ModelConfig, _from_dict
+from metaportrait.config import PRESETS, ModelConfig, MouthFill, _from_dict
 from metaportrait.data.pairs import AugmentConfig
 
 Stage = Literal["warp", "full"]
@@ -69,12 +69,20 @@ class LossWeights:
     gan: float = 1.0  # LSGAN: G gets (1 - D(fake))², D gets (1 - D(real))² + D(fake)² (stage full)
     feature_matching: float = 10.0  # per discriminator layer, L1 between features of real and fake (stage full)
     identity: float = 20.0  # 1 - cos(E_id(output), E_id(source)) (stage full; disabled in the official release)
+    # Not in the official code: LSGAN and feature matching (per layer) of a local critic on mouth crops
+    # (`MouthDiscriminator`), which sees the driving lines of the crop too (stage full; 0 = no mouth critic).
+    mouth_gan: float = 0.0
+    mouth_feature_matching: float = 0.0
+    # Not in the official code: the perceptual loss (every backbone layer at this weight) on the same mouth crops.
+    mouth_perceptual: float = 0.0
 
     def __post_init__(self):
         for name, value in dataclasses.asdict(self).items():
             values = value if isinstance(value, tuple) else (value,)
             if any(v < 0 for v in values):
                 raise ValueError(f"loss.{name} must be >= 0, got {value}")
+        if self.mouth_feature_matching > 0 and self.mouth_gan == 0:
+            raise ValueError("loss.mouth_feature_matching needs loss.mouth_gan > 0 (the mouth critic only trains then)")
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,7 @@ class TrainConfig:
     # Ablations (paper Table 3): change one property of the preset's model; None keeps the preset's value.
     landmark_topology: str | None = None  # "mediapipe478" (dense) or "sparse68" (sparse) line images
     use_identity: bool | None = None  # False: refinement without the identity branch
+    prior_mouth: MouthFill | None = None  # how the mesh prior fills the mouth opening ("stretch" / "upper_lip")
     size: int = 128  # training crop side (frames are resized to it; a multiple of 32)
     batch_size: int = 8  # per process
     steps: int = 4000  # total optimiser steps (a resumed run continues up to this)
@@ -158,7 +167,10 @@ class TrainConfig:
 
     def model_config(self) -> ModelConfig:
         """The preset's model config with this run's ablation changes applied."""
-        changes = {"landmark_topology": self.landmark_topology, "use_identity": self.use_identity}
+        changes = {
+            "landmark_topology": self.landmark_topology, "use_identity": self.use_identity,
+            "prior_mouth": self.prior_mouth,
+        }  # fmt: skip
         return PRESETS[self.preset].replace(**{k: v for k, v in changes.items() if v is not None})
 
     def replace(self, **changes: Any) -> TrainConfig:

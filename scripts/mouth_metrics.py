@@ -1,0 +1,123 @@
+"""How well checkpoints synthesise the mouth opening the source lacks, on held-out pairs, with a picture.
+
+From the fixed validation pairs of a prepared dataset (held-out identities, first frame -> evenly spaced frames),
+keep the pairs where the driving mouth is open clearly wider than the source's (the prior masks' mouth channel
+exceeds ``--min-need``): there the output has to paint teeth and the dark interior. On 64² crops around the
+driving mouth box, per method: L1, ST-LPIPS (alex) and the crop's standard deviation relative to the real
+crop's (contrast: 1 = as contrasted as the real mouth, below = a flat average). The PNG shows the widest
+openings, one row per held-out person (the widest of each clip): real | mesh warp | each checkpoint::
+
+    python scripts/mouth_metrics.py --data datasets/shared256 --checkpoint shipped=default \\
+        --checkpoint candidate=runs/x/model --output docs/images/mouth_heldout.png
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from metaportrait.config import PRESETS
+from metaportrait.data.dataset import PreparedDataset, split_by_identity
+from metaportrait.data.mesh_warp import mesh_warp_grid
+from metaportrait.data.pairs import REGIONS, FixedPairs, PairOptions, box_crops
+from metaportrait.eval.features import STLPIPS
+from metaportrait.eval.protocols import label_tile
+from metaportrait.io.checkpoint import load_model
+from metaportrait.io.image import to_uint8_frames, write_image
+from metaportrait.pipeline import bundled_checkpoint, dlib_identity_encoder
+
+CROP = 64
+TILE = 128
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="`metaportrait prepare` output")
+    parser.add_argument("--checkpoint", action="append", required=True, metavar="NAME=PATH",
+                        help="a model folder ('default' = the bundled one); repeat for several")  # fmt: skip
+    parser.add_argument("--identities", type=Path, default=Path("docs/splits/val_identities.txt"))
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--per-clip", type=int, default=24, help="pairs per clip before the open-mouth filter")
+    parser.add_argument("--min-need", type=float, default=0.3, help="mouth-mask maximum that marks a pair")
+    parser.add_argument("--rows", type=int, default=6, help="pairs in the picture")
+    parser.add_argument("--output", type=Path, help="PNG of the widest openings")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    names = [line.split("#")[0].strip() for line in args.identities.read_text(encoding="utf-8").splitlines()]
+    _, clips = split_by_identity(PreparedDataset(args.data), [n for n in names if n])
+    models = {}
+    for item in args.checkpoint:
+        name, _, path = item.partition("=")
+        models[name] = load_model(bundled_checkpoint() if path == "default" else path)
+    size = args.size
+
+    def pairs_for(cfg) -> FixedPairs:
+        """The same pairs, with the prior and the lines each model was trained with."""
+        options = PairOptions(size=size, prior_size=size, prior_masks=True, prior_mouth=cfg.prior_mouth,
+                              line_thickness=cfg.line_thickness(size))  # fmt: skip
+        return FixedPairs(clips, options, args.per_clip)
+
+    # Open-mouth pairs: where the stretching mesh cannot fill the opening (its mask weighs what the source lacks).
+    pairs = pairs_for(PRESETS["lite"].replace(prior_mouth="stretch"))
+    model_pairs = {name: pairs_for(cfg) for name, (_, cfg) in models.items()}
+    chosen = [i for i in range(len(pairs)) if float(pairs[i]["prior_masks"][1].max()) > args.min_need]
+    if not chosen:
+        raise SystemExit(f"no held-out pair opens the mouth past --min-need {args.min_need}")
+    encoder = dlib_identity_encoder()
+    metric = STLPIPS("alex")
+
+    crops: dict[str, list[torch.Tensor]] = {"real": [], "mesh-warp": [], **{name: [] for name in models}}
+    needs = []
+    for index in chosen:
+        sample = {k: v[None] for k, v in pairs[index].items()}
+        box = sample["boxes"][:, REGIONS.index("mouth")]
+        needs.append(float(sample["prior_masks"][0, 1].max()))
+        crops["real"].append(box_crops(sample["driving"], box, size, CROP))
+        grid = mesh_warp_grid(sample["source_landmarks"][0].numpy(), sample["driving_landmarks"][0].numpy(), size,
+                              size, face_masked=True)  # fmt: skip
+        mesh = F.grid_sample(sample["source"], torch.from_numpy(grid)[None], padding_mode="border",
+                             align_corners=False)  # fmt: skip
+        crops["mesh-warp"].append(box_crops(mesh, box, size, CROP))
+        identity = encoder.embed(sample["source"], sample["source_landmarks"])
+        for name, (generator, cfg) in models.items():
+            own = {k: v[None] for k, v in model_pairs[name][index].items()}
+            with torch.no_grad():
+                out = generator.eval()(own["source"], own["source_lines"], own["driving_lines"],
+                                       identity=identity if cfg.use_identity else None,
+                                       prior_grid=own["prior_grid"], prior_masks=own["prior_masks"])  # fmt: skip
+            crops[name].append(box_crops(out["output"].clamp(0, 1), box, size, CROP))
+    stacked = {name: torch.cat(values) for name, values in crops.items()}
+    real = stacked["real"]
+    print(f"{len(chosen)} of {len(pairs)} held-out pairs open the mouth past {args.min_need}; {CROP}² mouth crops")
+    print("| method | L1 ↓ | ST-LPIPS ↓ | contrast (std / real std) → 1 |\n|---|---|---|---|")
+    for name in list(stacked)[1:]:
+        image = stacked[name]
+        l1 = (image - real).abs().mean().item()
+        with torch.no_grad():
+            lpips = metric(image, real).mean().item()
+        contrast = (image.flatten(1).std(1) / real.flatten(1).std(1).clamp_min(1e-3)).mean().item()
+        print(f"| {name} | {l1:.4f} | {lpips:.4f} | {contrast:.3f} |")
+
+    if args.output:
+        # The widest opening of each clip, widest clips first (one person per row).
+        per_clip: dict[int, int] = {}
+        for k in np.argsort(needs)[::-1]:
+            per_clip.setdefault(pairs.pairs[chosen[k]][0], int(k))
+        widest = list(per_clip.values())[: args.rows]
+        rows = []
+        for k in widest:
+            tiles = [to_uint8_frames(stacked[name][k : k + 1])[0] for name in stacked]
+            rows.append(np.concatenate([label_tile(cv2.resize(t, (TILE, TILE), interpolation=cv2.INTER_CUBIC), name)
+                                        for t, name in zip(tiles, stacked)], axis=1))  # fmt: skip
+        write_image(args.output, np.concatenate(rows, axis=0))
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
