@@ -312,9 +312,11 @@ def test_config_from_before_prior_masks_loads_with_them_off():
 
 def test_line_width_follows_the_image_size_the_model_was_trained_at():
     lite, official = PRESETS["lite"], PRESETS["official"]
-    assert [lite.line_thickness(s) for s in (64, 128, 256, 512)] == [1, 1, 2, 4]
+    scaled = lite.replace(line_reference_size=128)
+    assert [scaled.line_thickness(s) for s in (64, 128, 256, 512)] == [1, 1, 2, 4]
+    assert lite.line_thickness(256) == 1  # the preset keeps 1-px lines (docs/model_card.md)
     assert official.line_thickness(256) == official.line_thickness(512) == 1
-    data = lite.to_dict()
+    data = scaled.to_dict()
     del data["line_reference_size"]  # a config written before the field: 1-px lines, as it was trained
     assert ModelConfig.from_dict(data).line_thickness(256) == 1
     with pytest.raises(ValueError, match="line_reference_size"):

@@ -153,6 +153,28 @@ def test_source_lines_have_the_width_the_model_was_trained_with(astronaut):
     assert wide.sum() > 1.3 * thin.sum()
 
 
+def test_bundled_model_keeps_the_source_teeth_under_the_upper_lip(astronaut):
+    """The astronaut smiles with her upper teeth showing. Opening her mouth wider must keep those teeth under the
+    upper lip (the mesh prior's "upper_lip" fill), not stretch or repaint them: the output just below the upper
+    lip's centre is as bright as her teeth (the previous, stretching model measured 179 against 227)."""
+    image, points = astronaut
+    animator = Animator.from_pretrained()
+    assert animator.config.prior_mouth == "upper_lip"
+    source = animator.prepare_source(image, landmarks=points)
+
+    def under_upper_lip(crop: np.ndarray, landmarks: np.ndarray, depth: float) -> float:
+        x, y = int(landmarks[13, 0]), int(landmarks[13, 1] + depth)  # 13: centre of the upper inner lip
+        return float(crop[y - 1 : y + 2, x - 3 : x + 4].mean())
+
+    depth = 0.4 * (source.crop_landmarks[14, 1] - source.crop_landmarks[13, 1])  # inside her own opening
+    teeth = under_upper_lip(source.crop, source.crop_landmarks, depth)
+    assert teeth > 200
+    for mouth in (0.6, 0.9):
+        target = Controls(mouth=mouth).apply(source.crop_landmarks)
+        (frame,) = animator._generate(source, [target])
+        assert abs(under_upper_lip(frame, target, depth) - teeth) < 20, mouth
+
+
 def test_video_driving_tracks_and_counts_lost_frames(animator, astronaut):
     image, points = astronaut
     clip = driving_frames(image, 5)

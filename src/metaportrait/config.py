@@ -130,8 +130,9 @@ class ModelConfig:
     # Without a mesh prior it has no effect.
     prior_mouth: MouthFill = "stretch"
     # Image side at which the landmark lines are 1 px wide; at other sides the width scales with it (rounded, at
-    # least 1 px), so a model trained at 128² sees the same lines at 256² (thin lines at 256² cost 0.1 dB: the
-    # warp network's 128² input then shows them at half strength). None: 1 px at every size (official).
+    # least 1 px), so a model trained at 128² sees lines of the same relative width at 256² (its warp network's
+    # 128² input otherwise shows them at half strength). None: 1 px at every size (official, and lite: measured
+    # on the lite model, 2-px lines at 256² kept PSNR and worsened the face L1; docs/model_card.md).
     line_reference_size: int | None = None
     norm: Norm = "instance"  # parameter-free normalisation in E_w, F_w and the fused norms of SPDAE_G
     spectral_norm: bool = True  # official: spectral norm on E_w convs and on every SPDAE_G conv
@@ -235,7 +236,7 @@ _LITE = ModelConfig(
     use_mesh_prior=True,
     prior_masks=True,
     prior_mouth="upper_lip",
-    line_reference_size=128,
+    # line_reference_size stays None: 2-px lines at 256² measured no PSNR gain and a worse face L1 (model card).
     # InstanceNorm measured +10-20% on the lite training step (128², batch 8, 1 thread) for little expected gain at
     # this size; FiLM / SPADE modulations work on the raw activations instead.
     norm="none",

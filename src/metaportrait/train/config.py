@@ -25,10 +25,12 @@ Recipes (`recipe(preset, stage, steps)`):
     equals the perceptual term (100 x 0.067 ~ 6.7), as in the CPU prototype (notes/feasibility.md §3), where
     it was what made the PSNR move within a one-hour budget;
   - eye and mouth losses are L1 inside the boxes (official: squared error) at x10 (official 50 / 10 = 5,
-    doubled: the mouth is where the mesh-warp prior fails and the budget is short); the mouth at x30 since the
-    prior masks make the model synthesise the mouth opening;
+    doubled: the mouth is where the mesh-warp prior fails and the budget is short);
   - a face-region L1 (x50, on the warped image and the output, inside the driving face-oval hull): the
-    whole-frame terms are dominated by hair and background, and the face is what the baselines get right.
+    whole-frame terms are dominated by hair and background, and the face is what the baselines get right;
+  - on 64² crops around the driving mouth box, a perceptual loss (x2 per layer) and a local critic
+    (`MouthDiscriminator`, LSGAN x1, feature matching x2), with the mouth-box L1 lowered to x15: the
+    whole-frame losses alone paint the average mouth, a flat fill (docs/model_card.md, "Mouth").
 * ``tiny``: ``lite`` at 64² with batch 2 and frequent logging/checkpoints, for tests.
 """
 
@@ -185,11 +187,14 @@ _LITE_LOSS = LossWeights(
     l1_warped=25.0,
     l1_output=100.0,
     eye=10.0,
-    mouth=30.0,
+    mouth=15.0,
     face=50.0,
     gan=0.1,
     feature_matching=1.0,
     identity=2.0,
+    mouth_gan=1.0,
+    mouth_feature_matching=2.0,
+    mouth_perceptual=2.0,
 )
 
 
