@@ -16,7 +16,7 @@ import numpy as np
 
 from metaportrait.data.landmarks import landmarks_of_image
 from metaportrait.data.mesh_warp import mesh_warp_image
-from metaportrait.eval.protocols import label_tile
+from metaportrait.eval.report import label_tile
 from metaportrait.io.image import write_image
 from metaportrait.motion import Controls
 from metaportrait.pipeline import Animator

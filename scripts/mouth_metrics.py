@@ -26,7 +26,7 @@ from metaportrait.data.dataset import PreparedDataset, split_by_identity
 from metaportrait.data.mesh_warp import mesh_warp_grid
 from metaportrait.data.pairs import REGIONS, FixedPairs, PairOptions, box_crops
 from metaportrait.eval.features import STLPIPS
-from metaportrait.eval.protocols import label_tile
+from metaportrait.eval.report import label_tile
 from metaportrait.io.checkpoint import load_model
 from metaportrait.io.image import to_uint8_frames, write_image
 from metaportrait.pipeline import bundled_checkpoint, dlib_identity_encoder

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from metaportrait.eval import protocols
+from metaportrait.eval import protocols, report
 
 SIZE = 128
 
@@ -103,11 +103,11 @@ def test_self_protocol_known_answers(self_result):
 def test_report_outputs(self_result):
     visuals = self_result.visuals
     assert visuals.clips == ["astronaut_turn"] and visuals.driving[0].shape == (5, SIZE, SIZE, 3)
-    grid = protocols.comparison_grid(visuals, steps=3, tile=64)
+    grid = report.comparison_grid(visuals, steps=3, tile=64)
     assert grid.shape == (64 * 5, 64 * 4, 3) and grid.dtype == np.uint8  # rows: driving + 4 methods
-    frames = list(protocols.side_by_side_frames(visuals))
+    frames = list(report.side_by_side_frames(visuals))
     assert len(frames) == 5 and frames[0].shape == (SIZE, SIZE * 6, 3)  # source, driving, 4 methods
-    table = protocols.markdown_table(self_result.results)
+    table = report.markdown_table(self_result.results)
     assert table.splitlines()[0].startswith("| method | FID ↓ | LPIPS ↓ | FD-MNv2 ↓ | ST-LPIPS ↓")
     oracle_row = next(line for line in table.splitlines() if line.startswith("| oracle |"))
     assert oracle_row.split(" | ")[2] == "**0.0000**"  # best (zero) LPIPS in bold
@@ -117,7 +117,7 @@ def test_report_outputs(self_result):
 def test_markdown_table_marks_the_best():
     results = {"methods": {"a": {"psnr": {"mean": 20.0}, "l1": {"mean": 0.1}},
                            "b": {"psnr": {"mean": 25.0}, "l1": {"mean": None}}}}
-    lines = protocols.markdown_table(results).splitlines()
+    lines = report.markdown_table(results).splitlines()
     assert lines[0] == "| method | L1 ↓ | PSNR ↑ |"
     assert lines[2] == "| a | **0.1000** | 20.00 |"
     assert lines[3] == "| b | – | **25.00** |"

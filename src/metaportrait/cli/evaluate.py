@@ -162,7 +162,7 @@ def _run_curve(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from metaportrait.eval import protocols
+    from metaportrait.eval import protocols, report
     from metaportrait.io.image import write_image
     from metaportrait.io.video import VideoWriter, even_size
 
@@ -188,14 +188,14 @@ def run(args: argparse.Namespace) -> int:
 
     results = {"protocol": outcome.results["protocol"], "command": _command(args), "checkpoints": hashes,
                **outcome.results}
-    table = protocols.markdown_table(results)
+    table = report.markdown_table(results)
     write_text_atomic(args.output, json.dumps(results, indent=2, allow_nan=False) + "\n")
     write_text_atomic(args.output.with_suffix(".md"), f"# {args.protocol} evaluation\n\n`{results['command']}`\n\n{table}")
-    write_image(args.output.with_suffix(".png"), protocols.comparison_grid(outcome.visuals))
+    write_image(args.output.with_suffix(".png"), report.comparison_grid(outcome.visuals))
     _write_series(results, args.output)
     if not args.no_video:
         with VideoWriter(args.output.with_suffix(".mp4"), fps=outcome.visuals.fps) as writer:
-            for frame in protocols.side_by_side_frames(outcome.visuals):
+            for frame in report.side_by_side_frames(outcome.visuals):
                 writer.write(even_size(frame))
     print(table, end="")
     logger.info("wrote %s (+ .md, .png%s)", args.output, "" if args.no_video else ", .mp4")
