@@ -8,7 +8,9 @@ crop's (contrast: 1 = as contrasted as the real mouth, below = a flat average). 
 openings, one row per held-out person (the widest of each clip): real | mesh warp | each checkpoint::
 
     python scripts/mouth_metrics.py --data datasets/shared256 --checkpoint shipped=default \\
-        --checkpoint candidate=runs/x/model --output docs/images/mouth_heldout.png
+        --checkpoint candidate=runs/x/model --output results/mouth_heldout.png
+
+The picture shows crops of real people from the shared data: keep it out of the repository.
 """
 
 from __future__ import annotations
