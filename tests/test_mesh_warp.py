@@ -171,6 +171,12 @@ def test_upper_lip_fill_keeps_the_source_interior_unstretched(face):
     assert below[: row - 1, column].max() < 0.05  # at the lip centre, nothing above the source's own opening depth
     with pytest.raises(ValueError, match="mouth"):
         mesh_warp_grid(landmarks, opened, SIZE, SIZE, mouth="sideways")
+    # The model config names the same fills (it does not import this module, which needs OpenCV and SciPy).
+    from typing import get_args
+
+    from metaportrait.config import MouthFill
+
+    assert get_args(MouthFill) == mesh_warp.MOUTH_FILLS == get_args(mesh_warp.MouthFill)
 
 
 def test_rejects_bad_landmarks(face):
