@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from metaportrait.data.dataset import PreparedDataset, split_by_identity
+from metaportrait.data.dataset import PreparedDataset, parse_identities, split_by_identity
 from metaportrait.data.mesh_warp import face_mask, mesh_warp_grid
 from metaportrait.data.pairs import FixedPairs, PairOptions
 from metaportrait.io.checkpoint import load_model
@@ -36,8 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    names = [line.split("#")[0].strip() for line in args.identities.read_text(encoding="utf-8").splitlines()]
-    _, clips = split_by_identity(PreparedDataset(args.data), [n for n in names if n])
+    _, clips = split_by_identity(PreparedDataset(args.data), parse_identities(args.identities))
     generator, cfg = load_model(bundled_checkpoint() if args.checkpoint == "default" else args.checkpoint)
     generator.eval()
     size = args.size

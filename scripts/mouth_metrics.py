@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from metaportrait.config import PRESETS
-from metaportrait.data.dataset import PreparedDataset, split_by_identity
+from metaportrait.data.dataset import PreparedDataset, parse_identities, split_by_identity
 from metaportrait.data.mesh_warp import mesh_warp_grid
 from metaportrait.data.pairs import REGIONS, FixedPairs, PairOptions, box_crops
 from metaportrait.eval.features import STLPIPS
@@ -51,8 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    names = [line.split("#")[0].strip() for line in args.identities.read_text(encoding="utf-8").splitlines()]
-    _, clips = split_by_identity(PreparedDataset(args.data), [n for n in names if n])
+    _, clips = split_by_identity(PreparedDataset(args.data), parse_identities(args.identities))
     models = {}
     for item in args.checkpoint:
         name, _, path = item.partition("=")
@@ -60,12 +59,15 @@ def main() -> None:
     size = args.size
 
     def pairs_for(cfg) -> FixedPairs:
-        """The same pairs, with the prior and the lines each model was trained with."""
+        """The same pairs, with the prior and the lines each model was trained with (one set per kind)."""
         options = PairOptions(size=size, prior_size=size, prior_masks=True, prior_mouth=cfg.prior_mouth,
                               line_thickness=cfg.line_thickness(size))  # fmt: skip
-        return FixedPairs(clips, options, args.per_clip)
+        if options not in pair_sets:
+            pair_sets[options] = FixedPairs(clips, options, args.per_clip)
+        return pair_sets[options]
 
     # Open-mouth pairs: where the stretching mesh cannot fill the opening (its mask weighs what the source lacks).
+    pair_sets: dict[PairOptions, FixedPairs] = {}
     pairs = pairs_for(PRESETS["lite"].replace(prior_mouth="stretch"))
     model_pairs = {name: pairs_for(cfg) for name, (_, cfg) in models.items()}
     chosen = [i for i in range(len(pairs)) if float(pairs[i]["prior_masks"][1].max()) > args.min_need]

@@ -304,12 +304,11 @@ class Animator:
             np.stack([draw_landmark_image(t, size, size, self.config.landmark_topology, thickness) for t in targets])
         )  # (B, 3, S, S)
         prior_grid = masks = None
+        mouth = self.config.prior_mouth
         if self.config.use_mesh_prior:
-            mouth = self.config.prior_mouth
             grids = [mesh_warp_grid(source.crop_landmarks, t, size, size, mouth=mouth) for t in targets]
             prior_grid = torch.from_numpy(np.stack(grids))  # (B, S, S, 2)
         if self.config.prior_masks:
-            mouth = self.config.prior_mouth
             masks = torch.from_numpy(
                 np.stack([prior_masks(source.crop_landmarks, t, size, size, mouth=mouth) for t in targets])
             )  # (B, 2, S, S)

@@ -90,19 +90,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     base.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
-def _identities(value: str) -> tuple[str, ...]:
-    path = Path(value)
-    if path.is_file():
-        lines = path.read_text(encoding="utf-8").splitlines()
-        names = [line.split("#")[0].strip() for line in lines]
-    else:
-        names = [name.strip() for name in value.split(",")]
-    names = [name for name in names if name]
-    if not names:
-        raise InputError(value, "no identity names given")
-    return tuple(names)
-
-
 def _loss_weights(items: list[str], recipe_losses):
     """``["mouth_gan=1", ...]`` applied to the recipe's `LossWeights` (scalar weights only)."""
     changes = {}
@@ -120,12 +107,13 @@ def _loss_weights(items: list[str], recipe_losses):
 
 def build_config(args: argparse.Namespace):
     """The `TrainConfig` of the command line: recipe + overrides, or the resumed run's config."""
+    from metaportrait.data.dataset import parse_identities
     from metaportrait.train.base import RESUMABLE_CHANGES
     from metaportrait.train.config import TrainConfig, recipe
 
     given = {field: getattr(args, flag) for flag, field in _OVERRIDES.items() if getattr(args, flag) is not None}
     if "val_identities" in given:
-        given["val_identities"] = _identities(given["val_identities"])
+        given["val_identities"] = parse_identities(given["val_identities"])
     if args.resume:
         saved = args.out / "train_config.json"
         if not saved.is_file():

@@ -141,6 +141,23 @@ def group_by_identity(clips: Iterable[PreparedClip]) -> dict[str, list[PreparedC
     return dict(sorted(groups.items()))
 
 
+def parse_identities(value: str | Path) -> tuple[str, ...]:
+    """Identity names from a file (one per line, ``#`` starts a comment) or a comma-separated list.
+
+    Raises:
+        InputError: no name is given.
+    """
+    path = Path(value)
+    if path.is_file():
+        names = [line.split("#")[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    else:
+        names = [name.strip() for name in str(value).split(",")]
+    names = [name for name in names if name]
+    if not names:
+        raise InputError(value, "no identity names given")
+    return tuple(names)
+
+
 def split_by_identity(
     clips: Iterable[PreparedClip], val_identities: Iterable[str]
 ) -> tuple[list[PreparedClip], list[PreparedClip]]:

@@ -37,7 +37,7 @@ from torch.utils.data import Dataset, Sampler
 
 from metaportrait.data.dataset import PreparedClip
 from metaportrait.data.drawing import draw_landmark_image
-from metaportrait.data.mesh_warp import face_mask, mesh_warp_grid, prior_masks
+from metaportrait.data.mesh_warp import MouthFill, face_mask, mesh_warp_grid, prior_masks
 from metaportrait.io.image import frames_to_tensor
 
 NUM_LANDMARKS = 478
@@ -272,7 +272,7 @@ class PairOptions:
     # at the prior's resolution, so the inference pipeline passes it at the image size; so do we by default.
     prior_size: int | None = None
     prior_masks: bool = False  # also the `mesh_warp.prior_masks` of the driving face, at the prior's size
-    prior_mouth: str = "stretch"  # how the prior grid and masks fill the mouth opening (`mesh_warp.MouthFill`)
+    prior_mouth: MouthFill = "stretch"  # how the prior grid and masks fill the mouth opening
     line_thickness: int = 1  # px (`ModelConfig.line_thickness`)
 
     def __post_init__(self):

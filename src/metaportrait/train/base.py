@@ -334,13 +334,8 @@ def train_base(
                     with torch.no_grad():
                         real_scales = discriminator(driving)
                     discriminator.requires_grad_(True)
-                    gan = sum(((1 - prediction_map) ** 2).mean() for _, prediction_map in fake_scales)
+                    gan, matching = _generator_adversarial(fake_scales, real_scales)
                     losses["gan_g"] = cfg.loss.gan * gan
-                    matching = sum(
-                        (fake_feature - real_feature).abs().mean()
-                        for (fake_features, _), (real_features, _) in zip(fake_scales, real_scales)
-                        for fake_feature, real_feature in zip(fake_features, real_features)
-                    )
                     losses["feature_matching"] = cfg.loss.feature_matching * matching
                 if mouth_critic is not None or cfg.loss.mouth_perceptual > 0:
                     mouth_boxes = batch["boxes"][:, REGIONS.index("mouth")]
@@ -351,13 +346,13 @@ def train_base(
                 if mouth_critic is not None:
                     mouth_lines = box_crops(batch["driving_lines"], mouth_boxes, cfg.size, mouth_crop)
                     mouth_critic.requires_grad_(False)
-                    fake_features, fake_map = mouth_critic(fake_mouth, mouth_lines)
+                    fake_scales = [mouth_critic(fake_mouth, mouth_lines)]  # one scale
                     with torch.no_grad():
-                        real_features, _ = mouth_critic(real_mouth, mouth_lines)
+                        real_scales = [mouth_critic(real_mouth, mouth_lines)]
                     mouth_critic.requires_grad_(True)
-                    losses["mouth_gan_g"] = cfg.loss.mouth_gan * ((1 - fake_map) ** 2).mean()
+                    gan, matching = _generator_adversarial(fake_scales, real_scales)
+                    losses["mouth_gan_g"] = cfg.loss.mouth_gan * gan
                     if cfg.loss.mouth_feature_matching > 0:
-                        matching = sum((f - r).abs().mean() for f, r in zip(fake_features, real_features))
                         losses["mouth_feature_matching"] = cfg.loss.mouth_feature_matching * matching
             total_g = sum(losses.values())
 
@@ -386,17 +381,14 @@ def train_base(
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                     real_scales = discriminator(driving)
                     fake_scales = discriminator(prediction.detach())
-                    total_d = cfg.loss.gan * sum(
-                        ((1 - real_map) ** 2).mean() + (fake_map**2).mean()
-                        for (_, real_map), (_, fake_map) in zip(real_scales, fake_scales)
-                    )
+                    total_d = cfg.loss.gan * _critic_loss(real_scales, fake_scales)
                 losses["grad_norm_d"] = _critic_step(total_d, optimizer_d, discriminator, scaler, cfg, world_size)
                 losses["gan_d"] = total_d
             if mouth_critic is not None:
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                    _, real_map = mouth_critic(real_mouth, mouth_lines)
-                    _, fake_map = mouth_critic(fake_mouth.detach(), mouth_lines)
-                    total_m = cfg.loss.mouth_gan * (((1 - real_map) ** 2).mean() + (fake_map**2).mean())
+                    real_scales = [mouth_critic(real_mouth, mouth_lines)]
+                    fake_scales = [mouth_critic(fake_mouth.detach(), mouth_lines)]
+                    total_m = cfg.loss.mouth_gan * _critic_loss(real_scales, fake_scales)
                 losses["grad_norm_mouth_d"] = _critic_step(total_m, optimizer_m, mouth_critic, scaler, cfg, world_size)
                 losses["mouth_gan_d"] = total_m
             scaler.update()
@@ -489,6 +481,26 @@ def _face_l1(image: torch.Tensor, target: torch.Tensor, face: torch.Tensor) -> t
     """Mean absolute error inside the face mask: ``(B, 3, H, W)`` images, ``(B, 1, H, W)`` mask -> scalar."""
     area = face.sum(dim=(1, 2, 3)).clamp_min(1.0) * 3  # (B,), times 3 colour channels
     return ((image - target).abs() * face).sum(dim=(1, 2, 3)).div(area).mean()
+
+
+def _generator_adversarial(fake_scales, real_scales) -> tuple[torch.Tensor, torch.Tensor]:
+    """LSGAN generator term sum_s mean (1 - D_s(fake))² and feature matching sum_s,l mean |f_l(fake) - f_l(real)|,
+    from a critic's per-scale ``(features, prediction)`` outputs on the output and (without gradient) the target."""
+    gan = sum(((1 - prediction) ** 2).mean() for _, prediction in fake_scales)
+    matching = sum(
+        (fake_feature - real_feature).abs().mean()
+        for (fake_features, _), (real_features, _) in zip(fake_scales, real_scales)
+        for fake_feature, real_feature in zip(fake_features, real_features)
+    )
+    return gan, matching
+
+
+def _critic_loss(real_scales, fake_scales) -> torch.Tensor:
+    """LSGAN critic loss sum_s mean (1 - D_s(real))² + mean D_s(fake)²."""
+    return sum(
+        ((1 - real_map) ** 2).mean() + (fake_map**2).mean()
+        for (_, real_map), (_, fake_map) in zip(real_scales, fake_scales)
+    )
 
 
 def _critic_step(loss, optimizer, critic: torch.nn.Module, scaler, cfg: TrainConfig, world_size: int) -> torch.Tensor:
