@@ -297,6 +297,16 @@ def test_full_stage_continues_a_full_model(warp_run, dataset_dir, tmp_path):
     for key, value in start.state_dict().items():
         torch.testing.assert_close(second.generator.state_dict()[key], value, atol=1e-5, rtol=0)
     assert first.generator is not second.generator
+    # init_refine_from: the warp network of one model under the refinement network of another.
+    third = train_base(_tiny("full", 1, init=str(warp_run), init_refine_from=str(tmp_path / "first"), lr=1e-9),
+                       dataset_dir, tmp_path / "third", progress=False)  # fmt: skip
+    warp_start, _ = load_model(warp_run / "model")
+    for key, value in third.generator.state_dict().items():
+        source = warp_start if key.split(".")[0] in ("ladder_network", "dense_motion_network") else start
+        torch.testing.assert_close(value, source.state_dict()[key], atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match="full-stage"):
+        train_base(_tiny("full", 1, init=str(warp_run), init_refine_from=str(warp_run)), dataset_dir,
+                   tmp_path / "y", progress=False)  # fmt: skip
 
 
 def read_sample_width(run: Path) -> int:

@@ -44,6 +44,7 @@ _OVERRIDES = {
     "prior_mouth": "prior_mouth",
     "init": "init",
     "init_refine": "init_refine",
+    "init_refine_from": "init_refine_from",
     "lr_milestones": "lr_milestones",
 }
 
@@ -61,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="stage full: start from the warp network of this run (or model folder)")  # fmt: skip
     base.add_argument("--init-refine", action="store_const", const=True,
                       help="with --init: also load its refinement network (a full-stage run or model)")  # fmt: skip
+    base.add_argument("--init-refine-from", metavar="RUN_DIR",
+                      help="with --init: load the refinement network from this other full-stage run or model")  # fmt: skip
     base.add_argument("--steps", type=int, help="total training steps (default: the recipe's)")
     base.add_argument("--batch-size", type=int, help="pairs per step and process")
     base.add_argument("--size", type=int, help="training crop size in pixels (multiple of 32)")
@@ -126,8 +129,9 @@ def build_config(args: argparse.Namespace):
             raise InputError(saved, f"the run is stage {cfg.stage!r}, preset {cfg.preset!r}; the command line differs")
         return cfg.replace(**given)
     cfg = recipe(args.preset or "lite", args.stage, given.get("steps"))
-    if "init" in given:
-        given["init"] = str(Path(given["init"]))
+    for key in ("init", "init_refine_from"):
+        if key in given:
+            given[key] = str(Path(given[key]))
     if "lr_milestones" in given:
         given["lr_milestones"] = tuple(given["lr_milestones"])
     try:

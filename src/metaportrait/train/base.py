@@ -224,30 +224,11 @@ def train_base(
         start_step, best_psnr = int(state["step"]), float(state["best_psnr"])
         _set_rng_state(state["rng"])
     elif cfg.init is not None:
-        init_model = Path(cfg.init)
-        if not (init_model / "config.json").is_file():
-            init_model = init_model / "model"  # a run folder
-        init_cfg, init_meta = load_config(init_model)  # checked before the weights are read
-        # The identity branch lives in R only, so a warp run serves both sides of the identity ablation; the prior
-        # masks, their mouth fill and the line width change no weights.
-        comparable = init_cfg.replace(
-            prior_masks=model_cfg.prior_masks, prior_mouth=model_cfg.prior_mouth,
-            line_reference_size=model_cfg.line_reference_size,
-        )  # fmt: skip
-        if not cfg.init_refine:
-            comparable = comparable.replace(use_identity=model_cfg.use_identity)
-        if comparable != model_cfg:
-            raise InputError(init_model, "its model config differs from this run's; cannot initialise from it")
-        if cfg.init_refine and init_meta.get("stage") != "full":
-            stage = init_meta.get("stage")
-            raise InputError(init_model, f"init_refine needs a full-stage model, this one is {stage!r}")
-        init_run, _ = load_model(init_model)
-        # The warping network, as the official Full stage (the warp stage never trains R); or all of G.
-        keep = None if cfg.init_refine else _WARP_MODULES
-        init_state = {k: v for k, v in init_run.state_dict().items() if keep is None or k.split(".")[0] in keep}
-        missing, unexpected = generator.load_state_dict(init_state, strict=False)
-        if unexpected or any(keep is None or k.split(".")[0] in keep for k in missing):
-            raise InputError(init_model, f"weights do not fit: missing {missing}, unexpected {unexpected}")
+        # The warping network, as the official Full stage (the warp stage never trains R); or all of G; or R from
+        # another model.
+        _load_init(generator, model_cfg, Path(cfg.init), "all" if cfg.init_refine else "warp")
+        if cfg.init_refine_from is not None:
+            _load_init(generator, model_cfg, Path(cfg.init_refine_from), "refine")
     if distributed:
         # Identical start on every rank whatever happened above (rank 0 is the reference).
         for module in (generator, discriminator, mouth_critic):
@@ -475,6 +456,40 @@ def train_base(
 # Helpers of the loop.
 
 _WARP_MODULES = ("ladder_network", "dense_motion_network")
+
+
+def _load_init(generator: Generator, model_cfg: ModelConfig, path: Path, part: str) -> None:
+    """Load the ``part`` ("warp", "refine" or "all") of G from a run folder (its ``model/``) or a model folder.
+
+    The two model configs must agree on that part; the prior masks, their mouth fill and the line width change
+    no weights, and the identity branch lives in R only, so a warp run serves both sides of the identity ablation.
+    """
+    if not (path / "config.json").is_file():
+        path = path / "model"  # a run folder
+    init_cfg, init_meta = load_config(path)  # checked before the weights are read
+    comparable = init_cfg.replace(
+        prior_masks=model_cfg.prior_masks, prior_mouth=model_cfg.prior_mouth,
+        line_reference_size=model_cfg.line_reference_size,
+    )  # fmt: skip
+    if part == "warp":
+        comparable = comparable.replace(use_identity=model_cfg.use_identity, refine=model_cfg.refine)
+    if part == "refine":
+        comparable = comparable.replace(warp=model_cfg.warp)
+    if comparable != model_cfg:
+        raise InputError(path, "its model config differs from this run's; cannot initialise from it")
+    if part != "warp" and init_meta.get("stage") != "full":
+        stage = init_meta.get("stage")
+        raise InputError(path, f"loading a refinement network needs a full-stage model, this one is {stage!r}")
+    init_run, _ = load_model(path)
+
+    def wanted(key: str) -> bool:
+        return part == "all" or (key.split(".")[0] in _WARP_MODULES) == (part == "warp")
+
+    missing, unexpected = generator.load_state_dict(
+        {k: v for k, v in init_run.state_dict().items() if wanted(k)}, strict=False
+    )
+    if unexpected or any(wanted(k) for k in missing):
+        raise InputError(path, f"weights do not fit: missing {missing}, unexpected {unexpected}")
 
 
 def _face_l1(image: torch.Tensor, target: torch.Tensor, face: torch.Tensor) -> torch.Tensor:

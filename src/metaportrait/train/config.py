@@ -128,9 +128,11 @@ class TrainConfig:
     val_every: int = 500
     # Start and reproducibility.
     # Stage full: a run folder (its ``model/``) or a model folder whose warp network weights are loaded; with
-    # ``init_refine`` also its refinement network (it must come from a full-stage run).
+    # ``init_refine`` also its refinement network (it must come from a full-stage run). ``init_refine_from``: the
+    # refinement network from this other full-stage run or model instead (e.g. a new warp network under trained R).
     init: str | None = None
     init_refine: bool = False
+    init_refine_from: str | None = None
     seed: int = 0
     threads: int = 2  # torch CPU threads per process
 
@@ -155,6 +157,8 @@ class TrainConfig:
             raise ValueError("init (a warp-stage run to start from) only applies to stage 'full'")
         if self.init_refine and self.init is None:
             raise ValueError("init_refine needs init (the full-stage run to start from)")
+        if self.init_refine_from is not None and (self.init is None or self.init_refine):
+            raise ValueError("init_refine_from needs init (for the warp network) and excludes init_refine")
         if self.num_workers < 0 or self.val_pairs_per_clip < 1 or self.val_max_clips < 1:
             raise ValueError("num_workers must be >= 0, val_pairs_per_clip and val_max_clips >= 1")
 
