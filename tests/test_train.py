@@ -304,6 +304,16 @@ def test_full_stage_continues_a_full_model(warp_run, dataset_dir, tmp_path):
     for key, value in third.generator.state_dict().items():
         source = warp_start if key.split(".")[0] in ("ladder_network", "dense_motion_network") else start
         torch.testing.assert_close(value, source.state_dict()[key], atol=1e-5, rtol=0)
+    # freeze_refine_steps: R keeps the loaded weights exactly while W trains.
+    frozen = train_base(_tiny("full", 2, init=str(warp_run), init_refine_from=str(tmp_path / "first"),
+                              freeze_refine_steps=2), dataset_dir, tmp_path / "frozen", progress=False)  # fmt: skip
+    warp_moved = False
+    for key, value in frozen.generator.state_dict().items():
+        if key.split(".")[0] in ("ladder_network", "dense_motion_network"):
+            warp_moved |= not torch.equal(value, warp_start.state_dict()[key])
+        else:
+            torch.testing.assert_close(value, start.state_dict()[key], atol=0, rtol=0)
+    assert warp_moved
     with pytest.raises(InputError, match="full-stage"):
         train_base(_tiny("full", 1, init=str(warp_run), init_refine_from=str(warp_run)), dataset_dir,
                    tmp_path / "y", progress=False)  # fmt: skip

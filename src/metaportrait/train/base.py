@@ -275,6 +275,8 @@ def train_base(
         for optimizer in (optimizer_g, optimizer_d, optimizer_m):
             for group in optimizer.param_groups if optimizer is not None else ():
                 group["lr"] = group["base_lr"] * decay
+        if step < cfg.freeze_refine_steps:
+            optimizer_g.param_groups[0]["lr"] = 0.0  # R frozen (Adam with lr 0 leaves the weights exactly as they are)
 
         # Generator losses.
         losses: dict[str, torch.Tensor] = {}
