@@ -46,6 +46,7 @@ _OVERRIDES = {
     "init_refine": "init_refine",
     "init_refine_from": "init_refine_from",
     "freeze_refine_steps": "freeze_refine_steps",
+    "ema_decay": "ema_decay",
     "lr_milestones": "lr_milestones",
 }
 
@@ -67,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="with --init: load the refinement network from this other full-stage run or model")  # fmt: skip
     base.add_argument("--freeze-refine-steps", type=int, metavar="N",
                       help="stage full: keep the refinement network fixed for the first N steps")  # fmt: skip
+    base.add_argument("--ema-decay", type=float, metavar="D",
+                      help="validate and save a moving average of the weights (e.g. 0.99; default 0: off)")  # fmt: skip
     base.add_argument("--steps", type=int, help="total training steps (default: the recipe's)")
     base.add_argument("--batch-size", type=int, help="pairs per step and process")
     base.add_argument("--size", type=int, help="training crop size in pixels (multiple of 32)")

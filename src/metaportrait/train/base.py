@@ -17,6 +17,10 @@ Run directory (``out_dir``):
                         so ``torch.load(..., weights_only=True)`` reads it; written atomically
 ``model/``              the latest generator, `metaportrait.io.checkpoint.save_model` format (what inference loads)
 ``best/``               the generator with the best validation PSNR, same format
+
+With ``ema_decay`` > 0 the generator that is validated and written to ``model/`` and ``best/`` is an exponential
+moving average of the trained weights (Polyak averaging, as StyleGAN / FOMM-style repos ship): small CPU batches
+make single-step weights noisy, and the average of the last ~1 / (1 - ema_decay) steps is what gets used.
 ``samples/step_*.png``  rows of source | driving landmarks | warped | output (stage full) | driving frame
 
 Exact resume: training pairs are a function of the step (`metaportrait.data.pairs.StepSampler`), the lr schedule
@@ -26,6 +30,7 @@ at step n ends with the same weights as an uninterrupted run (tests/test_train.p
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -74,7 +79,7 @@ class TrainResult:
     step: int  # last step trained
     best_psnr: float  # best validation PSNR in dB (nan without validation)
     log: dict  # the last log.jsonl record
-    generator: Generator  # the trained generator (identical on every rank)
+    generator: Generator  # the generator written to model/: the trained one, or its average with ema_decay > 0
 
 
 def train_base(
@@ -235,6 +240,12 @@ def train_base(
             if module is not None:
                 for tensor in list(module.parameters()) + list(module.buffers()):
                     dist.broadcast(tensor.data, src=0)
+    # The averaged generator (ema_decay > 0) starts from the starting weights; it is what gets validated and saved.
+    averaged = generator
+    if cfg.ema_decay > 0:
+        averaged = copy.deepcopy(generator).requires_grad_(False)
+        if resume:
+            averaged.load_state_dict(state["averaged_generator"])
 
     # Output files: the config, and logs cut back to the checkpoint's step when resuming.
     if is_main:
@@ -256,10 +267,10 @@ def train_base(
     # Training loop.
     if is_main and val_pairs is not None and start_step == 0:
         # Step 0: the untrained model, and the training-free baselines on the same pairs, for reference.
-        metrics = _validate(generator, val_pairs, identity_encoder, cfg, model_cfg, device, baselines=True)
+        metrics = _validate(averaged, val_pairs, identity_encoder, cfg, model_cfg, device, baselines=True)
         best_psnr = metrics["psnr"]
         _append_jsonl(out_dir / "val.jsonl", {"step": 0, **metrics, "best": True})
-        _export_model(out_dir / "best", generator, model_cfg, {"step": 0, "stage": cfg.stage, **metrics})
+        _export_model(out_dir / "best", averaged, model_cfg, {"step": 0, "stage": cfg.stage, **metrics})
     sums: dict[str, float] = {}  # loss name -> sum over the steps since the last log line
     interval_steps, interval_time = 0, 0.0
     last_logged: dict[str, float] = {}
@@ -358,6 +369,9 @@ def train_base(
             scaler.unscale_(optimizer_g)
             losses["grad_norm_g"] = _finish_gradients(generator.parameters(), cfg, world_size)
             scaler.step(optimizer_g)
+            if averaged is not generator:
+                # Warm-up (as TensorFlow's ExponentialMovingAverage): early steps weigh more than ema_decay allows.
+                _update_average(averaged, generator, min(cfg.ema_decay, (1 + step) / (10 + step)))
 
             # Discriminator update (stage full): LSGAN on the driving frame vs the detached output.
             if full and cfg.loss.gan > 0:
@@ -414,12 +428,12 @@ def train_base(
             grid = torch.cat(list(grid), dim=1)  # (3, n*h, k*w): one row per pair
             write_image(out_dir / "samples" / f"step_{step:07d}.png", to_uint8_frames(grid[None])[0])
         if is_main and val_pairs is not None and (step % cfg.val_every == 0 or step == cfg.steps):
-            metrics = _validate(generator, val_pairs, identity_encoder, cfg, model_cfg, device)
+            metrics = _validate(averaged, val_pairs, identity_encoder, cfg, model_cfg, device)
             improved = metrics["psnr"] > best_psnr
             best_psnr = max(best_psnr, metrics["psnr"])
             _append_jsonl(out_dir / "val.jsonl", {"step": step, **metrics, "best": improved})
             if improved:
-                _export_model(out_dir / "best", generator, model_cfg, {"step": step, "stage": cfg.stage, **metrics})
+                _export_model(out_dir / "best", averaged, model_cfg, {"step": step, "stage": cfg.stage, **metrics})
         if is_main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             state = {
                 "version": CHECKPOINT_VERSION,
@@ -432,6 +446,8 @@ def train_base(
                 "scaler": scaler.state_dict(),
                 "rng": _get_rng_state(),
             }
+            if averaged is not generator:
+                state["averaged_generator"] = averaged.state_dict()
             if full:
                 state["discriminator"] = discriminator.state_dict()
                 state["optimizer_discriminator"] = optimizer_d.state_dict()
@@ -440,7 +456,7 @@ def train_base(
                 state["optimizer_mouth_discriminator"] = optimizer_m.state_dict()
             with atomic_path(checkpoint_path) as tmp:
                 torch.save(state, tmp)
-            _export_model(out_dir / "model", generator, model_cfg, {"step": step, "stage": cfg.stage})
+            _export_model(out_dir / "model", averaged, model_cfg, {"step": step, "stage": cfg.stage})
         tick = time.perf_counter()
     bar.close()
 
@@ -451,7 +467,7 @@ def train_base(
         dist.barrier()
         if we_initialised_group:
             dist.destroy_process_group()
-    return TrainResult(step, best_psnr if best_psnr > -math.inf else math.nan, last_logged, generator)
+    return TrainResult(step, best_psnr if best_psnr > -math.inf else math.nan, last_logged, averaged)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -492,6 +508,15 @@ def _load_init(generator: Generator, model_cfg: ModelConfig, path: Path, part: s
     )
     if unexpected or any(wanted(k) for k in missing):
         raise InputError(path, f"weights do not fit: missing {missing}, unexpected {unexpected}")
+
+
+@torch.no_grad()
+def _update_average(averaged: torch.nn.Module, trained: torch.nn.Module, decay: float) -> None:
+    """averaged <- decay * averaged + (1 - decay) * trained, for every parameter; buffers are copied."""
+    for mean, current in zip(averaged.parameters(), trained.parameters(), strict=True):
+        mean.lerp_(current.detach(), 1.0 - decay)
+    for mean, current in zip(averaged.buffers(), trained.buffers(), strict=True):
+        mean.copy_(current)
 
 
 def _face_l1(image: torch.Tensor, target: torch.Tensor, face: torch.Tensor) -> torch.Tensor:

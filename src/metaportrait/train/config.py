@@ -136,6 +136,9 @@ class TrainConfig:
     # Stage full: the refinement network's learning rate is 0 for this many first steps, so a new warp network
     # (and its occlusion map) adapts under a trained R before R moves.
     freeze_refine_steps: int = 0
+    # > 0: validate and save an exponential moving average of the generator's weights (0.99: about the last
+    # 100 steps), not the weights of the last step. 0: off (runs before this field existed).
+    ema_decay: float = 0.0
     seed: int = 0
     threads: int = 2  # torch CPU threads per process
 
@@ -162,6 +165,8 @@ class TrainConfig:
             raise ValueError("init_refine needs init (the full-stage run to start from)")
         if self.freeze_refine_steps < 0 or (self.freeze_refine_steps and self.stage != "full"):
             raise ValueError("freeze_refine_steps must be >= 0 and only applies to stage 'full'")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.init_refine_from is not None and (self.init is None or self.init_refine):
             raise ValueError("init_refine_from needs init (for the warp network) and excludes init_refine")
         if self.num_workers < 0 or self.val_pairs_per_clip < 1 or self.val_max_clips < 1:
