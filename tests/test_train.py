@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -368,6 +369,25 @@ def test_averaged_weights_are_saved_and_resume_exactly(dataset_dir, tmp_path):
     assert torch.allclose(mean.weight, expected)
     with pytest.raises(ValueError, match="ema_decay"):
         cfg.replace(ema_decay=1.0)
+
+
+def test_synthesis_pixel_weight_scales_only_the_synthesised_band(dataset_dir, tmp_path):
+    from metaportrait.train.base import synthesis_pixel_weight, train_base
+
+    masks = torch.zeros(1, 2, 4, 4)
+    masks[0, 0] = 1.0  # the face channel must not matter
+    masks[0, 1, 1:3, 1:3] = 1.0
+    masks[0, 1, 0, 0] = 0.5  # feathered edge
+    weight = synthesis_pixel_weight(masks, 0.2)
+    assert weight.shape == (1, 1, 4, 4)
+    assert weight[0, 0, 1, 1] == pytest.approx(0.2) and weight[0, 0, 0, 0] == pytest.approx(0.6)
+    assert weight[0, 0, 3, 3] == 1.0
+    cfg = _tiny("full", 2)
+    cfg = cfg.replace(loss=dataclasses.replace(cfg.loss, synthesis_pixel=0.0))
+    result = train_base(cfg, dataset_dir, tmp_path / "run", progress=False)
+    assert math.isfinite(result.log["l1_output"])
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["loss"]["synthesis_pixel"] == 0.0
 
 
 def _free_port() -> int:

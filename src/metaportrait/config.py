@@ -190,7 +190,7 @@ class ModelConfig:
 ADDED_FIELDS: dict[str, frozenset[str]] = {
     "ModelConfig": frozenset({"prior_masks", "line_reference_size", "prior_mouth"}),
     "TrainConfig": frozenset({"init_refine", "prior_mouth", "init_refine_from", "freeze_refine_steps", "ema_decay"}),
-    "LossWeights": frozenset({"mouth_gan", "mouth_feature_matching", "mouth_perceptual"}),
+    "LossWeights": frozenset({"mouth_gan", "mouth_feature_matching", "mouth_perceptual", "synthesis_pixel"}),
 }
 
 

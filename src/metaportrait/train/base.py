@@ -177,6 +177,8 @@ def train_base(
             f"preset {cfg.preset!r} takes {model_cfg.identity_dim}-d identities; our encoder gives {EMBEDDING_DIM}-d"
         )
     identity_encoder = IdentityEncoder.from_dlib().to(device) if needs_identity else None
+    if cfg.loss.synthesis_pixel != 1.0 and not model_cfg.prior_masks:
+        raise ValueError("loss.synthesis_pixel != 1 needs a model with prior masks (they mark the synthesised band)")
     # The official tanh output is trained on its raw value (clipping would cut the gradient below 0).
     output_key = "output_raw" if model_cfg.refine.output == "tanh" else "output"
 
@@ -304,17 +306,21 @@ def train_base(
             if cfg.loss.l1_warped > 0:
                 losses["l1_warped"] = cfg.loss.l1_warped * (warped - driving).abs().mean()
             if cfg.loss.face > 0:
-                losses["face_warped"] = cfg.loss.face * _face_l1(warped, driving, batch["face_mask"])
+                losses["face_warped"] = cfg.loss.face * _face_l1((warped - driving).abs(), batch["face_mask"])
             if full:
                 prediction = out[output_key]
                 losses["perceptual_output"] = perceptual_output(prediction, driving)
+                # Pixel error of the output, scaled by loss.synthesis_pixel where the source has no pixels.
+                pixel_error = (prediction - driving).abs()  # (B, 3, H, W)
+                if cfg.loss.synthesis_pixel != 1.0:
+                    pixel_error = pixel_error * synthesis_pixel_weight(batch["prior_masks"], cfg.loss.synthesis_pixel)
                 if cfg.loss.l1_output > 0:
-                    losses["l1_output"] = cfg.loss.l1_output * (prediction - driving).abs().mean()
+                    losses["l1_output"] = cfg.loss.l1_output * pixel_error.mean()
                 if cfg.loss.face > 0:
-                    losses["face_output"] = cfg.loss.face * _face_l1(prediction, driving, batch["face_mask"])
+                    losses["face_output"] = cfg.loss.face * _face_l1(pixel_error, batch["face_mask"])
                 if cfg.loss.eye > 0 or cfg.loss.mouth > 0:
                     masks = box_masks(batch["boxes"], cfg.size, cfg.size, cfg.size)  # (B, 3, H, W)
-                    error = (prediction - driving).abs().mean(dim=1, keepdim=True)  # (B, 1, H, W)
+                    error = pixel_error.mean(dim=1, keepdim=True)  # (B, 1, H, W)
                     region = (error * masks).sum(dim=(2, 3)) / masks.sum(dim=(2, 3)).clamp_min(1.0)  # (B, 3)
                     losses["eye"] = cfg.loss.eye * region[:, : REGIONS.index("mouth")].mean()
                     losses["mouth"] = cfg.loss.mouth * region[:, REGIONS.index("mouth")].mean()
@@ -519,10 +525,21 @@ def _update_average(averaged: torch.nn.Module, trained: torch.nn.Module, decay: 
         mean.copy_(current)
 
 
-def _face_l1(image: torch.Tensor, target: torch.Tensor, face: torch.Tensor) -> torch.Tensor:
-    """Mean absolute error inside the face mask: ``(B, 3, H, W)`` images, ``(B, 1, H, W)`` mask -> scalar."""
+def synthesis_pixel_weight(prior_masks: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-pixel weight of the pixel losses: ``weight`` inside the band the model must synthesise (prior-mask
+    channel 1, where the source has no pixels), 1 elsewhere. ``(B, 2, H, W)`` masks in [0, 1] -> ``(B, 1, H, W)``.
+
+    Pixel losses pull an unknowable region to the average of its training targets (for the mouth: a grey fill
+    between teeth and cavity); with a low weight there, the perceptual and adversarial terms decide it.
+    """
+    assert prior_masks.dim() == 4 and prior_masks.shape[1] == 2, f"prior masks (B, 2, H, W), got {prior_masks.shape}"
+    return 1.0 - (1.0 - weight) * prior_masks[:, 1:2]
+
+
+def _face_l1(error: torch.Tensor, face: torch.Tensor) -> torch.Tensor:
+    """Mean of a ``(B, 3, H, W)`` absolute-error map inside a ``(B, 1, H, W)`` face mask -> scalar."""
     area = face.sum(dim=(1, 2, 3)).clamp_min(1.0) * 3  # (B,), times 3 colour channels
-    return ((image - target).abs() * face).sum(dim=(1, 2, 3)).div(area).mean()
+    return (error * face).sum(dim=(1, 2, 3)).div(area).mean()
 
 
 def _generator_adversarial(fake_scales, real_scales) -> tuple[torch.Tensor, torch.Tensor]:

@@ -77,6 +77,9 @@ class LossWeights:
     mouth_feature_matching: float = 0.0
     # Not in the official code: the perceptual loss (every backbone layer at this weight) on the same mouth crops.
     mouth_perceptual: float = 0.0
+    # Not in the official code: scale of the output's pixel L1 terms (l1_output, face, eye, mouth) inside the band
+    # the model must synthesise (prior-mask channel 1: the mouth opening the source cannot supply). 1 = no change.
+    synthesis_pixel: float = 1.0
 
     def __post_init__(self):
         for name, value in dataclasses.asdict(self).items():
