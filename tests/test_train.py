@@ -390,6 +390,28 @@ def test_synthesis_pixel_weight_scales_only_the_synthesised_band(dataset_dir, tm
     assert saved["loss"]["synthesis_pixel"] == 0.0
 
 
+def test_mouth_critic_can_judge_only_the_synthesised_band(dataset_dir, tmp_path):
+    from metaportrait.train.base import _critic_loss, _patch_mean, train_base
+
+    values = torch.arange(16.0).view(1, 1, 4, 4)
+    assert _patch_mean(values, None) == values.mean()
+    assert _patch_mean(values, torch.ones(1, 1, 8, 8)) == pytest.approx(values.mean().item())
+    region = torch.zeros(1, 1, 8, 8)
+    region[..., :2, :2] = 1.0  # covers patch (0, 0) only
+    assert _patch_mean(values, region) == pytest.approx(0.0)
+    assert _patch_mean(values, torch.zeros(1, 1, 8, 8)) == 0.0  # no band in the batch: no critic term
+    real, fake = [([], torch.ones(1, 1, 4, 4))], [([], torch.zeros(1, 1, 4, 4))]
+    fake[0][1][..., 3, 3] = 1.0  # one fooled patch, outside the region
+    assert _critic_loss(real, fake, region) == pytest.approx(0.0)
+    assert _critic_loss(real, fake) == pytest.approx(1 / 16)
+    cfg = _tiny("full", 2, mouth_critic_region="synthesised")
+    cfg = cfg.replace(loss=dataclasses.replace(cfg.loss, mouth_gan=1.0, mouth_feature_matching=1.0))
+    result = train_base(cfg, dataset_dir, tmp_path / "run", progress=False)
+    assert math.isfinite(result.log["mouth_gan_d"]) and math.isfinite(result.log["mouth_gan_g"])
+    with pytest.raises(ValueError, match="mouth_critic_region"):
+        cfg.replace(mouth_critic_region="lips")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

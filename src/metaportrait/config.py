@@ -189,7 +189,8 @@ class ModelConfig:
 # behaviour the checkpoint was trained with.
 ADDED_FIELDS: dict[str, frozenset[str]] = {
     "ModelConfig": frozenset({"prior_masks", "line_reference_size", "prior_mouth"}),
-    "TrainConfig": frozenset({"init_refine", "prior_mouth", "init_refine_from", "freeze_refine_steps", "ema_decay"}),
+    "TrainConfig": frozenset({"init_refine", "prior_mouth", "init_refine_from", "freeze_refine_steps", "ema_decay",
+                              "mouth_critic_region"}),
     "LossWeights": frozenset({"mouth_gan", "mouth_feature_matching", "mouth_perceptual", "synthesis_pixel"}),
 }
 

@@ -47,6 +47,7 @@ _OVERRIDES = {
     "init_refine_from": "init_refine_from",
     "freeze_refine_steps": "freeze_refine_steps",
     "ema_decay": "ema_decay",
+    "mouth_critic_region": "mouth_critic_region",
     "lr_milestones": "lr_milestones",
 }
 
@@ -70,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="stage full: keep the refinement network fixed for the first N steps")  # fmt: skip
     base.add_argument("--ema-decay", type=float, metavar="D",
                       help="validate and save a moving average of the weights (e.g. 0.99; default 0: off)")  # fmt: skip
+    base.add_argument("--mouth-critic-region", choices=("crop", "synthesised"),
+                      help="patches the mouth critic judges: the whole mouth crop (default) or the band the model "
+                           "must synthesise")  # fmt: skip
     base.add_argument("--steps", type=int, help="total training steps (default: the recipe's)")
     base.add_argument("--batch-size", type=int, help="pairs per step and process")
     base.add_argument("--size", type=int, help="training crop size in pixels (multiple of 32)")

@@ -178,8 +178,11 @@ def train_base(
             f"preset {cfg.preset!r} takes {model_cfg.identity_dim}-d identities; our encoder gives {EMBEDDING_DIM}-d"
         )
     identity_encoder = IdentityEncoder.from_dlib().to(device) if needs_identity else None
-    if cfg.loss.synthesis_pixel != 1.0 and not model_cfg.prior_masks:
-        raise ValueError("loss.synthesis_pixel != 1 needs a model with prior masks (they mark the synthesised band)")
+    if (cfg.loss.synthesis_pixel != 1.0 or cfg.mouth_critic_region == "synthesised") and not model_cfg.prior_masks:
+        raise ValueError(
+            "loss.synthesis_pixel != 1 and mouth_critic_region='synthesised' need a model with prior masks "
+            "(they mark the synthesised band)"
+        )
     # The official tanh output is trained on its raw value (clipping would cut the gradient below 0).
     output_key = "output_raw" if model_cfg.refine.output == "tanh" else "output"
 
@@ -346,12 +349,15 @@ def train_base(
                     losses["mouth_perceptual"] = perceptual_mouth(fake_mouth, real_mouth)
                 if mouth_critic is not None:
                     mouth_lines = box_crops(batch["driving_lines"], mouth_boxes, cfg.size, mouth_crop)
+                    critic_region = None  # (B, 1, s, s) weight of the critic's patches; None: all equal
+                    if cfg.mouth_critic_region == "synthesised":
+                        critic_region = box_crops(batch["prior_masks"][:, 1:2], mouth_boxes, cfg.size, mouth_crop)
                     mouth_critic.requires_grad_(False)
                     fake_scales = [mouth_critic(fake_mouth, mouth_lines)]  # one scale
                     with torch.no_grad():
                         real_scales = [mouth_critic(real_mouth, mouth_lines)]
                     mouth_critic.requires_grad_(True)
-                    gan, matching = _generator_adversarial(fake_scales, real_scales)
+                    gan, matching = _generator_adversarial(fake_scales, real_scales, critic_region)
                     losses["mouth_gan_g"] = cfg.loss.mouth_gan * gan
                     if cfg.loss.mouth_feature_matching > 0:
                         losses["mouth_feature_matching"] = cfg.loss.mouth_feature_matching * matching
@@ -392,7 +398,7 @@ def train_base(
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                     real_scales = [mouth_critic(real_mouth, mouth_lines)]
                     fake_scales = [mouth_critic(fake_mouth.detach(), mouth_lines)]
-                    total_m = cfg.loss.mouth_gan * _critic_loss(real_scales, fake_scales)
+                    total_m = cfg.loss.mouth_gan * _critic_loss(real_scales, fake_scales, critic_region)
                 losses["grad_norm_mouth_d"] = _critic_step(total_m, optimizer_m, mouth_critic, scaler, cfg, world_size)
                 losses["mouth_gan_d"] = total_m
             scaler.update()
@@ -543,10 +549,20 @@ def _face_l1(error: torch.Tensor, face: torch.Tensor) -> torch.Tensor:
     return (error * face).sum(dim=(1, 2, 3)).div(area).mean()
 
 
-def _generator_adversarial(fake_scales, real_scales) -> tuple[torch.Tensor, torch.Tensor]:
+def _patch_mean(values: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
+    """Mean of a critic's ``(B, 1, h, w)`` per-patch values, weighted by ``region`` ``(B, 1, H, W)`` in [0, 1]
+    (area-averaged to the patch grid) when given; 0 when the region is empty."""
+    if region is None:
+        return values.mean()
+    weight = F.adaptive_avg_pool2d(region, values.shape[-2:])
+    return (weight * values).sum() / weight.sum().clamp_min(1e-6)
+
+
+def _generator_adversarial(fake_scales, real_scales, region=None) -> tuple[torch.Tensor, torch.Tensor]:
     """LSGAN generator term sum_s mean (1 - D_s(fake))² and feature matching sum_s,l mean |f_l(fake) - f_l(real)|,
-    from a critic's per-scale ``(features, prediction)`` outputs on the output and (without gradient) the target."""
-    gan = sum(((1 - prediction) ** 2).mean() for _, prediction in fake_scales)
+    from a critic's per-scale ``(features, prediction)`` outputs on the output and (without gradient) the target.
+    ``region`` (optional) weights the LSGAN patches (`_patch_mean`); feature matching stays unweighted."""
+    gan = sum(_patch_mean((1 - prediction) ** 2, region) for _, prediction in fake_scales)
     matching = sum(
         (fake_feature - real_feature).abs().mean()
         for (fake_features, _), (real_features, _) in zip(fake_scales, real_scales)
@@ -555,10 +571,10 @@ def _generator_adversarial(fake_scales, real_scales) -> tuple[torch.Tensor, torc
     return gan, matching
 
 
-def _critic_loss(real_scales, fake_scales) -> torch.Tensor:
-    """LSGAN critic loss sum_s mean (1 - D_s(real))² + mean D_s(fake)²."""
+def _critic_loss(real_scales, fake_scales, region=None) -> torch.Tensor:
+    """LSGAN critic loss sum_s mean (1 - D_s(real))² + mean D_s(fake)², patches weighted by ``region`` if given."""
     return sum(
-        ((1 - real_map) ** 2).mean() + (fake_map**2).mean()
+        _patch_mean((1 - real_map) ** 2, region) + _patch_mean(fake_map**2, region)
         for (_, real_map), (_, fake_map) in zip(real_scales, fake_scales)
     )
 

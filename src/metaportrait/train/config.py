@@ -142,6 +142,11 @@ class TrainConfig:
     # > 0: validate and save an exponential moving average of the generator's weights (0.99: about the last
     # 100 steps), not the weights of the last step. 0: off (runs before this field existed).
     ema_decay: float = 0.0
+    # Stage full with loss.mouth_gan > 0: which patches of the mouth crop the critic's LSGAN terms count. "crop":
+    # all (equal weights). "synthesised": only those over the band the model must synthesise (prior-mask channel
+    # 1), by coverage. Elsewhere output and real crops are nearly alike, which holds the critic at the
+    # uninformative 0.5: its loss stayed at 0.49-0.50 (x its weight) in every earlier run.
+    mouth_critic_region: Literal["crop", "synthesised"] = "crop"
     seed: int = 0
     threads: int = 2  # torch CPU threads per process
 
@@ -168,6 +173,8 @@ class TrainConfig:
             raise ValueError("init_refine needs init (the full-stage run to start from)")
         if self.freeze_refine_steps < 0 or (self.freeze_refine_steps and self.stage != "full"):
             raise ValueError("freeze_refine_steps must be >= 0 and only applies to stage 'full'")
+        if self.mouth_critic_region not in ("crop", "synthesised"):
+            raise ValueError(f"mouth_critic_region must be 'crop' or 'synthesised', got {self.mouth_critic_region!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.init_refine_from is not None and (self.init is None or self.init_refine):
