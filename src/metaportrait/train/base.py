@@ -97,7 +97,8 @@ def train_base(
         progress: show a tqdm bar (rank 0 only).
 
     Returns:
-        the step reached, the best validation PSNR, the last log record and the trained generator.
+        the step reached, the best validation PSNR, the last log record and the generator written to
+        ``model/`` (the trained one, or its moving average with ``ema_decay`` > 0).
 
     Raises:
         InputError: bad data folder, a run folder that already holds a run (without ``resume``) or none (with it),
