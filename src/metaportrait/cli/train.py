@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="validate and save a moving average of the weights (e.g. 0.99; default 0: off)")  # fmt: skip
     base.add_argument("--mouth-critic-region", choices=("crop", "synthesised"),
                       help="patches the mouth critic judges: the whole mouth crop (default) or the band the model "
-                           "must synthesise")  # fmt: skip
+                           "must synthesise (stage full with --loss mouth_gan>0)")  # fmt: skip
     base.add_argument("--steps", type=int, help="total training steps (default: the recipe's)")
     base.add_argument("--batch-size", type=int, help="pairs per step and process")
     base.add_argument("--size", type=int, help="training crop size in pixels (multiple of 32)")

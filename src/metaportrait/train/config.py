@@ -175,6 +175,9 @@ class TrainConfig:
             raise ValueError("freeze_refine_steps must be >= 0 and only applies to stage 'full'")
         if self.mouth_critic_region not in ("crop", "synthesised"):
             raise ValueError(f"mouth_critic_region must be 'crop' or 'synthesised', got {self.mouth_critic_region!r}")
+        if self.mouth_critic_region == "synthesised" and not (self.stage == "full" and self.loss.mouth_gan > 0):
+            # Without a critic the choice would silently change nothing.
+            raise ValueError("mouth_critic_region='synthesised' needs stage 'full' and loss.mouth_gan > 0 (a mouth critic)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.init_refine_from is not None and (self.init is None or self.init_refine):
