@@ -12,6 +12,9 @@ Measured:
   own landmarks; ``official669`` has no 669-point tracker here, so it uses random points in the middle of
   the canvas (long lines: an upper bound).
 * ``crop_ms`` / ``paste_back_ms``: a 512x512 frame to a 256 crop and back (`metaportrait.data.face`).
+* ``prior_ms``: the per-frame mesh prior of the lite model at 64 and 256 px, first frame -> each frame of the
+  clip: `mesh_warp_grid` (face-masked, for the baseline; upper-lip fill, for the model) and `prior_masks` with
+  and without the mouth template. Targets: the grid <= 5 ms at 64 px and <= 15 ms at 256 px.
 
 "One thread" pins the process to one CPU core (``sched_setaffinity``) for the measurements, so MediaPipe's
 and OpenCV's internal thread pools cannot use more; targets are landmarks < 10 ms and rendering < 2 ms.
@@ -35,6 +38,7 @@ import numpy as np
 from metaportrait.data.drawing import TOPOLOGIES, draw_landmark_image
 from metaportrait.data.face import CropBox, crop, paste_back
 from metaportrait.data.landmarks import FaceMeshTracker
+from metaportrait.data.mesh_warp import mesh_warp_grid, prior_masks
 
 # ../shared beside the repository, as in tests/conftest.py; METAPORTRAIT_SHARED overrides it.
 SHARED = Path(os.environ.get("METAPORTRAIT_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
@@ -111,6 +115,18 @@ def run(threads: int = 1, frames: int = 120) -> dict:
         face_crop = crop(frame_512, box, 256)
         crop_ms = _time_ms(lambda: crop(frame_512, box, 256), 100)
         paste_ms = _time_ms(lambda: paste_back(frame_512, face_crop, box), 100)
+        prior = {}
+        for size in (64, 256):
+            scaled = [p * (size / clip[0].shape[1]) for p in landmarks]
+            pairs = itertools.cycle(scaled[1:] or scaled)
+            first = scaled[0]
+            calls = {
+                "grid_masked": lambda: mesh_warp_grid(first, next(pairs), size, size, face_masked=True),
+                "grid_upper_lip": lambda: mesh_warp_grid(first, next(pairs), size, size, mouth="upper_lip"),
+                "masks": lambda: prior_masks(first, next(pairs), size, size, "upper_lip"),
+                "masks_template": lambda: prior_masks(first, next(pairs), size, size, "upper_lip", template=True),
+            }
+            prior[str(size)] = {name: round(_time_ms(call, 50), 3) for name, call in calls.items()}
     finally:
         os.sched_setaffinity(0, old_affinity)
         cv2.setNumThreads(old_cv2_threads)
@@ -124,6 +140,7 @@ def run(threads: int = 1, frames: int = 120) -> dict:
         "render_ms": {name: round(ms, 3) for name, ms in render.items()},
         "crop_ms": round(crop_ms, 3),
         "paste_back_ms": round(paste_ms, 3),
+        "prior_ms": prior,
         "cpu": platform.processor() or platform.machine(),
     }
 

@@ -294,7 +294,7 @@ def test_full_stage_continues_a_full_model(warp_run, dataset_dir, tmp_path):
     # A model folder (not a run folder) is accepted; with init_refine the refinement network is loaded too.
     second = train_base(_tiny("full", 1, init=str(tmp_path / "first" / "model"), init_refine=True, lr=1e-9),
                         dataset_dir, tmp_path / "second", progress=False)  # fmt: skip
-    start, _ = load_model(tmp_path / "first" / "model")
+    start, start_cfg = load_model(tmp_path / "first" / "model")
     for key, value in start.state_dict().items():
         torch.testing.assert_close(second.generator.state_dict()[key], value, atol=1e-5, rtol=0)
     assert first.generator is not second.generator
@@ -315,6 +315,18 @@ def test_full_stage_continues_a_full_model(warp_run, dataset_dir, tmp_path):
         else:
             torch.testing.assert_close(value, start.state_dict()[key], atol=0, rtol=0)
     assert warp_moved
+    # A refinement trained without the mouth template loads into one with it and computes the same images.
+    from metaportrait.models.generator import Generator, example_inputs
+    from metaportrait.train.base import _load_init
+
+    templated_cfg = start_cfg.replace(refine=dataclasses.replace(start_cfg.refine, mouth_template=True))
+    templated = Generator(templated_cfg)
+    _load_init(templated, templated_cfg, tmp_path / "first", "all")
+    inputs = example_inputs(templated_cfg, size=64)
+    plain_inputs = {**inputs, "prior_masks": inputs["prior_masks"][:, :2]}
+    assert templated_cfg.prior_mask_channels() == 4 and inputs["prior_masks"].shape[1] == 4
+    with torch.no_grad():
+        torch.testing.assert_close(templated.eval()(**inputs)["output"], start(**plain_inputs)["output"])
     with pytest.raises(InputError, match="full-stage"):
         train_base(_tiny("full", 1, init=str(warp_run), init_refine_from=str(warp_run)), dataset_dir,
                    tmp_path / "y", progress=False)  # fmt: skip

@@ -74,6 +74,9 @@ class RefineConfig:
     gaze_heatmap: bool = True  # official only: 8 Gaussian maps of the driving gaze points (needs driving_keypoints)
     mouth_line: bool = True  # official only: driving lines inside the driving mouth box (needs driving_keypoints)
     antialias: bool = False  # anti-alias when shrinking condition maps (official: plain bilinear)
+    # Also condition on `metaportrait.data.mouth_template` (2 channels: teeth, cavity of the driving opening),
+    # given as prior-mask channels 2-3; needs ModelConfig.prior_masks.
+    mouth_template: bool = False
     output: Literal["tanh", "occlusion_blend"] = "tanh"
     # "tanh": official; the decoder's tanh output is used as the image (values < 0 are clipped).
     # "occlusion_blend": out = occ * warped + (1 - occ) * sigmoid(decoder), see models/refine.py.
@@ -152,6 +155,7 @@ class ModelConfig:
             _check(end == self.image_size, f"refine.seed='identity' with these blocks only works at {end}², "
                    f"got image_size={self.image_size}")
         _check(not self.prior_masks or self.use_mesh_prior, "prior_masks needs use_mesh_prior")
+        _check(not self.refine.mouth_template or self.prior_masks, "refine.mouth_template needs prior_masks")
         _check(self.line_reference_size is None or self.line_reference_size >= 16,
                f"line_reference_size must be None or >= 16, got {self.line_reference_size}")
         _check(
@@ -180,6 +184,10 @@ class ModelConfig:
             return 1
         return max(1, round(size / self.line_reference_size))
 
+    def prior_mask_channels(self) -> int:
+        """Channels of the generator's ``prior_masks`` input: face, mouth band [+ teeth, cavity]; 0 without."""
+        return (2 + 2 * self.refine.mouth_template) if self.prior_masks else 0
+
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some top-level fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -190,8 +198,9 @@ class ModelConfig:
 ADDED_FIELDS: dict[str, frozenset[str]] = {
     "ModelConfig": frozenset({"prior_masks", "line_reference_size", "prior_mouth"}),
     "TrainConfig": frozenset({"init_refine", "prior_mouth", "init_refine_from", "freeze_refine_steps", "ema_decay",
-                              "mouth_critic_region"}),
+                              "mouth_critic_region", "mouth_template"}),
     "LossWeights": frozenset({"mouth_gan", "mouth_feature_matching", "mouth_perceptual", "synthesis_pixel"}),
+    "RefineConfig": frozenset({"mouth_template"}),
 }
 
 

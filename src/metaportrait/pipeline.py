@@ -304,14 +304,14 @@ class Animator:
             np.stack([draw_landmark_image(t, size, size, self.config.landmark_topology, thickness) for t in targets])
         )  # (B, 3, S, S)
         prior_grid = masks = None
-        mouth = self.config.prior_mouth
+        mouth, template = self.config.prior_mouth, self.config.refine.mouth_template
         if self.config.use_mesh_prior:
             grids = [mesh_warp_grid(source.crop_landmarks, t, size, size, mouth=mouth) for t in targets]
             prior_grid = torch.from_numpy(np.stack(grids))  # (B, S, S, 2)
         if self.config.prior_masks:
             masks = torch.from_numpy(
-                np.stack([prior_masks(source.crop_landmarks, t, size, size, mouth=mouth) for t in targets])
-            )  # (B, 2, S, S)
+                np.stack([prior_masks(source.crop_landmarks, t, size, size, mouth, template) for t in targets])
+            )  # (B, 2 or 4, S, S)
         identity = None if source.identity is None else source.identity.expand(count, -1)
         with torch.no_grad():
             result = self.generator(

@@ -48,6 +48,7 @@ _OVERRIDES = {
     "freeze_refine_steps": "freeze_refine_steps",
     "ema_decay": "ema_decay",
     "mouth_critic_region": "mouth_critic_region",
+    "mouth_template": "mouth_template",
     "lr_milestones": "lr_milestones",
 }
 
@@ -74,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     base.add_argument("--mouth-critic-region", choices=("crop", "synthesised"),
                       help="patches the mouth critic judges: the whole mouth crop (default) or the band the model "
                            "must synthesise (stage full with --loss mouth_gan>0)")  # fmt: skip
+    base.add_argument("--mouth-template", action=argparse.BooleanOptionalAction,
+                      help="the refinement also sees a teeth/cavity sketch of the driving mouth opening "
+                           "(default: the preset's; --init-refine-from a model without it adds it at zero weight)")  # fmt: skip
     base.add_argument("--steps", type=int, help="total training steps (default: the recipe's)")
     base.add_argument("--batch-size", type=int, help="pairs per step and process")
     base.add_argument("--size", type=int, help="training crop size in pixels (multiple of 32)")

@@ -254,7 +254,7 @@ def _far_to_near(triangles: list[tuple[int, int, int]], edges: set[tuple[int, in
     return sorted(triangles, key=lambda t: -sum(hops[v] for v in t))
 
 
-def _check_landmarks(landmarks: np.ndarray, name: str) -> np.ndarray:
+def check_landmarks(landmarks: np.ndarray, name: str) -> np.ndarray:
     landmarks = np.asarray(landmarks, dtype=np.float64)
     if landmarks.shape != (NUM_LANDMARKS, 2):
         raise ValueError(f"{name} must be (478, 2) pixel coordinates, got shape {landmarks.shape}")
@@ -350,7 +350,7 @@ def _mouth_split(source: np.ndarray, driving: np.ndarray, topology: MeshTopology
     return driving[upper] + fraction[:, None] * driving_offset, source[lower]
 
 
-def _coverage(polygon: np.ndarray, height: int, width: int, supersample: int = 4) -> np.ndarray:
+def polygon_coverage(polygon: np.ndarray, height: int, width: int, supersample: int = 4) -> np.ndarray:
     """``float32`` ``(H, W)``: the fraction of each pixel inside ``polygon`` (``(N, 2)`` pixels, any shape),
     from a ``supersample``-times finer rasterisation of its bounding box. A band thinner than a pixel gives
     partial values, and one of zero area gives none (a plain fill would still draw its outline)."""
@@ -386,7 +386,7 @@ def face_mask(landmarks: np.ndarray, height: int, width: int, dilate_px: float, 
     Returns:
         ``float32`` ``(H, W)`` in ``[0, 1]``, 1 on the face.
     """
-    landmarks = _check_landmarks(landmarks, "landmarks")
+    landmarks = check_landmarks(landmarks, "landmarks")
     if dilate_px < 0 or feather_sigma < 0:
         raise ValueError(f"dilate_px and feather_sigma must be >= 0, got {dilate_px}, {feather_sigma}")
     hull = cv2.convexHull(((landmarks[mesh_topology().oval] - 0.5) * (1 << _SUBPIXEL_BITS)).astype(np.int32))
@@ -404,7 +404,12 @@ def face_mask(landmarks: np.ndarray, height: int, width: int, dilate_px: float, 
 
 
 def prior_masks(
-    source_landmarks: np.ndarray, driving_landmarks: np.ndarray, height: int, width: int, mouth: MouthFill = "stretch"
+    source_landmarks: np.ndarray,
+    driving_landmarks: np.ndarray,
+    height: int,
+    width: int,
+    mouth: MouthFill = "stretch",
+    template: bool = False,
 ) -> np.ndarray:
     """Where a mesh-prior model trusts the mesh, and where it must synthesise (``ModelConfig.prior_masks``).
 
@@ -421,23 +426,25 @@ def prior_masks(
         source_landmarks, driving_landmarks: ``(478, 2)`` pixel coordinates in the ``height`` x ``width`` frame.
         mouth: the grid's `MouthFill`. With "upper_lip" channel 1 is instead the part of the opening below the
             split line of `mesh_warp_grid` (feathered, 1 inside): exactly where that grid has no source pixels.
+        template: append the `metaportrait.data.mouth_template` of the driving face (teeth, cavity) as
+            channels 2-3, for models with ``RefineConfig.mouth_template``.
 
     Returns:
-        ``float32`` ``(2, H, W)`` in ``[0, 1]``.
+        ``float32`` ``(2, H, W)`` (``(4, H, W)`` with ``template``) in ``[0, 1]``.
     """
     if mouth not in MOUTH_FILLS:
         raise ValueError(f"mouth must be one of {MOUTH_FILLS}, got {mouth!r}")
-    source = _check_landmarks(source_landmarks, "source_landmarks")
-    driving = _check_landmarks(driving_landmarks, "driving_landmarks")
+    source = check_landmarks(source_landmarks, "source_landmarks")
+    driving = check_landmarks(driving_landmarks, "driving_landmarks")
     scale = min(height, width) / 128.0
     face = face_mask(driving, height, width, 0.0, TRUST_SIGMA_AT_128 * scale)
     topology = mesh_topology()
     if mouth == "upper_lip":
         split, _ = _mouth_split(source, driving, topology)
         below = np.concatenate([driving[[MOUTH_CORNERS[0]]], split, driving[topology.mouth_lower[::-1]]])
-        fill = _coverage(below, height, width)
+        fill = polygon_coverage(below, height, width)
         fill = cv2.GaussianBlur(fill, (0, 0), MOUTH_SIGMA_AT_128 * scale, borderType=cv2.BORDER_REPLICATE)
-        return np.stack([face, fill]).astype(np.float32)
+        return _with_template(np.stack([face, fill]), driving, template)
     mouth_triangles = topology.holes[~topology.eye_holes]
     opening = {}
     for name, points in (("source", source), ("driving", driving)):
@@ -449,7 +456,15 @@ def prior_masks(
             corners = ((driving[triangle] - 0.5) * (1 << _SUBPIXEL_BITS)).astype(np.int32)
             cv2.fillConvexPoly(mouth, corners, need, cv2.LINE_8, _SUBPIXEL_BITS)
         mouth = cv2.GaussianBlur(mouth, (0, 0), MOUTH_SIGMA_AT_128 * scale, borderType=cv2.BORDER_REPLICATE)
-    return np.stack([face, mouth]).astype(np.float32)
+    return _with_template(np.stack([face, mouth]), driving, template)
+
+
+def _with_template(masks: np.ndarray, driving: np.ndarray, template: bool) -> np.ndarray:
+    if template:
+        from metaportrait.data.mouth_template import mouth_template  # it builds on this module
+
+        masks = np.concatenate([masks, mouth_template(driving, *masks.shape[1:])])
+    return masks.astype(np.float32)
 
 
 def mesh_warp_grid(
@@ -477,8 +492,8 @@ def mesh_warp_grid(
         convention: for each output pixel, where to sample the source. Values may leave ``[-1, 1]`` where the
         driving face reaches past the image of the source face.
     """
-    source = _check_landmarks(source_landmarks, "source_landmarks")
-    driving = _check_landmarks(driving_landmarks, "driving_landmarks")
+    source = check_landmarks(source_landmarks, "source_landmarks")
+    driving = check_landmarks(driving_landmarks, "driving_landmarks")
     if height <= 0 or width <= 0:
         raise ValueError(f"grid size must be positive, got {height} x {width}")
     if mouth not in MOUTH_FILLS:

@@ -273,6 +273,7 @@ class PairOptions:
     prior_size: int | None = None
     prior_masks: bool = False  # also the `mesh_warp.prior_masks` of the driving face, at the prior's size
     prior_mouth: MouthFill = "stretch"  # how the prior grid and masks fill the mouth opening
+    mouth_template: bool = False  # prior masks also hold the `mouth_template` (RefineConfig.mouth_template)
     line_thickness: int = 1  # px (`ModelConfig.line_thickness`)
 
     def __post_init__(self):
@@ -280,6 +281,8 @@ class PairOptions:
             raise ValueError(f"size must be at least 16 px, got {self.size}")
         if self.prior_masks and self.prior_size is None:
             raise ValueError("prior_masks needs a prior_size")
+        if self.mouth_template and not self.prior_masks:
+            raise ValueError("mouth_template needs prior_masks (it is stored as prior-mask channels 2-3)")
         if self.prior_size is not None and self.prior_size < 4:
             raise ValueError(f"prior_size must be at least 4, got {self.prior_size}")
 
@@ -306,7 +309,8 @@ def make_pair(
         ``boxes``: ``(3, 4)`` eye/eye/mouth boxes of the driving face (`region_boxes`);
         ``face_mask``: ``(1, s, s)`` 1 inside the driving face-oval hull;
         ``prior_grid``: ``(p, p, 2)`` mesh warp grid (only when ``options.prior_size``);
-        ``prior_masks``: ``(2, p, p)`` driving face and mouth opening (only when ``options.prior_masks``).
+        ``prior_masks``: ``(2, p, p)`` driving face and mouth opening, ``(4, p, p)`` with the mouth template
+        (only when ``options.prior_masks``).
     """
     assert frames.shape[0] == 2 and frames.dtype == np.uint8 and landmarks.shape == (2, NUM_LANDMARKS, 2)
     draw = _Draw.sample(augment, rng)
@@ -333,7 +337,7 @@ def make_pair(
         grid = mesh_warp_grid(source_points, driving_points, side, side, mouth=options.prior_mouth)
         sample["prior_grid"] = torch.from_numpy(grid)
         if options.prior_masks:
-            masks = prior_masks(source_points, driving_points, side, side, mouth=options.prior_mouth)
+            masks = prior_masks(source_points, driving_points, side, side, options.prior_mouth, options.mouth_template)
             sample["prior_masks"] = torch.from_numpy(masks)
     return sample
 

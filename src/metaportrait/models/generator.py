@@ -100,9 +100,10 @@ class Generator(nn.Module):
             stage: "warp" runs W only; "full" runs W and R.
             driving_keypoints: ``(B, 58, 2)`` official landmark subset in [-1, 1]; required iff the config uses
                 gaze heat-maps or the mouth line (official preset) and stage "full"; must be None otherwise.
-            prior_masks: ``(B, 2, H', W')`` in [0, 1] at the prior grid's size, from
-                `metaportrait.data.mesh_warp.prior_masks`: the driving face (the residual flow is faded out
-                there) and the driving mouth opening (occlusion forced to 0 there); required iff ``prior_masks``.
+            prior_masks: ``(B, C, H', W')`` in [0, 1] at the prior grid's size, C = the config's
+                `prior_mask_channels`, from `metaportrait.data.mesh_warp.prior_masks`: the driving face (the
+                residual flow is faded out there), the driving mouth opening (occlusion forced to 0 there) [, the
+                mouth template's teeth and cavity (refine conditions)]; required iff ``prior_masks``.
         Returns:
             ``deformation`` ``(B, h, w, 2)`` sampling grid; ``occlusion`` ``(B, 1, H, W)`` in (0, 1), 1 = source
             visible; ``warped`` ``(B, 3, H, W)`` source warped by the deformation, in [0, 1]; ``flow``
@@ -121,7 +122,7 @@ class Generator(nn.Module):
         out = self.dense_motion_network(motion_input, motion_code, (H, W), prior_grid, trust)
         if prior_masks is not None:
             # The source has no mouth interior to show: the refinement synthesises it (stage full).
-            mouth = resize_map(prior_masks[:, 1:], (H, W))
+            mouth = resize_map(prior_masks[:, 1:2], (H, W))
             out["occlusion"] = out["occlusion"] * (1 - mouth)
         out["warped"] = deform_input(source, out["deformation"], cfg.warp.padding_mode)
         if stage == "warp":
@@ -133,8 +134,9 @@ class Generator(nn.Module):
         warped_levels = [deform_input(level, out["deformation"], cfg.warp.padding_mode) for level in levels]
 
         # 3. Decoder conditioned on warped features, occlusion and landmarks, modulated by the identity.
+        template = prior_masks[:, 2:] if cfg.refine.mouth_template else None
         conditions = condition_maps(
-            warped_levels, out["occlusion"], source_lines, driving_lines, driving_keypoints, cfg.refine
+            warped_levels, out["occlusion"], source_lines, driving_lines, driving_keypoints, cfg.refine, template
         )
         logits = self.SPDAE_G(conditions, identity, warped_levels[0])
 
@@ -155,9 +157,10 @@ class Generator(nn.Module):
                 f"prior_masks is required iff the config's prior_masks (config: {self.cfg.prior_masks}, "
                 f"prior_masks given: {prior_masks is not None})"
             )
-        if prior_masks is not None and prior_masks.shape != (prior_grid.shape[0], 2, *prior_grid.shape[1:3]):
+        channels = self.cfg.prior_mask_channels()
+        if prior_masks is not None and prior_masks.shape != (prior_grid.shape[0], channels, *prior_grid.shape[1:3]):
             raise ValueError(
-                f"prior_masks must be (B, 2, H', W') at the prior grid's size {tuple(prior_grid.shape[:3])}, "
+                f"prior_masks must be (B, {channels}, H', W') at the prior grid's size {tuple(prior_grid.shape[:3])}, "
                 f"got {tuple(prior_masks.shape)}"
             )
 
@@ -222,7 +225,7 @@ def example_inputs(cfg: ModelConfig, batch: int = 2, size: int | None = None, se
         grid = make_coordinate_grid(size, size, "centers")[None].repeat(batch, 1, 1, 1)
         inputs["prior_grid"] = grid + prior_noise * torch.randn(batch, size, size, 2, generator=g)
     if cfg.prior_masks:
-        inputs["prior_masks"] = torch.rand(batch, 2, size, size, generator=g)
+        inputs["prior_masks"] = torch.rand(batch, cfg.prior_mask_channels(), size, size, generator=g)
     if cfg.refine.gaze_heatmap or cfg.refine.mouth_line:
         inputs["driving_keypoints"] = torch.rand(batch, 58, 2, generator=g) * 1.6 - 0.8
     return inputs

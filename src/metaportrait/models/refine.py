@@ -84,8 +84,9 @@ def mouth_mask(keypoints: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def extra_condition_channels(cfg: RefineConfig) -> int:
-    """Channels added to each warped pyramid level: occlusion (1) [+ gaze 8] [+ lines 6] [+ mouth line 3]."""
-    return 1 + 8 * cfg.gaze_heatmap + 6 * cfg.landmark_lines + 3 * cfg.mouth_line
+    """Channels added to each warped pyramid level: occlusion (1) [+ gaze 8] [+ lines 6] [+ mouth line 3]
+    [+ mouth template 2]."""
+    return 1 + 8 * cfg.gaze_heatmap + 6 * cfg.landmark_lines + 3 * cfg.mouth_line + 2 * cfg.mouth_template
 
 
 def condition_maps(
@@ -95,11 +96,16 @@ def condition_maps(
     driving_lines: torch.Tensor,
     driving_keypoints: torch.Tensor | None,
     cfg: RefineConfig,
+    mouth_template: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    """Concatenate, per pyramid level, [warped features, occlusion, gaze, source+driving lines, mouth line].
+    """Concatenate, per pyramid level, [warped features, occlusion, gaze, source+driving lines, mouth line,
+    mouth template].
 
-    The order is the official one (checkpoint compatibility). Each map has the level's resolution.
+    The order is the official one (checkpoint compatibility), the template (``(B, 2, H', W')``, required iff
+    ``cfg.mouth_template``) last: zero weights on it leave a model trained without it unchanged. Each map has
+    the level's resolution.
     """
+    assert (mouth_template is not None) == cfg.mouth_template, "mouth_template is required iff cfg.mouth_template"
     if cfg.mouth_line:
         mouth_lines = driving_lines * mouth_mask(driving_keypoints, driving_lines.shape[2:])
     maps = []
@@ -112,6 +118,8 @@ def condition_maps(
             parts.append(resize_map(torch.cat([source_lines, driving_lines], dim=1), size, cfg.antialias))
         if cfg.mouth_line:
             parts.append(resize_map(mouth_lines, size, cfg.antialias))
+        if cfg.mouth_template:
+            parts.append(resize_map(mouth_template, size, cfg.antialias))
         maps.append(torch.cat(parts, dim=1))
     return maps
 

@@ -32,6 +32,7 @@ at step n ends with the same weights as an uninterrupted run (tests/test_train.p
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -147,6 +148,7 @@ def train_base(
         prior_size=cfg.size if model_cfg.use_mesh_prior else None,  # the generator warps at the prior's resolution
         prior_masks=model_cfg.prior_masks,
         prior_mouth=model_cfg.prior_mouth,
+        mouth_template=model_cfg.refine.mouth_template,
         line_thickness=model_cfg.line_thickness(cfg.size),
     )
     train_pairs = RandomPairs(train_clips, pair_options, cfg.augment, cfg.seed, cfg.clip_weighting)
@@ -495,13 +497,17 @@ def _load_init(generator: Generator, model_cfg: ModelConfig, path: Path, part: s
 
     The two model configs must agree on that part; the prior masks, their mouth fill and the line width change
     no weights, and the identity branch lives in R only, so a warp run serves both sides of the identity ablation.
+    A refinement trained without the mouth template loads into one with it: the template's input weights start
+    at zero (`_pad_template_inputs`), so the network starts out computing what it did.
     """
     if not (path / "config.json").is_file():
         path = path / "model"  # a run folder
     init_cfg, init_meta = load_config(path)  # checked before the weights are read
+    add_template = model_cfg.refine.mouth_template and not init_cfg.refine.mouth_template and part != "warp"
     comparable = init_cfg.replace(
         prior_masks=model_cfg.prior_masks, prior_mouth=model_cfg.prior_mouth,
         line_reference_size=model_cfg.line_reference_size,
+        refine=dataclasses.replace(init_cfg.refine, mouth_template=model_cfg.refine.mouth_template),
     )  # fmt: skip
     if part == "warp":
         comparable = comparable.replace(use_identity=model_cfg.use_identity, refine=model_cfg.refine)
@@ -517,11 +523,26 @@ def _load_init(generator: Generator, model_cfg: ModelConfig, path: Path, part: s
     def wanted(key: str) -> bool:
         return part == "all" or (key.split(".")[0] in _WARP_MODULES) == (part == "warp")
 
-    missing, unexpected = generator.load_state_dict(
-        {k: v for k, v in init_run.state_dict().items() if wanted(k)}, strict=False
-    )
+    weights = {k: v for k, v in init_run.state_dict().items() if wanted(k)}
+    if add_template:
+        weights = _pad_template_inputs(weights, generator.state_dict())
+    missing, unexpected = generator.load_state_dict(weights, strict=False)
     if unexpected or any(wanted(k) for k in missing):
         raise InputError(path, f"weights do not fit: missing {missing}, unexpected {unexpected}")
+
+
+def _pad_template_inputs(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Give the convolutions that read the refinement's condition maps zero weights on the 2 template channels
+    (`condition_maps` appends them last), where ``target`` (the new network) expects them."""
+    padded = dict(weights)
+    for key, weight in weights.items():
+        want = target.get(key)
+        if want is None or want.shape == weight.shape:
+            continue
+        if weight.dim() != 4 or want.shape[1] != weight.shape[1] + 2 or want.shape[0] != weight.shape[0]:
+            raise ValueError(f"{key}: {tuple(weight.shape)} cannot become {tuple(want.shape)} by adding template inputs")
+        padded[key] = torch.cat([weight, weight.new_zeros(weight.shape[0], 2, *weight.shape[2:])], dim=1)
+    return padded
 
 
 @torch.no_grad()
@@ -535,12 +556,13 @@ def _update_average(averaged: torch.nn.Module, trained: torch.nn.Module, decay: 
 
 def synthesis_pixel_weight(prior_masks: torch.Tensor, weight: float) -> torch.Tensor:
     """Per-pixel weight of the pixel losses: ``weight`` inside the band the model must synthesise (prior-mask
-    channel 1, where the source has no pixels), 1 elsewhere. ``(B, 2, H, W)`` masks in [0, 1] -> ``(B, 1, H, W)``.
+    channel 1, where the source has no pixels), 1 elsewhere. ``(B, C >= 2, H, W)`` masks in [0, 1] ->
+    ``(B, 1, H, W)``.
 
     Pixel losses pull an unknowable region to the average of its training targets (for the mouth: a grey fill
     between teeth and cavity); with a low weight there, the perceptual and adversarial terms decide it.
     """
-    assert prior_masks.dim() == 4 and prior_masks.shape[1] == 2, f"prior masks (B, 2, H, W), got {prior_masks.shape}"
+    assert prior_masks.dim() == 4 and prior_masks.shape[1] >= 2, f"prior masks (B, C, H, W), got {prior_masks.shape}"
     return 1.0 - (1.0 - weight) * prior_masks[:, 1:2]
 
 

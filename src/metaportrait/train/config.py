@@ -100,6 +100,7 @@ class TrainConfig:
     landmark_topology: str | None = None  # "mediapipe478" (dense) or "sparse68" (sparse) line images
     use_identity: bool | None = None  # False: refinement without the identity branch
     prior_mouth: MouthFill | None = None  # how the mesh prior fills the mouth opening ("stretch" / "upper_lip")
+    mouth_template: bool | None = None  # True: the refinement also sees `data.mouth_template` (RefineConfig)
     size: int = 128  # training crop side (frames are resized to it; a multiple of 32)
     batch_size: int = 8  # per process
     steps: int = 4000  # total optimiser steps (a resumed run continues up to this)
@@ -200,7 +201,10 @@ class TrainConfig:
             "landmark_topology": self.landmark_topology, "use_identity": self.use_identity,
             "prior_mouth": self.prior_mouth,
         }  # fmt: skip
-        return PRESETS[self.preset].replace(**{k: v for k, v in changes.items() if v is not None})
+        model = PRESETS[self.preset].replace(**{k: v for k, v in changes.items() if v is not None})
+        if self.mouth_template is not None:
+            model = model.replace(refine=dataclasses.replace(model.refine, mouth_template=self.mouth_template))
+        return model
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some top-level fields changed (validated again)."""
