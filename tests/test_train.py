@@ -285,7 +285,7 @@ def test_full_stage_from_warp_run(warp_run, dataset_dir, tmp_path):
 
 def test_full_stage_continues_a_full_model(warp_run, dataset_dir, tmp_path):
     from metaportrait.errors import InputError
-    from metaportrait.io.checkpoint import load_model
+    from metaportrait.io.checkpoint import load_model, save_model
     from metaportrait.train.base import train_base
 
     with pytest.raises(InputError, match="full-stage"):
@@ -327,6 +327,10 @@ def test_full_stage_continues_a_full_model(warp_run, dataset_dir, tmp_path):
     assert templated_cfg.prior_mask_channels() == 4 and inputs["prior_masks"].shape[1] == 4
     with torch.no_grad():
         torch.testing.assert_close(templated.eval()(**inputs)["output"], start(**plain_inputs)["output"])
+    save_model(tmp_path / "templated", templated, templated_cfg, extra_meta={"stage": "full"})
+    with pytest.raises(InputError, match="differs"):  # the way back would drop trained inputs: refused
+        train_base(_tiny("full", 1, init=str(warp_run), init_refine_from=str(tmp_path / "templated")),
+                   dataset_dir, tmp_path / "z", progress=False)  # fmt: skip
     with pytest.raises(InputError, match="full-stage"):
         train_base(_tiny("full", 1, init=str(warp_run), init_refine_from=str(warp_run)), dataset_dir,
                    tmp_path / "y", progress=False)  # fmt: skip

@@ -507,7 +507,7 @@ def _load_init(generator: Generator, model_cfg: ModelConfig, path: Path, part: s
     comparable = init_cfg.replace(
         prior_masks=model_cfg.prior_masks, prior_mouth=model_cfg.prior_mouth,
         line_reference_size=model_cfg.line_reference_size,
-        refine=dataclasses.replace(init_cfg.refine, mouth_template=model_cfg.refine.mouth_template),
+        refine=dataclasses.replace(init_cfg.refine, mouth_template=init_cfg.refine.mouth_template or add_template),
     )  # fmt: skip
     if part == "warp":
         comparable = comparable.replace(use_identity=model_cfg.use_identity, refine=model_cfg.refine)
