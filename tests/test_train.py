@@ -154,6 +154,34 @@ def test_pairs_are_deterministic_and_consistent(dataset_dir):
     assert [p[1] for p in fixed.pairs if p[0] == 0] == [0, 0, 0]
 
 
+def test_open_mouth_weight_draws_open_mouths_as_driving_frames(astronaut_face):
+    """`--open-mouth-weight`: driving frames with open mouths come up more often; source and driving differ."""
+    from metaportrait.motion import Controls, mouth_openness
+
+    _, points = astronaut_face
+    openings = np.linspace(0.0, 0.8, 9)  # frame i opens the mouth openings[i] (a still clip otherwise)
+    landmarks = np.stack([Controls(mouth=float(o)).apply(points) for o in openings])
+    clip = dataclasses.make_dataclass("Clip", ["identity", "usable_frames", "landmarks"])(
+        "astro", np.arange(9), landmarks
+    )
+    measured = mouth_openness(landmarks)
+    options = PairOptions(size=64)
+
+    def driving_openings(weight: float) -> np.ndarray:
+        pairs = RandomPairs([clip], options, NO_AUGMENT, seed=0, open_mouth_weight=weight)
+        chosen = [pairs.choose_frames(0, np.random.default_rng([0, i])) for i in range(2000)]
+        assert all(source != driving for source, driving in chosen)
+        return measured[[driving for _, driving in chosen]]
+
+    uniform, weighted = driving_openings(0.0), driving_openings(10.0)
+    assert abs(uniform.mean() - measured.mean()) < 0.03
+    # Weight 1 + 10 x opening: the expected opening of a drawn frame is sum(o (1 + 10 o)) / sum(1 + 10 o).
+    expected = (measured * (1 + 10 * measured)).sum() / (1 + 10 * measured).sum()
+    assert abs(weighted.mean() - expected) < 0.03 and weighted.mean() > uniform.mean() + 0.1
+    with pytest.raises(ValueError, match="open_mouth_weight"):
+        RandomPairs([clip], options, NO_AUGMENT, seed=0, open_mouth_weight=-1.0)
+
+
 def test_boxes_cover_the_eyes_and_mouth(astronaut_face):
     _, points = astronaut_face
     boxes = region_boxes(points * 0.25, 128)  # 512 -> 128
@@ -399,9 +427,10 @@ def test_synthesis_pixel_weight_scales_only_the_synthesised_band(dataset_dir, tm
     assert weight[0, 0, 1, 1] == pytest.approx(0.2) and weight[0, 0, 0, 0] == pytest.approx(0.6)
     assert weight[0, 0, 3, 3] == 1.0
     cfg = _tiny("full", 2)
-    cfg = cfg.replace(loss=dataclasses.replace(cfg.loss, synthesis_pixel=0.0))
+    cfg = cfg.replace(loss=dataclasses.replace(cfg.loss, synthesis_pixel=0.0, l2_output=5.0))
     result = train_base(cfg, dataset_dir, tmp_path / "run", progress=False)
     assert math.isfinite(result.log["l1_output"])
+    assert 0 < result.log["l2_output"] < 5  # squared error of images in [0, 1]; the band is a small part
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["loss"]["synthesis_pixel"] == 0.0
 
@@ -518,13 +547,14 @@ def test_cli_resolves_the_config(tmp_path, capsys, warp_run, dataset_dir):
     assert printed["val_identities"] == ["blue"] and printed["steps"] == 8 and printed["lr_milestones"] == [6]
     assert printed["init"] == str(warp_run) and printed["warp_lr_scale"] == 0.1
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
-    assert main(argv + ["--lr-milestones", "5", "7", "--init-refine"]) == 0
+    assert main(argv + ["--lr-milestones", "5", "7", "--init-refine", "--open-mouth-weight", "10"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["lr_milestones"] == [5, 7] and printed["init_refine"] is True
+    assert printed["lr_milestones"] == [5, 7] and printed["init_refine"] is True and printed["open_mouth_weight"] == 10
     # --loss NAME=WEIGHT overrides single loss weights of the recipe; unknown names and bad values are refused.
-    assert main(argv + ["--loss", "mouth_gan=0.5", "--loss", "mouth=12"]) == 0
+    assert main(argv + ["--loss", "mouth_gan=0.5", "--loss", "mouth=12", "--loss", "l2_output=800"]) == 0
     printed = json.loads(capsys.readouterr().out)["loss"]
     assert printed["mouth_gan"] == 0.5 and printed["mouth"] == 12 and printed["eye"] == 10
+    assert printed["l2_output"] == 800
     assert main(argv + ["--loss", "mouth_gun=1"]) == 2
     assert "mouth_gun=1" in capsys.readouterr().err
     assert main(argv + ["--loss", "mouth_gan=0"]) == 2  # the recipe's mouth feature matching needs the critic
@@ -535,6 +565,10 @@ def test_cli_resolves_the_config(tmp_path, capsys, warp_run, dataset_dir):
     assert "cannot change ['lr']" in capsys.readouterr().err
     assert main(resume + ["--steps", "5", "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 5
+    # The length and the schedule may change: extending a run, or decaying the learning rate sooner.
+    assert main(resume + ["--steps", "9", "--lr-milestones", "7", "--dry-run"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["steps"] == 9 and printed["lr_milestones"] == [7]
 
 
 def test_ablation_flags_change_the_model_config(tmp_path):

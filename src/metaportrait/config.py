@@ -198,8 +198,9 @@ class ModelConfig:
 ADDED_FIELDS: dict[str, frozenset[str]] = {
     "ModelConfig": frozenset({"prior_masks", "line_reference_size", "prior_mouth"}),
     "TrainConfig": frozenset({"init_refine", "prior_mouth", "init_refine_from", "freeze_refine_steps", "ema_decay",
-                              "mouth_critic_region", "mouth_template"}),
-    "LossWeights": frozenset({"mouth_gan", "mouth_feature_matching", "mouth_perceptual", "synthesis_pixel"}),
+                              "mouth_critic_region", "mouth_template", "open_mouth_weight"}),
+    "LossWeights": frozenset({"mouth_gan", "mouth_feature_matching", "mouth_perceptual", "synthesis_pixel",
+                              "l2_output"}),
     "RefineConfig": frozenset({"mouth_template"}),
 }
 

@@ -49,6 +49,7 @@ _OVERRIDES = {
     "ema_decay": "ema_decay",
     "mouth_critic_region": "mouth_critic_region",
     "mouth_template": "mouth_template",
+    "open_mouth_weight": "open_mouth_weight",
     "lr_milestones": "lr_milestones",
 }
 
@@ -78,6 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     base.add_argument("--mouth-template", action=argparse.BooleanOptionalAction,
                       help="the refinement also sees a teeth/cavity sketch of the driving mouth opening "
                            "(default: the preset's; --init-refine-from a model without it adds it at zero weight)")  # fmt: skip
+    base.add_argument("--open-mouth-weight", type=float, metavar="K",
+                      help="draw driving frames with weight 1 + K x mouth opening (default 0: uniform)")  # fmt: skip
     base.add_argument("--steps", type=int, help="total training steps (default: the recipe's)")
     base.add_argument("--batch-size", type=int, help="pairs per step and process")
     base.add_argument("--size", type=int, help="training crop size in pixels (multiple of 32)")

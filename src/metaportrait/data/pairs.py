@@ -353,12 +353,15 @@ class RandomPairs(Dataset):
         augment: AugmentConfig,
         seed: int,
         weighting: Literal["identity", "sqrt_frames"] = "identity",
+        open_mouth_weight: float = 0.0,
     ):
         """Args:
             clips: clips of a `PreparedDataset`; clips with fewer than two face frames are left out.
             options, augment: see `make_pair`.
             seed: base seed of the sample stream.
             weighting: clip sampling (module docstring).
+            open_mouth_weight: > 0: the driving frame is drawn with weight 1 + this x its mouth opening
+                (`motion.mouth_openness`), the source uniformly from the other frames; 0: both uniformly.
         """
         self.clips = [clip for clip in clips if len(clip.usable_frames) >= 2]
         if not self.clips:
@@ -379,6 +382,16 @@ class RandomPairs(Dataset):
         else:
             raise ValueError(f"unknown clip weighting {weighting!r}; choose 'identity' or 'sqrt_frames'")
         self.cumulative = np.cumsum(weights / weights.sum())
+        if open_mouth_weight < 0:
+            raise ValueError(f"open_mouth_weight must be >= 0, got {open_mouth_weight}")
+        self.driving_cumulative = None  # per clip: cumulative driving-frame probabilities over `usable`
+        if open_mouth_weight > 0:
+            from metaportrait.motion import mouth_openness
+
+            self.driving_cumulative = []
+            for clip, usable in zip(self.clips, self.usable):
+                frame_weights = 1.0 + open_mouth_weight * np.clip(mouth_openness(clip.landmarks[usable]), 0.0, None)
+                self.driving_cumulative.append(np.cumsum(frame_weights / frame_weights.sum()))
 
     def __len__(self) -> int:
         # The stream is unbounded; this length only bounds what `StepSampler` may ask for.
@@ -388,10 +401,20 @@ class RandomPairs(Dataset):
         rng = np.random.default_rng([self.seed, int(index)])
         position = min(int(np.searchsorted(self.cumulative, rng.random(), side="right")), len(self.clips) - 1)
         clip = self.clips[position]
-        source, driving = rng.choice(self.usable[position], size=2, replace=False)
+        source, driving = self.choose_frames(position, rng)
         frames = np.stack([clip.frames[source], clip.frames[driving]])
         landmarks = np.stack([clip.landmarks[source], clip.landmarks[driving]])
         return make_pair(frames, landmarks, self.options, self.augment, rng)
+
+    def choose_frames(self, position: int, rng: np.random.Generator) -> tuple[int, int]:
+        """(source, driving): two different usable frames of clip ``position``."""
+        usable = self.usable[position]
+        if self.driving_cumulative is None:
+            source, driving = rng.choice(usable, size=2, replace=False)
+            return int(source), int(driving)
+        at = min(int(np.searchsorted(self.driving_cumulative[position], rng.random(), side="right")), len(usable) - 1)
+        other = (at + rng.integers(1, len(usable))) % len(usable)  # any other frame, uniformly
+        return int(usable[other]), int(usable[at])
 
 
 class FixedPairs(Dataset):

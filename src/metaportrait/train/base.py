@@ -69,7 +69,12 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
 # Settings that may change when a run is resumed: they do not change what is computed.
-RESUMABLE_CHANGES = ("steps", "num_workers", "threads", "log_every", "sample_every", "checkpoint_every", "val_every")
+# Settings a resumed run may change: its length and schedule, the open-mouth sampling (continuing a run on more
+# open mouths) and bookkeeping.
+RESUMABLE_CHANGES = (
+    "steps", "lr_milestones", "open_mouth_weight",
+    "num_workers", "threads", "log_every", "sample_every", "checkpoint_every", "val_every",
+)
 MAX_SKIPPED_STEPS = 10  # consecutive steps with a non-finite loss before training stops
 SAMPLE_ROWS = 4
 
@@ -151,7 +156,9 @@ def train_base(
         mouth_template=model_cfg.refine.mouth_template,
         line_thickness=model_cfg.line_thickness(cfg.size),
     )
-    train_pairs = RandomPairs(train_clips, pair_options, cfg.augment, cfg.seed, cfg.clip_weighting)
+    train_pairs = RandomPairs(
+        train_clips, pair_options, cfg.augment, cfg.seed, cfg.clip_weighting, open_mouth_weight=cfg.open_mouth_weight
+    )
     val_pairs = FixedPairs(val_clips[: cfg.val_max_clips], pair_options, cfg.val_pairs_per_clip) if val_clips else None
     if is_main:
         logger.info(
@@ -317,12 +324,15 @@ def train_base(
             if full:
                 prediction = out[output_key]
                 losses["perceptual_output"] = perceptual_output(prediction, driving)
-                # Pixel error of the output, scaled by loss.synthesis_pixel where the source has no pixels.
+                # Pixel error of the output, scaled by loss.synthesis_pixel where the source has no pixels (squared terms:
+                # by its square).
                 pixel_error = (prediction - driving).abs()  # (B, 3, H, W)
                 if cfg.loss.synthesis_pixel != 1.0:
                     pixel_error = pixel_error * synthesis_pixel_weight(batch["prior_masks"], cfg.loss.synthesis_pixel)
                 if cfg.loss.l1_output > 0:
                     losses["l1_output"] = cfg.loss.l1_output * pixel_error.mean()
+                if cfg.loss.l2_output > 0:
+                    losses["l2_output"] = cfg.loss.l2_output * pixel_error.square().mean()
                 if cfg.loss.face > 0:
                     losses["face_output"] = cfg.loss.face * _face_l1(pixel_error, batch["face_mask"])
                 if cfg.loss.eye > 0 or cfg.loss.mouth > 0:

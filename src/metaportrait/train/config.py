@@ -60,6 +60,9 @@ class LossWeights:
     pyramid_scales: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125)
     l1_warped: float = 0.0  # mean |warped - driving| (not in the official code)
     l1_output: float = 0.0  # mean |output - driving| (stage full; not in the official code)
+    # Mean squared error of the output (stage full; not in the official code): PSNR's own loss. L1 pulls toward the
+    # median of what the driving frame may show, squared error toward its mean, which is what PSNR rewards.
+    l2_output: float = 0.0
     # Eye and mouth: L1 inside the driving landmarks' boxes, divided by the box area, at full resolution only
     # (official: squared error at every pyramid scale; at 128² the 1/8 scale leaves 2 x 1 px eye boxes).
     eye: float = 50.0
@@ -77,8 +80,8 @@ class LossWeights:
     mouth_feature_matching: float = 0.0
     # Not in the official code: the perceptual loss (every backbone layer at this weight) on the same mouth crops.
     mouth_perceptual: float = 0.0
-    # Not in the official code: scale of the output's pixel L1 terms (l1_output, face, eye, mouth) inside the band
-    # the model must synthesise (prior-mask channel 1: the mouth opening the source cannot supply). 1 = no change.
+    # Not in the official code: scale of the output's pixel terms (l1_output, l2_output, face, eye, mouth) inside the
+    # band the model must synthesise (prior-mask channel 1: the mouth opening the source cannot supply). 1 = no change.
     synthesis_pixel: float = 1.0
 
     def __post_init__(self):
@@ -120,6 +123,10 @@ class TrainConfig:
     vgg19_weights: str | None = None  # torchvision vgg19-dcbb9e9d.pth, needed for perceptual_backbone="vgg19"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     clip_weighting: ClipWeighting = "identity"  # see metaportrait.data.pairs
+    # > 0: within a clip, draw the driving frame with weight 1 + this x its mouth opening (inner-lip gap / mouth
+    # width, `motion.mouth_openness`), so wide-open mouths, where the model must synthesise the interior, come up
+    # more often (10: a mouth open 0.6 comes 7x as often as a closed one). 0: uniform (runs before this field).
+    open_mouth_weight: float = 0.0
     num_workers: int = 0  # DataLoader workers per process (2 cores: 0 or 1)
     # Validation: self-reconstruction on held-out identities (first frame -> evenly spaced frames).
     val_identities: tuple[str, ...] = ()  # their clips are removed from training; empty = no validation
@@ -179,6 +186,8 @@ class TrainConfig:
         if self.mouth_critic_region == "synthesised" and not (self.stage == "full" and self.loss.mouth_gan > 0):
             # Without a critic the choice would silently change nothing.
             raise ValueError("mouth_critic_region='synthesised' needs stage 'full' and loss.mouth_gan > 0 (a mouth critic)")
+        if self.open_mouth_weight < 0:
+            raise ValueError(f"open_mouth_weight must be >= 0, got {self.open_mouth_weight}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.init_refine_from is not None and (self.init is None or self.init_refine):
