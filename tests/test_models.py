@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from metaportrait.config import PRESETS, DiscriminatorConfig, ModelConfig, RefineConfig, WarpConfig
 from metaportrait.io.checkpoint import load_model, save_model
 from metaportrait.io.convert_official import load_official_checkpoint
-from metaportrait.models.blocks import remove_all_spectral_norms
+from metaportrait.models.blocks import make_coordinate_grid, remove_all_spectral_norms
 from metaportrait.models.discriminator import MultiScaleDiscriminator
 from metaportrait.models.generator import Generator, example_inputs
 from metaportrait.models.refine import mouth_mask
@@ -299,6 +299,32 @@ def test_prior_masks_keep_the_mesh_in_the_face_and_synthesise_the_mouth():
     with torch.no_grad():
         old = plain(**{k: v for k, v in inputs.items() if k != "prior_masks"})
     torch.testing.assert_close(old["output"], free["output"])
+
+
+def test_subtract_source_flow_keeps_a_still_source_still():
+    """With ``warp.subtract_source_flow`` a source driving itself gets exactly the mesh prior (the identity), and
+    any other driver's flow moves by the same per-source bias; without it the trained head's flow is not zero."""
+    cfg = TINY.replace(warp=dataclasses.replace(TINY.warp, subtract_source_flow=True))
+    generator = Generator(cfg).eval()
+    generator.load_state_dict(_with_trained_heads(TINY).state_dict())  # no new weights
+    plain = _with_trained_heads(TINY)
+    inputs = example_inputs(cfg)
+    identity = make_coordinate_grid(64, 64, "centers")[None].repeat(2, 1, 1, 1)
+    still = {**inputs, "driving_lines": inputs["source_lines"], "prior_grid": identity,
+             "prior_masks": torch.zeros_like(inputs["prior_masks"])}  # fmt: skip
+    with torch.no_grad():
+        assert (plain(**still)["deformation"] - identity).abs().max() > 1e-3
+        torch.testing.assert_close(generator(**still)["deformation"], identity, rtol=0, atol=1e-6)
+        source_flow = generator.source_flow(inputs["source"], inputs["source_lines"])
+        assert source_flow.shape == plain(**inputs)["flow"].shape
+        given, computed = generator(**inputs, source_flow=source_flow), generator(**inputs)
+        torch.testing.assert_close(given["output"], computed["output"], rtol=0, atol=0)
+        assert (computed["output"] - plain(**inputs)["output"]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="subtract_source_flow"):
+        plain(**inputs, source_flow=source_flow)
+    data = cfg.to_dict()
+    del data["warp"]["subtract_source_flow"]  # a config from before the option: off
+    assert ModelConfig.from_dict(data) == TINY
 
 
 def test_config_from_before_prior_masks_loads_with_them_off():

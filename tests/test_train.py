@@ -362,6 +362,11 @@ def test_full_stage_continues_a_full_model(warp_run, dataset_dir, tmp_path):
     with pytest.raises(InputError, match="full-stage"):
         train_base(_tiny("full", 1, init=str(warp_run), init_refine_from=str(warp_run)), dataset_dir,
                    tmp_path / "y", progress=False)  # fmt: skip
+    # warp.subtract_source_flow adds no weights: a model trained without it starts one that trains with it.
+    subtracting = train_base(_tiny("full", 1, init=str(warp_run), init_refine_from=str(tmp_path / "first"),
+                                   subtract_source_flow=True), dataset_dir, tmp_path / "sf", progress=False)  # fmt: skip
+    assert math.isfinite(subtracting.log["total_g"])
+    assert load_model(tmp_path / "sf" / "model")[1].warp.subtract_source_flow
 
 
 def read_sample_width(run: Path) -> int:

@@ -41,6 +41,10 @@ class WarpConfig:
     identity_grid: Literal["corners", "centers"] = "corners"  # official grid includes the corners (FOMM quirk)
     occlusion_init_bias: float = 0.0  # logit of the occlusion map at initialisation (1 = source visible)
     padding_mode: Literal["reflection", "border", "zeros"] = "reflection"  # grid_sample padding (official: reflection)
+    # True: subtract from every frame's flow the flow the network predicts when the source drives itself
+    # (`Generator.source_flow`, computed once per source). That flow should be zero; what it is instead is a
+    # per-source bias that blurs and shifts hair and background under any motion (not in the official code).
+    subtract_source_flow: bool = False
 
     def __post_init__(self):
         _check(self.input_size % 32 == 0, f"warp.input_size must be a multiple of 32, got {self.input_size}")
@@ -198,10 +202,12 @@ class ModelConfig:
 ADDED_FIELDS: dict[str, frozenset[str]] = {
     "ModelConfig": frozenset({"prior_masks", "line_reference_size", "prior_mouth"}),
     "TrainConfig": frozenset({"init_refine", "prior_mouth", "init_refine_from", "freeze_refine_steps", "ema_decay",
-                              "mouth_critic_region", "mouth_template", "open_mouth_weight"}),
+                              "mouth_critic_region", "mouth_template", "open_mouth_weight",
+                              "subtract_source_flow"}),
     "LossWeights": frozenset({"mouth_gan", "mouth_feature_matching", "mouth_perceptual", "synthesis_pixel",
                               "l2_output"}),
     "RefineConfig": frozenset({"mouth_template"}),
+    "WarpConfig": frozenset({"subtract_source_flow"}),
 }
 
 

@@ -75,6 +75,7 @@ class PreparedSource:
     tensor: torch.Tensor  # (1, 3, S, S) in [0, 1]
     lines: torch.Tensor  # (1, 3, S, S) in [0, 1], the source landmark line image
     identity: torch.Tensor | None  # (1, identity_dim) embedding, None when the model does not use identity
+    flow: torch.Tensor | None = None  # (1, 2, h, w) `Generator.source_flow`, with warp.subtract_source_flow only
 
 
 @functools.cache
@@ -259,7 +260,11 @@ class Animator:
         if self.identity_encoder is not None:
             with torch.no_grad():
                 identity = self.identity_encoder.embed(tensor, torch.from_numpy(crop_landmarks)[None])
-        return PreparedSource(image, landmarks, box, crop_image, crop_landmarks, tensor, lines, identity)
+        flow = None
+        if self.config.warp.subtract_source_flow:
+            with torch.no_grad():
+                flow = self.generator.source_flow(tensor, lines)
+        return PreparedSource(image, landmarks, box, crop_image, crop_landmarks, tensor, lines, identity, flow)
 
     def _driving_targets(self, source: PreparedSource, frames: Iterable[np.ndarray], motion: Motion, fps: float,
                          name: str | Path) -> Iterator[tuple[np.ndarray, bool]]:
@@ -321,6 +326,7 @@ class Animator:
                 identity=identity,
                 prior_grid=prior_grid,
                 prior_masks=masks,
+                source_flow=None if source.flow is None else source.flow.expand(count, -1, -1, -1),
             )
         return to_uint8_frames(result["output"])  # (B, S, S, 3); the generator's output is already in [0, 1]
 

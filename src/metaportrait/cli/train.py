@@ -50,6 +50,7 @@ _OVERRIDES = {
     "mouth_critic_region": "mouth_critic_region",
     "mouth_template": "mouth_template",
     "open_mouth_weight": "open_mouth_weight",
+    "subtract_source_flow": "subtract_source_flow",
     "lr_milestones": "lr_milestones",
 }
 
@@ -79,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     base.add_argument("--mouth-template", action=argparse.BooleanOptionalAction,
                       help="the refinement also sees a teeth/cavity sketch of the driving mouth opening "
                            "(default: the preset's; --init-refine-from a model without it adds it at zero weight)")  # fmt: skip
+    base.add_argument("--subtract-source-flow", action=argparse.BooleanOptionalAction,
+                      help="subtract from every flow the flow of the source driving itself (default: the preset's; "
+                           "no new weights, so --init from a model without it works)")  # fmt: skip
     base.add_argument("--open-mouth-weight", type=float, metavar="K",
                       help="draw driving frames with weight 1 + K x mouth opening (default 0: uniform)")  # fmt: skip
     base.add_argument("--steps", type=int, help="total training steps (default: the recipe's)")

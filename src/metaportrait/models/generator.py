@@ -87,6 +87,7 @@ class Generator(nn.Module):
         stage: Stage = "full",
         driving_keypoints: torch.Tensor | None = None,
         prior_masks: torch.Tensor | None = None,
+        source_flow: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Animate ``source`` to follow the driving landmarks.
 
@@ -104,6 +105,8 @@ class Generator(nn.Module):
                 `prior_mask_channels`, from `metaportrait.data.mesh_warp.prior_masks`: the driving face (the
                 residual flow is faded out there), the driving mouth opening (occlusion forced to 0 there) [, the
                 mouth template's teeth and cavity (refine conditions)]; required iff ``prior_masks``.
+            source_flow: `source_flow(source, source_lines)`, only with ``warp.subtract_source_flow``; computed
+                here when not given (pass it to reuse it across the frames of one source).
         Returns:
             ``deformation`` ``(B, h, w, 2)`` sampling grid; ``occlusion`` ``(B, 1, H, W)`` in (0, 1), 1 = source
             visible; ``warped`` ``(B, 3, H, W)`` source warped by the deformation, in [0, 1]; ``flow``
@@ -119,7 +122,11 @@ class Generator(nn.Module):
         motion_input = build_motion_input(source, source_lines, driving_lines, prior_grid, cfg.warp)
         motion_code = self.ladder_network(motion_input[:, :MOTION_CHANNELS])
         trust = None if prior_masks is None else prior_masks[:, :1]
-        out = self.dense_motion_network(motion_input, motion_code, (H, W), prior_grid, trust)
+        if cfg.warp.subtract_source_flow and source_flow is None:
+            source_flow = self.source_flow(source, source_lines)
+        elif source_flow is not None and not cfg.warp.subtract_source_flow:
+            raise ValueError("source_flow is only used with warp.subtract_source_flow (the config says False)")
+        out = self.dense_motion_network(motion_input, motion_code, (H, W), prior_grid, trust, source_flow)
         if prior_masks is not None:
             # The source has no mouth interior to show: the refinement synthesises it (stage full).
             mouth = resize_map(prior_masks[:, 1:2], (H, W))
@@ -150,6 +157,21 @@ class Generator(nn.Module):
             out["output"] = occlusion * out["warped"] + (1 - occlusion) * out["generated"]
         assert out["output"].shape == (B, 3, H, W), out["output"].shape
         return out
+
+    def source_flow(self, source: torch.Tensor, source_lines: torch.Tensor) -> torch.Tensor:
+        """The warping network's flow head when the source drives itself: ``(B, 2, h, w)`` (see `forward`).
+
+        No motion, so it should be zero; ``warp.subtract_source_flow`` subtracts it from every frame's flow. The
+        mesh prior of a source driving itself is the identity grid.
+        """
+        B, _, H, W = source.shape
+        prior_grid = None
+        if self.cfg.use_mesh_prior:
+            identity = make_coordinate_grid(H, W, "centers", device=source.device, dtype=source.dtype)
+            prior_grid = identity[None].expand(B, -1, -1, -1)
+        motion_input = build_motion_input(source, source_lines, source_lines, prior_grid, self.cfg.warp)
+        motion_code = self.ladder_network(motion_input[:, :MOTION_CHANNELS])
+        return self.dense_motion_network.flow_head(motion_input, motion_code)
 
     def _check_prior_masks(self, prior_masks, prior_grid):
         if self.cfg.prior_masks != (prior_masks is not None):

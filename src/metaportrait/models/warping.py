@@ -135,6 +135,7 @@ class DenseMotionNetworkReg(nn.Module):
         image_size: tuple[int, int],
         prior_grid: torch.Tensor | None = None,
         prior_trust: torch.Tensor | None = None,
+        flow_bias: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Estimate the backward deformation (driving -> source) and the occlusion map.
 
@@ -145,6 +146,7 @@ class DenseMotionNetworkReg(nn.Module):
             prior_grid: ``(B, H', W', 2)`` mesh prior; the deformation is then returned at ``(H', W')``.
             prior_trust: ``(B, 1, H', W')`` in [0, 1], 1 where the prior is kept as is (the residual is
                 multiplied by ``1 - prior_trust``); only with a prior.
+            flow_bias: ``(B, 2, h, w)`` subtracted from the flow head's output (`flow_head`), in its units.
         Returns:
             ``deformation`` ``(B, h, w, 2)`` sampling grid in [-1, 1] (x, y) (``h = S / 2**dec_lease`` without a
             prior); ``flow`` ``(B, 2, h, w)`` the learned offset in normalised units; ``occlusion`` ``(B, 1, H, W)``
@@ -152,6 +154,10 @@ class DenseMotionNetworkReg(nn.Module):
         """
         features = self.hourglass(motion_input, motion_code)
         flow = self.reger(features)  # (B, 2, h, w), pixels of the h x w flow grid
+        if flow_bias is not None:
+            if flow_bias.shape != flow.shape:
+                raise ValueError(f"flow_bias must be {tuple(flow.shape)}, got {tuple(flow_bias.shape)}")
+            flow = flow - flow_bias
         _, _, h, w = flow.shape
         if self.cfg.identity_grid == "corners":
             pixel = flow.new_tensor([2 / (w - 1), 2 / (h - 1)])
@@ -171,3 +177,7 @@ class DenseMotionNetworkReg(nn.Module):
         occlusion = torch.sigmoid(self.occlusion_net(features))
         occlusion = resize_map(occlusion, image_size)
         return {"deformation": deformation, "flow": flow, "occlusion": occlusion}
+
+    def flow_head(self, motion_input: torch.Tensor, motion_code: torch.Tensor) -> torch.Tensor:
+        """The flow head's raw output ``(B, 2, h, w)``, pixels of the flow grid (what ``flow_bias`` removes)."""
+        return self.reger(self.hourglass(motion_input, motion_code))
