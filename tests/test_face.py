@@ -16,6 +16,7 @@ from metaportrait.data.face import (
     paste_back,
     points_from_crop,
     points_to_crop,
+    uncrop_map,
     uncrop_matrix,
 )
 from metaportrait.data.landmarks import landmarks_of_image
@@ -131,6 +132,22 @@ def test_paste_back_feathers_the_edge():
     assert (corner[:50, :50] == 255).all() and (corner[50:, :] == 0).all()
     with pytest.raises(ValueError, match="feather"):
         paste_back(frame, white, box, feather=0.7)
+
+
+def test_uncrop_map_puts_crop_values_where_the_crop_came_from():
+    box = CropBox(100.0, 80.0, 100.0)  # x 50-150, y 30-130; crop pixels are 2 frame pixels wide
+    ones = uncrop_map(np.ones((50, 50), np.float32), box, 200, 300)
+    assert ones.shape == (200, 300) and ones.dtype == np.float32
+    assert (ones[35:125, 55:145] == 1).all() and (ones[:29] == 0).all() and (ones[:, 151:] == 0).all()
+    spot = np.zeros((50, 50), np.float32)
+    spot[10, 20] = 1.0  # crop pixel centre (20.5, 10.5)
+    x, y = points_from_crop(np.array([[20.5, 10.5]]), box, 50)[0]
+    moved = uncrop_map(spot, box, 200, 300)
+    # (x, y) = (91, 51) is a frame pixel corner: the four pixels around it share the spot, nothing else.
+    assert (x, y) == (91.0, 51.0) and (moved[50:52, 90:92] == moved.max()).all() and moved.max() > 0.5
+    assert moved.sum() == pytest.approx(4.0, rel=0.01)  # 2 x 2 frame pixels per crop pixel
+    with pytest.raises(ValueError, match="square"):
+        uncrop_map(np.ones((5, 6), np.float32), box, 200, 300)
 
 
 def test_box_smoother_steadies_a_jittery_box():

@@ -175,6 +175,39 @@ def test_bundled_model_keeps_the_source_teeth_under_the_upper_lip(astronaut):
         assert abs(under_upper_lip(frame, target, depth) - teeth) < 20, mouth
 
 
+def test_stillness_is_one_where_the_source_stays_and_zero_from_one_pixel_of_motion():
+    from metaportrait.models.blocks import make_coordinate_grid
+    from metaportrait.pipeline import stillness
+
+    assert TINY.use_mesh_prior  # its deformation is a sampling grid on pixel centres
+    identity = make_coordinate_grid(8, 8, "centers")[None].repeat(3, 1, 1, 1)
+    deformation = identity.clone()
+    deformation[1, ..., 0] += 2 / 8  # one pixel to the right
+    deformation[2, ..., 1] += 0.5 / 8  # half a pixel down
+    occlusion = torch.ones(3, 1, 8, 8)
+    occlusion[0, :, :4] = 0.25  # the top half mostly synthesised
+    still = stillness({"deformation": deformation, "occlusion": occlusion}, TINY)
+    assert still.shape == (3, 8, 8)
+    torch.testing.assert_close(still[0, 4:], torch.ones(4, 8)) and torch.testing.assert_close(still[0, :4], torch.full((4, 8), 0.25))
+    torch.testing.assert_close(still[1], torch.zeros(8, 8)) and torch.testing.assert_close(still[2], torch.full((8, 8), 0.5))
+
+
+def test_bundled_model_keeps_the_portrait_where_nothing_moves(astronaut):
+    """Driven by its own landmarks, the pasted-back frame keeps the portrait's pixels (`keep_source_detail`)
+    instead of the face crop resampled to 256² and back."""
+    image, points = astronaut
+    x0, y0, x1, y1 = 150, 40, 350, 250  # hair, forehead, eyes: still when the target is the source itself
+
+    def error(keep: bool) -> float:
+        animator = Animator.from_pretrained(keep_source_detail=keep)
+        (frame,) = animator.animate_landmarks(image, [points], source_landmarks=points)
+        np.testing.assert_array_equal(frame[-20:], image[-20:])  # outside the crop box: the portrait
+        return float(np.abs(frame[y0:y1, x0:x1].astype(int) - image[y0:y1, x0:x1]).mean())
+
+    kept, resampled = error(True), error(False)
+    assert kept < 0.85 * resampled, (kept, resampled)  # measured: 1.55 against 2.10
+
+
 def test_video_driving_tracks_and_counts_lost_frames(animator, astronaut):
     image, points = astronaut
     clip = driving_frames(image, 5)

@@ -34,11 +34,12 @@ import torch
 
 from metaportrait.config import ModelConfig
 from metaportrait.data.drawing import MEDIAPIPE_TOPOLOGIES, draw_landmark_image
-from metaportrait.data.face import BoxSmoother, CropBox, crop, points_to_crop
+from metaportrait.data.face import BoxSmoother, CropBox, crop, points_to_crop, uncrop_map
 from metaportrait.data.face import paste_back as blend_crop  # the name `paste_back` is our flag
 from metaportrait.data.landmarks import iter_tracked, landmarks_of_image
 from metaportrait.data.mesh_warp import mesh_warp_grid, prior_masks
 from metaportrait.errors import InputError
+from metaportrait.models.blocks import make_coordinate_grid, resize_map
 from metaportrait.io.image import frames_to_tensor, to_tensor, to_uint8_frames
 from metaportrait.motion import Controls, absolute_motion, relative_motion
 
@@ -47,6 +48,8 @@ MOTIONS: tuple[str, ...] = ("relative", "absolute")
 BUNDLED_CHECKPOINT = "assets/models/lite"  # inside the metaportrait package
 DEFAULT_BATCH_SIZE = 4  # frames per generator forward: amortises per-call overhead, keeps latency and memory low
 PASTE_FEATHER = 0.1  # soft paste-back edge, as a fraction of the crop side
+# Source detail is kept where the model moves the source by less than this many crop pixels (fading out to it).
+STILL_MOTION_PX = 1.0
 
 
 @dataclass
@@ -76,6 +79,9 @@ class PreparedSource:
     lines: torch.Tensor  # (1, 3, S, S) in [0, 1], the source landmark line image
     identity: torch.Tensor | None  # (1, identity_dim) embedding, None when the model does not use identity
     flow: torch.Tensor | None = None  # (1, 2, h, w) `Generator.source_flow`, with warp.subtract_source_flow only
+    # int16 (H, W, 3): the portrait minus its own crop pasted back, i.e. the detail the crop round trip (resampling
+    # to S and back) loses; added back where the model leaves the source still (`compose_frame`).
+    detail: np.ndarray | None = None
 
 
 @functools.cache
@@ -102,13 +108,15 @@ class Animator:
         identity_encoder: `IdentityEncoder` for the source embedding; loaded from dlib's weights when the model
             uses identity and none is given.
         batch_size: frames per generator forward.
+        keep_source_detail: where the model leaves the source still (no motion, no synthesis), the pasted-back
+            frame keeps the portrait's own pixels instead of the crop's resampled copy (`compose_frame`).
 
     Attributes:
         stats: `AnimationStats` of the latest call, filled in while its frames are consumed.
     """
 
     def __init__(self, generator: torch.nn.Module, config: ModelConfig, identity_encoder: torch.nn.Module | None = None,
-                 batch_size: int = DEFAULT_BATCH_SIZE):
+                 batch_size: int = DEFAULT_BATCH_SIZE, keep_source_detail: bool = True):
         if config.landmark_topology not in MEDIAPIPE_TOPOLOGIES:
             raise ValueError(
                 f"the animator measures MediaPipe landmarks; this model was built for {config.landmark_topology!r} "
@@ -122,11 +130,13 @@ class Animator:
         self.config = config
         self.identity_encoder = identity_encoder if config.use_identity else None
         self.batch_size = batch_size
+        self.keep_source_detail = keep_source_detail
         self.size = config.image_size
         self.stats = AnimationStats()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> Animator:
+    def from_pretrained(cls, path: str | Path | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                        keep_source_detail: bool = True) -> Animator:
         """Load a checkpoint folder (``model.safetensors`` + ``config.json``).
 
         Args:
@@ -145,7 +155,7 @@ class Animator:
         if not path.is_dir():
             raise InputError(path, "checkpoint folder not found")
         generator, config = load_model(path)
-        return cls(generator, config, batch_size=batch_size)
+        return cls(generator, config, batch_size=batch_size, keep_source_detail=keep_source_detail)
 
     # --- entry points -----------------------------------------------------------------------------------------
 
@@ -264,7 +274,11 @@ class Animator:
         if self.config.warp.subtract_source_flow:
             with torch.no_grad():
                 flow = self.generator.source_flow(tensor, lines)
-        return PreparedSource(image, landmarks, box, crop_image, crop_landmarks, tensor, lines, identity, flow)
+        detail = None
+        if self.keep_source_detail:
+            round_trip = blend_crop(image, crop_image, box, feather=PASTE_FEATHER)
+            detail = image.astype(np.int16) - round_trip.astype(np.int16)
+        return PreparedSource(image, landmarks, box, crop_image, crop_landmarks, tensor, lines, identity, flow, detail)
 
     def _driving_targets(self, source: PreparedSource, frames: Iterable[np.ndarray], motion: Motion, fps: float,
                          name: str | Path) -> Iterator[tuple[np.ndarray, bool]]:
@@ -293,16 +307,23 @@ class Animator:
             points = [controls.apply(target) for target, _ in batch]
             self.stats.lost_frames += sum(not present for _, present in batch)
             # 3. Generator on a batch of frames.
-            crops = self._generate(source, points)
+            crops, stillness = self._generate_with_stillness(source, points)
             # 4. The face crop, or the full portrait with the crop pasted back.
-            for face in crops:
-                frame = compose_frame(source, face, paste_back, crop_output)
+            for face, still in zip(crops, stillness):
+                frame = compose_frame(source, face, paste_back, crop_output, still)
                 self.stats.frames += 1
                 self.stats.seconds = time.perf_counter() - start
                 yield frame
 
     def _generate(self, source: PreparedSource, targets: list[np.ndarray]) -> np.ndarray:
         """Step 3: ``uint8`` ``(B, S, S, 3)`` generated crops for ``B`` target landmark sets (source-crop pixels)."""
+        return self._generate_with_stillness(source, targets)[0]
+
+    def _generate_with_stillness(
+        self, source: PreparedSource, targets: list[np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Step 3: the generated crops and, per crop, ``float32`` ``(B, S, S)`` in [0, 1]: how still the model left
+        the source there (`stillness`)."""
         size, count = self.size, len(targets)
         thickness = self.config.line_thickness(size)
         lines = frames_to_tensor(
@@ -328,12 +349,37 @@ class Animator:
                 prior_masks=masks,
                 source_flow=None if source.flow is None else source.flow.expand(count, -1, -1, -1),
             )
-        return to_uint8_frames(result["output"])  # (B, S, S, 3); the generator's output is already in [0, 1]
+        # (B, S, S, 3); the generator's output is already in [0, 1]
+        return to_uint8_frames(result["output"]), stillness(result, self.config).numpy()
+
+
+def stillness(result: dict[str, torch.Tensor], config: ModelConfig) -> torch.Tensor:
+    """``(B, S, S)`` in [0, 1] from a generator result: 1 where the output is the source unmoved (the deformation
+    within a small fraction of a crop pixel of the identity, occlusion 1), falling to 0 at `STILL_MOTION_PX` of
+    motion or where the output is synthesised (weighted by the occlusion map)."""
+    deformation, occlusion = result["deformation"], result["occlusion"]  # (B, h, w, 2), (B, 1, S, S)
+    _, _, size, _ = occlusion.shape
+    h, w = deformation.shape[1:3]
+    convention = "centers" if config.use_mesh_prior else config.warp.identity_grid
+    identity = make_coordinate_grid(h, w, convention, dtype=deformation.dtype)
+    motion = ((deformation - identity) * deformation.new_tensor([w / 2, h / 2])).norm(dim=-1)  # pixels of w x h
+    motion = resize_map(motion[:, None] * (size / w), (size, size))  # (B, 1, S, S), pixels of the crop
+    return (occlusion * (1 - motion / STILL_MOTION_PX).clamp(0, 1))[:, 0]
 
 
 def compose_frame(source: PreparedSource, face: np.ndarray, paste_back: bool = True,
-                  crop_output: bool = False) -> np.ndarray:
-    """Step 4: one output frame from a generated ``uint8`` ``(S, S, 3)`` face crop (see `Animator.__call__`)."""
+                  crop_output: bool = False, still: np.ndarray | None = None) -> np.ndarray:
+    """Step 4: one output frame from a generated ``uint8`` ``(S, S, 3)`` face crop (see `Animator.__call__`).
+
+    With ``still`` (``(S, S)`` `stillness`) and the source's ``detail``, the pasted crop gets back the portrait's
+    own detail where the model left the source still: there the frame equals the portrait, not a crop that was
+    resampled to the model's size and back (at best 33-45 dB PSNR on 256² portraits, softer on larger ones).
+    """
     if crop_output or not paste_back:
         return face
-    return blend_crop(source.image, face, source.box, feather=PASTE_FEATHER)
+    frame = blend_crop(source.image, face, source.box, feather=PASTE_FEATHER)
+    if still is None or source.detail is None:
+        return frame
+    height, width = frame.shape[:2]
+    weight = uncrop_map(still, source.box, height, width)[..., None]  # (H, W, 1), 0 outside the box
+    return np.clip(np.rint(frame + weight * source.detail), 0, 255).astype(np.uint8)

@@ -251,6 +251,16 @@ def _smoothstep(t: np.ndarray) -> np.ndarray:
     return t * t * (3.0 - 2.0 * t)
 
 
+def uncrop_map(values: np.ndarray, box: CropBox, height: int, width: int) -> np.ndarray:
+    """A crop-aligned ``float32`` ``(S, S)`` map resampled into the ``(height, width)`` frame the crop was cut
+    from (bilinear; 0 outside the box)."""
+    if values.ndim != 2 or values.shape[0] != values.shape[1]:
+        raise ValueError(f"expected a square (S, S) map, got {values.shape}")
+    matrix = _pixel_matrix(uncrop_matrix(box, values.shape[0]))
+    return cv2.warpAffine(values.astype(np.float32), matrix, (width, height), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)  # fmt: skip
+
+
 def paste_back(full_image: np.ndarray, crop_image: np.ndarray, box: CropBox, feather: float = 0.1) -> np.ndarray:
     """Blend a (generated) crop back into the full frame it was cut from, with a soft edge.
 
