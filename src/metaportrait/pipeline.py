@@ -39,8 +39,8 @@ from metaportrait.data.face import paste_back as blend_crop  # the name `paste_b
 from metaportrait.data.landmarks import iter_tracked, landmarks_of_image
 from metaportrait.data.mesh_warp import mesh_warp_grid, prior_masks
 from metaportrait.errors import InputError
-from metaportrait.models.blocks import make_coordinate_grid, resize_map
 from metaportrait.io.image import frames_to_tensor, to_tensor, to_uint8_frames
+from metaportrait.models.blocks import make_coordinate_grid, resize_map
 from metaportrait.motion import Controls, absolute_motion, relative_motion
 
 Motion = Literal["relative", "absolute"]
@@ -354,9 +354,11 @@ class Animator:
 
 
 def stillness(result: dict[str, torch.Tensor], config: ModelConfig) -> torch.Tensor:
-    """``(B, S, S)`` in [0, 1] from a generator result: 1 where the output is the source unmoved (the deformation
-    within a small fraction of a crop pixel of the identity, occlusion 1), falling to 0 at `STILL_MOTION_PX` of
-    motion or where the output is synthesised (weighted by the occlusion map)."""
+    """``(B, S, S)`` in [0, 1] from a generator result: how far the output is the source left where it was.
+
+    ``occlusion * (1 - motion / STILL_MOTION_PX)``, clipped: 1 where the deformation is the identity and the
+    source is shown as is, 0 from `STILL_MOTION_PX` crop pixels of motion on or where the output is synthesised.
+    """
     deformation, occlusion = result["deformation"], result["occlusion"]  # (B, h, w, 2), (B, 1, S, S)
     _, _, size, _ = occlusion.shape
     h, w = deformation.shape[1:3]
