@@ -293,9 +293,13 @@ def test_cli_edit_writes_one_image(media, tiny_checkpoint, tmp_path):
     from metaportrait.io.image import read_image
 
     out = tmp_path / "edited.png"
-    assert main(["edit", "-s", str(media["astronaut"]), "--mouth", "0.6", "--yaw", "10", "-o", str(out),
-                 "--checkpoint", str(tiny_checkpoint)]) == 0
+    argv = ["edit", "-s", str(media["astronaut"]), "--mouth", "0.6", "--yaw", "10", "-o", str(out),
+            "--checkpoint", str(tiny_checkpoint)]  # fmt: skip
+    assert main(argv) == 0
     assert read_image(out).shape == (512, 512, 3)
+    whole = tmp_path / "whole_crop.png"
+    assert main(argv[:-3] + [str(whole), "--checkpoint", str(tiny_checkpoint), "--no-source-detail"]) == 0
+    assert np.abs(read_image(whole).astype(int) - read_image(out)).max() > 0  # the portrait's detail is not kept
 
 
 @pytest.mark.parametrize(

@@ -49,11 +49,14 @@ def _bounded_float(low: float | None, high: float | None):
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--checkpoint``, ``--no-paste-back`` and ``--crop-output``."""
+    """``--checkpoint``, ``--no-paste-back``, ``--no-source-detail`` and ``--crop-output``."""
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="checkpoint folder (model.safetensors + config.json); default: the bundled lite model")
     parser.add_argument("--no-paste-back", dest="paste_back", action="store_false",
                         help="do not blend the generated face back into the full portrait: write the face crop")
+    parser.add_argument("--no-source-detail", dest="keep_source_detail", action="store_false",
+                        help="paste the whole generated crop back; by default the portrait's own pixels stay where "
+                             "the model leaves the source still (sharper hair and background)")  # fmt: skip
     parser.add_argument("--crop-output", action="store_true",
                         help="write just the generated face crop (the model's size, 256 for the bundled model)")
 
@@ -134,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
         expected = round(reader.frame_count * fps / reader.fps)
         if args.max_frames is not None:
             expected = min(expected, args.max_frames)
-        animator = Animator.from_pretrained(args.checkpoint, batch_size=args.batch_size)
+        animator = Animator.from_pretrained(args.checkpoint, batch_size=args.batch_size,
+                                            keep_source_detail=args.keep_source_detail)  # fmt: skip
 
         # 2. Driving frames, lazily: resampled to the output rate, cut to --max-frames.
         driving = iter(reader) if args.fps is None else resample_fps(reader, reader.fps, fps)
