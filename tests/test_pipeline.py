@@ -183,13 +183,15 @@ def test_stillness_is_one_where_the_source_stays_and_zero_from_one_pixel_of_moti
     identity = make_coordinate_grid(8, 8, "centers")[None].repeat(3, 1, 1, 1)
     deformation = identity.clone()
     deformation[1, ..., 0] += 2 / 8  # one pixel to the right
-    deformation[2, ..., 1] += 0.5 / 8  # half a pixel down
+    deformation[2, ..., 1] += 1 / 8  # half a pixel down (a pixel is 2 / 8 in grid units)
     occlusion = torch.ones(3, 1, 8, 8)
     occlusion[0, :, :4] = 0.25  # the top half mostly synthesised
     still = stillness({"deformation": deformation, "occlusion": occlusion}, TINY)
     assert still.shape == (3, 8, 8)
-    torch.testing.assert_close(still[0, 4:], torch.ones(4, 8)) and torch.testing.assert_close(still[0, :4], torch.full((4, 8), 0.25))
-    torch.testing.assert_close(still[1], torch.zeros(8, 8)) and torch.testing.assert_close(still[2], torch.full((8, 8), 0.5))
+    torch.testing.assert_close(still[0, 4:], torch.ones(4, 8))
+    torch.testing.assert_close(still[0, :4], torch.full((4, 8), 0.25))
+    torch.testing.assert_close(still[1], torch.zeros(8, 8))
+    torch.testing.assert_close(still[2], torch.full((8, 8), 0.5))
 
 
 def test_bundled_model_keeps_the_portrait_where_nothing_moves(astronaut):

@@ -68,7 +68,6 @@ from metaportrait.train.config import TrainConfig
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
-# Settings that may change when a run is resumed: they do not change what is computed.
 # Settings a resumed run may change: its length and schedule, the open-mouth sampling (continuing a run on more
 # open mouths) and bookkeeping.
 RESUMABLE_CHANGES = (
@@ -324,8 +323,8 @@ def train_base(
             if full:
                 prediction = out[output_key]
                 losses["perceptual_output"] = perceptual_output(prediction, driving)
-                # Pixel error of the output, scaled by loss.synthesis_pixel where the source has no pixels (squared terms:
-                # by its square).
+                # Pixel error of the output, scaled by loss.synthesis_pixel where the source has no pixels
+                # (the squared term: by its square).
                 pixel_error = (prediction - driving).abs()  # (B, 3, H, W)
                 if cfg.loss.synthesis_pixel != 1.0:
                     pixel_error = pixel_error * synthesis_pixel_weight(batch["prior_masks"], cfg.loss.synthesis_pixel)
@@ -506,7 +505,8 @@ def _load_init(generator: Generator, model_cfg: ModelConfig, path: Path, part: s
     """Load the ``part`` ("warp", "refine" or "all") of G from a run folder (its ``model/``) or a model folder.
 
     The two model configs must agree on that part; the prior masks, their mouth fill, the line width and
-    ``warp.subtract_source_flow`` change no weights, and the identity branch lives in R only, so a warp run serves both sides of the identity ablation.
+    ``warp.subtract_source_flow`` change no weights, and the identity branch lives in R only, so a warp run serves
+    both sides of the identity ablation.
     A refinement trained without the mouth template loads into one with it: the template's input weights start
     at zero (`_pad_template_inputs`), so the network starts out computing what it did.
     """
