@@ -34,7 +34,7 @@ import torch
 
 from metaportrait.config import ModelConfig
 from metaportrait.data.drawing import MEDIAPIPE_TOPOLOGIES, draw_landmark_image
-from metaportrait.data.face import BoxSmoother, CropBox, crop, points_to_crop, uncrop_map
+from metaportrait.data.face import BoxSmoother, CropBox, box_region, crop, points_to_crop, uncrop_map
 from metaportrait.data.face import paste_back as blend_crop  # the name `paste_back` is our flag
 from metaportrait.data.landmarks import iter_tracked, landmarks_of_image
 from metaportrait.data.mesh_warp import mesh_warp_grid, prior_masks
@@ -309,7 +309,7 @@ class Animator:
             # 3. Generator on a batch of frames.
             crops, stillness = self._generate_with_stillness(source, points)
             # 4. The face crop, or the full portrait with the crop pasted back.
-            for face, still in zip(crops, stillness):
+            for face, still in zip(crops, stillness if stillness is not None else [None] * len(crops)):
                 frame = compose_frame(source, face, paste_back, crop_output, still)
                 self.stats.frames += 1
                 self.stats.seconds = time.perf_counter() - start
@@ -321,9 +321,9 @@ class Animator:
 
     def _generate_with_stillness(
         self, source: PreparedSource, targets: list[np.ndarray]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Step 3: the generated crops and, per crop, ``float32`` ``(B, S, S)`` in [0, 1]: how still the model left
-        the source there (`stillness`)."""
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Step 3: the generated crops and, when the source keeps its detail, per crop ``float32`` ``(B, S, S)`` in
+        [0, 1]: how still the model left the source there (`stillness`); otherwise None."""
         size, count = self.size, len(targets)
         thickness = self.config.line_thickness(size)
         lines = frames_to_tensor(
@@ -350,7 +350,8 @@ class Animator:
                 source_flow=None if source.flow is None else source.flow.expand(count, -1, -1, -1),
             )
         # (B, S, S, 3); the generator's output is already in [0, 1]
-        return to_uint8_frames(result["output"]), stillness(result, self.config).numpy()
+        still = None if source.detail is None else stillness(result, self.config).numpy()
+        return to_uint8_frames(result["output"]), still
 
 
 def stillness(result: dict[str, torch.Tensor], config: ModelConfig) -> torch.Tensor:
@@ -383,5 +384,11 @@ def compose_frame(source: PreparedSource, face: np.ndarray, paste_back: bool = T
     if still is None or source.detail is None:
         return frame
     height, width = frame.shape[:2]
-    weight = uncrop_map(still, source.box, height, width)[..., None]  # (H, W, 1), 0 outside the box
-    return np.clip(np.rint(frame + weight * source.detail), 0, 255).astype(np.uint8)
+    region = box_region(source.box, height, width)
+    if region is None:
+        return frame
+    left, top, right, bottom = region  # outside the box the weight is 0: only its region changes
+    weight = uncrop_map(still, source.box, height, width)[top:bottom, left:right, None]
+    kept = frame[top:bottom, left:right] + weight * source.detail[top:bottom, left:right]
+    frame[top:bottom, left:right] = np.clip(np.rint(kept), 0, 255).astype(np.uint8)
+    return frame

@@ -251,14 +251,37 @@ def _smoothstep(t: np.ndarray) -> np.ndarray:
     return t * t * (3.0 - 2.0 * t)
 
 
+def box_region(box: CropBox, height: int, width: int) -> tuple[int, int, int, int] | None:
+    """``(left, top, right, bottom)``: the integer pixels of a ``(height, width)`` frame the box covers, or None
+    when it lies entirely outside the frame. Only these change when a crop is pasted back."""
+    left, top = max(0, math.floor(box.x0)), max(0, math.floor(box.y0))
+    right, bottom = min(width, math.ceil(box.x0 + box.side)), min(height, math.ceil(box.y0 + box.side))
+    if right <= left or bottom <= top:
+        return None
+    return left, top, right, bottom
+
+
+def _warp_into_region(crop_values: np.ndarray, box: CropBox, region: tuple[int, int, int, int], border: int,
+                      border_value: float = 0.0) -> np.ndarray:  # fmt: skip
+    """Resample a crop-aligned array (bilinear) onto the frame pixels of ``region`` (from `box_region`)."""
+    left, top, right, bottom = region
+    to_region = uncrop_matrix(box, crop_values.shape[0])  # crop -> source, then the region's corner is the origin
+    to_region[:, 2] -= (left, top)
+    return cv2.warpAffine(crop_values, _pixel_matrix(to_region), (right - left, bottom - top), flags=cv2.INTER_LINEAR,
+                          borderMode=border, borderValue=border_value)  # fmt: skip
+
+
 def uncrop_map(values: np.ndarray, box: CropBox, height: int, width: int) -> np.ndarray:
     """A crop-aligned ``float32`` ``(S, S)`` map resampled into the ``(height, width)`` frame the crop was cut
-    from (bilinear; 0 outside the box)."""
+    from (bilinear; 0 outside the box; only the box's region is computed)."""
     if values.ndim != 2 or values.shape[0] != values.shape[1]:
         raise ValueError(f"expected a square (S, S) map, got {values.shape}")
-    matrix = _pixel_matrix(uncrop_matrix(box, values.shape[0]))
-    return cv2.warpAffine(values.astype(np.float32), matrix, (width, height), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)  # fmt: skip
+    out = np.zeros((height, width), np.float32)
+    region = box_region(box, height, width)
+    if region is not None:
+        left, top, right, bottom = region
+        out[top:bottom, left:right] = _warp_into_region(values.astype(np.float32), box, region, cv2.BORDER_CONSTANT)
+    return out
 
 
 def paste_back(full_image: np.ndarray, crop_image: np.ndarray, box: CropBox, feather: float = 0.1) -> np.ndarray:
@@ -286,16 +309,11 @@ def paste_back(full_image: np.ndarray, crop_image: np.ndarray, box: CropBox, fea
     height, width = full_image.shape[:2]
     out = full_image.copy()
     # Only the integer region covered by the box (and inside the frame) changes.
-    left, top = max(0, math.floor(box.x0)), max(0, math.floor(box.y0))
-    right, bottom = min(width, math.ceil(box.x0 + box.side)), min(height, math.ceil(box.y0 + box.side))
-    if right <= left or bottom <= top:
+    region = box_region(box, height, width)
+    if region is None:
         return out  # the box lies entirely outside the frame
-    # Crop -> region matrix: crop -> source, then shift the origin to the region's corner.
-    to_region = uncrop_matrix(box, size)
-    to_region[:, 2] -= (left, top)
-    matrix = _pixel_matrix(to_region)
-    region_size = (right - left, bottom - top)
-    pasted = cv2.warpAffine(crop_image, matrix, region_size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    left, top, right, bottom = region
+    pasted = _warp_into_region(crop_image, box, region, cv2.BORDER_REPLICATE)
     # Weight of every region pixel from its position in crop coordinates (separable in x and y).
     scale = size / box.side
     u = (np.arange(left, right) + 0.5 - box.x0) * scale  # crop x of each column centre
