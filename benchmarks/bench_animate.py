@@ -11,6 +11,9 @@ Measured, with scikit-image's astronaut as the portrait:
   this entry is ``null`` and ``video_clip`` says so.
 * ``scripted_fps``: driven by the built-in scripted motion (`metaportrait.demo_motion`): the same without tracking.
 * ``setup_s``: time until the first frame (source landmarks, crop, identity embedding, first batch).
+* ``compose_ms``: step 4 alone, the paste-back of one 256x256 crop into the 512x512 portrait with the source's
+  detail kept where the model left it still (`metaportrait.pipeline.compose_frame`); ``compose_plain_ms``
+  without the detail (``--no-source-detail``). Both are included in the frame rates above.
 
 Frame rates exclude the first batch (``setup_s``). The model is the bundled lite checkpoint when installed,
 otherwise a randomly initialised lite generator (same architecture and speed; ``weights`` says which). Timings
@@ -34,7 +37,7 @@ from metaportrait.config import PRESETS
 from metaportrait.data.landmarks import landmarks_of_image
 from metaportrait.demo_motion import scripted_motion
 from metaportrait.models.generator import Generator
-from metaportrait.pipeline import DEFAULT_BATCH_SIZE, Animator, bundled_checkpoint
+from metaportrait.pipeline import DEFAULT_BATCH_SIZE, Animator, bundled_checkpoint, compose_frame
 
 # ../shared beside the repository, as in tests/conftest.py; METAPORTRAIT_SHARED overrides it.
 SHARED = Path(os.environ.get("METAPORTRAIT_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
@@ -62,6 +65,16 @@ def _timed(frames: Iterator[np.ndarray], count: int, start: float, batch_size: i
     return first_batch_done - start, (produced - batch_size) / (end - first_batch_done)
 
 
+def _compose_ms(source, face: np.ndarray, still: np.ndarray | None, repeats: int = 50) -> float:
+    """Milliseconds per `compose_frame` call (median of ``repeats``)."""
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        compose_frame(source, face, True, False, still)
+        times.append(time.perf_counter() - begin)
+    return 1000 * float(np.median(times))
+
+
 def run(threads: int = 2, frames: int = 40, batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
     """Measure the animator with ``threads`` torch threads on ``frames`` frames; returns a JSON-ready dict."""
     from skimage import data
@@ -83,6 +96,11 @@ def run(threads: int = 2, frames: int = 40, batch_size: int = DEFAULT_BATCH_SIZE
     setup, fps = _timed(animator.animate_landmarks(portrait, targets, source_landmarks=points), frames, start,
                         batch_size)
     result.update(scripted_fps=fps, scripted_ms_per_frame=1000 / fps, setup_s=setup)
+
+    source = animator.prepare_source(portrait, "skimage.data.astronaut()", points)
+    face = source.crop  # any crop times the same
+    still = np.linspace(0, 1, animator.size * animator.size, dtype=np.float32).reshape(animator.size, animator.size)
+    result.update(compose_ms=_compose_ms(source, face, still), compose_plain_ms=_compose_ms(source, face, None))
 
     if CLIP.is_file():
         from metaportrait.io.video import read_video

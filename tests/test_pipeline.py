@@ -145,6 +145,13 @@ def test_controls_change_the_model_input(animator, astronaut):
     assert np.abs(plain.astype(int) - edited).max() > 0
 
 
+def test_the_portrait_detail_is_prepared_only_for_a_paste_back(animator, astronaut):
+    image, points = astronaut
+    pasted = animator.prepare_source(image, landmarks=points)
+    assert pasted.detail is not None and pasted.detail.shape == image.shape and pasted.detail.dtype == np.int16
+    assert animator.prepare_source(image, landmarks=points, pasted=False).detail is None
+
+
 def test_source_lines_have_the_width_the_model_was_trained_with(astronaut):
     image, points = astronaut
     thin = Animator(Generator(TINY), TINY).prepare_source(image, landmarks=points).lines

@@ -205,7 +205,7 @@ class Animator:
             raise ValueError(f"motion must be one of {MOTIONS}, got {motion!r}")
         start = self._start()
         # 1. Source: landmarks, one crop box, the crop at the model's size, identity embedding, line image.
-        source = self.prepare_source(source_image, source_name, source_landmarks)
+        source = self.prepare_source(source_image, source_name, source_landmarks, paste_back and not crop_output)
         # 2. Driving: per frame, tracked + smoothed landmarks (lost face -> last good), mapped into the driver's
         #    own smoothed crop, then transferred onto the source crop.
         targets = self._driving_targets(source, driving_frames, motion, driving_fps, driving_name)
@@ -237,7 +237,7 @@ class Animator:
         """
         start = self._start()
         # 1. Source (as in __call__).
-        source = self.prepare_source(source_image, source_name, source_landmarks)
+        source = self.prepare_source(source_image, source_name, source_landmarks, paste_back and not crop_output)
         # 2. Targets are given in portrait pixels: move them into the source crop.
         targets = ((points_to_crop(np.asarray(t, np.float32), source.box, self.size), True) for t in target_landmarks)
         return self._render(source, targets, controls, paste_back, crop_output, start)
@@ -249,8 +249,10 @@ class Animator:
         return time.perf_counter()
 
     def prepare_source(self, image: np.ndarray, name: str | Path = "<source>",
-                       landmarks: np.ndarray | None = None) -> PreparedSource:
+                       landmarks: np.ndarray | None = None, pasted: bool = True) -> PreparedSource:
         """Step 1: the source portrait's landmarks, crop, line image and identity embedding.
+
+        ``pasted=False`` (frames will not be pasted back) skips the portrait's detail, which only the paste-back uses.
 
         Raises:
             NoFaceError: no face in ``image`` (naming ``name``).
@@ -275,7 +277,7 @@ class Animator:
             with torch.no_grad():
                 flow = self.generator.source_flow(tensor, lines)
         detail = None
-        if self.keep_source_detail:
+        if self.keep_source_detail and pasted:
             round_trip = blend_crop(image, crop_image, box, feather=PASTE_FEATHER)
             detail = image.astype(np.int16) - round_trip.astype(np.int16)
         return PreparedSource(image, landmarks, box, crop_image, crop_landmarks, tensor, lines, identity, flow, detail)

@@ -119,8 +119,7 @@ class Generator(nn.Module):
         B, _, H, W = source.shape
 
         # 1. Warping network: motion code z_w, deformation and occlusion, warped source image.
-        motion_input = build_motion_input(source, source_lines, driving_lines, prior_grid, cfg.warp)
-        motion_code = self.ladder_network(motion_input[:, :MOTION_CHANNELS])
+        motion_input, motion_code = self._motion(source, source_lines, driving_lines, prior_grid)
         trust = None if prior_masks is None else prior_masks[:, :1]
         if cfg.warp.subtract_source_flow and source_flow is None:
             source_flow = self.source_flow(source, source_lines)
@@ -169,9 +168,13 @@ class Generator(nn.Module):
         if self.cfg.use_mesh_prior:
             identity = make_coordinate_grid(H, W, "centers", device=source.device, dtype=source.dtype)
             prior_grid = identity[None].expand(B, -1, -1, -1)
-        motion_input = build_motion_input(source, source_lines, source_lines, prior_grid, self.cfg.warp)
-        motion_code = self.ladder_network(motion_input[:, :MOTION_CHANNELS])
+        motion_input, motion_code = self._motion(source, source_lines, source_lines, prior_grid)
         return self.dense_motion_network.flow_head(motion_input, motion_code)
+
+    def _motion(self, source, source_lines, driving_lines, prior_grid):
+        """The warping network's input and its motion code z_w (shared by `forward` and `source_flow`)."""
+        motion_input = build_motion_input(source, source_lines, driving_lines, prior_grid, self.cfg.warp)
+        return motion_input, self.ladder_network(motion_input[:, :MOTION_CHANNELS])
 
     def _check_prior_masks(self, prior_masks, prior_grid):
         if self.cfg.prior_masks != (prior_masks is not None):
