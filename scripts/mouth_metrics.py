@@ -4,7 +4,9 @@ From the fixed validation pairs of a prepared dataset (held-out identities, firs
 keep the pairs where the driving mouth is open clearly wider than the source's (the prior masks' mouth channel
 exceeds ``--min-need``): there the output has to paint teeth and the dark interior. On 64² crops around the
 driving mouth box, per method: L1, ST-LPIPS (alex) and the crop's standard deviation relative to the real
-crop's (contrast: 1 = as contrasted as the real mouth, below = a flat average). The PNG shows the widest
+crop's (contrast: 1 = as contrasted as the real mouth, below = a flat average); inside the driving mouth
+opening itself (weighted by what the source lacks there), the L1 and the brightness bias (output minus real
+mean luma, in [0, 1] units: above 0 = a lighter interior than the real teeth, tongue and dark cavity). The PNG shows the widest
 openings, one row per held-out person (the widest of each clip): real | mesh warp | each checkpoint::
 
     python scripts/mouth_metrics.py --data datasets/shared256 --checkpoint shipped=default \\
@@ -78,16 +80,21 @@ def main() -> None:
 
     crops: dict[str, list[torch.Tensor]] = {"real": [], "mesh-warp": [], **{name: [] for name in models}}
     needs = []
+    openings: list[torch.Tensor] = []  # (1, 1, S, S) weight of each pair's driving opening
+    frames: dict[str, list[torch.Tensor]] = {"real": [], "mesh-warp": [], **{name: [] for name in models}}
     for index in chosen:
         sample = {k: v[None] for k, v in pairs[index].items()}
         box = sample["boxes"][:, REGIONS.index("mouth")]
         needs.append(float(sample["prior_masks"][0, 1].max()))
         crops["real"].append(box_crops(sample["driving"], box, size, CROP))
+        openings.append(sample["prior_masks"][:, 1:2])
+        frames["real"].append(sample["driving"])
         grid = mesh_warp_grid(sample["source_landmarks"][0].numpy(), sample["driving_landmarks"][0].numpy(), size,
                               size, face_masked=True)  # fmt: skip
         mesh = F.grid_sample(sample["source"], torch.from_numpy(grid)[None], padding_mode="border",
                              align_corners=False)  # fmt: skip
         crops["mesh-warp"].append(box_crops(mesh, box, size, CROP))
+        frames["mesh-warp"].append(mesh)
         identity = encoder.embed(sample["source"], sample["source_landmarks"])
         for name, (generator, cfg) in models.items():
             own = {k: v[None] for k, v in model_pairs[name][index].items()}
@@ -96,17 +103,25 @@ def main() -> None:
                                        identity=identity if cfg.use_identity else None,
                                        prior_grid=own["prior_grid"], prior_masks=own["prior_masks"])  # fmt: skip
             crops[name].append(box_crops(out["output"].clamp(0, 1), box, size, CROP))
+            frames[name].append(out["output"].clamp(0, 1))
     stacked = {name: torch.cat(values) for name, values in crops.items()}
     real = stacked["real"]
     print(f"{len(chosen)} of {len(pairs)} held-out pairs open the mouth past {args.min_need}; {CROP}² mouth crops")
-    print("| method | L1 ↓ | ST-LPIPS ↓ | contrast (std / real std) → 1 |\n|---|---|---|---|")
+    weight = torch.cat(openings)
+    weight = weight / weight.sum()
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    whole = {name: torch.cat(values) for name, values in frames.items()}
+    print("| method | L1 ↓ | ST-LPIPS ↓ | contrast (std / real std) → 1 | opening L1 ↓ | opening brightness bias → 0 |")
+    print("|---|---|---|---|---|---|")
     for name in list(stacked)[1:]:
         image = stacked[name]
         l1 = (image - real).abs().mean().item()
         with torch.no_grad():
             lpips = metric(image, real).mean().item()
         contrast = (image.flatten(1).std(1) / real.flatten(1).std(1).clamp_min(1e-3)).mean().item()
-        print(f"| {name} | {l1:.4f} | {lpips:.4f} | {contrast:.3f} |")
+        opening_l1 = ((whole[name] - whole["real"]).abs().mean(1, keepdim=True) * weight).sum().item()
+        bias = (((whole[name] - whole["real"]) * luma).sum(1, keepdim=True) * weight).sum().item()
+        print(f"| {name} | {l1:.4f} | {lpips:.4f} | {contrast:.3f} | {opening_l1:.4f} | {bias:+.4f} |")
 
     if args.output:
         # The widest opening of each clip, widest clips first (one person per row).
