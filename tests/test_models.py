@@ -327,6 +327,30 @@ def test_subtract_source_flow_keeps_a_still_source_still():
     assert ModelConfig.from_dict(data) == TINY
 
 
+def test_smooth_upscale_removes_the_sub_pixel_checkerboard():
+    """Sub-pixel phases that disagree give a period-2 checkerboard; the [1, 2, 1] filter leaves their mean, adds no
+    weights, and is off in configs from before it."""
+    smooth_cfg = TINY.replace(refine=dataclasses.replace(TINY.refine, smooth_upscale=True))
+    plain, smooth = Generator(TINY).eval(), Generator(smooth_cfg).eval()
+    smooth.load_state_dict(plain.state_dict())
+    assert smooth.SPDAE_G.upscale == 2
+    for generator in (plain, smooth):
+        conv = generator.SPDAE_G.conv_img  # output channel c * 4 + phase, phases (0,0), (0,1), (1,0), (1,1)
+        torch.nn.init.zeros_(conv.weight)
+        conv.bias.data = torch.tensor([1.0, -1.0, -1.0, 1.0]).repeat(3)
+    with torch.no_grad():
+        checkered = torch.logit(plain(**example_inputs(TINY))["generated"])
+        flat = torch.logit(smooth(**example_inputs(smooth_cfg))["generated"])
+    torch.testing.assert_close(checkered[..., ::2, ::2], torch.ones_like(checkered[..., ::2, ::2]))
+    torch.testing.assert_close(checkered[..., ::2, 1::2], -torch.ones_like(checkered[..., ::2, 1::2]))
+    torch.testing.assert_close(flat[..., 1:-1, 1:-1], torch.zeros_like(flat[..., 1:-1, 1:-1]), rtol=0, atol=1e-5)
+    data = smooth_cfg.to_dict()
+    del data["refine"]["smooth_upscale"]
+    assert ModelConfig.from_dict(data) == TINY
+    with pytest.raises(ValueError, match="smooth_upscale"):
+        dataclasses.replace(TINY.refine, dec_lease=0, smooth_upscale=True)
+
+
 def test_config_from_before_prior_masks_loads_with_them_off():
     data = TINY.to_dict()
     del data["prior_masks"]

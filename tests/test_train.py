@@ -367,6 +367,11 @@ def test_full_stage_continues_a_full_model(warp_run, dataset_dir, tmp_path):
                                    subtract_source_flow=True), dataset_dir, tmp_path / "sf", progress=False)  # fmt: skip
     assert math.isfinite(subtracting.log["total_g"])
     assert load_model(tmp_path / "sf" / "model")[1].warp.subtract_source_flow
+    # Nor does refine.smooth_upscale.
+    smoothing = train_base(_tiny("full", 1, init=str(warp_run), init_refine_from=str(tmp_path / "first"),
+                                 smooth_upscale=True), dataset_dir, tmp_path / "su", progress=False)  # fmt: skip
+    assert math.isfinite(smoothing.log["total_g"])
+    assert load_model(tmp_path / "su" / "model")[1].refine.smooth_upscale
 
 
 def read_sample_width(run: Path) -> int:

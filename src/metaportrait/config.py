@@ -81,6 +81,10 @@ class RefineConfig:
     # Also condition on `metaportrait.data.mouth_template` (2 channels: teeth, cavity of the driving opening),
     # given as prior-mask channels 2-3; needs ModelConfig.prior_masks.
     mouth_template: bool = False
+    # With dec_lease > 0: a fixed binomial [1, 2, 1] filter after the sub-pixel upscale (no weights). The pixel
+    # shuffle predicts each of the r x r sub-pixel phases with its own filter; where they disagree (the synthesised
+    # mouth band) the image gets a period-r checkerboard, which this filter removes exactly.
+    smooth_upscale: bool = False
     output: Literal["tanh", "occlusion_blend"] = "tanh"
     # "tanh": official; the decoder's tanh output is used as the image (values < 0 are clipped).
     # "occlusion_blend": out = occ * warped + (1 - occ) * sigmoid(decoder), see models/refine.py.
@@ -89,6 +93,7 @@ class RefineConfig:
         _check(len(self.block_channels) >= 2, "refine.block_channels needs at least two entries")
         _check(self.spade_kernel % 2 == 1 and self.spade_param_kernel % 2 == 1, "refine SPADE kernels must be odd")
         _check(0 <= self.dec_lease < self.num_blocks, "refine.dec_lease must be in [0, num_blocks)")
+        _check(not self.smooth_upscale or self.dec_lease > 0, "refine.smooth_upscale needs dec_lease > 0")
         num_decoder_blocks = len(self.block_channels) - 1
         if self.seed == "identity":
             _check(num_decoder_blocks >= 4, "refine.seed='identity' needs the 3 head/middle blocks + 1 up block")
@@ -203,10 +208,10 @@ ADDED_FIELDS: dict[str, frozenset[str]] = {
     "ModelConfig": frozenset({"prior_masks", "line_reference_size", "prior_mouth"}),
     "TrainConfig": frozenset({"init_refine", "prior_mouth", "init_refine_from", "freeze_refine_steps", "ema_decay",
                               "mouth_critic_region", "mouth_template", "open_mouth_weight",
-                              "subtract_source_flow"}),
+                              "subtract_source_flow", "smooth_upscale"}),
     "LossWeights": frozenset({"mouth_gan", "mouth_feature_matching", "mouth_perceptual", "synthesis_pixel",
                               "l2_output"}),
-    "RefineConfig": frozenset({"mouth_template"}),
+    "RefineConfig": frozenset({"mouth_template", "smooth_upscale"}),
     "WarpConfig": frozenset({"subtract_source_flow"}),
 }
 

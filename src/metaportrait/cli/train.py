@@ -51,6 +51,7 @@ _OVERRIDES = {
     "mouth_template": "mouth_template",
     "open_mouth_weight": "open_mouth_weight",
     "subtract_source_flow": "subtract_source_flow",
+    "smooth_upscale": "smooth_upscale",
     "lr_milestones": "lr_milestones",
 }
 
@@ -83,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     base.add_argument("--subtract-source-flow", action=argparse.BooleanOptionalAction,
                       help="subtract from every flow the flow of the source driving itself (default: the preset's; "
                            "no new weights, so --init from a model without it works)")  # fmt: skip
+    base.add_argument("--smooth-upscale", action=argparse.BooleanOptionalAction,
+                      help="a fixed [1, 2, 1] filter after the refinement's sub-pixel upscale, against its checkerboard "
+                           "(default: the preset's; no new weights, so --init from a model without it works)")  # fmt: skip
     base.add_argument("--open-mouth-weight", type=float, metavar="K",
                       help="draw driving frames with weight 1 + K x mouth opening (default 0: uniform)")  # fmt: skip
     base.add_argument("--steps", type=int, help="total training steps (default: the recipe's)")

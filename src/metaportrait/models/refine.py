@@ -175,6 +175,12 @@ class SPADEGenerator(nn.Module):
         # the full-resolution image without any full-resolution convolution (official: dec_lease 0, a plain conv).
         self.upscale = 2**cfg.dec_lease
         self.conv_img = nn.Conv2d(channels[-1], 3 * self.upscale**2, 3, padding=1)
+        if cfg.smooth_upscale:
+            # Triangle filter = box(r) * box(r): symmetric (no shift), zero response at every period-r pattern.
+            box = torch.ones(1, 1, self.upscale)
+            tent_1d = F.conv1d(box, box, padding=self.upscale - 1).flatten()  # (2r - 1,), e.g. [1, 2, 1]
+            tent = torch.outer(tent_1d, tent_1d)
+            self.register_buffer("upscale_filter", (tent / tent.sum()).expand(3, 1, -1, -1).clone(), persistent=False)
 
     def forward(
         self,
@@ -199,4 +205,10 @@ class SPADEGenerator(nn.Module):
             cond = resize_map(conditions[level], x.shape[2:])
             x = getattr(self, name)(x, cond, identity)
         x = self.conv_img(F.leaky_relu(x, 0.2))  # (B, 3 * r * r, H / r, W / r)
-        return F.pixel_shuffle(x, self.upscale) if self.upscale > 1 else x
+        if self.upscale == 1:
+            return x
+        x = F.pixel_shuffle(x, self.upscale)
+        if self.cfg.smooth_upscale:
+            pad = self.upscale - 1
+            x = F.conv2d(F.pad(x, (pad, pad, pad, pad), mode="replicate"), self.upscale_filter, groups=3)
+        return x

@@ -504,9 +504,9 @@ _WARP_MODULES = ("ladder_network", "dense_motion_network")
 def _load_init(generator: Generator, model_cfg: ModelConfig, path: Path, part: str) -> None:
     """Load the ``part`` ("warp", "refine" or "all") of G from a run folder (its ``model/``) or a model folder.
 
-    The two model configs must agree on that part; the prior masks, their mouth fill, the line width and
-    ``warp.subtract_source_flow`` change no weights, and the identity branch lives in R only, so a warp run serves
-    both sides of the identity ablation.
+    The two model configs must agree on that part; the prior masks, their mouth fill, the line width,
+    ``warp.subtract_source_flow`` and ``refine.smooth_upscale`` change no weights, and the identity branch lives in
+    R only, so a warp run serves both sides of the identity ablation.
     A refinement trained without the mouth template loads into one with it: the template's input weights start
     at zero (`_pad_template_inputs`), so the network starts out computing what it did.
     """
@@ -517,7 +517,8 @@ def _load_init(generator: Generator, model_cfg: ModelConfig, path: Path, part: s
     comparable = init_cfg.replace(
         prior_masks=model_cfg.prior_masks, prior_mouth=model_cfg.prior_mouth,
         line_reference_size=model_cfg.line_reference_size,
-        refine=dataclasses.replace(init_cfg.refine, mouth_template=init_cfg.refine.mouth_template or add_template),
+        refine=dataclasses.replace(init_cfg.refine, mouth_template=init_cfg.refine.mouth_template or add_template,
+                                   smooth_upscale=model_cfg.refine.smooth_upscale),
         warp=dataclasses.replace(init_cfg.warp, subtract_source_flow=model_cfg.warp.subtract_source_flow),
     )  # fmt: skip
     if part == "warp":

@@ -105,6 +105,7 @@ class TrainConfig:
     prior_mouth: MouthFill | None = None  # how the mesh prior fills the mouth opening ("stretch" / "upper_lip")
     mouth_template: bool | None = None  # True: the refinement also sees `data.mouth_template` (RefineConfig)
     subtract_source_flow: bool | None = None  # True: train with `WarpConfig.subtract_source_flow` (no new weights)
+    smooth_upscale: bool | None = None  # True: `RefineConfig.smooth_upscale` (no new weights)
     size: int = 128  # training crop side (frames are resized to it; a multiple of 32)
     batch_size: int = 8  # per process
     steps: int = 4000  # total optimiser steps (a resumed run continues up to this)
@@ -216,6 +217,8 @@ class TrainConfig:
             model = model.replace(refine=dataclasses.replace(model.refine, mouth_template=self.mouth_template))
         if self.subtract_source_flow is not None:
             model = model.replace(warp=dataclasses.replace(model.warp, subtract_source_flow=self.subtract_source_flow))
+        if self.smooth_upscale is not None:
+            model = model.replace(refine=dataclasses.replace(model.refine, smooth_upscale=self.smooth_upscale))
         return model
 
     def replace(self, **changes: Any) -> TrainConfig:
