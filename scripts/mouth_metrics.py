@@ -6,7 +6,10 @@ exceeds ``--min-need``): there the output has to paint teeth and the dark interi
 driving mouth box, per method: L1, ST-LPIPS (alex) and the crop's standard deviation relative to the real
 crop's (contrast: 1 = as contrasted as the real mouth, below = a flat average); inside the driving mouth
 opening itself (weighted by what the source lacks there), the L1 and the brightness bias (output minus real
-mean luma, in [0, 1] units: above 0 = a lighter interior than the real teeth, tongue and dark cavity). The PNG shows the widest
+mean luma, in [0, 1] units: above 0 = a lighter interior than the real teeth, tongue and dark cavity) and the
+finest-scale energy (mean absolute response of the [1, -2, 1] x [1, -2, 1] filter on luma, relative to the
+real frames': 1 = as much as the real mouths; it peaks on a period-2 checkerboard but also counts real edges
+and noise). The PNG shows the widest
 openings, one row per held-out person (the widest of each clip): real | mesh warp | each checkpoint::
 
     python scripts/mouth_metrics.py --data datasets/shared256 --checkpoint shipped=default \\
@@ -111,8 +114,17 @@ def main() -> None:
     weight = weight / weight.sum()
     luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
     whole = {name: torch.cat(values) for name, values in frames.items()}
-    print("| method | L1 ↓ | ST-LPIPS ↓ | contrast (std / real std) → 1 | opening L1 ↓ | opening brightness bias → 0 |")
-    print("|---|---|---|---|---|---|")
+    nyquist = torch.tensor([1.0, -2.0, 1.0])
+    nyquist = torch.outer(nyquist, nyquist).view(1, 1, 3, 3)
+
+    def finest(images: torch.Tensor) -> float:
+        response = F.conv2d((images * luma).sum(1, keepdim=True), nyquist, padding=1).abs()
+        return (response * weight).sum().item()
+
+    real_finest = finest(whole["real"])
+    print("| method | L1 ↓ | ST-LPIPS ↓ | contrast (std / real std) → 1 | opening L1 ↓ | opening brightness bias → 0 "
+          "| opening finest-scale energy → 1 |")
+    print("|---|---|---|---|---|---|---|")
     for name in list(stacked)[1:]:
         image = stacked[name]
         l1 = (image - real).abs().mean().item()
@@ -121,7 +133,8 @@ def main() -> None:
         contrast = (image.flatten(1).std(1) / real.flatten(1).std(1).clamp_min(1e-3)).mean().item()
         opening_l1 = ((whole[name] - whole["real"]).abs().mean(1, keepdim=True) * weight).sum().item()
         bias = (((whole[name] - whole["real"]) * luma).sum(1, keepdim=True) * weight).sum().item()
-        print(f"| {name} | {l1:.4f} | {lpips:.4f} | {contrast:.3f} | {opening_l1:.4f} | {bias:+.4f} |")
+        print(f"| {name} | {l1:.4f} | {lpips:.4f} | {contrast:.3f} | {opening_l1:.4f} | {bias:+.4f} "
+              f"| {finest(whole[name]) / real_finest:.2f} |")
 
     if args.output:
         # The widest opening of each clip, widest clips first (one person per row).
