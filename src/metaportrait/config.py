@@ -81,9 +81,9 @@ class RefineConfig:
     # Also condition on `metaportrait.data.mouth_template` (2 channels: teeth, cavity of the driving opening),
     # given as prior-mask channels 2-3; needs ModelConfig.prior_masks.
     mouth_template: bool = False
-    # With dec_lease > 0: a fixed binomial [1, 2, 1] filter after the sub-pixel upscale (no weights). The pixel
-    # shuffle predicts each of the r x r sub-pixel phases with its own filter; where they disagree (the synthesised
-    # mouth band) the image gets a period-r checkerboard, which this filter removes exactly.
+    # With dec_lease > 0: a fixed triangle filter ([1, 2, 1] for r = 2) after the sub-pixel upscale by r (no
+    # weights). The pixel shuffle predicts each of the r x r sub-pixel phases with its own filter; where they
+    # disagree (the synthesised mouth band) the image gets a period-r checkerboard, which this filter removes.
     smooth_upscale: bool = False
     output: Literal["tanh", "occlusion_blend"] = "tanh"
     # "tanh": official; the decoder's tanh output is used as the image (values < 0 are clipped).
