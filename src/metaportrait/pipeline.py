@@ -351,9 +351,8 @@ class Animator:
                 prior_masks=masks,
                 source_flow=None if source.flow is None else source.flow.expand(count, -1, -1, -1),
             )
-        # (B, S, S, 3); the generator's output is already in [0, 1]
         still = None if source.detail is None else stillness(result, self.config).numpy()
-        return to_uint8_frames(result["output"]), still
+        return to_uint8_frames(result["output"]), still  # (B, S, S, 3); the output is already in [0, 1]
 
 
 def stillness(result: dict[str, torch.Tensor], config: ModelConfig) -> torch.Tensor:
