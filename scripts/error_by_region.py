@@ -41,7 +41,8 @@ def main() -> None:
     generator.eval()
     size = args.size
     options = PairOptions(size=size, prior_size=size, prior_masks=cfg.prior_masks, prior_mouth=cfg.prior_mouth,
-                          mouth_template=cfg.refine.mouth_template, line_thickness=cfg.line_thickness(size))  # fmt: skip
+                          mouth_template=cfg.refine.mouth_template, eyelids=cfg.prior_eyelids,
+                          line_thickness=cfg.line_thickness(size))  # fmt: skip
     pairs = FixedPairs(clips[: args.clips], options, args.per_clip)
     encoder = dlib_identity_encoder() if cfg.use_identity else None
     band = BAND_AT_256 * size / 256

@@ -1,9 +1,11 @@
-"""Open the mouth of scikit-image's astronaut with one or more checkpoints and tile the crops into a PNG.
+"""Open the mouth (or close the eyes) of scikit-image's astronaut with checkpoints and tile the crops into a PNG.
 
 Rows: the face-masked mesh warp (the training-free baseline), then each checkpoint. Columns: the source crop,
-then `--mouth` openings. Used for the picture in docs/model_card.md::
+then `--mouth` openings (or, with ``--eyes``, eye openness: 1 = as they are, 0 = closed). Used for the pictures
+in docs/model_card.md::
 
     python scripts/mouth_figure.py --checkpoint shipped=default --output docs/images/astronaut_mouth.png
+    python scripts/mouth_figure.py --checkpoint shipped=default --eyes 0.5 0.2 0 --output docs/images/astronaut_blink.png
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", action="append", required=True, metavar="NAME=PATH",
                         help="a model folder ('default' = the bundled one); repeat for several rows")
     parser.add_argument("--mouth", type=float, nargs="+", default=[0.3, 0.6, 0.9])
+    parser.add_argument("--eyes", type=float, nargs="+", help="eye openness columns instead of mouth openings")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
     from skimage.data import astronaut
@@ -37,8 +40,15 @@ def main() -> None:
     points = landmarks_of_image(image, "astronaut")
 
     def tile(crop: np.ndarray, text: str) -> np.ndarray:
+        if args.eyes:  # the eye band of the crop, magnified: a blink is a few pixels tall
+            top, bottom = int(0.34 * len(crop)), int(0.52 * len(crop))
+            band = crop[top:bottom, int(0.12 * len(crop)) : int(0.88 * len(crop))]
+            return label_tile(cv2.resize(band, (2 * TILE, 2 * TILE * len(band) // band.shape[1]),
+                                         interpolation=cv2.INTER_CUBIC), text)  # fmt: skip
         return label_tile(cv2.resize(crop, (TILE, TILE), interpolation=cv2.INTER_AREA), text)
 
+    columns = ([(f"eyes {v}", Controls(eyes=v)) for v in args.eyes] if args.eyes
+               else [(str(v), Controls(mouth=v)) for v in args.mouth])  # fmt: skip
     rows = []
     for index, spec in enumerate(args.checkpoint):
         name, _, path = spec.partition("=")
@@ -46,15 +56,15 @@ def main() -> None:
         source = animator.prepare_source(image, "astronaut", points)
         if index == 0:  # the baseline row, on the same crop and the same edited landmarks
             mesh = [tile(source.crop, "source")]
-            for mouth in args.mouth:
-                target = Controls(mouth=mouth).apply(source.crop_landmarks)
-                mesh.append(tile(mesh_warp_image(source.crop, source.crop_landmarks, target), f"mesh-warp {mouth}"))
+            for label, controls in columns:
+                target = controls.apply(source.crop_landmarks)
+                mesh.append(tile(mesh_warp_image(source.crop, source.crop_landmarks, target), f"mesh-warp {label}"))
             rows.append(np.concatenate(mesh, axis=1))
         row = [tile(source.crop, "source")]
-        for mouth in args.mouth:
-            (frame,) = animator.animate_landmarks(image, [points], crop_output=True, controls=Controls(mouth=mouth),
+        for label, controls in columns:
+            (frame,) = animator.animate_landmarks(image, [points], crop_output=True, controls=controls,
                                                   source_name="astronaut", source_landmarks=points)
-            row.append(tile(frame, f"{name} {mouth}"))
+            row.append(tile(frame, f"{name} {label}"))
         rows.append(np.concatenate(row, axis=1))
     write_image(args.output, np.concatenate(rows, axis=0))
 

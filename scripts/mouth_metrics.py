@@ -15,6 +15,10 @@ openings, one row per held-out person (the widest of each clip): real | mesh war
     python scripts/mouth_metrics.py --data datasets/shared256 --checkpoint shipped=default \\
         --checkpoint candidate=runs/x/model --output results/mouth_heldout.png
 
+With ``--region eyes`` the same is measured on closing eyes instead: the pairs where the driving eyes close
+past the source's (the `metaportrait.data.eyelids.eyelid_band` exceeds ``--min-need``), on both eye crops side
+by side, and inside that band (the lid skin the source hides) instead of the mouth opening.
+
 The picture shows crops of real people from the shared data: keep it out of the repository.
 """
 
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 
 from metaportrait.config import PRESETS
 from metaportrait.data.dataset import PreparedDataset, parse_identities, split_by_identity
+from metaportrait.data.eyelids import eyelid_band
 from metaportrait.data.mesh_warp import mesh_warp_grid
 from metaportrait.data.pairs import REGIONS, FixedPairs, PairOptions, box_crops
 from metaportrait.eval.features import STLPIPS
@@ -50,7 +55,8 @@ def main() -> None:
     parser.add_argument("--identities", type=Path, default=Path("docs/splits/val_identities.txt"))
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--per-clip", type=int, default=24, help="pairs per clip before the open-mouth filter")
-    parser.add_argument("--min-need", type=float, default=0.3, help="mouth-mask maximum that marks a pair")
+    parser.add_argument("--region", choices=("mouth", "eyes"), default="mouth")
+    parser.add_argument("--min-need", type=float, default=0.3, help="mouth-mask (eyelid-band) maximum that marks a pair")
     parser.add_argument("--rows", type=int, default=6, help="pairs in the picture")
     parser.add_argument("--output", type=Path, help="PNG of the widest openings")
     args = parser.parse_args()
@@ -66,7 +72,8 @@ def main() -> None:
     def pairs_for(cfg) -> FixedPairs:
         """The same pairs, with the prior and the lines each model was trained with (one set per kind)."""
         options = PairOptions(size=size, prior_size=size, prior_masks=True, prior_mouth=cfg.prior_mouth,
-                              mouth_template=cfg.refine.mouth_template, line_thickness=cfg.line_thickness(size))  # fmt: skip
+                              mouth_template=cfg.refine.mouth_template, eyelids=cfg.prior_eyelids,
+                              line_thickness=cfg.line_thickness(size))  # fmt: skip
         if options not in pair_sets:
             pair_sets[options] = FixedPairs(clips, options, args.per_clip)
         return pair_sets[options]
@@ -75,9 +82,25 @@ def main() -> None:
     pair_sets: dict[PairOptions, FixedPairs] = {}
     pairs = pairs_for(PRESETS["lite"].replace(prior_mouth="stretch"))
     model_pairs = {name: pairs_for(cfg) for name, (_, cfg) in models.items()}
-    chosen = [i for i in range(len(pairs)) if float(pairs[i]["prior_masks"][1].max()) > args.min_need]
+    def need_map(sample: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(1, 1, S, S)``: where the output must be synthesised in this region (what the source lacks)."""
+        if args.region == "mouth":
+            return sample["prior_masks"][:, 1:2]
+        band = eyelid_band(sample["source_landmarks"][0].numpy(), sample["driving_landmarks"][0].numpy(), size, size)
+        return torch.from_numpy(band)[None, None]
+
+    def region_crops(images: torch.Tensor, sample: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(1, 3, CROP, CROP)`` around the mouth, or ``(1, 3, CROP, 2 CROP)``: both eyes side by side."""
+        if args.region == "mouth":
+            return box_crops(images, sample["boxes"][:, REGIONS.index("mouth")], size, CROP)
+        eyes = [box_crops(images, sample["boxes"][:, REGIONS.index(eye)], size, CROP)
+                for eye in ("right_eye", "left_eye")]  # fmt: skip
+        return torch.cat(eyes, dim=3)
+
+    needed = {i: need_map({k: v[None] for k, v in pairs[i].items()}) for i in range(len(pairs))}
+    chosen = [i for i in range(len(pairs)) if float(needed[i].max()) > args.min_need]
     if not chosen:
-        raise SystemExit(f"no held-out pair opens the mouth past --min-need {args.min_need}")
+        raise SystemExit(f"no held-out pair needs synthesis in the {args.region} past --min-need {args.min_need}")
     encoder = dlib_identity_encoder()
     metric = STLPIPS("alex")
 
@@ -87,16 +110,15 @@ def main() -> None:
     frames: dict[str, list[torch.Tensor]] = {"real": [], "mesh-warp": [], **{name: [] for name in models}}
     for index in chosen:
         sample = {k: v[None] for k, v in pairs[index].items()}
-        box = sample["boxes"][:, REGIONS.index("mouth")]
-        needs.append(float(sample["prior_masks"][0, 1].max()))
-        crops["real"].append(box_crops(sample["driving"], box, size, CROP))
-        openings.append(sample["prior_masks"][:, 1:2])
+        needs.append(float(needed[index].max()))
+        crops["real"].append(region_crops(sample["driving"], sample))
+        openings.append(needed[index])
         frames["real"].append(sample["driving"])
         grid = mesh_warp_grid(sample["source_landmarks"][0].numpy(), sample["driving_landmarks"][0].numpy(), size,
                               size, face_masked=True)  # fmt: skip
         mesh = F.grid_sample(sample["source"], torch.from_numpy(grid)[None], padding_mode="border",
                              align_corners=False)  # fmt: skip
-        crops["mesh-warp"].append(box_crops(mesh, box, size, CROP))
+        crops["mesh-warp"].append(region_crops(mesh, sample))
         frames["mesh-warp"].append(mesh)
         identity = encoder.embed(sample["source"], sample["source_landmarks"])
         for name, (generator, cfg) in models.items():
@@ -105,11 +127,12 @@ def main() -> None:
                 out = generator.eval()(own["source"], own["source_lines"], own["driving_lines"],
                                        identity=identity if cfg.use_identity else None,
                                        prior_grid=own["prior_grid"], prior_masks=own["prior_masks"])  # fmt: skip
-            crops[name].append(box_crops(out["output"].clamp(0, 1), box, size, CROP))
+            crops[name].append(region_crops(out["output"].clamp(0, 1), sample))
             frames[name].append(out["output"].clamp(0, 1))
     stacked = {name: torch.cat(values) for name, values in crops.items()}
     real = stacked["real"]
-    print(f"{len(chosen)} of {len(pairs)} held-out pairs open the mouth past {args.min_need}; {CROP}² mouth crops")
+    print(f"{len(chosen)} of {len(pairs)} held-out pairs need synthesis in the {args.region} past {args.min_need}; "
+          f"{tuple(crops['real'][0].shape[2:])} crops")
     weight = torch.cat(openings)
     weight = weight / weight.sum()
     luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
@@ -122,8 +145,9 @@ def main() -> None:
         return (response * weight).sum().item()
 
     real_finest = finest(whole["real"])
-    print("| method | L1 ↓ | ST-LPIPS ↓ | contrast (std / real std) → 1 | opening L1 ↓ | opening brightness bias → 0 "
-          "| opening finest-scale energy → 1 |")
+    band = "opening" if args.region == "mouth" else "lid band"
+    print(f"| method | L1 ↓ | ST-LPIPS ↓ | contrast (std / real std) → 1 | {band} L1 ↓ | {band} brightness bias → 0 "
+          f"| {band} finest-scale energy → 1 |")
     print("|---|---|---|---|---|---|---|")
     for name in list(stacked)[1:]:
         image = stacked[name]
@@ -145,7 +169,8 @@ def main() -> None:
         rows = []
         for k in widest:
             tiles = [to_uint8_frames(stacked[name][k : k + 1])[0] for name in stacked]
-            rows.append(np.concatenate([label_tile(cv2.resize(t, (TILE, TILE), interpolation=cv2.INTER_CUBIC), name)
+            rows.append(np.concatenate([label_tile(cv2.resize(t, (TILE * t.shape[1] // t.shape[0], TILE),
+                                                              interpolation=cv2.INTER_CUBIC), name)
                                         for t, name in zip(tiles, stacked)], axis=1))  # fmt: skip
         write_image(args.output, np.concatenate(rows, axis=0))
         print(f"wrote {args.output}")

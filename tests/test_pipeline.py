@@ -145,6 +145,20 @@ def test_controls_change_the_model_input(animator, astronaut):
     assert np.abs(plain.astype(int) - edited).max() > 0
 
 
+def test_a_model_with_the_eyelid_band_is_given_it_when_the_eyes_close(astronaut):
+    image, points = astronaut
+    seen = []  # the prior masks each generator is called with
+    for eyelids in (False, True):
+        cfg = TINY.replace(prior_eyelids=eyelids)
+        generator = Generator(cfg)
+        generator.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["prior_masks"]), with_kwargs=True)
+        animator = Animator(generator, cfg)
+        source = animator.prepare_source(image, landmarks=points)
+        animator._generate(source, [Controls(eyes=0.0).apply(source.crop_landmarks)])
+    synthesis = {eyelids: masks[0, 1] for eyelids, masks in zip((False, True), seen, strict=True)}
+    assert torch.all(synthesis[True] >= synthesis[False]) and synthesis[True].sum() > synthesis[False].sum() + 2
+
+
 def test_the_portrait_detail_is_prepared_only_for_a_paste_back(animator, astronaut):
     image, points = astronaut
     pasted = animator.prepare_source(image, landmarks=points)

@@ -182,6 +182,29 @@ def test_open_mouth_weight_draws_open_mouths_as_driving_frames(astronaut_face):
         RandomPairs([clip], options, NO_AUGMENT, seed=0, open_mouth_weight=-1.0)
 
 
+def test_closed_eye_weight_draws_blinks_as_driving_frames(astronaut_face):
+    """`--closed-eye-weight`: driving frames with closed eyes come up more often."""
+    from metaportrait.motion import Controls
+
+    _, points = astronaut_face
+    openness = np.array([1.0] * 6 + [0.0] * 2)  # a clip of open eyes with two blink frames
+    landmarks = np.stack([Controls(eyes=float(o)).apply(points) for o in openness])
+    clip = dataclasses.make_dataclass("Clip", ["identity", "usable_frames", "landmarks"])(
+        "astro", np.arange(len(openness)), landmarks
+    )
+    options = PairOptions(size=64)
+
+    def blink_share(weight: float) -> float:
+        pairs = RandomPairs([clip], options, NO_AUGMENT, seed=0, closed_eye_weight=weight)
+        chosen = [pairs.choose_frames(0, np.random.default_rng([0, i])) for i in range(2000)]
+        return float(np.mean([openness[driving] == 0 for _, driving in chosen]))
+
+    # Weight 1 + 3 x closure: each blink frame weighs 4, each open one 1: 8 / 14 of the draws are blinks.
+    assert abs(blink_share(0.0) - 2 / 8) < 0.04 and abs(blink_share(3.0) - 8 / 14) < 0.04
+    with pytest.raises(ValueError, match="closed_eye_weight"):
+        RandomPairs([clip], options, NO_AUGMENT, seed=0, closed_eye_weight=-1.0)
+
+
 def test_boxes_cover_the_eyes_and_mouth(astronaut_face):
     _, points = astronaut_face
     boxes = region_boxes(points * 0.25, 128)  # 512 -> 128
@@ -372,6 +395,11 @@ def test_full_stage_continues_a_full_model(warp_run, dataset_dir, tmp_path):
                                  smooth_upscale=True), dataset_dir, tmp_path / "su", progress=False)  # fmt: skip
     assert math.isfinite(smoothing.log["total_g"])
     assert load_model(tmp_path / "su" / "model")[1].refine.smooth_upscale
+    # Nor does prior_eyelids (it changes what prior-mask channel 1 covers).
+    lids = train_base(_tiny("full", 1, init=str(warp_run), init_refine_from=str(tmp_path / "first"),
+                            prior_eyelids=True), dataset_dir, tmp_path / "lids", progress=False)  # fmt: skip
+    assert math.isfinite(lids.log["total_g"])
+    assert load_model(tmp_path / "lids" / "model")[1].prior_eyelids
 
 
 def read_sample_width(run: Path) -> int:

@@ -141,6 +141,10 @@ class ModelConfig:
     # source's opening over it, or keep the source's interior "upper_lip"-anchored and synthesise the rest.
     # Without a mesh prior it has no effect.
     prior_mouth: MouthFill = "stretch"
+    # True (needs prior_masks): the synthesis channel of the prior masks also covers the eyelid skin a closing
+    # driving eye shows and the source hides (`metaportrait.data.eyelids`), so blinks are synthesised, not the
+    # source's lash line stretched over the lowered lid. No weights change.
+    prior_eyelids: bool = False
     # Image side at which the landmark lines are 1 px wide; at other sides the width scales with it (rounded, at
     # least 1 px), so a model trained at 128² sees lines of the same relative width at 256² (its warp network's
     # 128² input otherwise shows them at half strength). None: 1 px at every size (official, and lite: measured
@@ -165,6 +169,7 @@ class ModelConfig:
                    f"got image_size={self.image_size}")
         _check(not self.prior_masks or self.use_mesh_prior, "prior_masks needs use_mesh_prior")
         _check(not self.refine.mouth_template or self.prior_masks, "refine.mouth_template needs prior_masks")
+        _check(not self.prior_eyelids or self.prior_masks, "prior_eyelids needs prior_masks")
         _check(self.line_reference_size is None or self.line_reference_size >= 16,
                f"line_reference_size must be None or >= 16, got {self.line_reference_size}")
         _check(
@@ -205,10 +210,11 @@ class ModelConfig:
 # Fields added after checkpoints were published, per dataclass: a missing one takes its default, which keeps the
 # behaviour the checkpoint was trained with.
 ADDED_FIELDS: dict[str, frozenset[str]] = {
-    "ModelConfig": frozenset({"prior_masks", "line_reference_size", "prior_mouth"}),
+    "ModelConfig": frozenset({"prior_masks", "line_reference_size", "prior_mouth", "prior_eyelids"}),
     "TrainConfig": frozenset({"init_refine", "prior_mouth", "init_refine_from", "freeze_refine_steps", "ema_decay",
                               "mouth_critic_region", "mouth_template", "open_mouth_weight",
-                              "subtract_source_flow", "smooth_upscale"}),
+                              "subtract_source_flow", "smooth_upscale", "prior_eyelids",
+                              "closed_eye_weight"}),
     "LossWeights": frozenset({"mouth_gan", "mouth_feature_matching", "mouth_perceptual", "synthesis_pixel",
                               "l2_output"}),
     "RefineConfig": frozenset({"mouth_template", "smooth_upscale"}),

@@ -50,8 +50,10 @@ _OVERRIDES = {
     "mouth_critic_region": "mouth_critic_region",
     "mouth_template": "mouth_template",
     "open_mouth_weight": "open_mouth_weight",
+    "closed_eye_weight": "closed_eye_weight",
     "subtract_source_flow": "subtract_source_flow",
     "smooth_upscale": "smooth_upscale",
+    "eyelid_band": "prior_eyelids",
     "lr_milestones": "lr_milestones",
 }
 
@@ -87,8 +89,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     base.add_argument("--smooth-upscale", action=argparse.BooleanOptionalAction,
                       help="a fixed [1, 2, 1] filter after the refinement's sub-pixel upscale, against its checkerboard "
                            "(default: the preset's; no new weights, so --init from a model without it works)")  # fmt: skip
+    base.add_argument("--eyelid-band", action=argparse.BooleanOptionalAction,
+                      help="the output is also synthesised on the eyelid skin a closing driving eye shows and the "
+                           "source hides (default: the preset's; no new weights, so --init from a model without it "
+                           "works)")  # fmt: skip
     base.add_argument("--open-mouth-weight", type=float, metavar="K",
                       help="draw driving frames with weight 1 + K x mouth opening (default 0: uniform)")  # fmt: skip
+    base.add_argument("--closed-eye-weight", type=float, metavar="K",
+                      help="add K x eye closure (against the clip's median) to the driving frames' weight: more "
+                           "blinks (default 0)")  # fmt: skip
     base.add_argument("--steps", type=int, help="total training steps (default: the recipe's)")
     base.add_argument("--batch-size", type=int, help="pairs per step and process")
     base.add_argument("--size", type=int, help="training crop size in pixels (multiple of 32)")

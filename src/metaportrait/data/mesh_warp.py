@@ -410,6 +410,7 @@ def prior_masks(
     width: int,
     mouth: MouthFill = "stretch",
     template: bool = False,
+    eyelids: bool = False,
 ) -> np.ndarray:
     """Where a mesh-prior model trusts the mesh, and where it must synthesise (``ModelConfig.prior_masks``).
 
@@ -428,6 +429,7 @@ def prior_masks(
             split line of `mesh_warp_grid` (feathered, 1 inside): exactly where that grid has no source pixels.
         template: append the `metaportrait.data.mouth_template` of the driving face (teeth, cavity) as
             channels 2-3, for models with ``RefineConfig.mouth_template``.
+        eyelids: channel 1 also covers `metaportrait.data.eyelids.eyelid_band` (``ModelConfig.prior_eyelids``).
 
     Returns:
         ``float32`` ``(2, H, W)`` (``(4, H, W)`` with ``template``) in ``[0, 1]``.
@@ -444,7 +446,7 @@ def prior_masks(
         below = np.concatenate([driving[[MOUTH_CORNERS[0]]], split, driving[topology.mouth_lower[::-1]]])
         fill = polygon_coverage(below, height, width)
         fill = cv2.GaussianBlur(fill, (0, 0), MOUTH_SIGMA_AT_128 * scale, borderType=cv2.BORDER_REPLICATE)
-        return _with_template(np.stack([face, fill]), driving, template)
+        return _with_template(np.stack([face, _with_eyelids(fill, source, driving, eyelids)]), driving, template)
     mouth_triangles = topology.holes[~topology.eye_holes]
     opening = {}
     for name, points in (("source", source), ("driving", driving)):
@@ -456,7 +458,15 @@ def prior_masks(
             corners = ((driving[triangle] - 0.5) * (1 << _SUBPIXEL_BITS)).astype(np.int32)
             cv2.fillConvexPoly(mouth, corners, need, cv2.LINE_8, _SUBPIXEL_BITS)
         mouth = cv2.GaussianBlur(mouth, (0, 0), MOUTH_SIGMA_AT_128 * scale, borderType=cv2.BORDER_REPLICATE)
-    return _with_template(np.stack([face, mouth]), driving, template)
+    return _with_template(np.stack([face, _with_eyelids(mouth, source, driving, eyelids)]), driving, template)
+
+
+def _with_eyelids(synthesis: np.ndarray, source: np.ndarray, driving: np.ndarray, eyelids: bool) -> np.ndarray:
+    if not eyelids:
+        return synthesis
+    from metaportrait.data.eyelids import eyelid_band  # it builds on this module
+
+    return np.maximum(synthesis, eyelid_band(source, driving, *synthesis.shape))
 
 
 def _with_template(masks: np.ndarray, driving: np.ndarray, template: bool) -> np.ndarray:

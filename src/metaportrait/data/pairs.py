@@ -274,6 +274,7 @@ class PairOptions:
     prior_masks: bool = False  # also the `mesh_warp.prior_masks` of the driving face, at the prior's size
     prior_mouth: MouthFill = "stretch"  # how the prior grid and masks fill the mouth opening
     mouth_template: bool = False  # prior masks also hold the `mouth_template` (RefineConfig.mouth_template)
+    eyelids: bool = False  # the masks' synthesis channel also covers the eyelid band (ModelConfig.prior_eyelids)
     line_thickness: int = 1  # px (`ModelConfig.line_thickness`)
 
     def __post_init__(self):
@@ -283,6 +284,8 @@ class PairOptions:
             raise ValueError("prior_masks needs a prior_size")
         if self.mouth_template and not self.prior_masks:
             raise ValueError("mouth_template needs prior_masks (it is stored as prior-mask channels 2-3)")
+        if self.eyelids and not self.prior_masks:
+            raise ValueError("eyelids needs prior_masks (the band is part of prior-mask channel 1)")
         if self.prior_size is not None and self.prior_size < 4:
             raise ValueError(f"prior_size must be at least 4, got {self.prior_size}")
 
@@ -337,7 +340,8 @@ def make_pair(
         grid = mesh_warp_grid(source_points, driving_points, side, side, mouth=options.prior_mouth)
         sample["prior_grid"] = torch.from_numpy(grid)
         if options.prior_masks:
-            masks = prior_masks(source_points, driving_points, side, side, options.prior_mouth, options.mouth_template)
+            masks = prior_masks(source_points, driving_points, side, side, options.prior_mouth, options.mouth_template,
+                                options.eyelids)
             sample["prior_masks"] = torch.from_numpy(masks)
     return sample
 
@@ -354,6 +358,7 @@ class RandomPairs(Dataset):
         seed: int,
         weighting: Literal["identity", "sqrt_frames"] = "identity",
         open_mouth_weight: float = 0.0,
+        closed_eye_weight: float = 0.0,
     ):
         """Args:
             clips: clips of a `PreparedDataset`; clips with fewer than two face frames are left out.
@@ -362,6 +367,8 @@ class RandomPairs(Dataset):
             weighting: clip sampling (module docstring).
             open_mouth_weight: > 0: the driving frame is drawn with weight 1 + this x its mouth opening
                 (`motion.mouth_openness`), the source uniformly from the other frames; 0: both uniformly.
+            closed_eye_weight: > 0: the driving frame's weight also gets this x how far its eyes are closed
+                (1 - `motion.eye_openness` / the clip's median, clipped to [0, 1]): blinks come up more often.
         """
         self.clips = [clip for clip in clips if len(clip.usable_frames) >= 2]
         if not self.clips:
@@ -382,15 +389,19 @@ class RandomPairs(Dataset):
         else:
             raise ValueError(f"unknown clip weighting {weighting!r}; choose 'identity' or 'sqrt_frames'")
         self.cumulative = np.cumsum(weights / weights.sum())
-        if open_mouth_weight < 0:
-            raise ValueError(f"open_mouth_weight must be >= 0, got {open_mouth_weight}")
+        if open_mouth_weight < 0 or closed_eye_weight < 0:
+            raise ValueError(f"open_mouth_weight and closed_eye_weight must be >= 0, got {open_mouth_weight}, "
+                             f"{closed_eye_weight}")
         self.driving_cumulative = None  # per clip: cumulative driving-frame probabilities over `usable`
-        if open_mouth_weight > 0:
-            from metaportrait.motion import mouth_openness
+        if open_mouth_weight > 0 or closed_eye_weight > 0:
+            from metaportrait.motion import eye_openness, mouth_openness
 
             self.driving_cumulative = []
             for clip, usable in zip(self.clips, self.usable):
-                frame_weights = 1.0 + open_mouth_weight * np.clip(mouth_openness(clip.landmarks[usable]), 0.0, None)
+                eyes = eye_openness(clip.landmarks[usable])
+                closure = np.clip(1.0 - eyes / max(float(np.median(eyes)), 1e-6), 0.0, 1.0)
+                frame_weights = (1.0 + open_mouth_weight * np.clip(mouth_openness(clip.landmarks[usable]), 0.0, None)
+                                 + closed_eye_weight * closure)  # fmt: skip
                 self.driving_cumulative.append(np.cumsum(frame_weights / frame_weights.sum()))
 
     def __len__(self) -> int:

@@ -68,10 +68,10 @@ from metaportrait.train.config import TrainConfig
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
-# Settings a resumed run may change: its length and schedule, the open-mouth sampling (continuing a run on more
-# open mouths) and bookkeeping.
+# Settings a resumed run may change: its length and schedule, the open-mouth and closed-eye sampling (continuing
+# a run on more open mouths or blinks) and bookkeeping.
 RESUMABLE_CHANGES = (
-    "steps", "lr_milestones", "open_mouth_weight",
+    "steps", "lr_milestones", "open_mouth_weight", "closed_eye_weight",
     "num_workers", "threads", "log_every", "sample_every", "checkpoint_every", "val_every",
 )
 MAX_SKIPPED_STEPS = 10  # consecutive steps with a non-finite loss before training stops
@@ -153,10 +153,12 @@ def train_base(
         prior_masks=model_cfg.prior_masks,
         prior_mouth=model_cfg.prior_mouth,
         mouth_template=model_cfg.refine.mouth_template,
+        eyelids=model_cfg.prior_eyelids,
         line_thickness=model_cfg.line_thickness(cfg.size),
     )
     train_pairs = RandomPairs(
-        train_clips, pair_options, cfg.augment, cfg.seed, cfg.clip_weighting, open_mouth_weight=cfg.open_mouth_weight
+        train_clips, pair_options, cfg.augment, cfg.seed, cfg.clip_weighting, open_mouth_weight=cfg.open_mouth_weight,
+        closed_eye_weight=cfg.closed_eye_weight,
     )
     val_pairs = FixedPairs(val_clips[: cfg.val_max_clips], pair_options, cfg.val_pairs_per_clip) if val_clips else None
     if is_main:
@@ -504,7 +506,7 @@ _WARP_MODULES = ("ladder_network", "dense_motion_network")
 def _load_init(generator: Generator, model_cfg: ModelConfig, path: Path, part: str) -> None:
     """Load the ``part`` ("warp", "refine" or "all") of G from a run folder (its ``model/``) or a model folder.
 
-    The two model configs must agree on that part; the prior masks, their mouth fill, the line width,
+    The two model configs must agree on that part; the prior masks, their mouth fill and eyelid band, the line width,
     ``warp.subtract_source_flow`` and ``refine.smooth_upscale`` change no weights, and the identity branch lives in
     R only, so a warp run serves both sides of the identity ablation.
     A refinement trained without the mouth template loads into one with it: the template's input weights start
@@ -515,7 +517,7 @@ def _load_init(generator: Generator, model_cfg: ModelConfig, path: Path, part: s
     init_cfg, init_meta = load_config(path)  # checked before the weights are read
     add_template = model_cfg.refine.mouth_template and not init_cfg.refine.mouth_template and part != "warp"
     comparable = init_cfg.replace(
-        prior_masks=model_cfg.prior_masks, prior_mouth=model_cfg.prior_mouth,
+        prior_masks=model_cfg.prior_masks, prior_mouth=model_cfg.prior_mouth, prior_eyelids=model_cfg.prior_eyelids,
         line_reference_size=model_cfg.line_reference_size,
         refine=dataclasses.replace(init_cfg.refine, mouth_template=init_cfg.refine.mouth_template or add_template,
                                    smooth_upscale=model_cfg.refine.smooth_upscale),

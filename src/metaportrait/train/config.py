@@ -106,6 +106,7 @@ class TrainConfig:
     mouth_template: bool | None = None  # True: the refinement also sees `data.mouth_template` (RefineConfig)
     subtract_source_flow: bool | None = None  # True: train with `WarpConfig.subtract_source_flow` (no new weights)
     smooth_upscale: bool | None = None  # True: `RefineConfig.smooth_upscale` (no new weights)
+    prior_eyelids: bool | None = None  # True: `ModelConfig.prior_eyelids` (no new weights)
     size: int = 128  # training crop side (frames are resized to it; a multiple of 32)
     batch_size: int = 8  # per process
     steps: int = 4000  # total optimiser steps (a resumed run continues up to this)
@@ -129,6 +130,9 @@ class TrainConfig:
     # width, `motion.mouth_openness`), so wide-open mouths, where the model must synthesise the interior, come up
     # more often (10: a mouth open 0.6 comes 7x as often as a closed one). 0: uniform (runs before this field).
     open_mouth_weight: float = 0.0
+    # > 0: the driving frame's weight also gets this x how far its eyes are closed against the clip's median
+    # (blinks, for `ModelConfig.prior_eyelids`; 0: not, runs before this field).
+    closed_eye_weight: float = 0.0
     num_workers: int = 0  # DataLoader workers per process (2 cores: 0 or 1)
     # Validation: self-reconstruction on held-out identities (first frame -> evenly spaced frames).
     val_identities: tuple[str, ...] = ()  # their clips are removed from training; empty = no validation
@@ -188,8 +192,9 @@ class TrainConfig:
         if self.mouth_critic_region == "synthesised" and not (self.stage == "full" and self.loss.mouth_gan > 0):
             # Without a critic the choice would silently change nothing.
             raise ValueError("mouth_critic_region='synthesised' needs stage 'full' and loss.mouth_gan > 0 (a mouth critic)")
-        if self.open_mouth_weight < 0:
-            raise ValueError(f"open_mouth_weight must be >= 0, got {self.open_mouth_weight}")
+        if self.open_mouth_weight < 0 or self.closed_eye_weight < 0:
+            raise ValueError(f"open_mouth_weight and closed_eye_weight must be >= 0, got {self.open_mouth_weight}, "
+                             f"{self.closed_eye_weight}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.init_refine_from is not None and (self.init is None or self.init_refine):
@@ -210,7 +215,7 @@ class TrainConfig:
         """The preset's model config with this run's ablation changes applied."""
         changes = {
             "landmark_topology": self.landmark_topology, "use_identity": self.use_identity,
-            "prior_mouth": self.prior_mouth,
+            "prior_mouth": self.prior_mouth, "prior_eyelids": self.prior_eyelids,
         }  # fmt: skip
         model = PRESETS[self.preset].replace(**{k: v for k, v in changes.items() if v is not None})
         if self.mouth_template is not None:
