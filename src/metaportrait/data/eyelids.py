@@ -23,8 +23,8 @@ EYES = {
     "left": (263, (466, 388, 387, 386, 385, 384, 398), 362, (249, 390, 373, 374, 380, 381, 382)),
 }
 FOREHEAD, CHIN = 10, 152  # MediaPipe's top and bottom of the face oval
-# The band fades in from this closure (1 - driving opening / source opening, areas scaled to the eye width) to
-# full at CLOSED: a narrowed eye keeps its warped iris, a blink gets a lid.
+# The band fades in from this closure (1 - the driving lid gaps' sum / the source's, scaled to the driving eye's
+# width) to full at CLOSED: a narrowed eye keeps its warped iris, a blink gets a lid.
 CLOSING, CLOSED = 0.3, 0.8
 EYELID_SIGMA_AT_128 = 1.0  # feathering in px at 128 px, scaled with the image size
 
