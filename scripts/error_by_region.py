@@ -40,10 +40,7 @@ def main() -> None:
     generator, cfg = load_model(bundled_checkpoint() if args.checkpoint == "default" else args.checkpoint)
     generator.eval()
     size = args.size
-    options = PairOptions(size=size, prior_size=size, prior_masks=cfg.prior_masks, prior_mouth=cfg.prior_mouth,
-                          mouth_template=cfg.refine.mouth_template, eyelids=cfg.prior_eyelids,
-                          line_thickness=cfg.line_thickness(size))  # fmt: skip
-    pairs = FixedPairs(clips[: args.clips], options, args.per_clip)
+    pairs = FixedPairs(clips[: args.clips], PairOptions.for_model(cfg, size), args.per_clip)
     encoder = dlib_identity_encoder() if cfg.use_identity else None
     band = BAND_AT_256 * size / 256
     errors: dict[tuple[str, str], list[float]] = {}

@@ -71,9 +71,7 @@ def main() -> None:
 
     def pairs_for(cfg) -> FixedPairs:
         """The same pairs, with the prior and the lines each model was trained with (one set per kind)."""
-        options = PairOptions(size=size, prior_size=size, prior_masks=True, prior_mouth=cfg.prior_mouth,
-                              mouth_template=cfg.refine.mouth_template, eyelids=cfg.prior_eyelids,
-                              line_thickness=cfg.line_thickness(size))  # fmt: skip
+        options = PairOptions.for_model(cfg, size)
         if options not in pair_sets:
             pair_sets[options] = FixedPairs(clips, options, args.per_clip)
         return pair_sets[options]

@@ -61,5 +61,7 @@ def eyelid_band(source_landmarks: np.ndarray, driving_landmarks: np.ndarray, hei
         lid_top = driving[upper] + up * np.maximum(source_gap - driving_gap, 0.0)[:, None]
         polygon = np.concatenate([driving[[corner_a]], lid_top, driving[[corner_b]], driving[lower][::-1]])
         band = np.maximum(band, weight * polygon_coverage(polygon, height, width))
+    if not band.any():
+        return band  # open eyes, most frames: no blur to pay for
     sigma = EYELID_SIGMA_AT_128 * min(height, width) / 128.0
     return np.clip(cv2.GaussianBlur(band, (0, 0), sigma, borderType=cv2.BORDER_REPLICATE), 0.0, 1.0)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import cv2
 import numpy as np
@@ -38,6 +38,9 @@ from torch.utils.data import Dataset, Sampler
 from metaportrait.data.dataset import PreparedClip
 from metaportrait.data.drawing import draw_landmark_image
 from metaportrait.data.mesh_warp import MouthFill, face_mask, mesh_warp_grid, prior_masks
+
+if TYPE_CHECKING:
+    from metaportrait.config import ModelConfig
 from metaportrait.io.image import frames_to_tensor
 
 NUM_LANDMARKS = 478
@@ -288,6 +291,21 @@ class PairOptions:
             raise ValueError("eyelids needs prior_masks (the band is part of prior-mask channel 1)")
         if self.prior_size is not None and self.prior_size < 4:
             raise ValueError(f"prior_size must be at least 4, got {self.prior_size}")
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, size: int) -> PairOptions:
+        """The samples a model takes at ``size``: its lines, and its prior and masks at the image size (the
+        generator warps at the prior's resolution, and so does the inference pipeline)."""
+        return cls(
+            size=size,
+            topology=cfg.landmark_topology,
+            prior_size=size if cfg.use_mesh_prior else None,
+            prior_masks=cfg.prior_masks,
+            prior_mouth=cfg.prior_mouth,
+            mouth_template=cfg.refine.mouth_template,
+            eyelids=cfg.prior_eyelids,
+            line_thickness=cfg.line_thickness(size),
+        )
 
 
 def make_pair(

@@ -146,16 +146,7 @@ def train_base(
     # Data: identity-disjoint train / validation split, random training pairs, fixed validation pairs.
     dataset = PreparedDataset(data_dir)
     train_clips, val_clips = split_by_identity(dataset, cfg.val_identities)
-    pair_options = PairOptions(
-        size=cfg.size,
-        topology=model_cfg.landmark_topology,
-        prior_size=cfg.size if model_cfg.use_mesh_prior else None,  # the generator warps at the prior's resolution
-        prior_masks=model_cfg.prior_masks,
-        prior_mouth=model_cfg.prior_mouth,
-        mouth_template=model_cfg.refine.mouth_template,
-        eyelids=model_cfg.prior_eyelids,
-        line_thickness=model_cfg.line_thickness(cfg.size),
-    )
+    pair_options = PairOptions.for_model(model_cfg, cfg.size)
     train_pairs = RandomPairs(
         train_clips, pair_options, cfg.augment, cfg.seed, cfg.clip_weighting, open_mouth_weight=cfg.open_mouth_weight,
         closed_eye_weight=cfg.closed_eye_weight,
