@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -72,6 +74,19 @@ def test_prior_masks_add_the_band_to_the_synthesis_channel_when_asked(face):
     assert with_lids[1].sum() > plain[1].sum() + 10
 
 
+def test_prior_masks_append_the_band_alone_for_a_model_that_reads_it(face):
+    closed = _close_eyes(face, 1.0)
+    merged = mesh_warp.prior_masks(face, closed, SIZE, SIZE, mouth="upper_lip", template=True, eyelids=True)
+    both = mesh_warp.prior_masks(face, closed, SIZE, SIZE, "upper_lip", True, eyelids=True, eyelid_channel=True)
+    assert both.shape == (5, SIZE, SIZE)
+    np.testing.assert_array_equal(both[:4], merged)  # the channels before it are unchanged
+    np.testing.assert_array_equal(both[4], eyelid_band(face, closed, SIZE, SIZE))
+    assert both[4].sum() > 10
+    assert mesh_warp.prior_masks(face, face, SIZE, SIZE, eyelids=True, eyelid_channel=True)[2].max() == 0
+    with pytest.raises(ValueError, match="eyelid_channel needs eyelids"):
+        mesh_warp.prior_masks(face, closed, SIZE, SIZE, eyelid_channel=True)
+
+
 def test_the_model_config_carries_the_option_and_older_configs_load_without_it():
     cfg = PRESETS["lite"].replace(prior_eyelids=True)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
@@ -80,3 +95,9 @@ def test_the_model_config_carries_the_option_and_older_configs_load_without_it()
     assert ModelConfig.from_dict(old).prior_eyelids is False
     with pytest.raises(ValueError, match="prior_eyelids needs prior_masks"):
         PRESETS["lite"].replace(prior_masks=False, prior_eyelids=True)
+    lids = PRESETS["lite"].replace(prior_eyelids=True)
+    reading = lids.replace(refine=dataclasses.replace(lids.refine, eyelid_band=True))
+    assert reading.prior_mask_channels() == lids.prior_mask_channels() + 1
+    assert ModelConfig.from_dict(reading.to_dict()) == reading
+    with pytest.raises(ValueError, match="refine.eyelid_band needs prior_eyelids"):
+        PRESETS["lite"].replace(refine=dataclasses.replace(lids.refine, eyelid_band=True))

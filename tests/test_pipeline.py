@@ -6,6 +6,7 @@ these tests check plumbing, shapes, streaming, audio and error handling, not ima
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from fractions import Fraction
@@ -148,15 +149,19 @@ def test_controls_change_the_model_input(animator, astronaut):
 def test_a_model_with_the_eyelid_band_is_given_it_when_the_eyes_close(astronaut):
     image, points = astronaut
     seen = []  # the prior masks each generator is called with
-    for eyelids in (False, True):
-        cfg = TINY.replace(prior_eyelids=eyelids)
+    for eyelids, reads_band in ((False, False), (True, False), (True, True)):
+        cfg = TINY.replace(prior_eyelids=eyelids, refine=dataclasses.replace(TINY.refine, eyelid_band=reads_band))
         generator = Generator(cfg)
         generator.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["prior_masks"]), with_kwargs=True)
         animator = Animator(generator, cfg)
         source = animator.prepare_source(image, landmarks=points)
         animator._generate(source, [Controls(eyes=0.0).apply(source.crop_landmarks)])
-    synthesis = {eyelids: masks[0, 1] for eyelids, masks in zip((False, True), seen, strict=True)}
+    synthesis = {eyelids: masks[0, 1] for eyelids, masks in zip((False, True), seen[:2], strict=True)}
     assert torch.all(synthesis[True] >= synthesis[False]) and synthesis[True].sum() > synthesis[False].sum() + 2
+    # A model that reads the band also gets it alone, as the last channel.
+    assert seen[2].shape[1] == seen[1].shape[1] + 1
+    torch.testing.assert_close(seen[2][:, :-1], seen[1])
+    assert torch.all(seen[2][0, -1] <= synthesis[True]) and seen[2][0, -1].sum() > 2
 
 
 def test_the_portrait_detail_is_prepared_only_for_a_paste_back(animator, astronaut):

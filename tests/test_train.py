@@ -400,6 +400,22 @@ def test_full_stage_continues_a_full_model(warp_run, dataset_dir, tmp_path):
                             prior_eyelids=True), dataset_dir, tmp_path / "lids", progress=False)  # fmt: skip
     assert math.isfinite(lids.log["total_g"])
     assert load_model(tmp_path / "lids" / "model")[1].prior_eyelids
+    # The eyelid-band input is added at zero weight, after the template: the same images at the start.
+    reading = train_base(_tiny("full", 1, init=str(tmp_path / "templated"), init_refine=True,
+                               prior_eyelids=True, eyelid_condition=True, mouth_template=True, lr=1e-9,
+                               loss=dataclasses.replace(_tiny("full", 1).loss, eyelid_pixel=2.0)),
+                         dataset_dir, tmp_path / "reading", progress=False)  # fmt: skip
+    assert math.isfinite(reading.log["total_g"])
+    reading_model, reading_cfg = load_model(tmp_path / "reading" / "model")
+    assert reading_cfg.refine.eyelid_band and reading_cfg.prior_mask_channels() == 5
+    lid_inputs = {**inputs, "prior_masks": torch.cat([inputs["prior_masks"], inputs["prior_masks"][:, 1:2]], 1)}
+    with torch.no_grad():
+        torch.testing.assert_close(reading_model(**lid_inputs)["output"], templated(**inputs)["output"],
+                                   atol=1e-4, rtol=0)  # fmt: skip
+    lids_only = reading_cfg.replace(refine=dataclasses.replace(reading_cfg.refine, mouth_template=False))
+    save_model(tmp_path / "lids_only", Generator(lids_only), lids_only, extra_meta={"stage": "full"})
+    with pytest.raises(InputError, match="mouth template"):  # it would go between trained inputs: refused
+        _load_init(Generator(reading_cfg), reading_cfg, tmp_path / "lids_only", "all")
 
 
 def read_sample_width(run: Path) -> int:
@@ -471,6 +487,16 @@ def test_synthesis_pixel_weight_scales_only_the_synthesised_band(dataset_dir, tm
     assert 0 < result.log["l2_output"] < 5  # squared error of images in [0, 1]; the band is a small part
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["loss"]["synthesis_pixel"] == 0.0
+    # With the eyelid band as the last channel, it gets its own weight; the mouth part of channel 1 keeps 0.2.
+    lids = torch.zeros(1, 3, 4, 4)
+    lids[0, 1, 1:3, 1:3] = 1.0  # mouth
+    lids[0, 1, 0, 3] = lids[0, 2, 0, 3] = 1.0  # lid
+    weight = synthesis_pixel_weight(lids, 0.2, 3.0)
+    assert weight[0, 0, 1, 1] == pytest.approx(0.2) and weight[0, 0, 0, 3] == pytest.approx(3.0)
+    assert weight[0, 0, 3, 3] == 1.0
+    with pytest.raises(ValueError, match="eyelid-band input"):
+        train_base(cfg.replace(loss=dataclasses.replace(cfg.loss, eyelid_pixel=1.0)), dataset_dir, tmp_path / "no",
+                   progress=False)  # fmt: skip
 
 
 def test_mouth_critic_can_judge_only_the_synthesised_band(dataset_dir, tmp_path):

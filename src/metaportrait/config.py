@@ -81,6 +81,10 @@ class RefineConfig:
     # Also condition on `metaportrait.data.mouth_template` (2 channels: teeth, cavity of the driving opening),
     # given as prior-mask channels 2-3; needs ModelConfig.prior_masks.
     mouth_template: bool = False
+    # Also condition on `metaportrait.data.eyelids.eyelid_band` (1 channel: the lid skin a closing driving eye
+    # shows), given as the last prior-mask channel; needs ModelConfig.prior_eyelids. Without it the decoder sees
+    # the lid band only as forced occlusion, the same signal as the mouth band, and paints lids in mouth colours.
+    eyelid_band: bool = False
     # With dec_lease > 0: a fixed triangle filter ([1, 2, 1] for r = 2) after the sub-pixel upscale by r (no
     # weights). The pixel shuffle predicts each of the r x r sub-pixel phases with its own filter; where they
     # disagree (the synthesised mouth band) the image gets a period-r checkerboard, which this filter removes.
@@ -170,6 +174,7 @@ class ModelConfig:
         _check(not self.prior_masks or self.use_mesh_prior, "prior_masks needs use_mesh_prior")
         _check(not self.refine.mouth_template or self.prior_masks, "refine.mouth_template needs prior_masks")
         _check(not self.prior_eyelids or self.prior_masks, "prior_eyelids needs prior_masks")
+        _check(not self.refine.eyelid_band or self.prior_eyelids, "refine.eyelid_band needs prior_eyelids")
         _check(self.line_reference_size is None or self.line_reference_size >= 16,
                f"line_reference_size must be None or >= 16, got {self.line_reference_size}")
         _check(
@@ -199,8 +204,9 @@ class ModelConfig:
         return max(1, round(size / self.line_reference_size))
 
     def prior_mask_channels(self) -> int:
-        """Channels of the generator's ``prior_masks`` input: face, mouth band [+ teeth, cavity]; 0 without."""
-        return (2 + 2 * self.refine.mouth_template) if self.prior_masks else 0
+        """Channels of the generator's ``prior_masks`` input: face, synthesis band [+ teeth, cavity] [+ eyelid
+        band]; 0 without."""
+        return (2 + 2 * self.refine.mouth_template + self.refine.eyelid_band) if self.prior_masks else 0
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some top-level fields changed (validated again)."""
@@ -214,10 +220,10 @@ ADDED_FIELDS: dict[str, frozenset[str]] = {
     "TrainConfig": frozenset({"init_refine", "prior_mouth", "init_refine_from", "freeze_refine_steps", "ema_decay",
                               "mouth_critic_region", "mouth_template", "open_mouth_weight",
                               "subtract_source_flow", "smooth_upscale", "prior_eyelids",
-                              "closed_eye_weight"}),
+                              "closed_eye_weight", "eyelid_condition"}),
     "LossWeights": frozenset({"mouth_gan", "mouth_feature_matching", "mouth_perceptual", "synthesis_pixel",
-                              "l2_output"}),
-    "RefineConfig": frozenset({"mouth_template", "smooth_upscale"}),
+                              "l2_output", "eyelid_pixel"}),
+    "RefineConfig": frozenset({"mouth_template", "smooth_upscale", "eyelid_band"}),
     "WarpConfig": frozenset({"subtract_source_flow"}),
 }
 

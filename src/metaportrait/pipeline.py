@@ -332,14 +332,17 @@ class Animator:
             np.stack([draw_landmark_image(t, size, size, self.config.landmark_topology, thickness) for t in targets])
         )  # (B, 3, S, S)
         prior_grid = masks = None
-        mouth, template, eyelids = self.config.prior_mouth, self.config.refine.mouth_template, self.config.prior_eyelids
+        cfg = self.config
+        mouth, template, eyelids, lid_channel = cfg.prior_mouth, cfg.refine.mouth_template, cfg.prior_eyelids, \
+            cfg.refine.eyelid_band
         if self.config.use_mesh_prior:
             grids = [mesh_warp_grid(source.crop_landmarks, t, size, size, mouth=mouth) for t in targets]
             prior_grid = torch.from_numpy(np.stack(grids))  # (B, S, S, 2)
         if self.config.prior_masks:
             masks = torch.from_numpy(
-                np.stack([prior_masks(source.crop_landmarks, t, size, size, mouth, template, eyelids) for t in targets])
-            )  # (B, 2 or 4, S, S)
+                np.stack([prior_masks(source.crop_landmarks, t, size, size, mouth, template, eyelids, lid_channel)
+                          for t in targets])
+            )  # (B, cfg.prior_mask_channels(), S, S)
         identity = None if source.identity is None else source.identity.expand(count, -1)
         with torch.no_grad():
             result = self.generator(

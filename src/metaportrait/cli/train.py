@@ -54,6 +54,7 @@ _OVERRIDES = {
     "subtract_source_flow": "subtract_source_flow",
     "smooth_upscale": "smooth_upscale",
     "eyelid_band": "prior_eyelids",
+    "eyelid_condition": "eyelid_condition",
     "lr_milestones": "lr_milestones",
 }
 
@@ -93,6 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="the output is also synthesised on the eyelid skin a closing driving eye shows and the "
                            "source hides (default: the preset's; no new weights, so --init from a model without it "
                            "works)")  # fmt: skip
+    base.add_argument("--eyelid-condition", action=argparse.BooleanOptionalAction,
+                      help="with --eyelid-band: the refinement also sees the lid band as its own input (default: the "
+                           "preset's; --init from a model without it adds it at zero weight)")  # fmt: skip
     base.add_argument("--open-mouth-weight", type=float, metavar="K",
                       help="draw driving frames with weight 1 + K x mouth opening (default 0: uniform)")  # fmt: skip
     base.add_argument("--closed-eye-weight", type=float, metavar="K",
@@ -129,11 +133,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _loss_weights(items: list[str], recipe_losses):
     """``["mouth_gan=1", ...]`` applied to the recipe's `LossWeights` (scalar weights only)."""
+    scalars = {f.name for f in dataclasses.fields(recipe_losses) if not isinstance(getattr(recipe_losses, f.name), tuple)}
     changes = {}
     for item in items:
         name, _, value = item.partition("=")
-        current = getattr(recipe_losses, name.strip(), None)
-        if not isinstance(current, float):
+        if name.strip() not in scalars:
             raise InputError("--loss", f"{item!r}: not NAME=WEIGHT with a scalar loss weight name")
         try:
             changes[name.strip()] = float(value)

@@ -6,7 +6,8 @@ lowered lid, so a blink becomes a dark smear instead of a lid of skin (docs/mode
 marks, per eye, the band above the driving upper lid as tall as the lid came down (the source's local opening,
 scaled to the driving eye's width, minus the driving one), plus what is left of the opening, faded in with
 how far the eye has closed: ``prior_masks(..., eyelids=True)`` adds it to the synthesis channel, where the
-output is the refinement network's (``ModelConfig.prior_eyelids``).
+output is the refinement network's (``ModelConfig.prior_eyelids``). With ``eyelid_channel=True`` the band is
+also given alone, so the refinement can tell a lid from the mouth interior (``RefineConfig.eyelid_band``).
 """
 
 from __future__ import annotations

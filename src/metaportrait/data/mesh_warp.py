@@ -411,6 +411,7 @@ def prior_masks(
     mouth: MouthFill = "stretch",
     template: bool = False,
     eyelids: bool = False,
+    eyelid_channel: bool = False,
 ) -> np.ndarray:
     """Where a mesh-prior model trusts the mesh, and where it must synthesise (``ModelConfig.prior_masks``).
 
@@ -430,12 +431,16 @@ def prior_masks(
         template: append the `metaportrait.data.mouth_template` of the driving face (teeth, cavity) as
             channels 2-3, for models with ``RefineConfig.mouth_template``.
         eyelids: channel 1 also covers `metaportrait.data.eyelids.eyelid_band` (``ModelConfig.prior_eyelids``).
+        eyelid_channel: append that band alone as the last channel, for models with ``RefineConfig.eyelid_band``
+            (needs ``eyelids``).
 
     Returns:
-        ``float32`` ``(2, H, W)`` (``(4, H, W)`` with ``template``) in ``[0, 1]``.
+        ``float32`` ``(2 + 2 * template + eyelid_channel, H, W)`` in ``[0, 1]``.
     """
     if mouth not in MOUTH_FILLS:
         raise ValueError(f"mouth must be one of {MOUTH_FILLS}, got {mouth!r}")
+    if eyelid_channel and not eyelids:
+        raise ValueError("eyelid_channel needs eyelids (the band is synthesised where it is given)")
     source = check_landmarks(source_landmarks, "source_landmarks")
     driving = check_landmarks(driving_landmarks, "driving_landmarks")
     scale = min(height, width) / 128.0
@@ -446,7 +451,7 @@ def prior_masks(
         below = np.concatenate([driving[[MOUTH_CORNERS[0]]], split, driving[topology.mouth_lower[::-1]]])
         fill = polygon_coverage(below, height, width)
         fill = cv2.GaussianBlur(fill, (0, 0), MOUTH_SIGMA_AT_128 * scale, borderType=cv2.BORDER_REPLICATE)
-        return _with_template(np.stack([face, _with_eyelids(fill, source, driving, eyelids)]), driving, template)
+        return _stack(face, fill, source, driving, template, eyelids, eyelid_channel)
     mouth_triangles = topology.holes[~topology.eye_holes]
     opening = {}
     for name, points in (("source", source), ("driving", driving)):
@@ -458,23 +463,24 @@ def prior_masks(
             corners = ((driving[triangle] - 0.5) * (1 << _SUBPIXEL_BITS)).astype(np.int32)
             cv2.fillConvexPoly(mouth, corners, need, cv2.LINE_8, _SUBPIXEL_BITS)
         mouth = cv2.GaussianBlur(mouth, (0, 0), MOUTH_SIGMA_AT_128 * scale, borderType=cv2.BORDER_REPLICATE)
-    return _with_template(np.stack([face, _with_eyelids(mouth, source, driving, eyelids)]), driving, template)
+    return _stack(face, mouth, source, driving, template, eyelids, eyelid_channel)
 
 
-def _with_eyelids(synthesis: np.ndarray, source: np.ndarray, driving: np.ndarray, eyelids: bool) -> np.ndarray:
-    if not eyelids:
-        return synthesis
-    from metaportrait.data.eyelids import eyelid_band  # it builds on this module
+def _stack(face, mouth, source, driving, template: bool, eyelids: bool, eyelid_channel: bool) -> np.ndarray:
+    """`prior_masks`' channels: face, mouth [∪ eyelid band], [teeth, cavity], [eyelid band]."""
+    # Both build on this module.
+    from metaportrait.data.eyelids import eyelid_band
+    from metaportrait.data.mouth_template import mouth_template
 
-    return np.maximum(synthesis, eyelid_band(source, driving, *synthesis.shape))
-
-
-def _with_template(masks: np.ndarray, driving: np.ndarray, template: bool) -> np.ndarray:
+    channels = [face, mouth]
+    if eyelids:
+        band = eyelid_band(source, driving, *mouth.shape)
+        channels[1] = np.maximum(mouth, band)
     if template:
-        from metaportrait.data.mouth_template import mouth_template  # it builds on this module
-
-        masks = np.concatenate([masks, mouth_template(driving, *masks.shape[1:])])
-    return masks.astype(np.float32)
+        channels.extend(mouth_template(driving, *mouth.shape))
+    if eyelid_channel:
+        channels.append(band)
+    return np.stack(channels).astype(np.float32)
 
 
 def mesh_warp_grid(

@@ -278,6 +278,7 @@ class PairOptions:
     prior_mouth: MouthFill = "stretch"  # how the prior grid and masks fill the mouth opening
     mouth_template: bool = False  # prior masks also hold the `mouth_template` (RefineConfig.mouth_template)
     eyelids: bool = False  # the masks' synthesis channel also covers the eyelid band (ModelConfig.prior_eyelids)
+    eyelid_channel: bool = False  # prior masks also hold the eyelid band alone, last (RefineConfig.eyelid_band)
     line_thickness: int = 1  # px (`ModelConfig.line_thickness`)
 
     def __post_init__(self):
@@ -289,6 +290,8 @@ class PairOptions:
             raise ValueError("mouth_template needs prior_masks (it is stored as prior-mask channels 2-3)")
         if self.eyelids and not self.prior_masks:
             raise ValueError("eyelids needs prior_masks (the band is part of prior-mask channel 1)")
+        if self.eyelid_channel and not self.eyelids:
+            raise ValueError("eyelid_channel needs eyelids (the band is synthesised where it is given)")
         if self.prior_size is not None and self.prior_size < 4:
             raise ValueError(f"prior_size must be at least 4, got {self.prior_size}")
 
@@ -304,6 +307,7 @@ class PairOptions:
             prior_mouth=cfg.prior_mouth,
             mouth_template=cfg.refine.mouth_template,
             eyelids=cfg.prior_eyelids,
+            eyelid_channel=cfg.refine.eyelid_band,
             line_thickness=cfg.line_thickness(size),
         )
 
@@ -330,8 +334,8 @@ def make_pair(
         ``boxes``: ``(3, 4)`` eye/eye/mouth boxes of the driving face (`region_boxes`);
         ``face_mask``: ``(1, s, s)`` 1 inside the driving face-oval hull;
         ``prior_grid``: ``(p, p, 2)`` mesh warp grid (only when ``options.prior_size``);
-        ``prior_masks``: ``(2, p, p)`` driving face and mouth opening, ``(4, p, p)`` with the mouth template
-        (only when ``options.prior_masks``).
+        ``prior_masks``: ``(2, p, p)`` driving face and synthesis band, then the mouth template (2) and the eyelid
+        band (1) when the options ask (only when ``options.prior_masks``).
     """
     assert frames.shape[0] == 2 and frames.dtype == np.uint8 and landmarks.shape == (2, NUM_LANDMARKS, 2)
     draw = _Draw.sample(augment, rng)
@@ -359,7 +363,7 @@ def make_pair(
         sample["prior_grid"] = torch.from_numpy(grid)
         if options.prior_masks:
             masks = prior_masks(source_points, driving_points, side, side, options.prior_mouth, options.mouth_template,
-                                options.eyelids)
+                                options.eyelids, options.eyelid_channel)
             sample["prior_masks"] = torch.from_numpy(masks)
     return sample
 

@@ -140,9 +140,10 @@ class Generator(nn.Module):
         warped_levels = [deform_input(level, out["deformation"], cfg.warp.padding_mode) for level in levels]
 
         # 3. Decoder conditioned on warped features, occlusion and landmarks, modulated by the identity.
-        template = prior_masks[:, 2:] if cfg.refine.mouth_template else None
+        # The channels after face and synthesis band: mouth template [2] and eyelid band [1], as configured.
+        extra = prior_masks[:, 2:] if prior_masks is not None and prior_masks.shape[1] > 2 else None
         conditions = condition_maps(
-            warped_levels, out["occlusion"], source_lines, driving_lines, driving_keypoints, cfg.refine, template
+            warped_levels, out["occlusion"], source_lines, driving_lines, driving_keypoints, cfg.refine, extra
         )
         logits = self.SPDAE_G(conditions, identity, warped_levels[0])
 

@@ -85,8 +85,13 @@ def mouth_mask(keypoints: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def extra_condition_channels(cfg: RefineConfig) -> int:
     """Channels added to each warped pyramid level: occlusion (1) [+ gaze 8] [+ lines 6] [+ mouth line 3]
-    [+ mouth template 2]."""
-    return 1 + 8 * cfg.gaze_heatmap + 6 * cfg.landmark_lines + 3 * cfg.mouth_line + 2 * cfg.mouth_template
+    [+ mouth template 2] [+ eyelid band 1]."""
+    return 1 + 8 * cfg.gaze_heatmap + 6 * cfg.landmark_lines + 3 * cfg.mouth_line + prior_condition_channels(cfg)
+
+
+def prior_condition_channels(cfg: RefineConfig) -> int:
+    """Prior-mask channels the decoder also reads (appended last): mouth template (2), eyelid band (1)."""
+    return 2 * cfg.mouth_template + cfg.eyelid_band
 
 
 def condition_maps(
@@ -96,16 +101,19 @@ def condition_maps(
     driving_lines: torch.Tensor,
     driving_keypoints: torch.Tensor | None,
     cfg: RefineConfig,
-    mouth_template: torch.Tensor | None = None,
+    prior_conditions: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """Concatenate, per pyramid level, [warped features, occlusion, gaze, source+driving lines, mouth line,
-    mouth template].
+    mouth template, eyelid band].
 
-    The order is the official one (checkpoint compatibility), the template (``(B, 2, H', W')``, required iff
-    ``cfg.mouth_template``) last: zero weights on it leave a model trained without it unchanged. Each map has
-    the level's resolution.
+    The order is the official one (checkpoint compatibility), then ``prior_conditions`` (``(B, C, H', W')``,
+    ``C = prior_condition_channels(cfg)``, required iff ``C > 0``): the mouth template, then the eyelid band. Each
+    is appended last when it is added, so zero weights on it leave a model trained without it unchanged. Each map
+    has the level's resolution.
     """
-    assert (mouth_template is not None) == cfg.mouth_template, "mouth_template is required iff cfg.mouth_template"
+    channels = prior_condition_channels(cfg)
+    given = 0 if prior_conditions is None else prior_conditions.shape[1]
+    assert given == channels, f"prior_conditions needs {channels} channels (the config's), got {given}"
     if cfg.mouth_line:
         mouth_lines = driving_lines * mouth_mask(driving_keypoints, driving_lines.shape[2:])
     maps = []
@@ -118,8 +126,8 @@ def condition_maps(
             parts.append(resize_map(torch.cat([source_lines, driving_lines], dim=1), size, cfg.antialias))
         if cfg.mouth_line:
             parts.append(resize_map(mouth_lines, size, cfg.antialias))
-        if cfg.mouth_template:
-            parts.append(resize_map(mouth_template, size, cfg.antialias))
+        if channels:
+            parts.append(resize_map(prior_conditions, size, cfg.antialias))
         maps.append(torch.cat(parts, dim=1))
     return maps
 

@@ -185,6 +185,8 @@ def train_base(
             "loss.synthesis_pixel != 1 and mouth_critic_region='synthesised' need a model with prior masks "
             "(they mark the synthesised band)"
         )
+    if cfg.loss.eyelid_pixel is not None and not model_cfg.refine.eyelid_band:
+        raise ValueError("loss.eyelid_pixel needs a model with the eyelid-band input (--eyelid-condition)")
     # The official tanh output is trained on its raw value (clipping would cut the gradient below 0).
     output_key = "output_raw" if model_cfg.refine.output == "tanh" else "output"
 
@@ -319,8 +321,10 @@ def train_base(
                 # Pixel error of the output, scaled by loss.synthesis_pixel where the source has no pixels
                 # (the squared term: by its square).
                 pixel_error = (prediction - driving).abs()  # (B, 3, H, W)
-                if cfg.loss.synthesis_pixel != 1.0:
-                    pixel_error = pixel_error * synthesis_pixel_weight(batch["prior_masks"], cfg.loss.synthesis_pixel)
+                if cfg.loss.synthesis_pixel != 1.0 or cfg.loss.eyelid_pixel is not None:
+                    pixel_error = pixel_error * synthesis_pixel_weight(
+                        batch["prior_masks"], cfg.loss.synthesis_pixel, cfg.loss.eyelid_pixel
+                    )
                 if cfg.loss.l1_output > 0:
                     losses["l1_output"] = cfg.loss.l1_output * pixel_error.mean()
                 if cfg.loss.l2_output > 0:
@@ -500,17 +504,21 @@ def _load_init(generator: Generator, model_cfg: ModelConfig, path: Path, part: s
     The two model configs must agree on that part; the prior masks, their mouth fill and eyelid band, the line width,
     ``warp.subtract_source_flow`` and ``refine.smooth_upscale`` change no weights, and the identity branch lives in
     R only, so a warp run serves both sides of the identity ablation.
-    A refinement trained without the mouth template loads into one with it: the template's input weights start
-    at zero (`_pad_template_inputs`), so the network starts out computing what it did.
+    A refinement trained without the mouth template or the eyelid-band input loads into one with them: their
+    input weights start at zero (`_pad_condition_inputs`), so the network starts out computing what it did.
     """
     if not (path / "config.json").is_file():
         path = path / "model"  # a run folder
     init_cfg, init_meta = load_config(path)  # checked before the weights are read
     add_template = model_cfg.refine.mouth_template and not init_cfg.refine.mouth_template and part != "warp"
+    add_lids = model_cfg.refine.eyelid_band and not init_cfg.refine.eyelid_band and part != "warp"
+    if add_template and init_cfg.refine.eyelid_band:
+        raise InputError(path, "cannot add the mouth template to a model with the eyelid-band input (it comes first)")
     comparable = init_cfg.replace(
         prior_masks=model_cfg.prior_masks, prior_mouth=model_cfg.prior_mouth, prior_eyelids=model_cfg.prior_eyelids,
         line_reference_size=model_cfg.line_reference_size,
         refine=dataclasses.replace(init_cfg.refine, mouth_template=init_cfg.refine.mouth_template or add_template,
+                                   eyelid_band=init_cfg.refine.eyelid_band or add_lids,
                                    smooth_upscale=model_cfg.refine.smooth_upscale),
         warp=dataclasses.replace(init_cfg.warp, subtract_source_flow=model_cfg.warp.subtract_source_flow),
     )  # fmt: skip
@@ -529,24 +537,26 @@ def _load_init(generator: Generator, model_cfg: ModelConfig, path: Path, part: s
         return part == "all" or (key.split(".")[0] in _WARP_MODULES) == (part == "warp")
 
     weights = {k: v for k, v in init_run.state_dict().items() if wanted(k)}
-    if add_template:
-        weights = _pad_template_inputs(weights, generator.state_dict())
+    if add_template or add_lids:
+        weights = _pad_condition_inputs(weights, generator.state_dict(), 2 * add_template + add_lids)
     missing, unexpected = generator.load_state_dict(weights, strict=False)
     if unexpected or any(wanted(k) for k in missing):
         raise InputError(path, f"weights do not fit: missing {missing}, unexpected {unexpected}")
 
 
-def _pad_template_inputs(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Give the convolutions that read the refinement's condition maps zero weights on the 2 template channels
-    (`condition_maps` appends them last), where ``target`` (the new network) expects them."""
+def _pad_condition_inputs(
+    weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor], added: int
+) -> dict[str, torch.Tensor]:
+    """Give the convolutions that read the refinement's condition maps zero weights on the ``added`` new prior
+    channels (`condition_maps` appends them last), where ``target`` (the new network) expects them."""
     padded = dict(weights)
     for key, weight in weights.items():
         want = target.get(key)
         if want is None or want.shape == weight.shape:
             continue
-        if weight.dim() != 4 or want.shape[1] != weight.shape[1] + 2 or want.shape[0] != weight.shape[0]:
-            raise ValueError(f"{key}: {tuple(weight.shape)} cannot become {tuple(want.shape)} by adding template inputs")
-        padded[key] = torch.cat([weight, weight.new_zeros(weight.shape[0], 2, *weight.shape[2:])], dim=1)
+        if weight.dim() != 4 or want.shape[1] != weight.shape[1] + added or want.shape[0] != weight.shape[0]:
+            raise ValueError(f"{key}: {tuple(weight.shape)} cannot become {tuple(want.shape)} by adding {added} inputs")
+        padded[key] = torch.cat([weight, weight.new_zeros(weight.shape[0], added, *weight.shape[2:])], dim=1)
     return padded
 
 
@@ -559,16 +569,23 @@ def _update_average(averaged: torch.nn.Module, trained: torch.nn.Module, decay: 
         mean.copy_(current)
 
 
-def synthesis_pixel_weight(prior_masks: torch.Tensor, weight: float) -> torch.Tensor:
+def synthesis_pixel_weight(prior_masks: torch.Tensor, weight: float, eyelid_weight: float | None = None) -> torch.Tensor:
     """Per-pixel weight of the pixel losses: ``weight`` inside the band the model must synthesise (prior-mask
     channel 1, where the source has no pixels), 1 elsewhere. ``(B, C >= 2, H, W)`` masks in [0, 1] ->
-    ``(B, 1, H, W)``.
+    ``(B, 1, H, W)``. With ``eyelid_weight`` (masks whose last channel is the eyelid band alone), that weight
+    inside the eyelid band instead.
 
     Pixel losses pull an unknowable region to the average of its training targets (for the mouth: a grey fill
     between teeth and cavity); with a low weight there, the perceptual and adversarial terms decide it.
     """
     assert prior_masks.dim() == 4 and prior_masks.shape[1] >= 2, f"prior masks (B, C, H, W), got {prior_masks.shape}"
-    return 1.0 - (1.0 - weight) * prior_masks[:, 1:2]
+    band = prior_masks[:, 1:2]
+    if eyelid_weight is None:
+        return 1.0 - (1.0 - weight) * band
+    assert prior_masks.shape[1] >= 3, "eyelid_weight needs the eyelid band as the last prior-mask channel"
+    lids = prior_masks[:, -1:]
+    mouth = (band - lids).clamp_min(0.0)  # channel 1 is max(mouth, lids); they lie far apart
+    return 1.0 - (1.0 - weight) * mouth - (1.0 - eyelid_weight) * lids
 
 
 def _face_l1(error: torch.Tensor, face: torch.Tensor) -> torch.Tensor:

@@ -83,11 +83,15 @@ class LossWeights:
     # Not in the official code: scale of the output's pixel terms (l1_output, l2_output, face, eye, mouth) inside the
     # band the model must synthesise (prior-mask channel 1: the mouth opening the source cannot supply). 1 = no change.
     synthesis_pixel: float = 1.0
+    # Not in the official code: the same scale inside the eyelid band (the last prior-mask channel of a model with
+    # RefineConfig.eyelid_band). None: synthesis_pixel there too. Unlike the mouth interior, a lid's colour is
+    # knowable (the skin around it), so the pixel terms may keep their full weight there.
+    eyelid_pixel: float | None = None
 
     def __post_init__(self):
         for name, value in dataclasses.asdict(self).items():
             values = value if isinstance(value, tuple) else (value,)
-            if any(v < 0 for v in values):
+            if any(v is not None and v < 0 for v in values):
                 raise ValueError(f"loss.{name} must be >= 0, got {value}")
         if self.mouth_feature_matching > 0 and self.mouth_gan == 0:
             raise ValueError("loss.mouth_feature_matching needs loss.mouth_gan > 0 (the mouth critic only trains then)")
@@ -107,6 +111,7 @@ class TrainConfig:
     subtract_source_flow: bool | None = None  # True: train with `WarpConfig.subtract_source_flow` (no new weights)
     smooth_upscale: bool | None = None  # True: `RefineConfig.smooth_upscale` (no new weights)
     prior_eyelids: bool | None = None  # True: `ModelConfig.prior_eyelids` (no new weights)
+    eyelid_condition: bool | None = None  # True: `RefineConfig.eyelid_band` (the refinement also sees the lid band)
     size: int = 128  # training crop side (frames are resized to it; a multiple of 32)
     batch_size: int = 8  # per process
     steps: int = 4000  # total optimiser steps (a resumed run continues up to this)
@@ -224,6 +229,8 @@ class TrainConfig:
             model = model.replace(warp=dataclasses.replace(model.warp, subtract_source_flow=self.subtract_source_flow))
         if self.smooth_upscale is not None:
             model = model.replace(refine=dataclasses.replace(model.refine, smooth_upscale=self.smooth_upscale))
+        if self.eyelid_condition is not None:
+            model = model.replace(refine=dataclasses.replace(model.refine, eyelid_band=self.eyelid_condition))
         return model
 
     def replace(self, **changes: Any) -> TrainConfig:
