@@ -64,6 +64,33 @@ def test_band_covers_the_lowered_lid_only_when_the_eye_closes(face):
     assert 0.2 < half.max() < 0.8
 
 
+def test_the_filled_lid_reads_the_skin_above_it_instead_of_the_lash_line(face):
+    from skimage.data import astronaut
+
+    from metaportrait.data.face import CropBox, crop, points_to_crop
+    from metaportrait.data.landmarks import landmarks_of_image
+
+    image = astronaut()
+    points = landmarks_of_image(image)
+    box = CropBox.from_landmarks(points)
+    portrait, face = crop(image, box, SIZE), points_to_crop(points, box, SIZE)
+    open_grid = mesh_warp.mesh_warp_grid(face, face, SIZE, SIZE)
+    np.testing.assert_array_equal(mesh_warp.mesh_warp_grid(face, face, SIZE, SIZE, eyelids=True), open_grid)
+    closed = _close_eyes(face, 1.0)
+    plain = mesh_warp.mesh_warp_grid(face, closed, SIZE, SIZE)
+    filled = mesh_warp.mesh_warp_grid(face, closed, SIZE, SIZE, eyelids=True)
+    band = eyelid_band(face, closed, SIZE, SIZE)
+    np.testing.assert_array_equal(filled[band == 0], plain[band == 0])  # only the band changes
+    inside = band > 0.9
+    moved_up = (plain[..., 1] - filled[..., 1])[inside] * SIZE / 2  # px; the face is upright: up is -y
+    assert moved_up.min() > 0.0 and moved_up.mean() > 1.0
+    # The lash line is dark, the lid skin above it bright: the filled lid is mostly skin.
+    luma = np.array([0.299, 0.587, 0.114])
+    brightness = {name: (mesh_warp.apply_grid(portrait, grid) @ luma)[inside].mean()
+                  for name, grid in (("plain", plain), ("filled", filled))}  # fmt: skip
+    assert brightness["filled"] > brightness["plain"] + 20
+
+
 def test_prior_masks_add_the_band_to_the_synthesis_channel_when_asked(face):
     closed = _close_eyes(face, 1.0)
     plain = mesh_warp.prior_masks(face, closed, SIZE, SIZE, mouth="upper_lip", template=True)
@@ -101,3 +128,7 @@ def test_the_model_config_carries_the_option_and_older_configs_load_without_it()
     assert ModelConfig.from_dict(reading.to_dict()) == reading
     with pytest.raises(ValueError, match="refine.eyelid_band needs prior_eyelids"):
         PRESETS["lite"].replace(refine=dataclasses.replace(lids.refine, eyelid_band=True))
+    filling = PRESETS["lite"].replace(prior_eyelid_fill=True)
+    assert ModelConfig.from_dict(filling.to_dict()) == filling
+    with pytest.raises(ValueError, match="prior_eyelid_fill needs use_mesh_prior"):
+        PRESETS["official"].replace(prior_eyelid_fill=True)

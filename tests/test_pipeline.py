@@ -20,6 +20,7 @@ import torch
 from metaportrait.cli import main
 from metaportrait.config import PRESETS
 from metaportrait.data.face import CropBox, crop
+from metaportrait.data.mesh_warp import mesh_warp_grid
 from metaportrait.demo_motion import scripted_motion
 from metaportrait.errors import InputError, NoFaceError
 from metaportrait.io.image import write_image
@@ -162,6 +163,20 @@ def test_a_model_with_the_eyelid_band_is_given_it_when_the_eyes_close(astronaut)
     assert seen[2].shape[1] == seen[1].shape[1] + 1
     torch.testing.assert_close(seen[2][:, :-1], seen[1])
     assert torch.all(seen[2][0, -1] <= synthesis[True]) and seen[2][0, -1].sum() > 2
+    # A model with the lid fill gets the filled prior grid.
+    grids = []
+    for fill in (False, True):
+        cfg = TINY.replace(prior_eyelid_fill=fill)
+        generator = Generator(cfg)
+        generator.register_forward_pre_hook(lambda _, args, kwargs: grids.append(kwargs["prior_grid"]), with_kwargs=True)
+        animator = Animator(generator, cfg)
+        source = animator.prepare_source(image, landmarks=points)
+        closed = Controls(eyes=0.0).apply(source.crop_landmarks)
+        animator._generate(source, [closed])
+    size = grids[0].shape[1]
+    expected = mesh_warp_grid(source.crop_landmarks, closed, size, size, mouth=TINY.prior_mouth, eyelids=True)
+    torch.testing.assert_close(grids[1][0], torch.from_numpy(expected))
+    assert not torch.equal(grids[0], grids[1])
 
 
 def test_the_portrait_detail_is_prepared_only_for_a_paste_back(animator, astronaut):

@@ -395,11 +395,13 @@ def test_full_stage_continues_a_full_model(warp_run, dataset_dir, tmp_path):
                                  smooth_upscale=True), dataset_dir, tmp_path / "su", progress=False)  # fmt: skip
     assert math.isfinite(smoothing.log["total_g"])
     assert load_model(tmp_path / "su" / "model")[1].refine.smooth_upscale
-    # Nor does prior_eyelids (it changes what prior-mask channel 1 covers).
+    # Nor do prior_eyelids (it changes what prior-mask channel 1 covers) and prior_eyelid_fill (the prior grid).
     lids = train_base(_tiny("full", 1, init=str(warp_run), init_refine_from=str(tmp_path / "first"),
-                            prior_eyelids=True), dataset_dir, tmp_path / "lids", progress=False)  # fmt: skip
+                            prior_eyelids=True, prior_eyelid_fill=True), dataset_dir, tmp_path / "lids",
+                      progress=False)  # fmt: skip
     assert math.isfinite(lids.log["total_g"])
     assert load_model(tmp_path / "lids" / "model")[1].prior_eyelids
+    assert load_model(tmp_path / "lids" / "model")[1].prior_eyelid_fill
     # The eyelid-band input is added at zero weight, after the template: the same images at the start.
     reading = train_base(_tiny("full", 1, init=str(tmp_path / "templated"), init_refine=True,
                                prior_eyelids=True, eyelid_condition=True, mouth_template=True, lr=1e-9,

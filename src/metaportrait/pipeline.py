@@ -336,7 +336,8 @@ class Animator:
         mouth, template, eyelids, lid_channel = cfg.prior_mouth, cfg.refine.mouth_template, cfg.prior_eyelids, \
             cfg.refine.eyelid_band
         if self.config.use_mesh_prior:
-            grids = [mesh_warp_grid(source.crop_landmarks, t, size, size, mouth=mouth) for t in targets]
+            grids = [mesh_warp_grid(source.crop_landmarks, t, size, size, mouth=mouth, eyelids=cfg.prior_eyelid_fill)
+                     for t in targets]
             prior_grid = torch.from_numpy(np.stack(grids))  # (B, S, S, 2)
         if self.config.prior_masks:
             masks = torch.from_numpy(

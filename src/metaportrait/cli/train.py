@@ -55,6 +55,7 @@ _OVERRIDES = {
     "smooth_upscale": "smooth_upscale",
     "eyelid_band": "prior_eyelids",
     "eyelid_condition": "eyelid_condition",
+    "eyelid_fill": "prior_eyelid_fill",
     "lr_milestones": "lr_milestones",
 }
 
@@ -94,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="the output is also synthesised on the eyelid skin a closing driving eye shows and the "
                            "source hides (default: the preset's; no new weights, so --init from a model without it "
                            "works)")  # fmt: skip
+    base.add_argument("--eyelid-fill", action=argparse.BooleanOptionalAction,
+                      help="the mesh prior fills a closing eye's lowered lid from the skin above it (default: the "
+                           "preset's; no new weights, so --init from a model without it works)")  # fmt: skip
     base.add_argument("--eyelid-condition", action=argparse.BooleanOptionalAction,
                       help="with --eyelid-band: the refinement also sees the lid band as its own input (default: the "
                            "preset's; --init from a model without it adds it at zero weight)")  # fmt: skip

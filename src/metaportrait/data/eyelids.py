@@ -8,9 +8,14 @@ scaled to the driving eye's width, minus the driving one), plus what is left of 
 how far the eye has closed: ``prior_masks(..., eyelids=True)`` adds it to the synthesis channel, where the
 output is the refinement network's (``ModelConfig.prior_eyelids``). With ``eyelid_channel=True`` the band is
 also given alone, so the refinement can tell a lid from the mouth interior (``RefineConfig.eyelid_band``).
+
+`fill_lids` is the other answer, with no synthesis: the mesh warp fills the band from the skin above it
+(``ModelConfig.prior_eyelid_fill``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -27,7 +32,11 @@ FOREHEAD, CHIN = 10, 152  # MediaPipe's top and bottom of the face oval
 # The band fades in from this closure (1 - the driving lid gaps' sum / the source's, scaled to the driving eye's
 # width) to full at CLOSED: a narrowed eye keeps its warped iris, a blink gets a lid.
 CLOSING, CLOSED = 0.3, 0.8
-EYELID_SIGMA_AT_128 = 1.0  # feathering in px at 128 px, scaled with the image size
+EYELID_SIGMA_AT_128 = 1.0
+# How far up a band pixel reads, as (its height in the band / the band's height) ** LASH_PROFILE lid heights:
+# 1 squeezes the source's lash line into the band's lower part and brings the skin above down over the rest;
+# 0 (the whole band reads skin) loses the lash line (docs/model_card.md, "Measured in stop 16").
+LASH_PROFILE = 1.0  # feathering in px at 128 px, scaled with the image size
 
 
 def eyelid_band(source_landmarks: np.ndarray, driving_landmarks: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -36,11 +45,65 @@ def eyelid_band(source_landmarks: np.ndarray, driving_landmarks: np.ndarray, hei
     Args:
         source_landmarks, driving_landmarks: ``(478, 2)`` pixel coordinates in the ``height`` x ``width`` frame.
     """
+    band = np.zeros((height, width), np.float32)
+    for eye in _closing_eyes(source_landmarks, driving_landmarks, height, width):
+        band = np.maximum(band, eye.weight * polygon_coverage(eye.polygon, height, width))
+    if not band.any():
+        return band  # open eyes, most frames: no blur to pay for
+    return np.clip(_feather(band), 0.0, 1.0)
+
+
+def fill_lids(grid: np.ndarray, source_landmarks: np.ndarray, driving_landmarks: np.ndarray) -> np.ndarray:
+    """A mesh-warp grid whose eyelid band samples the skin above it instead of the stretched lash line.
+
+    Inside each closing eye's band (`eyelid_band`), a pixel reads the grid further up the face, by up to one lid
+    height at the band's top (`LASH_PROFILE`): the lowered lid shows the source's lash line squeezed into its
+    lower part and the skin between lashes and brow moved down over the rest. A model then warps skin-coloured pixels onto the lid instead of
+    painting it (``ModelConfig.prior_eyelid_fill``; measured in docs/model_card.md, "Blinks").
+
+    ``grid``: ``float32`` ``(H, W, 2)`` from `metaportrait.data.mesh_warp.mesh_warp_grid` for these landmarks
+    (pixel coordinates of its ``H`` x ``W`` frame) -> the same shape; unchanged where no eye closes.
+    """
+    assert grid.ndim == 3 and grid.shape[2] == 2, f"grid must be (H, W, 2), got {grid.shape}"
+    height, width = grid.shape[:2]
+    shift = np.zeros((height, width, 2), np.float32)  # pixels to read further up, per output pixel
+    xs = np.arange(width, dtype=np.float32) + 0.5
+    ys = np.arange(height, dtype=np.float32)[:, None] + 0.5
+    for eye in _closing_eyes(source_landmarks, driving_landmarks, height, width):
+        # The lid height along the eye: the contour points' heights, 0 at the corners, by position on the axis.
+        along = (xs - eye.corner[0]) * eye.axis[0] + (ys - eye.corner[1]) * eye.axis[1]  # (H, W) px
+        lid_height = np.interp(along, eye.positions, eye.heights).astype(np.float32)
+        lid_line = np.interp(along, eye.positions, eye.lid_line)
+        above = (xs - eye.corner[0]) * eye.up[0] + (ys - eye.corner[1]) * eye.up[1] - lid_line  # px above the lid
+        rise = np.clip(above / np.maximum(lid_height, 1e-3), 0.0, 1.0) ** LASH_PROFILE
+        covered = _feather(eye.weight * polygon_coverage(eye.polygon, height, width))
+        shift += (covered * lid_height * rise)[..., None] * eye.up.astype(np.float32)
+    if not shift.any():
+        return grid
+    map_x = (xs - 0.5)[None, :] + shift[..., 0]  # cv2.remap indexes pixels, centres at integers
+    map_y = (ys - 0.5) + shift[..., 1]
+    return cv2.remap(grid, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+@dataclass(frozen=True)
+class _ClosingEye:
+    weight: float  # how far the eye has closed, 0 (CLOSING) .. 1 (CLOSED)
+    polygon: np.ndarray  # (K, 2) px: the band, corner, raised upper lid, corner, lower lid
+    corner: np.ndarray  # (2,) px: the first corner
+    axis: np.ndarray  # (2,) unit vector corner to corner
+    up: np.ndarray  # (2,) unit vector up the face, perpendicular to the axis
+    positions: np.ndarray  # (P,) px along the axis, increasing: corners and upper-lid points
+    heights: np.ndarray  # (P,) px: how far the lid came down there (0 at the corners)
+    lid_line: np.ndarray  # (P,) px up the face from the first corner: the driving upper lid
+
+
+def _closing_eyes(source_landmarks, driving_landmarks, height: int, width: int) -> list[_ClosingEye]:
+    """The driving eyes that close past CLOSING against the source's, with their lid band's geometry."""
     source = check_landmarks(source_landmarks, "source_landmarks")
     driving = check_landmarks(driving_landmarks, "driving_landmarks")
     if height <= 0 or width <= 0:
         raise ValueError(f"band size must be positive, got {height} x {width}")
-    band = np.zeros((height, width), np.float32)
+    eyes = []
     for corner_a, upper, corner_b, lower in EYES.values():
         upper, lower = list(upper), list(lower)
         driving_width = float(np.linalg.norm(driving[corner_b] - driving[corner_a]))
@@ -59,10 +122,18 @@ def eyelid_band(source_landmarks: np.ndarray, driving_landmarks: np.ndarray, hei
         up = np.array([axis[1], -axis[0]])
         if np.dot(driving[FOREHEAD] - driving[CHIN], up) < 0:
             up = -up
-        lid_top = driving[upper] + up * np.maximum(source_gap - driving_gap, 0.0)[:, None]
+        lowered = np.maximum(source_gap - driving_gap, 0.0)
+        lid_top = driving[upper] + up * lowered[:, None]
         polygon = np.concatenate([driving[[corner_a]], lid_top, driving[[corner_b]], driving[lower][::-1]])
-        band = np.maximum(band, weight * polygon_coverage(polygon, height, width))
-    if not band.any():
-        return band  # open eyes, most frames: no blur to pay for
-    sigma = EYELID_SIGMA_AT_128 * min(height, width) / 128.0
-    return np.clip(cv2.GaussianBlur(band, (0, 0), sigma, borderType=cv2.BORDER_REPLICATE), 0.0, 1.0)
+        positions = np.concatenate([[0.0], (driving[upper] - driving[corner_a]) @ axis, [driving_width]])
+        heights = np.concatenate([[0.0], lowered, [0.0]])
+        lid_line = np.concatenate([[0.0], (driving[upper] - driving[corner_a]) @ up, [0.0]])
+        order = np.argsort(positions, kind="stable")
+        eyes.append(_ClosingEye(weight, polygon, driving[corner_a], axis, up, positions[order], heights[order],
+                                lid_line[order]))
+    return eyes
+
+
+def _feather(band: np.ndarray) -> np.ndarray:
+    sigma = EYELID_SIGMA_AT_128 * min(band.shape) / 128.0
+    return cv2.GaussianBlur(band, (0, 0), sigma, borderType=cv2.BORDER_REPLICATE)

@@ -490,6 +490,7 @@ def mesh_warp_grid(
     width: int,
     face_masked: bool = False,
     mouth: MouthFill = "stretch",
+    eyelids: bool = False,
 ) -> np.ndarray:
     """Backward sampling grid that moves the source face onto the driving landmarks (piecewise affine).
 
@@ -502,6 +503,8 @@ def mesh_warp_grid(
             face (dilated 8 px and feathered with sigma 3 px at 128 px, scaled with the image size), so
             background and hair stay put.
         mouth: how the inner-lip opening is filled (`MouthFill`); the baselines stretch.
+        eyelids: a closing driving eye's lowered lid reads the skin above it, not the stretched lash line
+            (`metaportrait.data.eyelids.fill_lids`); the baselines stretch.
 
     Returns:
         ``float32`` ``(H, W, 2)`` grid, ``(x, y)`` in ``grid_sample``'s ``[-1, 1]`` ``align_corners=False``
@@ -558,7 +561,11 @@ def mesh_warp_grid(
     ys = np.arange(height, dtype=np.float32)[:, None] + 0.5
     source_x = coefficients[..., 0] * xs + coefficients[..., 1] * ys + coefficients[..., 2]
     source_y = coefficients[..., 3] * xs + coefficients[..., 4] * ys + coefficients[..., 5]
-    grid = np.stack([2.0 * source_x / width - 1.0, 2.0 * source_y / height - 1.0], axis=-1)
+    grid = np.stack([2.0 * source_x / width - 1.0, 2.0 * source_y / height - 1.0], axis=-1).astype(np.float32)
+    if eyelids:
+        from metaportrait.data.eyelids import fill_lids  # it builds on this module
+
+        grid = fill_lids(grid, source, driving)
 
     if face_masked:
         scale = min(height, width) / 128.0

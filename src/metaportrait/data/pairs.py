@@ -278,6 +278,7 @@ class PairOptions:
     prior_mouth: MouthFill = "stretch"  # how the prior grid and masks fill the mouth opening
     mouth_template: bool = False  # prior masks also hold the `mouth_template` (RefineConfig.mouth_template)
     eyelids: bool = False  # the masks' synthesis channel also covers the eyelid band (ModelConfig.prior_eyelids)
+    eyelid_fill: bool = False  # the prior grid fills closing eyes' lids from above (ModelConfig.prior_eyelid_fill)
     eyelid_channel: bool = False  # prior masks also hold the eyelid band alone, last (RefineConfig.eyelid_band)
     line_thickness: int = 1  # px (`ModelConfig.line_thickness`)
 
@@ -308,6 +309,7 @@ class PairOptions:
             mouth_template=cfg.refine.mouth_template,
             eyelids=cfg.prior_eyelids,
             eyelid_channel=cfg.refine.eyelid_band,
+            eyelid_fill=cfg.prior_eyelid_fill,
             line_thickness=cfg.line_thickness(size),
         )
 
@@ -359,7 +361,8 @@ def make_pair(
         # Landmarks in prior-grid pixels: the grid is resolution-free ([-1, 1]), so scale them, not the grid.
         scale = options.prior_size / size
         source_points, driving_points, side = landmarks[0] * scale, landmarks[1] * scale, options.prior_size
-        grid = mesh_warp_grid(source_points, driving_points, side, side, mouth=options.prior_mouth)
+        grid = mesh_warp_grid(source_points, driving_points, side, side, mouth=options.prior_mouth,
+                              eyelids=options.eyelid_fill)
         sample["prior_grid"] = torch.from_numpy(grid)
         if options.prior_masks:
             masks = prior_masks(source_points, driving_points, side, side, options.prior_mouth, options.mouth_template,

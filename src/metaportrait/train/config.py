@@ -111,6 +111,7 @@ class TrainConfig:
     subtract_source_flow: bool | None = None  # True: train with `WarpConfig.subtract_source_flow` (no new weights)
     smooth_upscale: bool | None = None  # True: `RefineConfig.smooth_upscale` (no new weights)
     prior_eyelids: bool | None = None  # True: `ModelConfig.prior_eyelids` (no new weights)
+    prior_eyelid_fill: bool | None = None  # True: `ModelConfig.prior_eyelid_fill` (no new weights)
     eyelid_condition: bool | None = None  # True: `RefineConfig.eyelid_band` (the refinement also sees the lid band)
     size: int = 128  # training crop side (frames are resized to it; a multiple of 32)
     batch_size: int = 8  # per process
@@ -221,6 +222,7 @@ class TrainConfig:
         changes = {
             "landmark_topology": self.landmark_topology, "use_identity": self.use_identity,
             "prior_mouth": self.prior_mouth, "prior_eyelids": self.prior_eyelids,
+            "prior_eyelid_fill": self.prior_eyelid_fill,
         }  # fmt: skip
         model = PRESETS[self.preset].replace(**{k: v for k, v in changes.items() if v is not None})
         if self.mouth_template is not None:
