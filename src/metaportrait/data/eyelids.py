@@ -24,6 +24,8 @@ from metaportrait.data.mesh_warp import check_landmarks, polygon_coverage
 
 # MediaPipe eye contours, corner to corner: (corner, upper lid, corner, lower lid). They are the boundaries of
 # the mesh's eye holes (`mesh_warp.HOLE_CORNERS`; tests/test_eyelids.py checks it).
+# The lower edge of each eye's brow, corner side first (MediaPipe's eyebrow contours).
+BROWS = {"right": (46, 53, 52, 65, 55), "left": (276, 283, 282, 295, 285)}
 EYES = {
     "right": (33, (246, 161, 160, 159, 158, 157, 173), 133, (7, 163, 144, 145, 153, 154, 155)),
     "left": (263, (466, 388, 387, 386, 385, 384, 398), 362, (249, 390, 373, 374, 380, 381, 382)),
@@ -32,11 +34,15 @@ FOREHEAD, CHIN = 10, 152  # MediaPipe's top and bottom of the face oval
 # The band fades in from this closure (1 - the driving lid gaps' sum / the source's, scaled to the driving eye's
 # width) to full at CLOSED: a narrowed eye keeps its warped iris, a blink gets a lid.
 CLOSING, CLOSED = 0.3, 0.8
-EYELID_SIGMA_AT_128 = 1.0
+EYELID_SIGMA_AT_128 = 1.0  # feathering in px at 128 px, scaled with the image size
 # How far up a band pixel reads, as (its height in the band / the band's height) ** LASH_PROFILE lid heights:
 # 1 squeezes the source's lash line into the band's lower part and brings the skin above down over the rest;
 # 0 (the whole band reads skin) loses the lash line (docs/model_card.md, "Measured in stop 16").
-LASH_PROFILE = 1.0  # feathering in px at 128 px, scaled with the image size
+LASH_PROFILE = 1.0
+# The band's top reads at most this share of the way from it to the brow: where brows sit close to the eyes,
+# a full lid height up is brow, copied onto the lid (measured: the same eye numbers, cross-reenactment AKD back
+# to the unfilled model's; docs/model_card.md).
+BROW_SHARE = 0.5
 
 
 def eyelid_band(source_landmarks: np.ndarray, driving_landmarks: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -57,8 +63,9 @@ def fill_lids(grid: np.ndarray, source_landmarks: np.ndarray, driving_landmarks:
     """A mesh-warp grid whose eyelid band samples the skin above it instead of the stretched lash line.
 
     Inside each closing eye's band (`eyelid_band`), a pixel reads the grid further up the face, by up to one lid
-    height at the band's top (`LASH_PROFILE`): the lowered lid shows the source's lash line squeezed into its
-    lower part and the skin between lashes and brow moved down over the rest. A model then warps skin-coloured pixels onto the lid instead of
+    height at the band's top (`LASH_PROFILE`) and never past half the way to the brow (`BROW_SHARE`): the lowered
+    lid shows the source's lash line squeezed into its lower part and the skin between lashes and brow moved
+    down over the rest. A model then warps skin-coloured pixels onto the lid instead of
     painting it (``ModelConfig.prior_eyelid_fill``; measured in docs/model_card.md, "Blinks").
 
     ``grid``: ``float32`` ``(H, W, 2)`` from `metaportrait.data.mesh_warp.mesh_warp_grid` for these landmarks
@@ -73,11 +80,12 @@ def fill_lids(grid: np.ndarray, source_landmarks: np.ndarray, driving_landmarks:
         # The lid height along the eye: the contour points' heights, 0 at the corners, by position on the axis.
         along = (xs - eye.corner[0]) * eye.axis[0] + (ys - eye.corner[1]) * eye.axis[1]  # (H, W) px
         lid_height = np.interp(along, eye.positions, eye.heights).astype(np.float32)
+        reach = np.interp(along, eye.positions, eye.reach).astype(np.float32)
         lid_line = np.interp(along, eye.positions, eye.lid_line)
         above = (xs - eye.corner[0]) * eye.up[0] + (ys - eye.corner[1]) * eye.up[1] - lid_line  # px above the lid
         rise = np.clip(above / np.maximum(lid_height, 1e-3), 0.0, 1.0) ** LASH_PROFILE
         covered = _feather(eye.weight * polygon_coverage(eye.polygon, height, width))
-        shift += (covered * lid_height * rise)[..., None] * eye.up.astype(np.float32)
+        shift += (covered * reach * rise)[..., None] * eye.up.astype(np.float32)
     if not shift.any():
         return grid
     map_x = (xs - 0.5)[None, :] + shift[..., 0]  # cv2.remap indexes pixels, centres at integers
@@ -95,6 +103,7 @@ class _ClosingEye:
     positions: np.ndarray  # (P,) px along the axis, increasing: corners and upper-lid points
     heights: np.ndarray  # (P,) px: how far the lid came down there (0 at the corners)
     lid_line: np.ndarray  # (P,) px up the face from the first corner: the driving upper lid
+    reach: np.ndarray  # (P,) px: how far up the band's top reads (the height, kept below the brow)
 
 
 def _closing_eyes(source_landmarks, driving_landmarks, height: int, width: int) -> list[_ClosingEye]:
@@ -104,7 +113,7 @@ def _closing_eyes(source_landmarks, driving_landmarks, height: int, width: int) 
     if height <= 0 or width <= 0:
         raise ValueError(f"band size must be positive, got {height} x {width}")
     eyes = []
-    for corner_a, upper, corner_b, lower in EYES.values():
+    for side, (corner_a, upper, corner_b, lower) in EYES.items():
         upper, lower = list(upper), list(lower)
         driving_width = float(np.linalg.norm(driving[corner_b] - driving[corner_a]))
         source_width = float(np.linalg.norm(source[corner_b] - source[corner_a]))
@@ -128,9 +137,14 @@ def _closing_eyes(source_landmarks, driving_landmarks, height: int, width: int) 
         positions = np.concatenate([[0.0], (driving[upper] - driving[corner_a]) @ axis, [driving_width]])
         heights = np.concatenate([[0.0], lowered, [0.0]])
         lid_line = np.concatenate([[0.0], (driving[upper] - driving[corner_a]) @ up, [0.0]])
+        brow = driving[list(BROWS[side])] - driving[corner_a]
+        brow_order = np.argsort(brow @ axis)
+        brow_line = np.interp(positions, (brow @ axis)[brow_order], (brow @ up)[brow_order])
+        clearance = np.maximum(brow_line - lid_line - heights, 0.0)  # band top to brow
+        reach = np.minimum(heights, BROW_SHARE * clearance)
         order = np.argsort(positions, kind="stable")
         eyes.append(_ClosingEye(weight, polygon, driving[corner_a], axis, up, positions[order], heights[order],
-                                lid_line[order]))
+                                lid_line[order], reach[order]))
     return eyes
 
 
