@@ -343,6 +343,22 @@ def test_cli_edit_writes_one_image(media, tiny_checkpoint, tmp_path):
     whole = tmp_path / "whole_crop.png"
     assert main(argv[:-3] + [str(whole), "--checkpoint", str(tiny_checkpoint), "--no-source-detail"]) == 0
     assert np.abs(read_image(whole).astype(int) - read_image(out)).max() > 0  # the portrait's detail is not kept
+    # --eyelid-fill changes closing eyes only: the same edit with open eyes is the same image.
+    for eyes, changed in (("0", True), ("1", False)):
+        plain, filled = tmp_path / f"plain{eyes}.png", tmp_path / f"filled{eyes}.png"
+        base = ["edit", "-s", str(media["astronaut"]), "--eyes", eyes, "--checkpoint", str(tiny_checkpoint), "-o"]
+        assert main(base + [str(plain)]) == 0 and main(base + [str(filled), "--eyelid-fill"]) == 0
+        assert (np.abs(read_image(filled).astype(int) - read_image(plain)).max() > 0) == changed
+
+
+def test_eyelid_fill_needs_a_mesh_prior(tmp_path):
+    from metaportrait.io.checkpoint import save_model
+
+    no_prior = TINY.replace(use_mesh_prior=False, prior_masks=False)
+    save_model(tmp_path / "no_prior", Generator(no_prior), no_prior)
+    assert not Animator.from_pretrained(tmp_path / "no_prior", eyelid_fill=False).config.prior_eyelid_fill
+    with pytest.raises(InputError, match="no mesh prior"):
+        Animator.from_pretrained(tmp_path / "no_prior", eyelid_fill=True)
 
 
 @pytest.mark.parametrize(

@@ -136,11 +136,13 @@ class Animator:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                        keep_source_detail: bool = True) -> Animator:
+                        keep_source_detail: bool = True, eyelid_fill: bool | None = None) -> Animator:
         """Load a checkpoint folder (``model.safetensors`` + ``config.json``).
 
         Args:
             path: the folder; ``None`` or ``"default"`` means the lite checkpoint bundled with the package.
+            eyelid_fill: override the checkpoint's ``prior_eyelid_fill`` (closing eyes as lids of skin from the
+                mesh prior; no weights depend on it). None: as the checkpoint says.
 
         Raises:
             InputError: the folder (or the bundled checkpoint) is missing or not a valid checkpoint.
@@ -155,6 +157,10 @@ class Animator:
         if not path.is_dir():
             raise InputError(path, "checkpoint folder not found")
         generator, config = load_model(path)
+        if eyelid_fill is not None and eyelid_fill != config.prior_eyelid_fill:
+            if not config.use_mesh_prior:
+                raise InputError(path, "this model has no mesh prior, so it cannot fill eyelids from it")
+            config = config.replace(prior_eyelid_fill=eyelid_fill)
         return cls(generator, config, batch_size=batch_size, keep_source_detail=keep_source_detail)
 
     # --- entry points -----------------------------------------------------------------------------------------

@@ -49,9 +49,13 @@ def _bounded_float(low: float | None, high: float | None):
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--checkpoint``, ``--no-paste-back``, ``--no-source-detail`` and ``--crop-output``."""
+    """``--checkpoint``, ``--eyelid-fill``, ``--no-paste-back``, ``--no-source-detail`` and ``--crop-output``."""
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="checkpoint folder (model.safetensors + config.json); default: the bundled lite model")
+    parser.add_argument("--eyelid-fill", action=argparse.BooleanOptionalAction, default=None,
+                        help="close the eyes as lids of skin brought down by the mesh prior instead of the model's "
+                             "stretched lashes (default: the checkpoint's; off in the bundled one, see "
+                             "docs/model_card.md, 'Measured in stop 16')")  # fmt: skip
     parser.add_argument("--no-paste-back", dest="paste_back", action="store_false",
                         help="do not blend the generated face back into the full portrait: write the face crop")
     parser.add_argument("--no-source-detail", dest="keep_source_detail", action="store_false",
@@ -138,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
         if args.max_frames is not None:
             expected = min(expected, args.max_frames)
         animator = Animator.from_pretrained(args.checkpoint, batch_size=args.batch_size,
-                                            keep_source_detail=args.keep_source_detail)  # fmt: skip
+                                            keep_source_detail=args.keep_source_detail,
+                                            eyelid_fill=args.eyelid_fill)  # fmt: skip
 
         # 2. Driving frames, lazily: resampled to the output rate, cut to --max-frames.
         driving = iter(reader) if args.fps is None else resample_fps(reader, reader.fps, fps)
