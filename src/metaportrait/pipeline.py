@@ -338,17 +338,15 @@ class Animator:
             np.stack([draw_landmark_image(t, size, size, self.config.landmark_topology, thickness) for t in targets])
         )  # (B, 3, S, S)
         prior_grid = masks = None
-        cfg = self.config
-        mouth, template, eyelids, lid_channel = cfg.prior_mouth, cfg.refine.mouth_template, cfg.prior_eyelids, \
-            cfg.refine.eyelid_band
-        if self.config.use_mesh_prior:
-            grids = [mesh_warp_grid(source.crop_landmarks, t, size, size, mouth=mouth, eyelids=cfg.prior_eyelid_fill)
-                     for t in targets]
+        cfg, points = self.config, source.crop_landmarks
+        if cfg.use_mesh_prior:
+            grids = [mesh_warp_grid(points, t, size, size, mouth=cfg.prior_mouth, eyelids=cfg.prior_eyelid_fill)
+                     for t in targets]  # fmt: skip
             prior_grid = torch.from_numpy(np.stack(grids))  # (B, S, S, 2)
-        if self.config.prior_masks:
+        if cfg.prior_masks:
+            options = (cfg.prior_mouth, cfg.refine.mouth_template, cfg.prior_eyelids, cfg.refine.eyelid_band)
             masks = torch.from_numpy(
-                np.stack([prior_masks(source.crop_landmarks, t, size, size, mouth, template, eyelids, lid_channel)
-                          for t in targets])
+                np.stack([prior_masks(points, t, size, size, *options) for t in targets])
             )  # (B, cfg.prior_mask_channels(), S, S)
         identity = None if source.identity is None else source.identity.expand(count, -1)
         with torch.no_grad():

@@ -24,12 +24,12 @@ from metaportrait.data.mesh_warp import check_landmarks, polygon_coverage
 
 # MediaPipe eye contours, corner to corner: (corner, upper lid, corner, lower lid). They are the boundaries of
 # the mesh's eye holes (`mesh_warp.HOLE_CORNERS`; tests/test_eyelids.py checks it).
-# The lower edge of each eye's brow, corner side first (MediaPipe's eyebrow contours).
-BROWS = {"right": (46, 53, 52, 65, 55), "left": (276, 283, 282, 295, 285)}
 EYES = {
     "right": (33, (246, 161, 160, 159, 158, 157, 173), 133, (7, 163, 144, 145, 153, 154, 155)),
     "left": (263, (466, 388, 387, 386, 385, 384, 398), 362, (249, 390, 373, 374, 380, 381, 382)),
 }
+# The lower edge of each eye's brow, from the outer end (MediaPipe's eyebrow contours).
+BROWS = {"right": (46, 53, 52, 65, 55), "left": (276, 283, 282, 295, 285)}
 FOREHEAD, CHIN = 10, 152  # MediaPipe's top and bottom of the face oval
 # The band fades in from this closure (1 - the driving lid gaps' sum / the source's, scaled to the driving eye's
 # width) to full at CLOSED: a narrowed eye keeps its warped iris, a blink gets a lid.
@@ -40,8 +40,8 @@ EYELID_SIGMA_AT_128 = 1.0  # feathering in px at 128 px, scaled with the image s
 # 0 (the whole band reads skin) loses the lash line (docs/model_card.md, "Measured in stop 16").
 LASH_PROFILE = 1.0
 # The band's top reads at most this share of the way from it to the brow: where brows sit close to the eyes,
-# a full lid height up is brow, copied onto the lid (measured: the same eye numbers, cross-reenactment AKD back
-# to the unfilled model's; docs/model_card.md).
+# a full lid height up is brow, copied onto the lid (measured: cross-reenactment AKD back to the unfilled
+# model's, the closing-eye pixel numbers a little worse; docs/model_card.md, "Measured in stop 16").
 BROW_SHARE = 0.5
 
 
@@ -65,8 +65,8 @@ def fill_lids(grid: np.ndarray, source_landmarks: np.ndarray, driving_landmarks:
     Inside each closing eye's band (`eyelid_band`), a pixel reads the grid further up the face, by up to one lid
     height at the band's top (`LASH_PROFILE`) and never past half the way to the brow (`BROW_SHARE`): the lowered
     lid shows the source's lash line squeezed into its lower part and the skin between lashes and brow moved
-    down over the rest. A model then warps skin-coloured pixels onto the lid instead of
-    painting it (``ModelConfig.prior_eyelid_fill``; measured in docs/model_card.md, "Blinks").
+    down over the rest. A model then warps skin-coloured pixels onto the lid instead of painting it
+    (``ModelConfig.prior_eyelid_fill``; docs/model_card.md, "Measured in stop 16").
 
     ``grid``: ``float32`` ``(H, W, 2)`` from `metaportrait.data.mesh_warp.mesh_warp_grid` for these landmarks
     (pixel coordinates of its ``H`` x ``W`` frame) -> the same shape; unchanged where no eye closes.
