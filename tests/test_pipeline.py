@@ -155,7 +155,7 @@ def test_a_model_with_the_eyelid_band_is_given_it_when_the_eyes_close(astronaut)
         generator = Generator(cfg)
         generator.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["prior_masks"]), with_kwargs=True)
         animator = Animator(generator, cfg)
-        source = animator.prepare_source(image, landmarks=points)
+        source = animator.prepare_source(image, landmarks=points, pasted=False)  # one generator call: the frame
         animator._generate(source, [Controls(eyes=0.0).apply(source.crop_landmarks)])
     synthesis = {eyelids: masks[0, 1] for eyelids, masks in zip((False, True), seen[:2], strict=True)}
     assert torch.all(synthesis[True] >= synthesis[False]) and synthesis[True].sum() > synthesis[False].sum() + 2
@@ -170,7 +170,7 @@ def test_a_model_with_the_eyelid_band_is_given_it_when_the_eyes_close(astronaut)
         generator = Generator(cfg)
         generator.register_forward_pre_hook(lambda _, args, kwargs: grids.append(kwargs["prior_grid"]), with_kwargs=True)
         animator = Animator(generator, cfg)
-        source = animator.prepare_source(image, landmarks=points)
+        source = animator.prepare_source(image, landmarks=points, pasted=False)
         closed = Controls(eyes=0.0).apply(source.crop_landmarks)
         animator._generate(source, [closed])
     size = grids[0].shape[1]
@@ -184,6 +184,31 @@ def test_the_portrait_detail_is_prepared_only_for_a_paste_back(animator, astrona
     pasted = animator.prepare_source(image, landmarks=points)
     assert pasted.detail is not None and pasted.detail.shape == image.shape and pasted.detail.dtype == np.int16
     assert animator.prepare_source(image, landmarks=points, pasted=False).detail is None
+
+
+def test_where_the_model_leaves_the_source_still_the_crop_is_the_source(animator, astronaut):
+    """The source driven by its own landmarks: the untrained model's reconstruction is far from the crop; the
+    residual puts the source's pixels back in proportion to how still the model leaves it (the untrained
+    model's occlusion is about 0.88 everywhere, so is its stillness)."""
+    from metaportrait.pipeline import stillness
+
+    image, points = astronaut
+    kept = animator.prepare_source(image, landmarks=points)
+    plain = animator.prepare_source(image, landmarks=points, pasted=False)
+    assert kept.residual.shape == kept.tensor.shape and plain.residual is None
+    own = [kept.crop_landmarks]
+    result = animator._generator_result(kept, own)
+    still = stillness(result, animator.config)[0].numpy()
+    assert still.min() > 0.5
+    faces = {name: animator._generate(source, own)[0].astype(int) for name, source in (("kept", kept), ("plain", plain))}
+    error = {name: np.abs(face - kept.crop).mean(-1) for name, face in faces.items()}  # (S, S) grey levels
+    assert error["plain"].mean() > 5
+    assert np.all(error["kept"] <= (1 - still) * error["plain"] + 1.5)  # (+ uint8 rounding of both)
+    # A target that moves the face: where it moves, no residual.
+    moved = [kept.crop_landmarks + np.float32([6.0, 0.0])]
+    moving = stillness(animator._generator_result(kept, moved), animator.config)[0].numpy() == 0
+    assert moving.mean() > 0.2
+    np.testing.assert_array_equal(animator._generate(kept, moved)[0][moving], animator._generate(plain, moved)[0][moving])
 
 
 def test_source_lines_have_the_width_the_model_was_trained_with(astronaut):

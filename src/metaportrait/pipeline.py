@@ -20,6 +20,7 @@ Frames are streamed: a driving video is read, and results are produced, a few fr
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.resources
 import itertools
@@ -82,6 +83,9 @@ class PreparedSource:
     # int16 (H, W, 3): the portrait minus its own crop pasted back, i.e. the detail the crop round trip (resampling
     # to S and back) loses; added back where the model leaves the source still (`compose_frame`).
     detail: np.ndarray | None = None
+    # (1, 3, S, S): the crop minus the model's own reconstruction of it (the source driven by its own landmarks),
+    # added to the generated crop where the model leaves the source still, so there the crop is the source's.
+    residual: torch.Tensor | None = None
 
 
 @functools.cache
@@ -109,7 +113,8 @@ class Animator:
             uses identity and none is given.
         batch_size: frames per generator forward.
         keep_source_detail: where the model leaves the source still (no motion, no synthesis), the pasted-back
-            frame keeps the portrait's own pixels instead of the crop's resampled copy (`compose_frame`).
+            frame keeps the portrait's own pixels instead of the crop's resampled copy (`compose_frame`), and the
+            generated crop the source crop's instead of the model's reconstruction of it (`PreparedSource.residual`).
 
     Attributes:
         stats: `AnimationStats` of the latest call, filled in while its frames are consumed.
@@ -282,11 +287,14 @@ class Animator:
         if self.config.warp.subtract_source_flow:
             with torch.no_grad():
                 flow = self.generator.source_flow(tensor, lines)
-        detail = None
-        if self.keep_source_detail and pasted:
-            round_trip = blend_crop(image, crop_image, box, feather=PASTE_FEATHER)
-            detail = image.astype(np.int16) - round_trip.astype(np.int16)
-        return PreparedSource(image, landmarks, box, crop_image, crop_landmarks, tensor, lines, identity, flow, detail)
+        source = PreparedSource(image, landmarks, box, crop_image, crop_landmarks, tensor, lines, identity, flow)
+        if not (self.keep_source_detail and pasted):
+            return source
+        round_trip = blend_crop(image, crop_image, box, feather=PASTE_FEATHER)
+        detail = image.astype(np.int16) - round_trip.astype(np.int16)
+        # What the model loses on the source itself (measured in docs/results.md, "Self-reconstruction").
+        reconstruction = self._generator_result(source, [crop_landmarks])["output"]
+        return dataclasses.replace(source, detail=detail, residual=tensor - reconstruction)
 
     def _driving_targets(self, source: PreparedSource, frames: Iterable[np.ndarray], motion: Motion, fps: float,
                          name: str | Path) -> Iterator[tuple[np.ndarray, bool]]:
@@ -331,7 +339,19 @@ class Animator:
         self, source: PreparedSource, targets: list[np.ndarray]
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Step 3: the generated crops and, when the source keeps its detail, per crop ``float32`` ``(B, S, S)`` in
-        [0, 1]: how still the model left the source there (`stillness`); otherwise None."""
+        [0, 1]: how still the model left the source there (`stillness`); otherwise None. Where it is still, the
+        crop gets the source's `PreparedSource.residual` back."""
+        result = self._generator_result(source, targets)
+        output = result["output"]  # (B, 3, S, S) in [0, 1]
+        if source.detail is None:
+            return to_uint8_frames(output), None
+        still = stillness(result, self.config)  # (B, S, S); there the motion is under a pixel: no warp needed
+        if source.residual is not None:
+            output = (output + still[:, None] * source.residual).clamp(0.0, 1.0)
+        return to_uint8_frames(output), still.numpy()
+
+    def _generator_result(self, source: PreparedSource, targets: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        """The generator's outputs (`Generator.forward`) for ``B`` target landmark sets in source-crop pixels."""
         size, count = self.size, len(targets)
         thickness = self.config.line_thickness(size)
         lines = frames_to_tensor(
@@ -359,8 +379,7 @@ class Animator:
                 prior_masks=masks,
                 source_flow=None if source.flow is None else source.flow.expand(count, -1, -1, -1),
             )
-        still = None if source.detail is None else stillness(result, self.config).numpy()
-        return to_uint8_frames(result["output"]), still  # (B, S, S, 3); the output is already in [0, 1]
+        return result
 
 
 def stillness(result: dict[str, torch.Tensor], config: ModelConfig) -> torch.Tensor:
