@@ -73,10 +73,13 @@ def fill_lids(grid: np.ndarray, source_landmarks: np.ndarray, driving_landmarks:
     """
     assert grid.ndim == 3 and grid.shape[2] == 2, f"grid must be (H, W, 2), got {grid.shape}"
     height, width = grid.shape[:2]
+    eyes = _closing_eyes(source_landmarks, driving_landmarks, height, width)
+    if not eyes:
+        return grid  # open eyes, most frames
     shift = np.zeros((height, width, 2), np.float32)  # pixels to read further up, per output pixel
     xs = np.arange(width, dtype=np.float32) + 0.5
     ys = np.arange(height, dtype=np.float32)[:, None] + 0.5
-    for eye in _closing_eyes(source_landmarks, driving_landmarks, height, width):
+    for eye in eyes:
         # The lid height along the eye: the contour points' heights, 0 at the corners, by position on the axis.
         along = (xs - eye.corner[0]) * eye.axis[0] + (ys - eye.corner[1]) * eye.axis[1]  # (H, W) px
         lid_height = np.interp(along, eye.positions, eye.heights).astype(np.float32)
@@ -87,7 +90,7 @@ def fill_lids(grid: np.ndarray, source_landmarks: np.ndarray, driving_landmarks:
         covered = _feather(eye.weight * polygon_coverage(eye.polygon, height, width))
         shift += (covered * reach * rise)[..., None] * eye.up.astype(np.float32)
     if not shift.any():
-        return grid
+        return grid  # closing, but no room below the brows
     map_x = (xs - 0.5)[None, :] + shift[..., 0]  # cv2.remap indexes pixels, centres at integers
     map_y = (ys - 0.5) + shift[..., 1]
     return cv2.remap(grid, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)

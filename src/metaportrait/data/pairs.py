@@ -38,10 +38,10 @@ from torch.utils.data import Dataset, Sampler
 from metaportrait.data.dataset import PreparedClip
 from metaportrait.data.drawing import draw_landmark_image
 from metaportrait.data.mesh_warp import MouthFill, face_mask, mesh_warp_grid, prior_masks
+from metaportrait.io.image import frames_to_tensor
 
 if TYPE_CHECKING:
     from metaportrait.config import ModelConfig
-from metaportrait.io.image import frames_to_tensor
 
 NUM_LANDMARKS = 478
 
