@@ -360,6 +360,16 @@ def test_config_from_before_prior_masks_loads_with_them_off():
         ModelConfig.from_dict(data)
 
 
+def test_the_face_masked_prior_is_an_option_older_configs_load_without():
+    masked = PRESETS["lite"].replace(prior_face_masked=True)
+    assert ModelConfig.from_dict(masked.to_dict()) == masked
+    data = masked.to_dict()
+    del data["prior_face_masked"]
+    assert ModelConfig.from_dict(data) == PRESETS["lite"]
+    with pytest.raises(ValueError, match="prior_face_masked needs use_mesh_prior"):
+        PRESETS["official"].replace(prior_face_masked=True)
+
+
 def test_line_width_follows_the_image_size_the_model_was_trained_at():
     lite, official = PRESETS["lite"], PRESETS["official"]
     scaled = lite.replace(line_reference_size=128)

@@ -20,7 +20,7 @@ import torch
 from metaportrait.cli import main
 from metaportrait.config import PRESETS
 from metaportrait.data.face import CropBox, crop
-from metaportrait.data.mesh_warp import mesh_warp_grid
+from metaportrait.data.mesh_warp import identity_grid, mesh_warp_grid
 from metaportrait.demo_motion import scripted_motion
 from metaportrait.errors import InputError, NoFaceError
 from metaportrait.io.image import write_image
@@ -164,15 +164,7 @@ def test_a_model_with_the_eyelid_band_is_given_it_when_the_eyes_close(astronaut)
     torch.testing.assert_close(seen[2][:, :-1], seen[1])
     assert torch.all(seen[2][0, -1] <= synthesis[True]) and seen[2][0, -1].sum() > 2
     # A model with the lid fill gets the filled prior grid.
-    grids = []
-    for fill in (False, True):
-        cfg = TINY.replace(prior_eyelid_fill=fill)
-        generator = Generator(cfg)
-        generator.register_forward_pre_hook(lambda _, args, kwargs: grids.append(kwargs["prior_grid"]), with_kwargs=True)
-        animator = Animator(generator, cfg)
-        source = animator.prepare_source(image, landmarks=points, pasted=False)
-        closed = Controls(eyes=0.0).apply(source.crop_landmarks)
-        animator._generate(source, [closed])
+    grids, source, closed = _prior_grids(astronaut, [TINY, TINY.replace(prior_eyelid_fill=True)], Controls(eyes=0.0))
     size = grids[0].shape[1]
     expected = mesh_warp_grid(source.crop_landmarks, closed, size, size, mouth=TINY.prior_mouth, eyelids=True)
     torch.testing.assert_close(grids[1][0], torch.from_numpy(expected))
@@ -478,3 +470,30 @@ def test_animate_real_clip_with_audio(shared_data, tiny_checkpoint, tmp_path):
     assert code == 0
     frames, _, has_audio = count_frames(out)
     assert frames == 16 and has_audio
+
+
+def test_a_model_with_the_face_masked_prior_gets_the_identity_outside_the_face(astronaut):
+    configs = [TINY, TINY.replace(prior_face_masked=True)]
+    grids, source, turned = _prior_grids(astronaut, configs, Controls(yaw=20.0, mouth=0.6))
+    size = grids[0].shape[1]
+    expected = mesh_warp_grid(source.crop_landmarks, turned, size, size, mouth=TINY.prior_mouth, face_masked=True)
+    torch.testing.assert_close(grids[1][0], torch.from_numpy(expected))
+    # Around the face the ring prior moves hair and background with the head; the masked one leaves them still.
+    identity = torch.from_numpy(identity_grid(size, size))
+    still = [int(((grid[0] - identity).abs().amax(-1) < 1e-6).sum()) for grid in grids]
+    assert still[1] > still[0] + size * size // 10
+
+
+def _prior_grids(astronaut, configs, controls: Controls):
+    """The prior grid each config's (untrained) model is given for the astronaut under ``controls``; with the
+    prepared source and the target landmarks."""
+    image, points = astronaut
+    grids = []
+    for cfg in configs:
+        generator = Generator(cfg)
+        generator.register_forward_pre_hook(lambda _, args, kwargs: grids.append(kwargs["prior_grid"]), with_kwargs=True)
+        animator = Animator(generator, cfg)
+        source = animator.prepare_source(image, landmarks=points, pasted=False)
+        target = controls.apply(source.crop_landmarks)
+        animator._generate(source, [target])
+    return grids, source, target

@@ -625,6 +625,11 @@ def test_cli_resolves_the_config(tmp_path, capsys, warp_run, dataset_dir):
     assert "mouth_gun=1" in capsys.readouterr().err
     assert main(argv + ["--loss", "mouth_gan=0"]) == 2  # the recipe's mouth feature matching needs the critic
     assert "needs loss.mouth_gan" in capsys.readouterr().err
+    # A step count the recipe cannot schedule is one error line too; a single step is a valid run.
+    assert main(argv[:-3] + ["--steps", "-5", "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip().endswith("invalid settings: steps must be >= 1, got -5")
+    assert main(argv[:-4] + ["1", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["lr_milestones"] == [1]
     # A resumed run keeps its settings: changing the learning rate is refused with a one-line error.
     resume = ["train", "base", "--stage", "warp", "--data", str(dataset_dir), "--out", str(warp_run), "--resume"]
     assert main(resume + ["--lr", "0.1"]) == 2
@@ -656,3 +661,23 @@ def test_ablation_flags_change_the_model_config(tmp_path):
     stretch = build_config(parser.parse_args(args[1:] + ["--prior-mouth", "stretch"])).model_config()
     assert stretch.prior_mouth == "stretch" and stretch.replace(prior_mouth="upper_lip") == model
     assert cfg.replace(landmark_topology=None, use_identity=None).model_config().use_identity is True
+
+
+def test_warp_stage_fine_tunes_a_warp_network_with_the_face_masked_prior(warp_run, dataset_dir, tmp_path):
+    """`--init` in stage warp starts from that run's warp network; `--prior-face-masked` changes no weights, so
+    a ring-prior run starts it, and its samples get the identity prior outside the faces."""
+    from metaportrait.data.pairs import PairOptions
+    from metaportrait.io.checkpoint import load_model
+    from metaportrait.train.base import train_base
+
+    result = train_base(_tiny("warp", 1, init=str(warp_run), lr=1e-9, prior_face_masked=True), dataset_dir,
+                        tmp_path / "masked", progress=False)  # fmt: skip
+    start, _ = load_model(warp_run / "model")
+    for key, value in start.state_dict().items():
+        torch.testing.assert_close(result.generator.state_dict()[key], value, atol=1e-6, rtol=0)
+    model_cfg = load_model(tmp_path / "masked" / "model")[1]
+    assert model_cfg.prior_face_masked
+    options = PairOptions.for_model(model_cfg, 64)
+    assert options.face_masked and not PairOptions.for_model(model_cfg.replace(prior_face_masked=False), 64).face_masked
+    with pytest.raises(ValueError, match="only apply to stage 'full'"):
+        _tiny("warp", 1, init=str(warp_run), init_refine=True)

@@ -152,6 +152,10 @@ class ModelConfig:
     # True (needs use_mesh_prior): the mesh prior fills the lid a closing driving eye lowers from the skin above
     # it (`metaportrait.data.eyelids.fill_lids`) instead of stretching the lash line over it. No weights change.
     prior_eyelid_fill: bool = False
+    # True (needs use_mesh_prior): the mesh prior is the identity outside the (dilated, feathered) driving and source
+    # face hulls, as in the "mesh-warp" baseline, instead of moving hair, neck and background with a ring at 1.4x
+    # the face oval; the learned residual flow then moves them from rest. No weights change.
+    prior_face_masked: bool = False
     # Image side at which the landmark lines are 1 px wide; at other sides the width scales with it (rounded, at
     # least 1 px), so a model trained at 128² sees lines of the same relative width at 256² (its warp network's
     # 128² input otherwise shows them at half strength). None: 1 px at every size (official, and lite: measured
@@ -178,6 +182,7 @@ class ModelConfig:
         _check(not self.refine.mouth_template or self.prior_masks, "refine.mouth_template needs prior_masks")
         _check(not self.prior_eyelids or self.prior_masks, "prior_eyelids needs prior_masks")
         _check(not self.prior_eyelid_fill or self.use_mesh_prior, "prior_eyelid_fill needs use_mesh_prior")
+        _check(not self.prior_face_masked or self.use_mesh_prior, "prior_face_masked needs use_mesh_prior")
         _check(not self.refine.eyelid_band or self.prior_eyelids, "refine.eyelid_band needs prior_eyelids")
         _check(self.line_reference_size is None or self.line_reference_size >= 16,
                f"line_reference_size must be None or >= 16, got {self.line_reference_size}")
@@ -221,11 +226,12 @@ class ModelConfig:
 # behaviour the checkpoint was trained with.
 ADDED_FIELDS: dict[str, frozenset[str]] = {
     "ModelConfig": frozenset({"prior_masks", "line_reference_size", "prior_mouth", "prior_eyelids",
-                             "prior_eyelid_fill"}),
+                             "prior_eyelid_fill", "prior_face_masked"}),
     "TrainConfig": frozenset({"init_refine", "prior_mouth", "init_refine_from", "freeze_refine_steps", "ema_decay",
                               "mouth_critic_region", "mouth_template", "open_mouth_weight",
                               "subtract_source_flow", "smooth_upscale", "prior_eyelids",
-                              "closed_eye_weight", "eyelid_condition", "prior_eyelid_fill"}),
+                              "closed_eye_weight", "eyelid_condition", "prior_eyelid_fill",
+                              "prior_face_masked"}),
     "LossWeights": frozenset({"mouth_gan", "mouth_feature_matching", "mouth_perceptual", "synthesis_pixel",
                               "l2_output", "eyelid_pixel"}),
     "RefineConfig": frozenset({"mouth_template", "smooth_upscale", "eyelid_band"}),

@@ -360,8 +360,8 @@ class Animator:
         prior_grid = masks = None
         cfg, points = self.config, source.crop_landmarks
         if cfg.use_mesh_prior:
-            grids = [mesh_warp_grid(points, t, size, size, mouth=cfg.prior_mouth, eyelids=cfg.prior_eyelid_fill)
-                     for t in targets]  # fmt: skip
+            grids = [mesh_warp_grid(points, t, size, size, mouth=cfg.prior_mouth, eyelids=cfg.prior_eyelid_fill,
+                                    face_masked=cfg.prior_face_masked) for t in targets]  # fmt: skip
             prior_grid = torch.from_numpy(np.stack(grids))  # (B, S, S, 2)
         if cfg.prior_masks:
             options = (cfg.prior_mouth, cfg.refine.mouth_template, cfg.prior_eyelids, cfg.refine.eyelid_band)

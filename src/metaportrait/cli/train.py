@@ -56,6 +56,7 @@ _OVERRIDES = {
     "eyelid_band": "prior_eyelids",
     "eyelid_condition": "eyelid_condition",
     "eyelid_fill": "prior_eyelid_fill",
+    "prior_face_masked": "prior_face_masked",
     "lr_milestones": "lr_milestones",
 }
 
@@ -70,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     base.add_argument("--preset", choices=sorted(PRESETS), help="model preset (default: lite)")
     base.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its checkpoint")
     base.add_argument("--init", metavar="RUN_DIR",
-                      help="stage full: start from the warp network of this run (or model folder)")  # fmt: skip
+                      help="start from the warp network of this run (or model folder), e.g. to fine-tune it in stage warp")  # fmt: skip
     base.add_argument("--init-refine", action="store_const", const=True,
                       help="with --init: also load its refinement network (a full-stage run or model)")  # fmt: skip
     base.add_argument("--init-refine-from", metavar="RUN_DIR",
@@ -98,6 +99,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     base.add_argument("--eyelid-fill", action=argparse.BooleanOptionalAction,
                       help="the mesh prior fills a closing eye's lowered lid from the skin above it (default: the "
                            "preset's; no new weights, so --init from a model without it works)")  # fmt: skip
+    base.add_argument("--prior-face-masked", action=argparse.BooleanOptionalAction,
+                      help="the mesh prior keeps hair, neck and background still (identity outside the face) and the "
+                           "learned flow moves them (default: the preset's ring prior; no new weights, so --init "
+                           "from a model without it works)")  # fmt: skip
     base.add_argument("--eyelid-condition", action=argparse.BooleanOptionalAction,
                       help="with --eyelid-band: the refinement also sees the lid band as its own input (default: the "
                            "preset's; --init from a model without it adds it at zero weight)")  # fmt: skip
@@ -169,16 +174,24 @@ def build_config(args: argparse.Namespace):
             raise InputError(args.out, f"a resumed run keeps its settings; cannot change {fixed}")
         if cfg.stage != args.stage or cfg.preset != (args.preset or cfg.preset):
             raise InputError(saved, f"the run is stage {cfg.stage!r}, preset {cfg.preset!r}; the command line differs")
-        return cfg.replace(**given)
-    cfg = recipe(args.preset or "lite", args.stage, given.get("steps"))
+        return _settings(args, cfg, given)
     for key in ("init", "init_refine_from"):
         if key in given:
             given[key] = str(Path(given[key]))
     if "lr_milestones" in given:
         given["lr_milestones"] = tuple(given["lr_milestones"])
     try:
+        cfg = recipe(args.preset or "lite", args.stage, given.get("steps"))
         if args.loss:
             given["loss"] = _loss_weights(args.loss, cfg.loss)
+    except ValueError as error:
+        raise InputError(args.out, f"invalid settings: {error}") from None
+    return _settings(args, cfg, given)
+
+
+def _settings(args: argparse.Namespace, cfg, given: dict):
+    """``cfg`` with the command line's changes, or one error line naming the run folder."""
+    try:
         return cfg.replace(**given)
     except ValueError as error:
         raise InputError(args.out, f"invalid settings: {error}") from None

@@ -280,6 +280,7 @@ class PairOptions:
     eyelids: bool = False  # the masks' synthesis channel also covers the eyelid band (ModelConfig.prior_eyelids)
     eyelid_fill: bool = False  # the prior grid fills closing eyes' lids from above (ModelConfig.prior_eyelid_fill)
     eyelid_channel: bool = False  # prior masks also hold the eyelid band alone, last (RefineConfig.eyelid_band)
+    face_masked: bool = False  # the prior grid is the identity outside the faces (ModelConfig.prior_face_masked)
     line_thickness: int = 1  # px (`ModelConfig.line_thickness`)
 
     def __post_init__(self):
@@ -310,6 +311,7 @@ class PairOptions:
             eyelids=cfg.prior_eyelids,
             eyelid_channel=cfg.refine.eyelid_band,
             eyelid_fill=cfg.prior_eyelid_fill,
+            face_masked=cfg.prior_face_masked,
             line_thickness=cfg.line_thickness(size),
         )
 
@@ -362,7 +364,7 @@ def make_pair(
         scale = options.prior_size / size
         source_points, driving_points, side = landmarks[0] * scale, landmarks[1] * scale, options.prior_size
         grid = mesh_warp_grid(source_points, driving_points, side, side, mouth=options.prior_mouth,
-                              eyelids=options.eyelid_fill)
+                              eyelids=options.eyelid_fill, face_masked=options.face_masked)
         sample["prior_grid"] = torch.from_numpy(grid)
         if options.prior_masks:
             masks = prior_masks(source_points, driving_points, side, side, options.prior_mouth, options.mouth_template,

@@ -501,7 +501,8 @@ _WARP_MODULES = ("ladder_network", "dense_motion_network")
 def _load_init(generator: Generator, model_cfg: ModelConfig, path: Path, part: str) -> None:
     """Load the ``part`` ("warp", "refine" or "all") of G from a run folder (its ``model/``) or a model folder.
 
-    The two model configs must agree on that part; the prior masks, their mouth fill, eyelid band and fill, the line width,
+    The two model configs must agree on that part; the prior masks, their mouth fill, eyelid band and fill, the prior's
+    face masking, the line width,
     ``warp.subtract_source_flow`` and ``refine.smooth_upscale`` change no weights, and the identity branch lives in
     R only, so a warp run serves both sides of the identity ablation.
     A refinement trained without the mouth template or the eyelid-band input loads into one with them: their
@@ -516,7 +517,7 @@ def _load_init(generator: Generator, model_cfg: ModelConfig, path: Path, part: s
         raise InputError(path, "cannot add the mouth template to a model with the eyelid-band input (it comes first)")
     comparable = init_cfg.replace(
         prior_masks=model_cfg.prior_masks, prior_mouth=model_cfg.prior_mouth, prior_eyelids=model_cfg.prior_eyelids,
-        prior_eyelid_fill=model_cfg.prior_eyelid_fill,
+        prior_eyelid_fill=model_cfg.prior_eyelid_fill, prior_face_masked=model_cfg.prior_face_masked,
         line_reference_size=model_cfg.line_reference_size,
         refine=dataclasses.replace(init_cfg.refine, mouth_template=init_cfg.refine.mouth_template or add_template,
                                    eyelid_band=init_cfg.refine.eyelid_band or add_lids,

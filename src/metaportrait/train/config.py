@@ -112,6 +112,7 @@ class TrainConfig:
     smooth_upscale: bool | None = None  # True: `RefineConfig.smooth_upscale` (no new weights)
     prior_eyelids: bool | None = None  # True: `ModelConfig.prior_eyelids` (no new weights)
     prior_eyelid_fill: bool | None = None  # True: `ModelConfig.prior_eyelid_fill` (no new weights)
+    prior_face_masked: bool | None = None  # True: `ModelConfig.prior_face_masked` (no new weights)
     eyelid_condition: bool | None = None  # True: `RefineConfig.eyelid_band` (the refinement also sees the lid band)
     size: int = 128  # training crop side (frames are resized to it; a multiple of 32)
     batch_size: int = 8  # per process
@@ -150,8 +151,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     val_every: int = 500
     # Start and reproducibility.
-    # Stage full: a run folder (its ``model/``) or a model folder whose warp network weights are loaded; with
-    # ``init_refine`` also its refinement network (it must come from a full-stage run). ``init_refine_from``: the
+    # A run folder (its ``model/``) or a model folder whose warp network weights are loaded (stage warp: to
+    # fine-tune them). Stage full only: with ``init_refine`` also its refinement network (it must come from a full-stage run). ``init_refine_from``: the
     # refinement network from this other full-stage run or model instead (e.g. a new warp network under trained R).
     init: str | None = None
     init_refine: bool = False
@@ -187,8 +188,8 @@ class TrainConfig:
             raise ValueError(f"lr_milestones must be increasing positive steps, got {self.lr_milestones}")
         if self.perceptual_backbone == "vgg19" and self.vgg19_weights is None:
             raise ValueError("perceptual_backbone='vgg19' needs vgg19_weights (torchvision's vgg19-dcbb9e9d.pth)")
-        if self.init is not None and self.stage != "full":
-            raise ValueError("init (a warp-stage run to start from) only applies to stage 'full'")
+        if (self.init_refine or self.init_refine_from is not None) and self.stage != "full":
+            raise ValueError("init_refine and init_refine_from only apply to stage 'full' (stage warp trains W alone)")
         if self.init_refine and self.init is None:
             raise ValueError("init_refine needs init (the full-stage run to start from)")
         if self.freeze_refine_steps < 0 or (self.freeze_refine_steps and self.stage != "full"):
@@ -222,7 +223,7 @@ class TrainConfig:
         changes = {
             "landmark_topology": self.landmark_topology, "use_identity": self.use_identity,
             "prior_mouth": self.prior_mouth, "prior_eyelids": self.prior_eyelids,
-            "prior_eyelid_fill": self.prior_eyelid_fill,
+            "prior_eyelid_fill": self.prior_eyelid_fill, "prior_face_masked": self.prior_face_masked,
         }  # fmt: skip
         model = PRESETS[self.preset].replace(**{k: v for k, v in changes.items() if v is not None})
         if self.mouth_template is not None:
@@ -272,7 +273,7 @@ def recipe(preset: str, stage: Stage, steps: int | None = None) -> TrainConfig:
         steps = steps or 200_000
         return TrainConfig(
             stage=stage, preset=preset, size=256, batch_size=48, steps=steps, warp_lr_scale=0.1,
-            lr_milestones=(steps * 3 // 4,), loss=LossWeights(), log_every=100, sample_every=2000,
+            lr_milestones=(max(1, steps * 3 // 4),), loss=LossWeights(), log_every=100, sample_every=2000,
             checkpoint_every=5000, val_every=5000,
         )  # fmt: skip
     if preset == "lite":
@@ -281,7 +282,7 @@ def recipe(preset: str, stage: Stage, steps: int | None = None) -> TrainConfig:
         steps = steps or (1000 if stage == "warp" else 4000)
         return TrainConfig(
             stage=stage, preset=preset, size=128, batch_size=8, steps=steps, lr=2e-4,
-            warp_lr_scale=1.0 if stage == "warp" else 0.1, lr_milestones=(steps * 3 // 4,), loss=_LITE_LOSS,
+            warp_lr_scale=1.0 if stage == "warp" else 0.1, lr_milestones=(max(1, steps * 3 // 4),), loss=_LITE_LOSS,
             log_every=20, sample_every=250, checkpoint_every=250, val_every=500,
         )  # fmt: skip
     if preset == "tiny":
