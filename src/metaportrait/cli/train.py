@@ -86,23 +86,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     base.add_argument("--mouth-template", action=argparse.BooleanOptionalAction,
                       help="the refinement also sees a teeth/cavity sketch of the driving mouth opening "
                            "(default: the preset's; --init-refine-from a model without it adds it at zero weight)")  # fmt: skip
-    base.add_argument("--subtract-source-flow", action=argparse.BooleanOptionalAction,
-                      help="subtract from every flow the flow of the source driving itself (default: the preset's; "
-                           "no new weights, so --init from a model without it works)")  # fmt: skip
-    base.add_argument("--smooth-upscale", action=argparse.BooleanOptionalAction,
-                      help="a fixed [1, 2, 1] filter after the refinement's sub-pixel upscale, against its checkerboard "
-                           "(default: the preset's; no new weights, so --init from a model without it works)")  # fmt: skip
-    base.add_argument("--eyelid-band", action=argparse.BooleanOptionalAction,
-                      help="the output is also synthesised on the eyelid skin a closing driving eye shows and the "
-                           "source hides (default: the preset's; no new weights, so --init from a model without it "
-                           "works)")  # fmt: skip
-    base.add_argument("--eyelid-fill", action=argparse.BooleanOptionalAction,
-                      help="the mesh prior fills a closing eye's lowered lid from the skin above it (default: the "
-                           "preset's; no new weights, so --init from a model without it works)")  # fmt: skip
-    base.add_argument("--prior-face-masked", action=argparse.BooleanOptionalAction,
-                      help="the mesh prior keeps hair, neck and background still (identity outside the face) and the "
-                           "learned flow moves them (default: the preset's ring prior; no new weights, so --init "
-                           "from a model without it works)")  # fmt: skip
+    # Options that change no weights: a model trained without one starts a run with it.
+    for flag, what in (
+        ("--subtract-source-flow", "subtract from every flow the flow of the source driving itself"),
+        ("--smooth-upscale", ("a fixed [1, 2, 1] filter after the refinement's sub-pixel upscale, against its "
+                             "checkerboard")),
+        ("--eyelid-band", ("the output is also synthesised on the eyelid skin a closing driving eye shows and "
+                          "the source hides")),
+        ("--eyelid-fill", "the mesh prior fills a closing eye's lowered lid from the skin above it"),
+        ("--prior-face-masked", ("the mesh prior keeps hair, neck and background still (identity outside the "
+                                "face) and the learned flow moves them, instead of the ring prior")),
+    ):  # fmt: skip
+        base.add_argument(flag, action=argparse.BooleanOptionalAction,
+                          help=f"{what} (default: the preset's; no new weights, so --init from a model without it "
+                               "works)")  # fmt: skip
     base.add_argument("--eyelid-condition", action=argparse.BooleanOptionalAction,
                       help="with --eyelid-band: the refinement also sees the lid band as its own input (default: the "
                            "preset's; --init from a model without it adds it at zero weight)")  # fmt: skip
