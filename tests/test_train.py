@@ -663,6 +663,30 @@ def test_ablation_flags_change_the_model_config(tmp_path):
     assert cfg.replace(landmark_topology=None, use_identity=None).model_config().use_identity is True
 
 
+def test_capacity_flags_widen_the_warping_hourglass(tmp_path, capsys):
+    """`--warp-width` / `--warp-max-features` reach `WarpConfig`, and a bad width is one error line."""
+    import argparse
+
+    from metaportrait.cli import main
+    from metaportrait.cli.train import add_arguments, build_config
+    from metaportrait.config import PRESETS
+    from metaportrait.models.generator import Generator
+
+    args = ["train", "base", "--stage", "warp", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+            "--preset", "tiny", "--warp-width", "4", "--warp-max-features", "16", "--dry-run"]  # fmt: skip
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    model = build_config(parser.parse_args(args[1:])).model_config()
+    tiny = PRESETS["tiny"]
+    assert (model.warp.block_expansion, model.warp.max_features) == (4, 16)
+    assert model.replace(warp=tiny.warp) == tiny  # nothing else changes
+    widths = [b.conv.out_channels for b in Generator(model).dense_motion_network.hourglass.encoder.down_blocks]
+    assert widths == [8, 16, 16, 16]
+    assert main(args[:-1] + ["--warp-width", "0", "--dry-run"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "warp_block_expansion" in error and str(tmp_path / "run") in error
+
+
 def test_warp_stage_fine_tunes_a_warp_network_with_the_face_masked_prior(warp_run, dataset_dir, tmp_path):
     """`--init` in stage warp starts from that run's warp network; `--prior-face-masked` changes no weights, so
     a ring-prior run starts it, and its samples get the identity prior outside the faces."""

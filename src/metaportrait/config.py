@@ -231,7 +231,7 @@ ADDED_FIELDS: dict[str, frozenset[str]] = {
                               "mouth_critic_region", "mouth_template", "open_mouth_weight",
                               "subtract_source_flow", "smooth_upscale", "prior_eyelids",
                               "closed_eye_weight", "eyelid_condition", "prior_eyelid_fill",
-                              "prior_face_masked"}),
+                              "prior_face_masked", "warp_block_expansion", "warp_max_features"}),
     "LossWeights": frozenset({"mouth_gan", "mouth_feature_matching", "mouth_perceptual", "synthesis_pixel",
                               "l2_output", "eyelid_pixel"}),
     "RefineConfig": frozenset({"mouth_template", "smooth_upscale", "eyelid_band"}),

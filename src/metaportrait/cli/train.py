@@ -58,6 +58,8 @@ _OVERRIDES = {
     "eyelid_fill": "prior_eyelid_fill",
     "prior_face_masked": "prior_face_masked",
     "lr_milestones": "lr_milestones",
+    "warp_width": "warp_block_expansion",
+    "warp_max_features": "warp_max_features",
 }
 
 
@@ -134,6 +136,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="refinement without the identity branch")  # fmt: skip
     ablation.add_argument("--prior-mouth", choices=("stretch", "upper_lip"),
                           help="how the mesh prior fills a mouth opening (the preset's: upper_lip)")  # fmt: skip
+    capacity = base.add_argument_group("capacity (new weight shapes: start from scratch or a model of that size)")
+    capacity.add_argument("--warp-width", type=int, metavar="C",
+                          help="channels of the warping hourglass's first level, doubling per level (default: the "
+                               "preset's; lite 16)")  # fmt: skip
+    capacity.add_argument("--warp-max-features", type=int, metavar="C",
+                          help="cap on the warping hourglass's channels (default: the preset's; lite 128)")
     base.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 

@@ -114,6 +114,10 @@ class TrainConfig:
     prior_eyelid_fill: bool | None = None  # True: `ModelConfig.prior_eyelid_fill` (no new weights)
     prior_face_masked: bool | None = None  # True: `ModelConfig.prior_face_masked` (no new weights)
     eyelid_condition: bool | None = None  # True: `RefineConfig.eyelid_band` (the refinement also sees the lid band)
+    # Capacity of the warping hourglass (`WarpConfig.block_expansion`, `max_features`); None keeps the preset's.
+    # These change the weights' shapes: a run with them starts from scratch (or from a model of the same width).
+    warp_block_expansion: int | None = None
+    warp_max_features: int | None = None
     size: int = 128  # training crop side (frames are resized to it; a multiple of 32)
     batch_size: int = 8  # per process
     steps: int = 4000  # total optimiser steps (a resumed run continues up to this)
@@ -206,6 +210,9 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.init_refine_from is not None and (self.init is None or self.init_refine):
             raise ValueError("init_refine_from needs init (for the warp network) and excludes init_refine")
+        if any(w is not None and w < 1 for w in (self.warp_block_expansion, self.warp_max_features)):
+            raise ValueError(f"warp_block_expansion and warp_max_features must be >= 1, got "
+                             f"{self.warp_block_expansion}, {self.warp_max_features}")
         if self.num_workers < 0 or self.val_pairs_per_clip < 1 or self.val_max_clips < 1:
             raise ValueError("num_workers must be >= 0, val_pairs_per_clip and val_max_clips >= 1")
 
@@ -234,6 +241,9 @@ class TrainConfig:
             model = model.replace(refine=dataclasses.replace(model.refine, smooth_upscale=self.smooth_upscale))
         if self.eyelid_condition is not None:
             model = model.replace(refine=dataclasses.replace(model.refine, eyelid_band=self.eyelid_condition))
+        widths = {"block_expansion": self.warp_block_expansion, "max_features": self.warp_max_features}
+        if any(v is not None for v in widths.values()):
+            model = model.replace(warp=dataclasses.replace(model.warp, **{k: v for k, v in widths.items() if v}))
         return model
 
     def replace(self, **changes: Any) -> TrainConfig:
