@@ -351,6 +351,42 @@ def test_smooth_upscale_removes_the_sub_pixel_checkerboard():
         dataclasses.replace(TINY.refine, dec_lease=0, smooth_upscale=True)
 
 
+def test_gain_map_starts_at_one_is_smooth_and_scales_only_the_warped_image():
+    """The gain head starts at zero (a model without it computes the same); trained, its map is bilinear between
+    grid cells, bounded to [0.5, 1.5], and multiplies the warped image in the blend, not the synthesis."""
+    grid = 4
+    gain_cfg = TINY.replace(refine=dataclasses.replace(TINY.refine, gain_map_grid=grid))
+    plain, gained = Generator(TINY).eval(), Generator(gain_cfg).eval()
+    missing, unexpected = gained.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and sorted(missing) == ["SPDAE_G.conv_gain.bias", "SPDAE_G.conv_gain.weight"]
+    inputs = example_inputs(TINY, size=64)
+    with torch.no_grad():
+        before, start = plain(**inputs), gained(**inputs)
+        torch.testing.assert_close(start["output"], before["output"], rtol=0, atol=0)
+        assert torch.equal(start["gain"], torch.ones_like(start["gain"]))
+        torch.nn.init.normal_(gained.SPDAE_G.conv_gain.weight, std=0.1)
+        out = gained(**inputs)
+    gain = out["gain"]
+    assert gain.shape == (2, 3, 64, 64) and 0.5 <= gain.min() and gain.max() <= 1.5 and gain.std() > 0.05
+    # Smooth: before the tanh the map is bilinear between the 4 x 4 cell centres (pixels 7.5 + 16 k at 64²), so
+    # along a row its second difference vanishes except next to those centres.
+    logits = torch.atanh((gain.double() - 1) / 0.5)
+    second = logits[..., :-2] - 2 * logits[..., 1:-1] + logits[..., 2:]  # centred on pixels 1..62
+    kinks = [c + d for c in (7, 23, 39, 55) for d in (0, 1)]
+    linear = [i for i in range(1, 63) if i not in kinks]
+    at_kinks, elsewhere = (second[..., [i - 1 for i in columns]].abs().max() for columns in (kinks, linear))
+    assert elsewhere < 0.01 * at_kinks, (elsewhere, at_kinks)  # float32 rounding only, amplified by the atanh
+    occlusion = out["occlusion"]
+    expected = occlusion * (out["warped"] * gain).clamp(0, 1) + (1 - occlusion) * out["generated"]
+    torch.testing.assert_close(out["output"], expected)
+    torch.testing.assert_close(out["generated"], start["generated"])
+    data = gain_cfg.to_dict()
+    del data["refine"]["gain_map_grid"]  # a config from before the option: no gain map
+    assert ModelConfig.from_dict(data) == TINY
+    with pytest.raises(ValueError, match="gain_map_grid"):
+        dataclasses.replace(TINY.refine, gain_map_grid=-1)
+
+
 def test_config_from_before_prior_masks_loads_with_them_off():
     data = TINY.to_dict()
     del data["prior_masks"]

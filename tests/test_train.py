@@ -414,6 +414,18 @@ def test_full_stage_continues_a_full_model(warp_run, dataset_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reading_model(**lid_inputs)["output"], templated(**inputs)["output"],
                                    atol=1e-4, rtol=0)  # fmt: skip
+    # The gain map's head is added at zero weight: the same images at the start, and it trains.
+    gaining = train_base(_tiny("full", 2, init=str(tmp_path / "templated"), init_refine=True, mouth_template=True,
+                               gain_map_grid=4), dataset_dir, tmp_path / "gain", progress=False)  # fmt: skip
+    assert math.isfinite(gaining.log["total_g"])
+    gain_model, gain_cfg = load_model(tmp_path / "gain" / "model")
+    assert gain_cfg.refine.gain_map_grid == 4 and gain_model.SPDAE_G.conv_gain.weight.abs().max() > 0
+    gain_start = Generator(gain_cfg).eval()
+    _load_init(gain_start, gain_cfg, tmp_path / "templated", "all")
+    with torch.no_grad():
+        torch.testing.assert_close(gain_start(**inputs)["output"], templated(**inputs)["output"], rtol=0, atol=0)
+    with pytest.raises(InputError, match="differs"):  # dropping a trained gain map is refused
+        _load_init(Generator(templated_cfg), templated_cfg, tmp_path / "gain", "all")
     lids_only = reading_cfg.replace(refine=dataclasses.replace(reading_cfg.refine, mouth_template=False))
     save_model(tmp_path / "lids_only", Generator(lids_only), lids_only, extra_meta={"stage": "full"})
     with pytest.raises(InputError, match="mouth template"):  # it would go between trained inputs: refused
@@ -661,6 +673,8 @@ def test_ablation_flags_change_the_model_config(tmp_path):
     stretch = build_config(parser.parse_args(args[1:] + ["--prior-mouth", "stretch"])).model_config()
     assert stretch.prior_mouth == "stretch" and stretch.replace(prior_mouth="upper_lip") == model
     assert cfg.replace(landmark_topology=None, use_identity=None).model_config().use_identity is True
+    gained = build_config(parser.parse_args(args[1:] + ["--gain-map", "8"])).model_config()
+    assert gained.refine.gain_map_grid == 8 and gained.replace(refine=model.refine) == model
 
 
 def test_capacity_flags_widen_the_warping_hourglass(tmp_path, capsys):

@@ -89,6 +89,10 @@ class RefineConfig:
     # weights). The pixel shuffle predicts each of the r x r sub-pixel phases with its own filter; where they
     # disagree (the synthesised mouth band) the image gets a period-r checkerboard, which this filter removes.
     smooth_upscale: bool = False
+    # > 0 (occlusion_blend only): the decoder also predicts a smooth per-channel gain on the warped image, one value
+    # per cell of a gain_map_grid x gain_map_grid grid, upsampled bilinearly, in [0.5, 1.5]. It lets the network
+    # correct low-frequency shading of the warped pixels without blending in its softer synthesis. 0: no gain map.
+    gain_map_grid: int = 0
     output: Literal["tanh", "occlusion_blend"] = "tanh"
     # "tanh": official; the decoder's tanh output is used as the image (values < 0 are clipped).
     # "occlusion_blend": out = occ * warped + (1 - occ) * sigmoid(decoder), see models/refine.py.
@@ -98,6 +102,9 @@ class RefineConfig:
         _check(self.spade_kernel % 2 == 1 and self.spade_param_kernel % 2 == 1, "refine SPADE kernels must be odd")
         _check(0 <= self.dec_lease < self.num_blocks, "refine.dec_lease must be in [0, num_blocks)")
         _check(not self.smooth_upscale or self.dec_lease > 0, "refine.smooth_upscale needs dec_lease > 0")
+        _check(self.gain_map_grid >= 0, f"refine.gain_map_grid must be >= 0, got {self.gain_map_grid}")
+        _check(self.gain_map_grid == 0 or self.output == "occlusion_blend",
+               "refine.gain_map_grid needs output='occlusion_blend' (the gain applies to the warped image it blends)")
         num_decoder_blocks = len(self.block_channels) - 1
         if self.seed == "identity":
             _check(num_decoder_blocks >= 4, "refine.seed='identity' needs the 3 head/middle blocks + 1 up block")
@@ -231,10 +238,11 @@ ADDED_FIELDS: dict[str, frozenset[str]] = {
                               "mouth_critic_region", "mouth_template", "open_mouth_weight",
                               "subtract_source_flow", "smooth_upscale", "prior_eyelids",
                               "closed_eye_weight", "eyelid_condition", "prior_eyelid_fill",
-                              "prior_face_masked", "warp_block_expansion", "warp_max_features"}),
+                              "prior_face_masked", "warp_block_expansion", "warp_max_features",
+                              "gain_map_grid"}),
     "LossWeights": frozenset({"mouth_gan", "mouth_feature_matching", "mouth_perceptual", "synthesis_pixel",
                               "l2_output", "eyelid_pixel"}),
-    "RefineConfig": frozenset({"mouth_template", "smooth_upscale", "eyelid_band"}),
+    "RefineConfig": frozenset({"mouth_template", "smooth_upscale", "eyelid_band", "gain_map_grid"}),
     "WarpConfig": frozenset({"subtract_source_flow"}),
 }
 

@@ -53,6 +53,7 @@ _OVERRIDES = {
     "closed_eye_weight": "closed_eye_weight",
     "subtract_source_flow": "subtract_source_flow",
     "smooth_upscale": "smooth_upscale",
+    "gain_map": "gain_map_grid",
     "eyelid_band": "prior_eyelids",
     "eyelid_condition": "eyelid_condition",
     "eyelid_fill": "prior_eyelid_fill",
@@ -105,6 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     base.add_argument("--eyelid-condition", action=argparse.BooleanOptionalAction,
                       help="with --eyelid-band: the refinement also sees the lid band as its own input (default: the "
                            "preset's; --init from a model without it adds it at zero weight)")  # fmt: skip
+    base.add_argument("--gain-map", type=int, metavar="GRID",
+                      help="the refinement also predicts a smooth gain on the warped image, GRID x GRID cells (e.g. "
+                           "32; 0: none; default: the preset's; --init from a model without it adds it at zero)")  # fmt: skip
     base.add_argument("--open-mouth-weight", type=float, metavar="K",
                       help="draw driving frames with weight 1 + K x mouth opening (default 0: uniform)")  # fmt: skip
     base.add_argument("--closed-eye-weight", type=float, metavar="K",

@@ -111,7 +111,8 @@ class Generator(nn.Module):
             ``deformation`` ``(B, h, w, 2)`` sampling grid; ``occlusion`` ``(B, 1, H, W)`` in (0, 1), 1 = source
             visible; ``warped`` ``(B, 3, H, W)`` source warped by the deformation, in [0, 1]; ``flow``
             ``(B, 2, h', w')`` learned offset. Stage "full" adds ``output`` ``(B, 3, H, W)`` in [0, 1], plus
-            ``output_raw`` (tanh value, official output) or ``generated`` (synthesised image before the blend).
+            ``output_raw`` (tanh value, official output) or ``generated`` (synthesised image before the blend) and, with
+            ``refine.gain_map_grid``, ``gain`` ``(B, 3, H, W)`` in [0.5, 1.5] (the warped image's, in the blend).
         """
         cfg = self.cfg
         self._check_inputs(source, source_lines, driving_lines, identity, prior_grid, stage, driving_keypoints)
@@ -145,7 +146,7 @@ class Generator(nn.Module):
         conditions = condition_maps(
             warped_levels, out["occlusion"], source_lines, driving_lines, driving_keypoints, cfg.refine, extra
         )
-        logits = self.SPDAE_G(conditions, identity, warped_levels[0])
+        logits, gain = self.SPDAE_G(conditions, identity, warped_levels[0])
 
         # 4. Output image in [0, 1] (see models/refine.py for the two compositions).
         if cfg.refine.output == "tanh":
@@ -153,8 +154,11 @@ class Generator(nn.Module):
             out["output"] = out["output_raw"].clamp(0.0, 1.0)
         else:
             out["generated"] = torch.sigmoid(logits)
-            occlusion = out["occlusion"]
-            out["output"] = occlusion * out["warped"] + (1 - occlusion) * out["generated"]
+            occlusion, warped = out["occlusion"], out["warped"]
+            if gain is not None:
+                out["gain"] = gain
+                warped = (warped * gain).clamp(0.0, 1.0)
+            out["output"] = occlusion * warped + (1 - occlusion) * out["generated"]
         assert out["output"].shape == (B, 3, H, W), out["output"].shape
         return out
 

@@ -16,7 +16,8 @@ Output, CPU presets (``seed="warped"``, ``output="occlusion_blend"``): the decod
 features and stops at half resolution (full-resolution convs would cost more than the rest of the model); a
 sub-pixel conv (3x3 conv to 12 channels + pixel shuffle) synthesises the full-resolution ``generated`` image
 (sigmoid, in [0, 1]). The output is
-``occ * warped + (1 - occ) * generated``: where the warp net says the source is visible the output reuses the
+``occ * warped + (1 - occ) * generated`` (with ``gain_map_grid``: ``occ * gain * warped + ...``, clipped to [0, 1]; the
+gain map is smooth, so it corrects shading without softening the warped pixels): where the warp net says the source is visible the output reuses the
 sharp warped pixels for free, and where the source is missing (opened mouth, revealed background) it is
 synthesised from the warped features. This gives the occlusion head a real training signal (officially it is only a
 condition channel), keeps the output in [0, 1] by construction, and with the occlusion bias starting at
@@ -189,14 +190,20 @@ class SPADEGenerator(nn.Module):
             tent_1d = F.conv1d(box, box, padding=self.upscale - 1).flatten()  # (2r - 1,), e.g. [1, 2, 1]
             tent = torch.outer(tent_1d, tent_1d)
             self.register_buffer("upscale_filter", (tent / tent.sum()).expand(3, 1, -1, -1).clone(), persistent=False)
+        if cfg.gain_map_grid:
+            # Zero weights: the gain starts at exactly 1, so a model trained without it starts out unchanged.
+            self.conv_gain = nn.Conv2d(channels[-1], 3, 3, padding=1)
+            nn.init.zeros_(self.conv_gain.weight)
+            nn.init.zeros_(self.conv_gain.bias)
 
     def forward(
         self,
         conditions: list[torch.Tensor],
         identity: torch.Tensor | None,
         seed_features: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Decode image logits ``(B, 3, H, W)``.
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decode image logits ``(B, 3, H, W)`` and, with ``gain_map_grid``, the warped image's gain map
+        ``(B, 3, H, W)`` in [0.5, 1.5] (bilinear between the grid's cells; None without).
 
         Args:
             conditions: per pyramid level ``(B, level_channels[l] + extra, h_l, w_l)``, coarsest first.
@@ -212,11 +219,17 @@ class SPADEGenerator(nn.Module):
                 x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
             cond = resize_map(conditions[level], x.shape[2:])
             x = getattr(self, name)(x, cond, identity)
-        x = self.conv_img(F.leaky_relu(x, 0.2))  # (B, 3 * r * r, H / r, W / r)
+        features = F.leaky_relu(x, 0.2)
+        size = (features.shape[2] * self.upscale, features.shape[3] * self.upscale)
+        gain = None
+        if self.cfg.gain_map_grid:
+            cells = F.adaptive_avg_pool2d(self.conv_gain(features), self.cfg.gain_map_grid)
+            gain = 1 + 0.5 * torch.tanh(F.interpolate(cells, size=size, mode="bilinear", align_corners=False))
+        x = self.conv_img(features)  # (B, 3 * r * r, H / r, W / r)
         if self.upscale == 1:
-            return x
+            return x, gain
         x = F.pixel_shuffle(x, self.upscale)
         if self.cfg.smooth_upscale:
             pad = self.upscale - 1
             x = F.conv2d(F.pad(x, (pad, pad, pad, pad), mode="replicate"), self.upscale_filter, groups=3)
-        return x
+        return x, gain

@@ -506,13 +506,15 @@ def _load_init(generator: Generator, model_cfg: ModelConfig, path: Path, part: s
     ``warp.subtract_source_flow`` and ``refine.smooth_upscale`` change no weights, and the identity branch lives in
     R only, so a warp run serves both sides of the identity ablation.
     A refinement trained without the mouth template or the eyelid-band input loads into one with them: their
-    input weights start at zero (`_pad_condition_inputs`), so the network starts out computing what it did.
+    input weights start at zero (`_pad_condition_inputs`), so the network starts out computing what it did. So does
+    one without the gain map (``refine.gain_map_grid``): its head starts at zero, a gain of 1.
     """
     if not (path / "config.json").is_file():
         path = path / "model"  # a run folder
     init_cfg, init_meta = load_config(path)  # checked before the weights are read
     add_template = model_cfg.refine.mouth_template and not init_cfg.refine.mouth_template and part != "warp"
     add_lids = model_cfg.refine.eyelid_band and not init_cfg.refine.eyelid_band and part != "warp"
+    add_gain = bool(model_cfg.refine.gain_map_grid) and not init_cfg.refine.gain_map_grid and part != "warp"
     if add_template and init_cfg.refine.eyelid_band:
         raise InputError(path, "cannot add the mouth template to a model with the eyelid-band input (it comes first)")
     comparable = init_cfg.replace(
@@ -521,7 +523,9 @@ def _load_init(generator: Generator, model_cfg: ModelConfig, path: Path, part: s
         line_reference_size=model_cfg.line_reference_size,
         refine=dataclasses.replace(init_cfg.refine, mouth_template=init_cfg.refine.mouth_template or add_template,
                                    eyelid_band=init_cfg.refine.eyelid_band or add_lids,
-                                   smooth_upscale=model_cfg.refine.smooth_upscale),
+                                   smooth_upscale=model_cfg.refine.smooth_upscale,
+                                   gain_map_grid=model_cfg.refine.gain_map_grid if add_gain
+                                   else init_cfg.refine.gain_map_grid),
         warp=dataclasses.replace(init_cfg.warp, subtract_source_flow=model_cfg.warp.subtract_source_flow),
     )  # fmt: skip
     if part == "warp":
@@ -542,6 +546,8 @@ def _load_init(generator: Generator, model_cfg: ModelConfig, path: Path, part: s
     if add_template or add_lids:
         weights = _pad_condition_inputs(weights, generator.state_dict(), 2 * add_template + add_lids)
     missing, unexpected = generator.load_state_dict(weights, strict=False)
+    if add_gain:  # the new head keeps its zero initialisation
+        missing = [k for k in missing if not k.startswith("SPDAE_G.conv_gain.")]
     if unexpected or any(wanted(k) for k in missing):
         raise InputError(path, f"weights do not fit: missing {missing}, unexpected {unexpected}")
 

@@ -110,6 +110,8 @@ class TrainConfig:
     mouth_template: bool | None = None  # True: the refinement also sees `data.mouth_template` (RefineConfig)
     subtract_source_flow: bool | None = None  # True: train with `WarpConfig.subtract_source_flow` (no new weights)
     smooth_upscale: bool | None = None  # True: `RefineConfig.smooth_upscale` (no new weights)
+    # > 0: `RefineConfig.gain_map_grid` (a new zero-weight head: --init from a model without it starts unchanged)
+    gain_map_grid: int | None = None
     prior_eyelids: bool | None = None  # True: `ModelConfig.prior_eyelids` (no new weights)
     prior_eyelid_fill: bool | None = None  # True: `ModelConfig.prior_eyelid_fill` (no new weights)
     prior_face_masked: bool | None = None  # True: `ModelConfig.prior_face_masked` (no new weights)
@@ -241,6 +243,8 @@ class TrainConfig:
             model = model.replace(refine=dataclasses.replace(model.refine, smooth_upscale=self.smooth_upscale))
         if self.eyelid_condition is not None:
             model = model.replace(refine=dataclasses.replace(model.refine, eyelid_band=self.eyelid_condition))
+        if self.gain_map_grid is not None:
+            model = model.replace(refine=dataclasses.replace(model.refine, gain_map_grid=self.gain_map_grid))
         widths = {"block_expansion": self.warp_block_expansion, "max_features": self.warp_max_features}
         if any(v is not None for v in widths.values()):
             model = model.replace(warp=dataclasses.replace(model.warp, **{k: v for k, v in widths.items() if v}))
