@@ -15,13 +15,13 @@ and also return the raw value for losses that match the official training.
 Output, CPU presets (``seed="warped"``, ``output="occlusion_blend"``): the decoder starts from the warped coarsest
 features and stops at half resolution (full-resolution convs would cost more than the rest of the model); a
 sub-pixel conv (3x3 conv to 12 channels + pixel shuffle) synthesises the full-resolution ``generated`` image
-(sigmoid, in [0, 1]). The output is
-``occ * warped + (1 - occ) * generated`` (with ``gain_map_grid``: ``occ * gain * warped + ...``, clipped to [0, 1]; the
-gain map is smooth, so it corrects shading without softening the warped pixels): where the warp net says the source is visible the output reuses the
-sharp warped pixels for free, and where the source is missing (opened mouth, revealed background) it is
-synthesised from the warped features. This gives the occlusion head a real training signal (officially it is only a
-condition channel), keeps the output in [0, 1] by construction, and with the occlusion bias starting at
-sigmoid(2) ≈ 0.88 the model starts close to the warped image.
+(sigmoid, in [0, 1]). The output is ``occ * warped + (1 - occ) * generated``: where the warp net says the source
+is visible the output reuses the sharp warped pixels for free, and where the source is missing (opened mouth,
+revealed background) it is synthesised from the warped features. This gives the occlusion head a real training
+signal (officially it is only a condition channel), keeps the output in [0, 1] by construction, and with the
+occlusion bias starting at sigmoid(2) ≈ 0.88 the model starts close to the warped image. (With ``gain_map_grid``
+the warped image is first multiplied by a smooth gain map and clipped to [0, 1]: shading is corrected without
+softening the warped pixels.)
 """
 
 from __future__ import annotations

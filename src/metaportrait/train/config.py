@@ -158,8 +158,9 @@ class TrainConfig:
     val_every: int = 500
     # Start and reproducibility.
     # A run folder (its ``model/``) or a model folder whose warp network weights are loaded (stage warp: to
-    # fine-tune them). Stage full only: with ``init_refine`` also its refinement network (it must come from a full-stage run). ``init_refine_from``: the
-    # refinement network from this other full-stage run or model instead (e.g. a new warp network under trained R).
+    # fine-tune them). Stage full only: with ``init_refine`` also its refinement network (it must come from a
+    # full-stage run). ``init_refine_from``: the refinement network from this other full-stage run or model
+    # instead (e.g. a new warp network under trained R).
     init: str | None = None
     init_refine: bool = False
     init_refine_from: str | None = None
