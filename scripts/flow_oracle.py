@@ -118,5 +118,6 @@ def main() -> None:
         print(f"| {region} | " + " | ".join(f"{mean[f'{region}: {n}'] - base:+.2f}" for n in names) + " |")
     print(f"| whole frame | {mean['model'] - base:+.2f} | | | {mean['flow'] - base:+.2f} |")
 
+
 if __name__ == "__main__":
     main()
