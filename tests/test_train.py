@@ -654,8 +654,9 @@ def test_cli_resolves_the_config(tmp_path, capsys, warp_run, dataset_dir):
     assert printed["steps"] == 9 and printed["lr_milestones"] == [7]
 
 
-def test_ablation_flags_change_the_model_config(tmp_path):
-    """`--landmark-topology sparse68 --no-identity` reach the model config (paper Table 3 ablations)."""
+def test_ablation_flags_change_the_model_config(tmp_path, capsys):
+    """`--landmark-topology sparse68 --no-identity` reach the model config (paper Table 3 ablations); a model
+    option the config refuses is one error line."""
     from metaportrait.cli import main
 
     args = ["train", "base", "--stage", "full", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
@@ -675,6 +676,10 @@ def test_ablation_flags_change_the_model_config(tmp_path):
     assert cfg.replace(landmark_topology=None, use_identity=None).model_config().use_identity is True
     gained = build_config(parser.parse_args(args[1:] + ["--gain-map", "8"])).model_config()
     assert gained.refine.gain_map_grid == 8 and gained.replace(refine=model.refine) == model
+    capsys.readouterr()
+    assert main(args[:-1] + ["--gain-map", "-1", "--dry-run"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "gain_map_grid" in error and str(tmp_path / "run") in error
 
 
 def test_capacity_flags_widen_the_warping_hourglass(tmp_path, capsys):

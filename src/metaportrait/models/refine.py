@@ -220,9 +220,9 @@ class SPADEGenerator(nn.Module):
             cond = resize_map(conditions[level], x.shape[2:])
             x = getattr(self, name)(x, cond, identity)
         features = F.leaky_relu(x, 0.2)
-        size = (features.shape[2] * self.upscale, features.shape[3] * self.upscale)
         gain = None
         if self.cfg.gain_map_grid:
+            size = (features.shape[2] * self.upscale, features.shape[3] * self.upscale)
             cells = F.adaptive_avg_pool2d(self.conv_gain(features), self.cfg.gain_map_grid)
             gain = 1 + 0.5 * torch.tanh(F.interpolate(cells, size=size, mode="bilinear", align_corners=False))
         x = self.conv_img(features)  # (B, 3 * r * r, H / r, W / r)

@@ -218,6 +218,9 @@ class TrainConfig:
                              f"{self.warp_block_expansion}, {self.warp_max_features}")
         if self.num_workers < 0 or self.val_pairs_per_clip < 1 or self.val_max_clips < 1:
             raise ValueError("num_workers must be >= 0, val_pairs_per_clip and val_max_clips >= 1")
+        # The model options (e.g. gain_map_grid) are checked by the model config they build: here, not at the
+        # start of training, so the command line reports a bad one as one error line.
+        self.model_config()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe nested dict (tuples become lists)."""
