@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "edit": ("edit", "change expression or head pose of a single portrait"),
     "eval": ("evaluate", "evaluation protocols (self-reconstruction, cross-reenactment) and training curves"),
     "bench": ("bench", "speed benchmarks (landmarks, rendering, identity, model, end to end)"),
+    "app": ("app", "web app in the browser: animate and edit portraits (Gradio)"),
 }
 
 

@@ -1,0 +1,257 @@
+"""What the web app does, without the web: checking uploads, animating, editing, and the run's file folder.
+
+Every function here is plain Python over `metaportrait.pipeline.Animator`, so tests call them directly. Uploads
+arrive as paths of files the web framework saved; their names are never used, only their bytes. Problems with
+an upload raise `InputError` naming the upload's role (``portrait``, ``driving video``) instead of its path,
+because the path means nothing to the person in front of the page.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from metaportrait.data.drawing import draw_landmark_image
+from metaportrait.data.landmarks import landmarks_of_image
+from metaportrait.demo_motion import DEMO_FPS, DEMO_SECONDS, scripted_motion
+from metaportrait.errors import InputError
+from metaportrait.eval.report import label_tile
+from metaportrait.io.image import read_image
+from metaportrait.io.video import VideoInfo, VideoReader, VideoWriter, even_size, probe
+from metaportrait.motion import Controls
+from metaportrait.pipeline import Animator, Motion
+
+PORTRAIT = "portrait"  # the names uploads go by in messages
+DRIVING = "driving video"
+SIDE_BY_SIDE_HEIGHT = 256  # pixels: each tile of the side-by-side video is scaled to this height
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the app accepts (`metaportrait app --max-upload-mb --max-seconds`)."""
+
+    max_upload_bytes: int = 50 * 2**20
+    max_seconds: float = 60.0  # longest driving video
+
+    def __post_init__(self):
+        if self.max_upload_bytes < 1 or not self.max_seconds > 0:
+            raise ValueError(f"limits must be positive, got {self}")
+
+
+class RunFolder:
+    """The app's temporary folder for one run: the framework's uploads and every result live under it.
+
+    Result files are named by a counter (``0003-result.mp4``), never after an upload. `close` removes the folder.
+    """
+
+    def __init__(self, parent: str | Path | None = None):
+        self.path = Path(tempfile.mkdtemp(prefix="metaportrait-app-", dir=parent))
+        self.results = self.path / "results"
+        self.results.mkdir()
+        self.uploads = self.path / "uploads"  # given to the web framework as its temporary folder
+        self.uploads.mkdir()
+        self._counter = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def new_job(self) -> int:
+        """A number for the next job's files, unique in this run (jobs of several sessions may overlap)."""
+        with self._lock:
+            return next(self._counter)
+
+    def result_path(self, job: int, name: str) -> Path:
+        """``results/<job>-<name>``; ``name`` is one of the app's own, such as ``result.mp4``."""
+        return self.results / f"{job:04d}-{name}"
+
+    def close(self) -> None:
+        """Remove the folder and everything in it. Safe to call twice."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity: fields are arrays
+class Portrait:
+    """A checked portrait: the image and its face's landmarks (measured once, reused by every job)."""
+
+    image: np.ndarray = field(repr=False)  # uint8 (H, W, 3) RGB
+    landmarks: np.ndarray = field(repr=False)  # float32 (478, 2) pixels of `image`
+
+
+def _checked_upload(upload: str | Path | None, role: str, limits: Limits) -> Path:
+    """The upload's path, after checking that there is one and that it is not too large."""
+    if upload is None:
+        raise InputError(role, "nothing uploaded")
+    path = Path(upload)
+    if not path.is_file():
+        raise InputError(role, "the upload is missing; upload it again")
+    size = path.stat().st_size
+    if size > limits.max_upload_bytes:
+        raise InputError(role, f"the file is {size / 2**20:.1f} MB; this app takes at most "
+                               f"{limits.max_upload_bytes / 2**20:g} MB")  # fmt: skip
+    return path
+
+
+def load_portrait(upload: str | Path | None, limits: Limits) -> Portrait:
+    """Decode an uploaded portrait and find its face.
+
+    Raises:
+        InputError: (naming ``portrait``) nothing uploaded, too large, not an image, or no face in it.
+    """
+    path = _checked_upload(upload, PORTRAIT, limits)
+    try:
+        image = read_image(path)
+    except InputError as error:
+        raise InputError(PORTRAIT, error.problem) from None
+    return portrait_of(image)
+
+
+def portrait_of(image: np.ndarray) -> Portrait:
+    """A `Portrait` of a decoded ``uint8`` ``(H, W, 3)`` RGB image. Raises `NoFaceError` (naming ``portrait``)."""
+    return Portrait(image, landmarks_of_image(image, PORTRAIT))
+
+
+def check_driving(upload: str | Path | None, limits: Limits) -> VideoInfo:
+    """Check an uploaded driving video before any work: present, small enough, a video, short enough.
+
+    Raises:
+        InputError: (naming ``driving video``) the problem.
+    """
+    path = _checked_upload(upload, DRIVING, limits)
+    try:
+        info = probe(path)
+    except InputError as error:
+        raise InputError(DRIVING, error.problem) from None
+    seconds = info.duration or info.frame_count / info.fps
+    if seconds > limits.max_seconds:
+        raise InputError(DRIVING, f"it is {seconds:.1f} s long; this app takes at most {limits.max_seconds:g} s")
+    return info
+
+
+@dataclass(frozen=True)
+class AnimateOptions:
+    """The Animate tab's settings (see `Animator.__call__`)."""
+
+    motion: Motion = "relative"  # ignored by the scripted motion, which is made from the portrait itself
+    paste_back: bool = True
+    controls: Controls = Controls()
+
+
+@dataclass(frozen=True)
+class AnimateResult:
+    """A finished animation: the video, the side-by-side video ([driving | result]), and counts."""
+
+    video: Path
+    side_by_side: Path
+    frames: int
+    seconds: float  # wall time of the animation
+    lost_frames: int  # driving frames without a detected face
+
+    def summary(self) -> str:
+        lost = f", face lost in {self.lost_frames} driving frames" if self.lost_frames else ""
+        return f"{self.frames} frames in {self.seconds:.1f} s ({self.frames / self.seconds:.1f} frames/s){lost}"
+
+
+class AnimateJob:
+    """One animation, checked when made and run by iterating `run`.
+
+    ``driving=None`` uses the built-in scripted motion (`metaportrait.demo_motion`: talking, blinks, a head turn
+    and a nod, 4 s). Either way the result is at most ``limits.max_seconds`` long. `run` yields the number of frames done after each frame; closing it early (a cancelled job)
+    leaves no result file behind. Afterwards `result` holds the `AnimateResult`.
+
+    Raises:
+        InputError: a bad driving video (now), or no face in any of its frames (from `run`, before any frame).
+    """
+
+    def __init__(self, animator: Animator, portrait: Portrait, driving: str | Path | None, options: AnimateOptions,
+                 folder: RunFolder, limits: Limits):
+        self.animator = animator
+        self.portrait = portrait
+        self.options = options
+        self.driving = None if driving is None else Path(driving)
+        if self.driving is None:
+            self.fps = DEMO_FPS
+            self.total = min(round(DEMO_FPS * DEMO_SECONDS), math.ceil(limits.max_seconds * DEMO_FPS))
+            self.has_audio = False
+        else:
+            info = check_driving(driving, limits)
+            self.fps = info.fps
+            # At most max_seconds of frames, even if the container misstates its length.
+            self.total = min(info.frame_count, math.ceil(limits.max_seconds * info.fps))
+            self.has_audio = info.has_audio
+        job = folder.new_job()
+        self.video_path = folder.result_path(job, "result.mp4")
+        self.side_by_side_path = folder.result_path(job, "side_by_side.mp4")
+        self.result: AnimateResult | None = None
+
+    def run(self) -> Iterator[int]:
+        """Animate and write both videos; yields the frames done so far after each frame."""
+        portrait, options = self.portrait, self.options
+        if self.driving is None:
+            targets = scripted_motion(portrait.landmarks, self.total, self.fps)  # (T, 478, 2) portrait pixels
+            frames = self.animator.animate_landmarks(portrait.image, targets, paste_back=options.paste_back,
+                                                     controls=options.controls, source_name=PORTRAIT,
+                                                     source_landmarks=portrait.landmarks)  # fmt: skip
+            height, width = portrait.image.shape[:2]
+            beside = (draw_landmark_image(target, height, width) for target in targets)
+            yield from self._write(frames, beside, "motion", audio=None)
+            return
+        with VideoReader(self.driving) as reader:
+            # The animator reads a few frames ahead of its results; keep those frames for the side-by-side.
+            pending: collections.deque[np.ndarray] = collections.deque()
+
+            def recorded(source: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+                for frame in source:
+                    pending.append(frame)
+                    yield frame
+
+            driving = recorded(itertools.islice(reader, self.total))
+            frames = self.animator(portrait.image, driving, motion=options.motion, paste_back=options.paste_back,
+                                   controls=options.controls, driving_fps=self.fps, source_name=PORTRAIT,
+                                   driving_name=DRIVING, source_landmarks=portrait.landmarks)  # fmt: skip
+            beside = (pending.popleft() for _ in itertools.count())
+            yield from self._write(frames, beside, "driving", audio=self.driving if self.has_audio else None)
+
+    def _write(self, frames: Iterator[np.ndarray], beside: Iterator[np.ndarray], label: str,
+               audio: Path | None) -> Iterator[int]:
+        with VideoWriter(self.video_path, self.fps, audio_from=audio) as video, \
+                VideoWriter(self.side_by_side_path, self.fps, audio_from=audio) as side:  # fmt: skip
+            for count, (frame, other) in enumerate(zip(frames, beside), start=1):
+                video.write(even_size(frame))
+                side.write(side_by_side(other, frame, label))
+                yield count
+        stats = self.animator.stats
+        self.result = AnimateResult(self.video_path, self.side_by_side_path, stats.frames, stats.seconds,
+                                    stats.lost_frames)  # fmt: skip
+
+
+def side_by_side(other: np.ndarray, result: np.ndarray, label: str) -> np.ndarray:
+    """``uint8`` frame [``other`` | ``result``], each scaled to `SIDE_BY_SIDE_HEIGHT` rows and labelled."""
+    tiles = []
+    for image, text in ((other, label), (result, "result")):
+        height, width = image.shape[:2]
+        size = (max(2, round(width * SIDE_BY_SIDE_HEIGHT / height)), SIDE_BY_SIDE_HEIGHT)
+        tiles.append(label_tile(cv2.resize(image, size, interpolation=cv2.INTER_AREA), text))
+    return even_size(np.concatenate(tiles, axis=1))
+
+
+def edit(animator: Animator, portrait: Portrait, controls: Controls, paste_back: bool = True) -> np.ndarray:
+    """The portrait with changed expression / pose: one ``uint8`` RGB frame (the crop without ``paste_back``)."""
+    (frame,) = animator.animate_landmarks(portrait.image, [portrait.landmarks], paste_back=paste_back,
+                                          controls=controls, source_name=PORTRAIT,
+                                          source_landmarks=portrait.landmarks)  # fmt: skip
+    return frame
+

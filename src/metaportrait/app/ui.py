@@ -1,0 +1,216 @@
+"""The Gradio page: one tab per task over one `Animator`; the work itself is in `metaportrait.app.jobs`.
+
+Each tab is one function that lays out its components and wires their events (`animate_tab`, `edit_tab`); a new
+tab is one more such function called from `build_app`. Every event that runs the model shares one queue slot
+(`MODEL_QUEUE`), so jobs run one at a time. A bad upload shows a line in the tab's status box
+(`error_message`), never a traceback. Import this module only after `metaportrait.app.server` has pointed
+Gradio's temporary folder into the run folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+
+from metaportrait.app.jobs import (
+    DRIVING,
+    PORTRAIT,
+    AnimateJob,
+    AnimateOptions,
+    Limits,
+    Portrait,
+    RunFolder,
+    check_driving,
+    edit,
+    load_portrait,
+)
+from metaportrait.errors import InputError
+from metaportrait.motion import MAX_YAW_PITCH_DEGREES, Controls, mouth_openness
+from metaportrait.pipeline import MOTIONS, Animator
+
+MODEL_QUEUE = "model"  # concurrency id of every event that runs the model (limit 1)
+BUILT_IN_MOTION = "built-in scripted motion (4 s)"
+UPLOADED_MOTION = "uploaded driving video"
+MAX_EYES = 2.0  # eye-openness factor slider range [0, MAX_EYES]
+MAX_MOUTH = 1.5  # mouth-openness slider range [0, MAX_MOUTH] (inner-lip gap / mouth width)
+MAX_ROLL_DEGREES = 45.0
+
+
+@dataclass(frozen=True)
+class AppContext:
+    """What every tab shares: the model, the run folder, the limits, and the portrait a first visit starts with."""
+
+    animator: Animator
+    folder: RunFolder
+    limits: Limits
+    example: Portrait  # scikit-image's astronaut
+    example_path: Path  # the same image as a file, shown in the portrait upload box
+
+
+def error_message(error: InputError) -> str:
+    """The status line for a bad upload: ``⚠ portrait: no face found``."""
+    return f"⚠ **{error.path}**: {error.problem}"
+
+
+def build_app(context: AppContext) -> gr.Blocks:
+    """The whole page; call ``.launch()`` on it (`metaportrait.app.server.serve` does)."""
+    limits = context.limits
+    with gr.Blocks(title="metaportrait", analytics_enabled=False) as blocks:
+        gr.Markdown(
+            "# metaportrait\nA portrait photo made to follow a driving video (Animate), or given another "
+            f"expression and head pose (Edit). Uploads up to {limits.max_upload_bytes / 2**20:g} MB, driving "
+            f"videos up to {limits.max_seconds:g} s; one job runs at a time, the others wait in line."
+        )
+        with gr.Tabs():
+            with gr.Tab("Animate", id="animate"):
+                animate_tab(context)
+            with gr.Tab("Edit", id="edit"):
+                edit_tab(context)
+    blocks.queue(default_concurrency_limit=1)
+    return blocks
+
+
+def portrait_input(context: AppContext, prefix: str) -> tuple[gr.State, gr.Markdown, gr.events.Dependency]:
+    """An upload box for the portrait, its preview and a status line; the checked `Portrait` goes in the state.
+    Also returns the upload's event, for a tab to chain its own steps after it with ``.then``.
+
+    The upload is a file box rather than an image box, so that a file that is not an image reaches our own
+    check (and its message) instead of failing inside Gradio.
+    """
+    upload = gr.File(value=str(context.example_path), label="Portrait (image file)", file_types=["image"],
+                     elem_id=f"{prefix}-portrait-upload")  # fmt: skip
+    preview = gr.Image(value=context.example.image, label="Portrait", interactive=False, height=256,
+                       elem_id=f"{prefix}-portrait-preview")  # fmt: skip
+    status = gr.Markdown(elem_id=f"{prefix}-status")
+    state = gr.State(context.example)
+
+    def on_upload(path: str | None) -> tuple[Portrait | None, np.ndarray | None, str]:
+        if path is None:
+            return None, None, ""
+        try:
+            portrait = load_portrait(path, context.limits)
+        except InputError as error:
+            return None, None, error_message(error)
+        return portrait, portrait.image, "Portrait ready."
+
+    event = upload.change(on_upload, inputs=upload, outputs=[state, preview, status])
+    return state, status, event
+
+
+def control_sliders(mouth_default: float | None) -> tuple[gr.Slider, ...]:
+    """Eyes, (mouth), yaw, pitch and roll sliders (`metaportrait.motion.edit_landmarks`); no mouth slider when
+    ``mouth_default`` is None."""
+    sliders = [gr.Slider(0.0, MAX_EYES, value=1.0, step=0.05, label="eyes (1 unchanged, 0 closed)")]
+    if mouth_default is not None:
+        sliders.append(gr.Slider(0.0, MAX_MOUTH, value=mouth_default, step=0.02,
+                                 label="mouth openness (0 closed, 0.3 talking, 0.6 open jaw)"))  # fmt: skip
+    sliders += [
+        gr.Slider(-MAX_YAW_PITCH_DEGREES, MAX_YAW_PITCH_DEGREES, value=0.0, step=1.0, label="yaw ° (head turn)"),
+        gr.Slider(-MAX_YAW_PITCH_DEGREES, MAX_YAW_PITCH_DEGREES, value=0.0, step=1.0, label="pitch ° (nod)"),
+        gr.Slider(-MAX_ROLL_DEGREES, MAX_ROLL_DEGREES, value=0.0, step=1.0, label="roll ° (tilt)"),
+    ]
+    return tuple(sliders)
+
+
+# --- Animate ---------------------------------------------------------------------------------------------------
+
+def animate_tab(context: AppContext) -> None:
+    with gr.Row():
+        with gr.Column():
+            portrait, status, _ = portrait_input(context, "animate")
+            source = gr.Radio([BUILT_IN_MOTION, UPLOADED_MOTION], value=BUILT_IN_MOTION, label="Motion from",
+                              elem_id="animate-source")  # fmt: skip
+            driving = gr.Video(label="Driving video", sources=["upload"], format=None, include_audio=True,
+                               height=256, elem_id="animate-driving")  # fmt: skip
+            with gr.Accordion("Options", open=False):
+                motion = gr.Radio(list(MOTIONS), value="relative", label="motion (uploaded video)",
+                                  info="relative keeps the portrait's face shape; absolute copies the driver's")
+                paste_back = gr.Checkbox(value=True, label="paste the face back into the whole photo")
+                eyes, yaw, pitch, roll = control_sliders(mouth_default=None)
+                fix_mouth = gr.Checkbox(value=False, label="fix the mouth openness (instead of the driver's)")
+                mouth = gr.Slider(0.0, MAX_MOUTH, value=0.3, step=0.02, label="fixed mouth openness")
+            with gr.Row():
+                start = gr.Button("Animate", variant="primary", elem_id="animate-button")
+                cancel = gr.Button("Cancel", elem_id="animate-cancel")
+        with gr.Column():
+            result = gr.Video(label="Result", format=None, interactive=False, buttons=["download"],
+                              elem_id="animate-result")  # fmt: skip
+            side = gr.Video(label="Side by side", format=None, interactive=False, buttons=["download"],
+                            elem_id="animate-side-by-side")  # fmt: skip
+            files = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="animate-files")
+
+    def on_driving(path: str | None) -> tuple[str, str]:
+        if path is None:
+            return BUILT_IN_MOTION, ""
+        try:
+            info = check_driving(path, context.limits)
+        except InputError as error:
+            return UPLOADED_MOTION, error_message(error)
+        return UPLOADED_MOTION, f"Driving video ready: {info.duration:.1f} s at {info.fps:g} frames/s."
+
+    def run(portrait: Portrait | None, source: str, driving: str | None, motion: str, paste_back: bool,
+            eyes: float, yaw: float, pitch: float, roll: float, fix_mouth: bool, mouth: float,
+            progress: gr.Progress = gr.Progress()):  # noqa: B008 (Gradio's way to ask for a progress bar)
+        """A generator, so that Cancel stops it between frames (Gradio cannot stop a function mid-call)."""
+        controls = Controls(eyes=eyes, mouth=mouth if fix_mouth else None, yaw=yaw, pitch=pitch, roll=roll)
+        options = AnimateOptions(motion=motion, paste_back=paste_back, controls=controls)
+        try:
+            if portrait is None:
+                raise InputError(PORTRAIT, "upload a portrait with one face first")
+            if source == UPLOADED_MOTION and driving is None:
+                raise InputError(DRIVING, "upload one, or choose the built-in motion")
+            job = AnimateJob(context.animator, portrait, driving if source == UPLOADED_MOTION else None, options,
+                             context.folder, context.limits)  # fmt: skip
+            progress(0.0, desc="starting")
+            for done in job.run():
+                progress((done, job.total), desc="animating", unit="frames")
+                yield gr.skip(), gr.skip(), gr.skip(), f"Animating: frame {done} of about {job.total}."
+        except InputError as error:
+            yield None, None, None, error_message(error)
+            return
+        done = job.result
+        paths = [str(done.video), str(done.side_by_side)]
+        yield paths[0], paths[1], paths, f"Done: {done.summary()}."
+
+    driving.change(on_driving, inputs=driving, outputs=[source, status])
+    event = start.click(run, inputs=[portrait, source, driving, motion, paste_back, eyes, yaw, pitch, roll,
+                                     fix_mouth, mouth],
+                        outputs=[result, side, files, status], concurrency_id=MODEL_QUEUE)  # fmt: skip
+    cancel.click(lambda: "Cancelled.", outputs=status, cancels=[event], queue=False)
+
+
+# --- Edit ------------------------------------------------------------------------------------------------------
+
+def edit_tab(context: AppContext) -> None:
+    with gr.Row():
+        with gr.Column():
+            portrait, _, uploaded = portrait_input(context, "edit")
+            eyes, mouth, yaw, pitch, roll = control_sliders(float(mouth_openness(context.example.landmarks)))
+            paste_back = gr.Checkbox(value=True, label="paste the face back into the whole photo")
+        with gr.Column():
+            preview = gr.Image(value=edit(context.animator, context.example, Controls()), label="Edited",
+                               interactive=False, buttons=["download"], format="png",
+                               elem_id="edit-preview")  # fmt: skip
+
+    controls = [eyes, mouth, yaw, pitch, roll, paste_back]
+
+    def render(portrait: Portrait | None, eyes: float, mouth: float, yaw: float, pitch: float, roll: float,
+               paste_back: bool) -> np.ndarray | None:
+        if portrait is None:
+            return None
+        return edit(context.animator, portrait, Controls(eyes, mouth, yaw, pitch, roll), paste_back)
+
+    def reset_mouth(portrait: Portrait | None) -> float:
+        """A new portrait starts at its own mouth openness, so the preview starts as the photo."""
+        return gr.skip() if portrait is None else float(mouth_openness(portrait.landmarks))
+
+    # A slider fires while it is dragged: "always_last" drops the stale requests and keeps the latest one.
+    for control in controls:
+        control.change(render, inputs=[portrait, *controls], outputs=preview, concurrency_id=MODEL_QUEUE,
+                       trigger_mode="always_last", show_progress="minimal")  # fmt: skip
+    uploaded.then(reset_mouth, inputs=portrait, outputs=mouth).then(
+        render, inputs=[portrait, *controls], outputs=preview, concurrency_id=MODEL_QUEUE
+    )
