@@ -178,7 +178,7 @@ def animate_tab(context: AppContext) -> None:
     driving.change(on_driving, inputs=driving, outputs=[source, status])
     event = start.click(run, inputs=[portrait, source, driving, motion, paste_back, eyes, yaw, pitch, roll,
                                      fix_mouth, mouth],
-                        outputs=[result, side, files, status], concurrency_id=MODEL_QUEUE)  # fmt: skip
+                        outputs=[result, side, files, status], concurrency_id=MODEL_QUEUE, concurrency_limit=1)  # fmt: skip
     cancel.click(lambda: "Cancelled.", outputs=status, cancels=[event], queue=False)
 
 
@@ -210,7 +210,7 @@ def edit_tab(context: AppContext) -> None:
     # A slider fires while it is dragged: "always_last" drops the stale requests and keeps the latest one.
     for control in controls:
         control.change(render, inputs=[portrait, *controls], outputs=preview, concurrency_id=MODEL_QUEUE,
-                       trigger_mode="always_last", show_progress="minimal")  # fmt: skip
+                       concurrency_limit=1, trigger_mode="always_last", show_progress="minimal")  # fmt: skip
     uploaded.then(reset_mouth, inputs=portrait, outputs=mouth).then(
-        render, inputs=[portrait, *controls], outputs=preview, concurrency_id=MODEL_QUEUE
+        render, inputs=[portrait, *controls], outputs=preview, concurrency_id=MODEL_QUEUE, concurrency_limit=1
     )

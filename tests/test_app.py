@@ -1,0 +1,235 @@
+"""The web app's work, called directly (no server, no browser): upload checks, animation jobs, edits, the run
+folder, the page's wiring. The browser test is tests/test_app_browser.py."""
+
+from __future__ import annotations
+
+import re
+
+import cv2
+import numpy as np
+import pytest
+from skimage import data
+
+from metaportrait.app.jobs import (
+    DRIVING,
+    PORTRAIT,
+    AnimateJob,
+    AnimateOptions,
+    Limits,
+    RunFolder,
+    check_driving,
+    edit,
+    load_portrait,
+    portrait_of,
+)
+from metaportrait.errors import InputError
+from metaportrait.io.image import write_image
+from metaportrait.io.video import VideoWriter, read_video
+from metaportrait.motion import Controls
+from metaportrait.pipeline import Animator
+
+CLIP_FRAMES = 6
+CLIP_FPS = 25.0
+
+
+@pytest.fixture(scope="module")
+def animator() -> Animator:
+    return Animator.from_pretrained()
+
+
+@pytest.fixture(scope="module")
+def portrait():
+    return portrait_of(data.astronaut())
+
+
+@pytest.fixture
+def folder(tmp_path):
+    with RunFolder(tmp_path) as run_folder:
+        yield run_folder
+
+
+def write_clip(path, frames: int = CLIP_FRAMES, fps: float = CLIP_FPS):
+    """A short driving clip: the astronaut at 256², drifting a few pixels right and down."""
+    image = cv2.resize(data.astronaut(), (256, 256), interpolation=cv2.INTER_AREA)
+    with VideoWriter(path, fps) as writer:
+        for index in range(frames):
+            shift = np.float32([[1, 0, 2 * index], [0, 1, index]])
+            writer.write(cv2.warpAffine(image, shift, (256, 256), borderMode=cv2.BORDER_REFLECT))
+    return path
+
+
+# --- uploads ---------------------------------------------------------------------------------------------------
+
+def test_portrait_upload_is_read_by_content(tmp_path):
+    path = tmp_path / "upload with a strange name.webp"  # the suffix lies: the bytes are a PNG
+    write_image(tmp_path / "real.png", data.astronaut())
+    (tmp_path / "real.png").rename(path)
+    portrait = load_portrait(path, Limits())
+    assert portrait.image.shape == (512, 512, 3)
+    assert portrait.landmarks.shape == (478, 2)
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("nothing", "nothing uploaded"),
+    ("text renamed .jpg", "not an image"),
+    ("too large", "this app takes at most"),
+    ("no face", "no face found"),
+])  # fmt: skip
+def test_bad_portrait_uploads_name_the_portrait_and_the_problem(tmp_path, case, problem):
+    limits = Limits()
+    path = None
+    if case == "text renamed .jpg":
+        path = tmp_path / "photo.jpg"
+        path.write_text("this is not an image\n")
+    elif case == "too large":
+        path = tmp_path / "photo.png"
+        write_image(path, data.astronaut())
+        limits = Limits(max_upload_bytes=path.stat().st_size - 1)
+    elif case == "no face":
+        path = tmp_path / "photo.png"
+        write_image(path, np.full((128, 128, 3), 128, np.uint8))
+    with pytest.raises(InputError) as caught:
+        load_portrait(path, limits)
+    assert caught.value.path == PORTRAIT
+    assert problem in caught.value.problem
+    assert str(tmp_path) not in caught.value.problem  # the temporary path means nothing to the user
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("text renamed .mp4", "not a readable video"),
+    ("still image", "still image"),
+    ("too long", "s long; this app takes at most 0.1 s"),
+])  # fmt: skip
+def test_bad_driving_uploads_name_the_video_and_the_problem(tmp_path, case, problem):
+    limits = Limits()
+    if case == "text renamed .mp4":
+        path = tmp_path / "talk.mp4"
+        path.write_text("this is not a video\n")
+    elif case == "still image":
+        path = tmp_path / "talk.png"
+        write_image(path, data.astronaut())
+    else:
+        path = write_clip(tmp_path / "talk.mp4")  # 0.24 s
+        limits = Limits(max_seconds=0.1)
+    with pytest.raises(InputError) as caught:
+        check_driving(path, limits)
+    assert caught.value.path == DRIVING
+    assert problem in caught.value.problem
+
+
+def test_limits_must_be_positive():
+    with pytest.raises(ValueError):
+        Limits(max_upload_bytes=0)
+    with pytest.raises(ValueError):
+        Limits(max_seconds=0.0)
+
+
+# --- animate ---------------------------------------------------------------------------------------------------
+
+def test_animate_with_an_uploaded_clip_writes_the_result_and_the_side_by_side(animator, portrait, folder, tmp_path):
+    clip = write_clip(tmp_path / "clip.mp4")
+    job = AnimateJob(animator, portrait, clip, AnimateOptions(), folder, Limits())
+    assert job.total == CLIP_FRAMES
+    assert list(job.run()) == list(range(1, CLIP_FRAMES + 1))
+    result = job.result
+    assert result.frames == CLIP_FRAMES and result.lost_frames == 0
+    # Result files are named by the run's counter, in the run folder, never after an upload.
+    assert result.video.parent == folder.results and re.fullmatch(r"\d{4}-result\.mp4", result.video.name)
+    video, fps = read_video(result.video)
+    side, _ = read_video(result.side_by_side)
+    assert fps == CLIP_FPS
+    assert video.shape == (CLIP_FRAMES, 512, 512, 3)  # pasted back into the whole portrait
+    assert side.shape == (CLIP_FRAMES, 256, 512, 3)  # [driving | result], both scaled to 256 rows
+    # The face follows the driver: the result changes over the clip, and only around the face.
+    change = np.abs(video[-1].astype(int) - video[0].astype(int)).sum(axis=-1)
+    assert change.max() > 30
+    assert change[:, :100].max() < 30  # the left edge of the photo (flag, background) stays
+
+
+def test_animate_options_reach_the_animator(animator, portrait, folder, tmp_path):
+    clip = write_clip(tmp_path / "clip.mp4", frames=2)
+    options = AnimateOptions(motion="absolute", paste_back=False, controls=Controls(yaw=10.0))
+    job = AnimateJob(animator, portrait, clip, options, folder, Limits())
+    list(job.run())
+    video, _ = read_video(job.result.video)
+    assert video.shape == (2, 256, 256, 3)  # without paste-back: the model's face crop
+
+
+def test_scripted_motion_needs_no_upload_and_respects_the_length_limit(animator, portrait, folder):
+    job = AnimateJob(animator, portrait, None, AnimateOptions(), folder, Limits(max_seconds=0.6))
+    assert job.total == 15  # 0.6 s at 25 frames/s, not the script's 4 s
+    assert list(job.run())[-1] == 15
+    video, _ = read_video(job.result.video)
+    side, _ = read_video(job.result.side_by_side)
+    assert video.shape == (15, 512, 512, 3) and side.shape == (15, 256, 512, 3)
+    assert np.abs(video[-1].astype(int) - video[0].astype(int)).max() > 30  # the script moves the face
+
+
+def test_no_face_in_the_driving_video_is_an_input_error(animator, portrait, folder, tmp_path):
+    clip = tmp_path / "blank.mp4"
+    with VideoWriter(clip, CLIP_FPS) as writer:
+        for _ in range(3):
+            writer.write(np.full((64, 64, 3), 90, np.uint8))
+    job = AnimateJob(animator, portrait, clip, AnimateOptions(), folder, Limits())
+    with pytest.raises(InputError) as caught:
+        list(job.run())
+    assert caught.value.path == DRIVING and "no face found" in caught.value.problem
+    assert list(folder.results.iterdir()) == []
+
+
+def test_a_cancelled_job_leaves_no_file(animator, portrait, folder):
+    job = AnimateJob(animator, portrait, None, AnimateOptions(), folder, Limits(max_seconds=0.4))
+    frames = job.run()
+    assert next(frames) == 1
+    frames.close()  # what cancelling does: the job is not iterated any further
+    assert job.result is None
+    assert list(folder.results.iterdir()) == []
+
+
+def test_run_folder_numbers_jobs_and_is_removed(tmp_path):
+    folder = RunFolder(tmp_path)
+    assert folder.path.parent == tmp_path and folder.uploads.is_dir()
+    first, second = folder.new_job(), folder.new_job()
+    assert folder.result_path(first, "result.mp4").name == "0001-result.mp4"
+    assert second == first + 1
+    (folder.uploads / "x.png").write_bytes(b"x")
+    folder.close()
+    assert not folder.path.exists()
+    folder.close()  # twice is fine
+
+
+# --- edit ------------------------------------------------------------------------------------------------------
+
+def test_edit_changes_the_face_only_as_asked(animator, portrait):
+    unchanged = edit(animator, portrait, Controls())
+    opened = edit(animator, portrait, Controls(mouth=0.6))
+    assert unchanged.shape == opened.shape == (512, 512, 3)
+    # Mouth region of the astronaut (x 180-260, y 150-230 in the photo) changes; the far corner does not.
+    mouth = np.abs(opened[150:230, 180:260].astype(int) - unchanged[150:230, 180:260].astype(int))
+    assert mouth.max() > 40
+    assert np.array_equal(opened[400:, 400:], unchanged[400:, 400:])
+    assert edit(animator, portrait, Controls(yaw=15.0), paste_back=False).shape == (256, 256, 3)
+
+
+# --- the page --------------------------------------------------------------------------------------------------
+
+def test_page_runs_every_model_event_in_one_queue_slot(animator, portrait, folder):
+    from metaportrait.app.ui import MODEL_QUEUE, AppContext, build_app, error_message
+
+    example_path = folder.uploads / "astronaut.png"
+    write_image(example_path, data.astronaut())
+    blocks = build_app(AppContext(animator, folder, Limits(), portrait, example_path))
+    model_events = {fn.name: fn for fn in blocks.fns.values() if fn.name in ("run", "render")}
+    assert set(model_events) == {"run", "render"}
+    for fn in blocks.fns.values():
+        if fn.name in ("run", "render"):
+            assert fn.concurrency_id == MODEL_QUEUE and fn.concurrency_limit == 1
+    assert error_message(InputError(PORTRAIT, "no face found")) == "⚠ **portrait**: no face found"
+
+
+def test_cli_rejects_bad_limits():
+    from metaportrait.cli import main
+
+    with pytest.raises(SystemExit) as caught:
+        main(["app", "--max-upload-mb", "-1"])
+    assert caught.value.code == 2
