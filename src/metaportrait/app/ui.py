@@ -100,18 +100,18 @@ def portrait_input(context: AppContext, prefix: str) -> tuple[gr.State, gr.Markd
     return state, status, event
 
 
-def control_sliders(mouth_default: float | None) -> tuple[gr.Slider, ...]:
-    """Eyes, (mouth), yaw, pitch and roll sliders (`metaportrait.motion.edit_landmarks`); no mouth slider when
-    ``mouth_default`` is None."""
-    sliders = [gr.Slider(0.0, MAX_EYES, value=1.0, step=0.05, label="eyes (1 unchanged, 0 closed)")]
+def control_sliders(prefix: str, mouth_default: float | None) -> tuple[gr.Slider, ...]:
+    """Eyes, (mouth), yaw, pitch and roll sliders (`metaportrait.motion.edit_landmarks`), with element ids
+    ``<prefix>-eyes`` and so on; no mouth slider when ``mouth_default`` is None."""
+    sliders = [gr.Slider(0.0, MAX_EYES, value=1.0, step=0.05, label="eyes (1 unchanged, 0 closed)",
+                         elem_id=f"{prefix}-eyes")]  # fmt: skip
     if mouth_default is not None:
-        sliders.append(gr.Slider(0.0, MAX_MOUTH, value=mouth_default, step=0.02,
+        sliders.append(gr.Slider(0.0, MAX_MOUTH, value=mouth_default, step=0.02, elem_id=f"{prefix}-mouth",
                                  label="mouth openness (0 closed, 0.3 talking, 0.6 open jaw)"))  # fmt: skip
-    sliders += [
-        gr.Slider(-MAX_YAW_PITCH_DEGREES, MAX_YAW_PITCH_DEGREES, value=0.0, step=1.0, label="yaw ° (head turn)"),
-        gr.Slider(-MAX_YAW_PITCH_DEGREES, MAX_YAW_PITCH_DEGREES, value=0.0, step=1.0, label="pitch ° (nod)"),
-        gr.Slider(-MAX_ROLL_DEGREES, MAX_ROLL_DEGREES, value=0.0, step=1.0, label="roll ° (tilt)"),
-    ]
+    for name, limit, label in (("yaw", MAX_YAW_PITCH_DEGREES, "yaw ° (head turn)"),
+                               ("pitch", MAX_YAW_PITCH_DEGREES, "pitch ° (nod)"),
+                               ("roll", MAX_ROLL_DEGREES, "roll ° (tilt)")):  # fmt: skip
+        sliders.append(gr.Slider(-limit, limit, value=0.0, step=1.0, label=label, elem_id=f"{prefix}-{name}"))
     return tuple(sliders)
 
 
@@ -129,14 +129,14 @@ def animate_tab(context: AppContext) -> None:
                 motion = gr.Radio(list(MOTIONS), value="relative", label="motion (uploaded video)",
                                   info="relative keeps the portrait's face shape; absolute copies the driver's")
                 paste_back = gr.Checkbox(value=True, label="paste the face back into the whole photo")
-                eyes, yaw, pitch, roll = control_sliders(mouth_default=None)
+                eyes, yaw, pitch, roll = control_sliders("animate", mouth_default=None)
                 fix_mouth = gr.Checkbox(value=False, label="fix the mouth openness (instead of the driver's)")
                 mouth = gr.Slider(0.0, MAX_MOUTH, value=0.3, step=0.02, label="fixed mouth openness")
             with gr.Row():
                 start = gr.Button("Animate", variant="primary", elem_id="animate-button")
                 cancel = gr.Button("Cancel", elem_id="animate-cancel")
         with gr.Column():
-            result = gr.Video(label="Result", format=None, interactive=False, buttons=["download"],
+            result = gr.Video(label="Result", format=None, interactive=False, buttons=["download"], height=384,
                               elem_id="animate-result")  # fmt: skip
             side = gr.Video(label="Side by side", format=None, interactive=False, buttons=["download"],
                             elem_id="animate-side-by-side")  # fmt: skip
@@ -188,7 +188,7 @@ def edit_tab(context: AppContext) -> None:
     with gr.Row():
         with gr.Column():
             portrait, _, uploaded = portrait_input(context, "edit")
-            eyes, mouth, yaw, pitch, roll = control_sliders(float(mouth_openness(context.example.landmarks)))
+            eyes, mouth, yaw, pitch, roll = control_sliders("edit", float(mouth_openness(context.example.landmarks)))
             paste_back = gr.Checkbox(value=True, label="paste the face back into the whole photo")
         with gr.Column():
             preview = gr.Image(value=edit(context.animator, context.example, Controls()), label="Edited",

@@ -1,0 +1,214 @@
+"""End to end in a real browser: `metaportrait app` on a free localhost port, driven by headless Chromium.
+
+Needs Debian's ``chromium`` (``apt-get install chromium``) and Playwright's Python package (the ``browser``
+extra); Playwright is pointed at the system's Chromium and never downloads a browser. Without either, the tests
+are skipped with the reason. ``METAPORTRAIT_APP_SCREENSHOT=docs/app.png`` also saves the screenshot of the page
+with a finished result there (the README's picture).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from skimage import data
+
+from metaportrait.io.image import write_image
+from metaportrait.io.video import VideoWriter, read_video
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = os.environ.get("METAPORTRAIT_CHROMIUM", "/usr/bin/chromium")
+# Flags for a quiet, offline, throw-away Chromium (the profile folder is a fresh temporary one per run).
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CLIP_FRAMES = 10
+CLIP_FPS = 25.0
+START_SECONDS = 120  # the app loads the model and Gradio before it listens
+JOB_SECONDS = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def browser_context(tmp_path_factory):
+    """A Playwright browser context on the system's Chromium, or a skip that says what is missing."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as error:
+        pytest.skip(f"Playwright is not installed ({error}); pip install -e '.[browser]'")
+    if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set METAPORTRAIT_CHROMIUM)")
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True,
+            args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 1000}, accept_downloads=True,
+        )
+        yield context
+        context.close()
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    """`metaportrait app` on a free port; stopped with SIGTERM afterwards, and its run folder must be gone then."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("app") / "app.log"
+    command = [sys.executable, "-c", "import sys; from metaportrait.cli import main; sys.exit(main())", "app",
+               "--port", str(port), "--max-seconds", "20"]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + START_SECONDS
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the app exited with {process.returncode}:\n{log_path.read_text()}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the app did not answer within {START_SECONDS} s:\n{log_path.read_text()}")
+            time.sleep(1)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    log = log_path.read_text()
+    assert "Traceback" not in log, log
+    folder = re.search(r"uploads and results of this run: (\S+)", log)
+    assert folder is not None, log
+    assert not Path(folder.group(1)).exists(), "the run folder outlived the app"
+
+
+def write_inputs(folder: Path) -> tuple[Path, Path]:
+    """The astronaut as a JPEG, and a short driving clip of her drifting right and down."""
+    portrait = folder / "astronaut.jpg"
+    write_image(portrait, data.astronaut())
+    clip = folder / "driving.mp4"
+    small = cv2.resize(data.astronaut(), (256, 256), interpolation=cv2.INTER_AREA)
+    with VideoWriter(clip, CLIP_FPS) as writer:
+        for index in range(CLIP_FRAMES):
+            shift = np.float32([[1, 0, 2 * index], [0, 1, index]])
+            writer.write(cv2.warpAffine(small, shift, (256, 256), borderMode=cv2.BORDER_REFLECT))
+    return portrait, clip
+
+
+def open_page(context, url: str):
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_selector("#animate-button", timeout=60_000)
+    return page
+
+
+def upload_portrait(page, path: Path) -> None:
+    """Replace the page's example portrait with ``path``, as a person would: clear the box, then upload."""
+    box = page.locator("#animate-portrait-upload")
+    box.get_by_role("button", name="Clear").click()
+    box.locator("input[type=file]").set_input_files(str(path))
+
+
+def test_animate_in_the_browser_returns_a_playable_video(browser_context, app_url, tmp_path):
+    portrait, clip = write_inputs(tmp_path)
+    page = open_page(browser_context, app_url)
+    status = page.locator("#animate-status")
+
+    upload_portrait(page, portrait)
+    status.get_by_text("Portrait ready.").wait_for(timeout=60_000)
+    page.locator("#animate-driving input[type=file]").set_input_files(str(clip))
+    status.get_by_text("Driving video ready").wait_for(timeout=60_000)
+    assert page.locator("#animate-source input[type=radio]:checked").input_value() == "uploaded driving video"
+
+    page.locator("#animate-button").click()
+    status.get_by_text("Done:").wait_for(timeout=JOB_SECONDS * 1000)
+    assert f"{CLIP_FRAMES} frames" in status.inner_text()
+
+    # Playable in the page: the browser's own decoder loads the result's metadata.
+    video = page.locator("#animate-result video")
+    video.wait_for(timeout=30_000)
+    page.wait_for_function("document.querySelector('#animate-result video').readyState >= 1", timeout=30_000)
+    duration = video.evaluate("element => element.duration")
+    assert duration == pytest.approx(CLIP_FRAMES / CLIP_FPS, abs=0.1)
+
+    # Downloadable: both files, fetched as the browser would, decode to the expected frames.
+    links = page.locator("#animate-files a[href]")
+    assert links.count() == 2
+    shapes = {}
+    for index in range(2):
+        href = links.nth(index).get_attribute("href")
+        response = page.request.get(href if href.startswith("http") else app_url.rstrip("/") + href)
+        assert response.ok
+        name = "side_by_side" if "side_by_side" in href else "result"
+        path = tmp_path / f"{name}.mp4"
+        path.write_bytes(response.body())
+        frames, fps = read_video(path)
+        assert fps == CLIP_FPS
+        shapes[name] = frames.shape
+    assert shapes == {"result": (CLIP_FRAMES, 512, 512, 3), "side_by_side": (CLIP_FRAMES, 256, 512, 3)}
+
+    page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+    if target := os.environ.get("METAPORTRAIT_APP_SCREENSHOT"):
+        shutil.copyfile(tmp_path / "app.png", target)
+    page.close()
+
+
+def test_a_text_file_named_jpg_gets_a_message_not_a_traceback(browser_context, app_url, tmp_path):
+    fake = tmp_path / "holiday.jpg"
+    fake.write_text("this is a text file, not a photo\n")
+    page = open_page(browser_context, app_url)
+    upload_portrait(page, fake)
+    message = page.locator("#animate-status").get_by_text("portrait")
+    message.wait_for(timeout=60_000)
+    assert "portrait: not an image file" in page.locator("#animate-status").inner_text()
+
+    # Animate without a usable portrait says so too.
+    page.locator("#animate-button").click()
+    page.locator("#animate-status").get_by_text("upload a portrait").wait_for(timeout=60_000)
+    assert "Traceback" not in page.content()
+    page.close()
+
+
+def test_edit_preview_follows_the_sliders(browser_context, app_url, tmp_path):
+    page = open_page(browser_context, app_url)
+    page.get_by_role("tab", name="Edit").click()
+    preview = page.locator("#edit-preview img")
+    preview.wait_for(timeout=60_000)
+    before = preview.get_attribute("src")
+
+    mouth = page.locator("#edit-mouth input[type=number]")
+    mouth.fill("0.7")
+    mouth.press("Enter")
+    page.wait_for_function(f"document.querySelector('#edit-preview img').src !== {before!r}", timeout=60_000)
+    after = preview.get_attribute("src")
+
+    images = []
+    for source in (before, after):
+        response = page.request.get(source)
+        assert response.ok
+        images.append(cv2.imdecode(np.frombuffer(response.body(), np.uint8), cv2.IMREAD_COLOR))
+    assert images[0].shape == images[1].shape == (512, 512, 3)
+    # The astronaut's mouth (x 180-260, y 150-230) opened; the far corner of the photo did not change.
+    assert np.abs(images[1][150:230, 180:260].astype(int) - images[0][150:230, 180:260].astype(int)).max() > 40
+    assert np.abs(images[1][400:, 400:].astype(int) - images[0][400:, 400:].astype(int)).max() <= 2
+    page.close()
