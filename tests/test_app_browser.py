@@ -29,7 +29,7 @@ from metaportrait.io.video import VideoWriter, read_video
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = os.environ.get("METAPORTRAIT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = os.environ.get("METAPORTRAIT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # Flags for a quiet, offline, throw-away Chromium (the profile folder is a fresh temporary one per run).
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
