@@ -2,8 +2,8 @@
 
 Needs Debian's ``chromium`` (``apt-get install chromium``) and Playwright's Python package (the ``browser``
 extra); Playwright is pointed at the system's Chromium and never downloads a browser. Without either, the tests
-are skipped with the reason. ``METAPORTRAIT_APP_SCREENSHOT=docs/app.png`` also saves the screenshot of the page
-with a finished result there (the README's picture).
+are skipped with the reason. With ``METAPORTRAIT_APP_SCREENSHOT=docs/images/app.png`` the first test also saves
+its screenshot of the page with a finished result there (the README's picture).
 """
 
 from __future__ import annotations

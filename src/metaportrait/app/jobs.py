@@ -169,8 +169,9 @@ class AnimateJob:
     """One animation, checked when made and run by iterating `run`.
 
     ``driving=None`` uses the built-in scripted motion (`metaportrait.demo_motion`: talking, blinks, a head turn
-    and a nod, 4 s). Either way the result is at most ``limits.max_seconds`` long. `run` yields the number of frames done after each frame; closing it early (a cancelled job)
-    leaves no result file behind. Afterwards `result` holds the `AnimateResult`.
+    and a nod, 4 s). Either way the result is at most ``limits.max_seconds`` long. `run` yields the number of
+    frames done after each frame; closing it early (a cancelled job) leaves no result file behind. Afterwards
+    `result` holds the `AnimateResult`.
 
     Raises:
         InputError: a bad driving video (now), or no face in any of its frames (from `run`, before any frame).

@@ -176,9 +176,9 @@ def animate_tab(context: AppContext) -> None:
         yield paths[0], paths[1], paths, f"Done: {done.summary()}."
 
     driving.change(on_driving, inputs=driving, outputs=[source, status])
-    event = start.click(run, inputs=[portrait, source, driving, motion, paste_back, eyes, yaw, pitch, roll,
-                                     fix_mouth, mouth],
-                        outputs=[result, side, files, status], concurrency_id=MODEL_QUEUE, concurrency_limit=1)  # fmt: skip
+    inputs = [portrait, source, driving, motion, paste_back, eyes, yaw, pitch, roll, fix_mouth, mouth]
+    event = start.click(run, inputs=inputs, outputs=[result, side, files, status], concurrency_id=MODEL_QUEUE,
+                        concurrency_limit=1)  # fmt: skip
     cancel.click(lambda: "Cancelled.", outputs=status, cancels=[event], queue=False)
 
 
