@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -63,9 +64,16 @@ def browser_context(tmp_path_factory):
         context.close()
 
 
+@dataclass(frozen=True)
+class App:
+    url: str
+    folder: Path  # the app's run folder
+
+
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
-    """`metaportrait app` on a free port; stopped with SIGTERM afterwards, and its run folder must be gone then."""
+def app(tmp_path_factory):
+    """`metaportrait app` on a free port (an `App`); stopped with SIGTERM afterwards, and its run folder must be
+    gone then."""
     port = _free_port()
     log_path = tmp_path_factory.mktemp("app") / "app.log"
     command = [sys.executable, "-c", "import sys; from metaportrait.cli import main; sys.exit(main())", "app",
@@ -87,7 +95,9 @@ def app_url(tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"the app did not answer within {START_SECONDS} s:\n{log_path.read_text()}")
             time.sleep(1)
-        yield url
+        folder = re.search(r"uploads and results of this run: (\S+)", log_path.read_text())
+        assert folder is not None, log_path.read_text()
+        yield App(url, Path(folder.group(1)))
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -97,8 +107,6 @@ def app_url(tmp_path_factory):
             process.wait()
     log = log_path.read_text()
     assert "Traceback" not in log, log
-    folder = re.search(r"uploads and results of this run: (\S+)", log)
-    assert folder is not None, log
     assert not Path(folder.group(1)).exists(), "the run folder outlived the app"
 
 
@@ -129,9 +137,9 @@ def upload_portrait(page, path: Path) -> None:
     box.locator("input[type=file]").set_input_files(str(path))
 
 
-def test_animate_in_the_browser_returns_a_playable_video(browser_context, app_url, tmp_path):
+def test_animate_in_the_browser_returns_a_playable_video(browser_context, app, tmp_path):
     portrait, clip = write_inputs(tmp_path)
-    page = open_page(browser_context, app_url)
+    page = open_page(browser_context, app.url)
     status = page.locator("#animate-status")
 
     upload_portrait(page, portrait)
@@ -157,7 +165,7 @@ def test_animate_in_the_browser_returns_a_playable_video(browser_context, app_ur
     shapes = {}
     for index in range(2):
         href = links.nth(index).get_attribute("href")
-        response = page.request.get(href if href.startswith("http") else app_url.rstrip("/") + href)
+        response = page.request.get(href if href.startswith("http") else app.url.rstrip("/") + href)
         assert response.ok
         name = "side_by_side" if "side_by_side" in href else "result"
         path = tmp_path / f"{name}.mp4"
@@ -173,10 +181,10 @@ def test_animate_in_the_browser_returns_a_playable_video(browser_context, app_ur
     page.close()
 
 
-def test_a_text_file_named_jpg_gets_a_message_not_a_traceback(browser_context, app_url, tmp_path):
+def test_a_text_file_named_jpg_gets_a_message_not_a_traceback(browser_context, app, tmp_path):
     fake = tmp_path / "holiday.jpg"
     fake.write_text("this is a text file, not a photo\n")
-    page = open_page(browser_context, app_url)
+    page = open_page(browser_context, app.url)
     upload_portrait(page, fake)
     message = page.locator("#animate-status").get_by_text("portrait")
     message.wait_for(timeout=60_000)
@@ -189,8 +197,8 @@ def test_a_text_file_named_jpg_gets_a_message_not_a_traceback(browser_context, a
     page.close()
 
 
-def test_edit_preview_follows_the_sliders(browser_context, app_url, tmp_path):
-    page = open_page(browser_context, app_url)
+def test_edit_preview_follows_the_sliders(browser_context, app, tmp_path):
+    page = open_page(browser_context, app.url)
     page.get_by_role("tab", name="Edit").click()
     preview = page.locator("#edit-preview img")
     preview.wait_for(timeout=60_000)
@@ -211,4 +219,26 @@ def test_edit_preview_follows_the_sliders(browser_context, app_url, tmp_path):
     # The astronaut's mouth (x 180-260, y 150-230) opened; the far corner of the photo did not change.
     assert np.abs(images[1][150:230, 180:260].astype(int) - images[0][150:230, 180:260].astype(int)).max() > 40
     assert np.abs(images[1][400:, 400:].astype(int) - images[0][400:, 400:].astype(int)).max() <= 2
+    page.close()
+
+
+def test_cancel_stops_the_job_and_the_next_one_runs(browser_context, app, tmp_path):
+    page = open_page(browser_context, app.url)  # first visit: the astronaut and the built-in motion (4 s)
+    status = page.locator("#animate-status")
+    before = set(os.listdir(app.folder / "results"))
+    page.locator("#animate-button").click()
+    status.get_by_text("Animating").wait_for(timeout=60_000)
+    page.locator("#animate-cancel").click()
+    status.get_by_text("Cancelled.").wait_for(timeout=10_000)
+    # Longer than a status interval and a batch of frames: by then the job has stopped and removed its
+    # unfinished files; a job still running would have them still, or would finish its result.
+    time.sleep(3)
+    assert set(os.listdir(app.folder / "results")) == before
+    assert status.inner_text().strip() == "Cancelled."  # a running job would have put its progress there
+    assert page.locator("#animate-files a[href]").count() == 0
+
+    # The queue is free again: the next job (here the scripted motion, 100 frames) runs to the end.
+    page.locator("#animate-button").click()
+    status.get_by_text("Done:").wait_for(timeout=JOB_SECONDS * 1000)
+    assert "100 frames" in status.inner_text()
     page.close()

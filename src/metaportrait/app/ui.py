@@ -9,6 +9,7 @@ Gradio's temporary folder into the run folder.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ UPLOADED_MOTION = "uploaded driving video"
 MAX_EYES = 2.0  # eye-openness factor slider range [0, MAX_EYES]
 MAX_MOUTH = 1.5  # mouth-openness slider range [0, MAX_MOUTH] (inner-lip gap / mouth width)
 MAX_ROLL_DEGREES = 45.0
+STATUS_SECONDS = 0.5  # an animation's status line changes at most this often (so Cancel acts within about that)
 
 
 @dataclass(frozen=True)
@@ -165,9 +167,13 @@ def animate_tab(context: AppContext) -> None:
             job = AnimateJob(context.animator, portrait, driving if source == UPLOADED_MOTION else None, options,
                              context.folder, context.limits)  # fmt: skip
             progress(0.0, desc="starting")
+            shown = time.monotonic()
             for done in job.run():
                 progress((done, job.total), desc="animating", unit="frames")
-                yield gr.skip(), gr.skip(), gr.skip(), f"Animating: frame {done} of about {job.total}."
+                # Each yield is a message to the page, and the one point where Cancel can stop the job.
+                if time.monotonic() - shown >= STATUS_SECONDS:
+                    shown = time.monotonic()
+                    yield gr.skip(), gr.skip(), gr.skip(), f"Animating: frame {done} of about {job.total}."
         except InputError as error:
             yield None, None, None, error_message(error)
             return
@@ -177,8 +183,8 @@ def animate_tab(context: AppContext) -> None:
 
     driving.change(on_driving, inputs=driving, outputs=[source, status])
     inputs = [portrait, source, driving, motion, paste_back, eyes, yaw, pitch, roll, fix_mouth, mouth]
-    event = start.click(run, inputs=inputs, outputs=[result, side, files, status], concurrency_id=MODEL_QUEUE,
-                        concurrency_limit=1)  # fmt: skip
+    event = start.click(run, inputs=inputs, outputs=[result, side, files, status], show_progress_on=[result],
+                        concurrency_id=MODEL_QUEUE, concurrency_limit=1)  # fmt: skip
     cancel.click(lambda: "Cancelled.", outputs=status, cancels=[event], queue=False)
 
 
