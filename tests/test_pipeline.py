@@ -275,6 +275,11 @@ def test_video_driving_tracks_and_counts_lost_frames(animator, astronaut):
     frames = list(animator(image, clip, driving_fps=10, source_landmarks=points))
     assert len(frames) == 5 and frames[0].shape == image.shape
     assert animator.stats.frames == 5 and animator.stats.lost_frames == 1
+    assert animator.stats.reference_frame is not None and 0 <= animator.stats.reference_frame < 5
+    list(animator(image, clip, reference=2, driving_fps=10, source_landmarks=points))
+    assert animator.stats.reference_frame == 2
+    with pytest.raises(ValueError, match="reference must be"):
+        animator(image, clip, reference="middle", source_landmarks=points)
 
 
 def test_still_driver_relative_keeps_source_absolute_copies_driver(animator, astronaut):
@@ -289,8 +294,8 @@ def test_still_driver_relative_keeps_source_absolute_copies_driver(animator, ast
                             borderMode=cv2.BORDER_REPLICATE)
     source = animator.prepare_source(tilted, "tilted")
     still = driving_frames(image, 1)[0]
-    relative = [t for t, _ in animator._driving_targets(source, [still] * 3, "relative", 25.0, "still")]
-    absolute = [t for t, _ in animator._driving_targets(source, [still] * 3, "absolute", 25.0, "still")]
+    relative = [t for t, _ in animator._driving_targets(source, [still] * 3, "relative", "auto", 1.0, 25.0, "still")]
+    absolute = [t for t, _ in animator._driving_targets(source, [still] * 3, "absolute", "auto", 1.0, 25.0, "still")]
     driver = landmarks_of_image(still, "still")
     driver_crop = points_to_crop(driver, CropBox.from_landmarks(driver), TINY.image_size)
     tolerance = 0.5 * TINY.image_size / 64  # MediaPipe's tracking jitters a little even on identical frames
@@ -387,6 +392,7 @@ def test_eyelid_fill_needs_a_mesh_prior(tmp_path):
         ("missing_driving", "missing.mp4: file not found"),
         ("missing_folder", "no_such_folder/out.mp4: output folder"),
         ("bad_suffix", "out.gif: output must end with"),
+        ("reference_beyond_clip", "is outside the driving clip's"),
     ],
 )
 def test_cli_animate_bad_inputs(case, expected, media, tiny_checkpoint, tmp_path, capsys):
@@ -403,9 +409,10 @@ def test_cli_animate_bad_inputs(case, expected, media, tiny_checkpoint, tmp_path
         out = tmp_path / "no_such_folder" / "out.mp4"
     elif case == "bad_suffix":
         out = tmp_path / "out.gif"
+    extra = ["--reference", "999"] if case == "reference_beyond_clip" else []
     capsys.readouterr()
     code = main(["animate", "-s", str(source), "-d", str(driving), "-o", str(out),
-                 "--checkpoint", str(tiny_checkpoint)])
+                 "--checkpoint", str(tiny_checkpoint), *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err

@@ -42,7 +42,7 @@ from metaportrait.data.mesh_warp import mesh_warp_grid, prior_masks
 from metaportrait.errors import InputError
 from metaportrait.io.image import frames_to_tensor, to_tensor, to_uint8_frames
 from metaportrait.models.blocks import make_coordinate_grid, resize_map
-from metaportrait.motion import Controls, absolute_motion, relative_motion
+from metaportrait.motion import Controls, absolute_motion, resolve_reference, retarget_motion
 
 Motion = Literal["relative", "absolute"]
 MOTIONS: tuple[str, ...] = ("relative", "absolute")
@@ -60,6 +60,7 @@ class AnimationStats:
     frames: int = 0  # frames produced so far
     lost_frames: int = 0  # driving frames without a detected face (the last good landmarks were reused)
     seconds: float = 0.0  # wall time from the call until the latest frame
+    reference_frame: int | None = None  # the driving frame relative motion is measured from (None: absolute)
 
     @property
     def fps(self) -> float:
@@ -179,6 +180,8 @@ class Animator:
         crop_output: bool = False,
         controls: Controls | None = None,
         *,
+        reference: str | int = "auto",
+        expression_scale: float = 1.0,
         driving_fps: float = 25.0,
         source_name: str | Path = "<source>",
         driving_name: str | Path = "<driving>",
@@ -192,14 +195,19 @@ class Animator:
         Args:
             source_image: ``uint8`` ``(H, W, 3)`` RGB portrait.
             driving_frames: ``uint8`` ``(h, w, 3)`` RGB frames of one clip, in order (e.g. a `VideoReader`).
-            motion: ``"relative"`` moves the source face as the driver moves relative to its first frame, keeping
-                the source's face shape; ``"absolute"`` uses the driver's landmarks as they are (the driver's face
-                shape, positioned by the driver's crop).
+            motion: ``"relative"`` moves the source face as the driver moves relative to a reference frame,
+                keeping the source's face shape, with mouth and eye openness carried across onto the portrait's
+                own lips and lids (`metaportrait.motion.retarget_motion`); ``"absolute"`` uses the driver's
+                landmarks as they are (the driver's face shape, positioned by the driver's crop).
             paste_back: blend each generated face crop into the full portrait with a feathered edge (True), or
                 yield the model's ``(S, S, 3)`` face crop as it is (False; ``S`` = ``config.image_size``).
             crop_output: yield just the generated ``(S, S, 3)`` face crop (the CLI's ``--crop-output``); the
                 same frames as ``paste_back=False``.
             controls: expression / pose edits applied to every frame (`metaportrait.motion.Controls`).
+            reference: the driving frame relative motion starts from: ``"auto"`` (the clip's most neutral
+                frame, `metaportrait.motion.neutral_frame`; reported in ``stats.reference_frame``), ``"first"``
+                or a frame number.
+            expression_scale: strength of the driver's expression change (1 = as the driver, 0 = none).
             driving_fps: frame rate of the driving clip (sets the landmark and crop smoothing time constants).
             source_name, driving_name: file names for error messages.
             source_landmarks: ``(478, 2)`` landmarks of ``source_image`` if already measured.
@@ -214,12 +222,17 @@ class Animator:
         """
         if motion not in MOTIONS:
             raise ValueError(f"motion must be one of {MOTIONS}, got {motion!r}")
+        if not (reference in ("auto", "first") or (isinstance(reference, int) and reference >= 0)):
+            raise ValueError(f"reference must be 'auto', 'first' or a frame number >= 0, got {reference!r}")
+        if not (np.isfinite(expression_scale) and expression_scale >= 0):
+            raise ValueError(f"expression_scale must be >= 0, got {expression_scale}")
         start = self._start()
         # 1. Source: landmarks, one crop box, the crop at the model's size, identity embedding, line image.
         source = self.prepare_source(source_image, source_name, source_landmarks, paste_back and not crop_output)
         # 2. Driving: per frame, tracked + smoothed landmarks (lost face -> last good), mapped into the driver's
-        #    own smoothed crop, then transferred onto the source crop.
-        targets = self._driving_targets(source, driving_frames, motion, driving_fps, driving_name)
+        #    own smoothed crop, then transferred onto the source crop from the reference frame.
+        targets = self._driving_targets(source, driving_frames, motion, reference, expression_scale, driving_fps,
+                                        driving_name)
         # 3-4. Controls, model inputs, generator, paste back.
         return self._render(source, targets, controls, paste_back, crop_output, start)
 
@@ -296,22 +309,33 @@ class Animator:
         reconstruction = self._generator_result(source, [crop_landmarks])["output"]
         return dataclasses.replace(source, detail=detail, residual=tensor - reconstruction)
 
-    def _driving_targets(self, source: PreparedSource, frames: Iterable[np.ndarray], motion: Motion, fps: float,
+    def _driving_targets(self, source: PreparedSource, frames: Iterable[np.ndarray], motion: Motion,
+                         reference: str | int, expression_scale: float, fps: float,
                          name: str | Path) -> Iterator[tuple[np.ndarray, bool]]:
-        """Step 2 for a driving video: ``(target landmarks in source-crop pixels, face found)`` per frame."""
+        """Step 2 for a driving video: ``(target landmarks in source-crop pixels, face found)`` per frame.
+
+        The whole clip is tracked before the first target (the neutral reference is found over all of it); only
+        its landmarks are kept, not its frames.
+        """
         boxes = BoxSmoother(fps)
-        reference: np.ndarray | None = None
+        driving, found = [], []
         for _, points, present in iter_tracked(frames, smooth=True, fps=fps, name=name):
             # The driver's crop follows its head smoothly, so its landmarks are comparable across frames and
             # with the source crop (both are face-sized squares of the same side).
             box = boxes(CropBox.from_landmarks(points))
-            driving = points_to_crop(points, box, self.size)
-            if reference is None:
-                reference = driving
-            if motion == "relative":
-                yield relative_motion(source.crop_landmarks, driving, reference), present
-            else:
-                yield absolute_motion(driving, self.size, self.size), present
+            driving.append(points_to_crop(points, box, self.size))
+            found.append(present)
+        driving = np.stack(driving)  # (T, 478, 2)
+        if motion == "relative":
+            try:
+                index = resolve_reference(reference, driving)
+            except ValueError as error:
+                raise InputError(name, str(error)) from None
+            self.stats.reference_frame = index
+            targets = retarget_motion(source.crop_landmarks, driving, index, expression_scale)
+        else:
+            targets = absolute_motion(driving, self.size, self.size)
+        yield from zip(targets, found)
 
     def _render(self, source: PreparedSource, targets: Iterable[tuple[np.ndarray, bool]], controls: Controls | None,
                 paste_back: bool, crop_output: bool, start: float) -> Iterator[np.ndarray]:
