@@ -81,6 +81,7 @@ class PreparedSource:
     lines: torch.Tensor  # (1, 3, S, S) in [0, 1], the source landmark line image
     identity: torch.Tensor | None  # (1, identity_dim) embedding, None when the model does not use identity
     flow: torch.Tensor | None = None  # (1, 2, h, w) `Generator.source_flow`, with warp.subtract_source_flow only
+    levels: list[torch.Tensor] | None = None  # `Generator.encode_source`: the source's feature pyramid, batch 1
     # int16 (H, W, 3): the portrait minus its own crop pasted back, i.e. the detail the crop round trip (resampling
     # to S and back) loses; added back where the model leaves the source still (`compose_frame`).
     detail: np.ndarray | None = None
@@ -297,10 +298,12 @@ class Animator:
             with torch.no_grad():
                 identity = self.identity_encoder.embed(tensor, torch.from_numpy(crop_landmarks)[None])
         flow = None
-        if self.config.warp.subtract_source_flow:
-            with torch.no_grad():
+        with torch.no_grad():
+            if self.config.warp.subtract_source_flow:
                 flow = self.generator.source_flow(tensor, lines)
-        source = PreparedSource(image, landmarks, box, crop_image, crop_landmarks, tensor, lines, identity, flow)
+            levels = self.generator.encode_source(tensor)  # once per portrait, not once per frame
+        source = PreparedSource(image, landmarks, box, crop_image, crop_landmarks, tensor, lines, identity, flow,
+                                levels=levels)
         if not (self.keep_source_detail and pasted):
             return source
         round_trip = blend_crop(image, crop_image, box, feather=PASTE_FEATHER)
@@ -402,6 +405,7 @@ class Animator:
                 prior_grid=prior_grid,
                 prior_masks=masks,
                 source_flow=None if source.flow is None else source.flow.expand(count, -1, -1, -1),
+                source_levels=source.levels,
             )
         return result
 
