@@ -66,7 +66,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eyelid-fill", action=argparse.BooleanOptionalAction, default=None,
                         help="close the eyes as lids of skin brought down by the mesh prior instead of the model's "
                              "stretched lashes (default: the checkpoint's; off in the bundled one, see "
-                             "docs/model_card.md, 'Measured in stop 16')")  # fmt: skip
+                             "docs/experiments.md, the lid fill of 2026-11-25)")  # fmt: skip
     parser.add_argument("--no-paste-back", dest="paste_back", action="store_false",
                         help="do not blend the generated face back into the full portrait: write the face crop")
     parser.add_argument("--no-source-detail", dest="keep_source_detail", action="store_false",
