@@ -384,7 +384,8 @@ class Controls:
 # reference (`neutral_frame`) and (2) carries mouth and eye openness across as normalised quantities, placed on the
 # portrait's own lips and lids, so that the portrait keeps its lip shape and a driver's full blink closes its eyes.
 
-REFERENCES_HELP = "auto (the driver's most neutral frame), first, or a frame number"
+REFERENCES_HELP = ("auto (the driver's most neutral frame), first, a frame number, or running (the most neutral "
+                   "frame so far: frames stream out as the driver's come in)")
 # A closed eye still reads as this fraction of the open eye's lid gap to MediaPipe (0.03-0.07 against 0.3-0.45 on
 # the shared driving clips): at or below it the portrait's eye is fully closed.
 CLOSED_EYE_RATIO = 0.15
@@ -415,15 +416,12 @@ def mouth_width_ratio(lmk: np.ndarray) -> np.ndarray:
     return mouth / np.linalg.norm(lmk[..., LEFT_EYE_OUTER, :] - lmk[..., RIGHT_EYE_OUTER, :], axis=-1)
 
 
-def neutral_frame(driving_lmk: np.ndarray) -> int:
-    """Index of the driver's most neutral frame: mouth closed, eyes open, no smile, frontal and upright.
+def neutral_scores(driving_lmk: np.ndarray) -> np.ndarray:
+    """How far each driving frame is from neutral: ``(T, 478, 2)`` -> ``(T,)``, 0 = neutral (see `neutral_frame`).
 
-    Each frame gets a score, the sum of how far it is from neutral on each count in the units above (mouth
-    openness over the clip's minimum, eye closing below the clip's open level, mouth widening over its lower
-    quartile, yaw from the nose offset, roll from the eye line); the lowest score wins, the earliest on ties.
-
-    Args:
-        driving_lmk: ``(T, 478, 2)`` driving landmarks (any pixel frame; every measure is a ratio).
+    The sum, in the units above, of mouth openness over the clip's minimum, eye closing below the clip's open
+    level, mouth widening over its lower quartile, yaw from the nose offset and roll from the eye line. The clip
+    statistics make the score relative to this driver (every measure is a ratio: any pixel frame works).
     """
     points = _check_landmarks(driving_lmk, "driving_lmk")
     if points.ndim != 3 or len(points) == 0:
@@ -439,11 +437,51 @@ def neutral_frame(driving_lmk: np.ndarray) -> int:
     across = eye_line / ocular[:, None]
     yaw = np.abs(((points[:, NOSE_TIP] - corners.mean(axis=1)) * across).sum(-1)) / ocular
     roll = np.abs(np.arctan2(eye_line[:, 1], eye_line[:, 0]))
-    score = ((mouth - mouth.min()) / MOUTH_OPEN_UNIT
-             + np.clip(open_level - eyes, 0.0, None) / (EYE_CLOSING_UNIT * open_level)
-             + np.clip(width / narrow - 1.0, 0.0, None) / SMILE_UNIT
-             + yaw / YAW_UNIT + roll / ROLL_UNIT)
-    return int(np.argmin(score))
+    return ((mouth - mouth.min()) / MOUTH_OPEN_UNIT
+            + np.clip(open_level - eyes, 0.0, None) / (EYE_CLOSING_UNIT * open_level)
+            + np.clip(width / narrow - 1.0, 0.0, None) / SMILE_UNIT
+            + yaw / YAW_UNIT + roll / ROLL_UNIT)
+
+
+def neutral_frame(driving_lmk: np.ndarray) -> int:
+    """Index of the driver's most neutral frame (mouth closed, eyes open, no smile, frontal and upright): the
+    lowest `neutral_scores`, the earliest on ties.
+
+    Args:
+        driving_lmk: ``(T, 478, 2)`` driving landmarks.
+    """
+    return int(np.argmin(neutral_scores(driving_lmk)))
+
+
+class RunningReference:
+    """The neutral reference of a driver seen one frame at a time (live input): `neutral_frame` over a window.
+
+    The reference is the most neutral of the last ``window`` frames, but it changes only when a frame is more
+    neutral than the current reference by ``margin`` score units (re-scored on the same window), so the output
+    does not jump at every small difference. The first frame is the first reference.
+    """
+
+    def __init__(self, window: int = 250, margin: float = 0.5):
+        if window < 2:
+            raise ValueError(f"window must be at least 2 frames, got {window}")
+        self.window, self.margin = window, margin
+        self.history: list[np.ndarray] = []
+        self.reference: np.ndarray | None = None
+        self.changes = 0  # how often the reference moved after the first frame
+
+    def __call__(self, driving_lmk: np.ndarray) -> np.ndarray:
+        """Add one ``(478, 2)`` driving frame; returns the current reference ``(478, 2)`` (float64)."""
+        points = _check_landmarks(driving_lmk, "driving_lmk")
+        self.history = [*self.history[-(self.window - 1):], points]
+        if self.reference is None:
+            self.reference = points
+            return points
+        scores = neutral_scores(np.stack([self.reference, *self.history]))
+        best = int(np.argmin(scores[1:])) + 1
+        if scores[best] < scores[0] - self.margin:
+            self.reference = self.history[best - 1]
+            self.changes += 1
+        return self.reference
 
 
 def resolve_reference(reference: str | int, driving_lmk: np.ndarray) -> int:

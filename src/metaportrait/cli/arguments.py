@@ -21,9 +21,9 @@ def positive_int(text: str) -> int:
 
 
 def reference_frame(text: str) -> str | int:
-    """argparse type of ``--reference``: ``auto``, ``first`` or a frame number (0 is the first frame)."""
-    if text in ("auto", "first"):
+    """argparse type of ``--reference``: ``auto``, ``first``, ``running`` or a frame number (0 is the first)."""
+    if text in ("auto", "first", "running"):
         return text
     if not text.lstrip("-").isdigit():
-        raise argparse.ArgumentTypeError(f"not auto, first or a frame number: {text!r}")
+        raise argparse.ArgumentTypeError(f"not auto, first, running or a frame number: {text!r}")
     return _int_at_least(text, 0)
