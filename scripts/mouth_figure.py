@@ -6,6 +6,10 @@ in docs/model_card.md::
 
     python scripts/mouth_figure.py --checkpoint shipped=default --output docs/images/astronaut_mouth.png
     python scripts/mouth_figure.py --checkpoint shipped=default --eyes 0.5 0.2 0 --output docs/images/astronaut_blink.png
+
+Reproduces docs/images/astronaut_mouth.png (docs/model_card.md, "Evaluation on held-out people"; the teeth under
+the upper lip that `test_bundled_model_keeps_the_source_teeth_under_the_upper_lip` measures) and
+docs/images/astronaut_blink.png (docs/experiments.md, "2026-11-25: source crop put back ..., lid fill ...").
 """
 
 from __future__ import annotations

@@ -466,3 +466,15 @@ def test_lite_flops_per_frame_within_budget():
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         generator(**example_inputs(cfg, batch=1, size=256))
     assert counter.get_total_flops() / 1e9 <= 2.2
+
+
+def test_cached_source_features_give_the_same_output():
+    # The pipeline encodes the portrait once (`encode_source`, batch 1) and reuses it for every frame.
+    torch.manual_seed(0)
+    generator = Generator(PRESETS["lite"]).eval()
+    inputs = example_inputs(PRESETS["lite"], batch=3)
+    inputs["source"] = inputs["source"][:1].expand(3, -1, -1, -1)
+    with torch.no_grad():
+        plain = generator(**inputs)["output"]
+        cached = generator(**inputs, source_levels=generator.encode_source(inputs["source"][:1]))["output"]
+    torch.testing.assert_close(cached, plain, rtol=0, atol=1e-6)

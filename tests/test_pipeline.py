@@ -275,6 +275,11 @@ def test_video_driving_tracks_and_counts_lost_frames(animator, astronaut):
     frames = list(animator(image, clip, driving_fps=10, source_landmarks=points))
     assert len(frames) == 5 and frames[0].shape == image.shape
     assert animator.stats.frames == 5 and animator.stats.lost_frames == 1
+    assert animator.stats.reference_frame is not None and 0 <= animator.stats.reference_frame < 5
+    list(animator(image, clip, reference=2, driving_fps=10, source_landmarks=points))
+    assert animator.stats.reference_frame == 2
+    with pytest.raises(ValueError, match="reference must be"):
+        animator(image, clip, reference="middle", source_landmarks=points)
 
 
 def test_still_driver_relative_keeps_source_absolute_copies_driver(animator, astronaut):
@@ -289,8 +294,8 @@ def test_still_driver_relative_keeps_source_absolute_copies_driver(animator, ast
                             borderMode=cv2.BORDER_REPLICATE)
     source = animator.prepare_source(tilted, "tilted")
     still = driving_frames(image, 1)[0]
-    relative = [t for t, _ in animator._driving_targets(source, [still] * 3, "relative", 25.0, "still")]
-    absolute = [t for t, _ in animator._driving_targets(source, [still] * 3, "absolute", 25.0, "still")]
+    relative = [t for t, _ in animator._driving_targets(source, [still] * 3, "relative", "auto", 1.0, 25.0, "still")]
+    absolute = [t for t, _ in animator._driving_targets(source, [still] * 3, "absolute", "auto", 1.0, 25.0, "still")]
     driver = landmarks_of_image(still, "still")
     driver_crop = points_to_crop(driver, CropBox.from_landmarks(driver), TINY.image_size)
     tolerance = 0.5 * TINY.image_size / 64  # MediaPipe's tracking jitters a little even on identical frames
@@ -387,6 +392,7 @@ def test_eyelid_fill_needs_a_mesh_prior(tmp_path):
         ("missing_driving", "missing.mp4: file not found"),
         ("missing_folder", "no_such_folder/out.mp4: output folder"),
         ("bad_suffix", "out.gif: output must end with"),
+        ("reference_beyond_clip", "is outside the driving clip's"),
     ],
 )
 def test_cli_animate_bad_inputs(case, expected, media, tiny_checkpoint, tmp_path, capsys):
@@ -403,9 +409,10 @@ def test_cli_animate_bad_inputs(case, expected, media, tiny_checkpoint, tmp_path
         out = tmp_path / "no_such_folder" / "out.mp4"
     elif case == "bad_suffix":
         out = tmp_path / "out.gif"
+    extra = ["--reference", "999"] if case == "reference_beyond_clip" else []
     capsys.readouterr()
     code = main(["animate", "-s", str(source), "-d", str(driving), "-o", str(out),
-                 "--checkpoint", str(tiny_checkpoint)])
+                 "--checkpoint", str(tiny_checkpoint), *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
@@ -497,3 +504,58 @@ def _prior_grids(astronaut, configs, controls: Controls):
         target = controls.apply(source.crop_landmarks)
         animator._generate(source, [target])
     return grids, source, target
+
+
+# --- streaming and live -------------------------------------------------------------------------------------------
+
+
+def test_running_reference_streams_and_matches_auto_on_a_still_driver(animator, astronaut):
+    image, points = astronaut
+    clip = driving_frames(image, 4)
+    consumed = []
+
+    def lazily():
+        for frame in clip:
+            consumed.append(frame)
+            yield frame
+
+    frames = animator(image, lazily(), reference="running", driving_fps=10, source_landmarks=points)
+    next(frames)
+    assert len(consumed) < len(clip)  # the first output came before the whole clip was read
+    rest = list(frames)
+    assert len(rest) == len(clip) - 1 and animator.stats.reference_frame is None
+
+
+def test_running_reference_moves_only_to_a_clearly_more_neutral_frame(astronaut):
+    from metaportrait.motion import RunningReference, edit_landmarks
+
+    _, points = astronaut
+    running = RunningReference(window=10)
+    open_mouth = edit_landmarks(points, mouth=0.5)
+    assert np.array_equal(running(open_mouth), open_mouth)  # the first frame is the first reference
+    assert np.array_equal(running(edit_landmarks(points, mouth=0.45)), open_mouth)  # not clearly better
+    closed = running(points)
+    assert np.allclose(closed, points) and running.changes == 1
+
+
+def test_cli_live_plays_a_file_in_real_time(media, tiny_checkpoint, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "live.mp4"
+    capsys.readouterr()
+    code = main(["live", "-s", str(media["astronaut"]), "-d", str(media["driving"]), "-o", str(out),
+                 "--checkpoint", str(tiny_checkpoint)])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["offered"] == 6 and report["processed"] + report["dropped"] == 6
+    assert report["processed"] >= 1 and report["latency_p95_ms"] >= report["latency_p50_ms"] > 0
+    # Dropped frames are repeated, so the output keeps the input's length up to the frames still in flight.
+    frames, size, _ = count_frames(out)
+    assert 1 <= frames <= 6 and size == (512, 512)
+
+
+def test_cli_live_bad_camera_is_one_error_line(tmp_path, media, capsys):
+    capsys.readouterr()
+    code = main(["live", "-s", str(media["astronaut"]), "-d", "97"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: camera 97: could not be opened"), err

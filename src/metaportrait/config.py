@@ -299,7 +299,7 @@ _LITE = ModelConfig(
         encoder_channels=(16, 32, 64, 128, 128),
         motion_dim=128,
         # Width 16 / max 128 (was 8 / 64): the warp network's capacity is what moved validation PSNR (+0.1 dB at
-        # 3000 warp steps, docs/model_card.md), for +0.6 GFLOPs; the narrower one saturated at 26.8 dB.
+        # 3000 warp steps, docs/experiments.md), for +0.6 GFLOPs; the narrower one saturated at 26.8 dB.
         block_expansion=16,
         max_features=128,
         num_blocks=4,

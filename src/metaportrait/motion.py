@@ -251,9 +251,10 @@ def jaw_weights(lmk: np.ndarray) -> np.ndarray:
     lower_lip = np.concatenate([lmk[list(LIPS_OUTER_LOWER)], lmk[list(LIPS_INNER_LOWER)][::-1]])
     upper_lip = np.concatenate([lmk[list(LIPS_OUTER_UPPER)], lmk[list(LIPS_INNER_UPPER)][::-1]])
     vertical[_point_in_polygon(lmk, lower_lip)] = 1.0
-    vertical[list(LIPS_OUTER_LOWER + LIPS_INNER_LOWER)] = 1.0
     vertical[_point_in_polygon(lmk, upper_lip)] = 0.0
     vertical[list(LIPS_OUTER_UPPER + LIPS_INNER_UPPER)] = 0.0
+    # After the polygon tests: on a closed mouth the upper lip's polygon can take in lower-lip contour points.
+    vertical[list(LIPS_OUTER_LOWER + LIPS_INNER_LOWER)] = 1.0
     vertical[list(MOUTH_CORNERS)] = 0.5
     mouth_centre = local[list(MOUTH_CORNERS), 0].mean()
     lateral = np.clip(1.0 - ((local[:, 0] - mouth_centre) / frame.half_width) ** 2, 0.0, 1.0)
@@ -372,3 +373,236 @@ class Controls:
         if self.is_identity:
             return np.asarray(lmk, dtype=np.float32)
         return edit_landmarks(lmk, self.eyes, self.mouth, self.yaw, self.pitch, self.roll)
+
+
+# --- Retargeting: the default motion transfer ---------------------------------------------------------------
+#
+# `relative_motion` adds the driver's landmark offsets from one reference frame to the source. Two things break it on
+# real clips: a reference that is mid-expression (a driver who starts with an open mouth gives a closed-mouth residual
+# that pushes the portrait's lips into each other), and residuals in the driver's pixels that ignore how far the
+# portrait's own lips and lids are apart. `retarget_motion` therefore (1) takes the driver's most neutral frame as the
+# reference (`neutral_frame`) and (2) carries mouth and eye openness across as normalised quantities, placed on the
+# portrait's own lips and lids, so that the portrait keeps its lip shape and a driver's full blink closes its eyes.
+
+REFERENCES_HELP = ("auto (the driver's most neutral frame), first, a frame number, or running (the most neutral "
+                   "frame so far: frames stream out as the driver's come in)")
+# A closed eye still reads as this fraction of the open eye's lid gap to MediaPipe (0.03-0.07 against 0.3-0.45 on
+# the shared driving clips): at or below it the portrait's eye is fully closed.
+CLOSED_EYE_RATIO = 0.15
+MAX_EYE_FACTOR = 1.5  # wider than the reference by at most half: a surprised driver, not a tracker glitch
+# Neutral-frame score weights (`neutral_frame`): one unit is about "visibly not neutral".
+MOUTH_OPEN_UNIT = 0.1  # mouth openness (gap / width) above the clip's minimum
+EYE_CLOSING_UNIT = 0.25  # fraction of the open-eye level lost
+SMILE_UNIT = 0.1  # mouth-width growth over the clip's lower-quartile width
+YAW_UNIT = 0.15  # nose offset from the eye-corner midpoint, in inter-ocular distances
+ROLL_UNIT = np.radians(10.0)
+
+
+def eye_openness_per_eye(lmk: np.ndarray) -> np.ndarray:
+    """Each eye's centre lid gap over its width: ``(..., 478, 2)`` -> ``(..., 2)`` (subject's right, left)."""
+    lmk = _check_landmarks(lmk, "lmk")
+    eyes = []
+    for (upper, lower), (outer, inner) in (((159, 145), (RIGHT_EYE_OUTER, RIGHT_EYE_INNER)),
+                                           ((386, 374), (LEFT_EYE_OUTER, LEFT_EYE_INNER))):
+        gap = np.linalg.norm(lmk[..., upper, :] - lmk[..., lower, :], axis=-1)
+        eyes.append(gap / np.linalg.norm(lmk[..., outer, :] - lmk[..., inner, :], axis=-1))
+    return np.stack(eyes, axis=-1)
+
+
+def mouth_width_ratio(lmk: np.ndarray) -> np.ndarray:
+    """Mouth width (outer corners) over the outer eye-corner distance, ``(..., 478, 2)`` -> ``(...)``: grows in a smile."""
+    lmk = _check_landmarks(lmk, "lmk")
+    mouth = np.linalg.norm(lmk[..., 291, :] - lmk[..., 61, :], axis=-1)
+    return mouth / np.linalg.norm(lmk[..., LEFT_EYE_OUTER, :] - lmk[..., RIGHT_EYE_OUTER, :], axis=-1)
+
+
+def neutral_scores(driving_lmk: np.ndarray) -> np.ndarray:
+    """How far each driving frame is from neutral: ``(T, 478, 2)`` -> ``(T,)``, 0 = neutral (see `neutral_frame`).
+
+    The sum, in the units above, of mouth openness over the clip's minimum, eye closing below the clip's open
+    level, mouth widening over its lower quartile, yaw from the nose offset and roll from the eye line. The clip
+    statistics make the score relative to this driver (every measure is a ratio: any pixel frame works).
+    """
+    points = _check_landmarks(driving_lmk, "driving_lmk")
+    if points.ndim != 3 or len(points) == 0:
+        raise ValueError(f"driving_lmk must be (T, 478, 2) with T >= 1, got {points.shape}")
+    mouth = mouth_openness(points)
+    eyes = eye_openness_per_eye(points).mean(axis=-1)
+    open_level = np.percentile(eyes, 80)  # most frames of a clip have open eyes; blinks are the low tail
+    width = mouth_width_ratio(points)
+    narrow = np.percentile(width, 25)  # not the minimum: an "oo" purses the lips narrower than at rest
+    corners = points[:, [RIGHT_EYE_OUTER, LEFT_EYE_OUTER]]
+    eye_line = corners[:, 1] - corners[:, 0]
+    ocular = np.linalg.norm(eye_line, axis=-1)
+    across = eye_line / ocular[:, None]
+    yaw = np.abs(((points[:, NOSE_TIP] - corners.mean(axis=1)) * across).sum(-1)) / ocular
+    roll = np.abs(np.arctan2(eye_line[:, 1], eye_line[:, 0]))
+    return ((mouth - mouth.min()) / MOUTH_OPEN_UNIT
+            + np.clip(open_level - eyes, 0.0, None) / (EYE_CLOSING_UNIT * open_level)
+            + np.clip(width / narrow - 1.0, 0.0, None) / SMILE_UNIT
+            + yaw / YAW_UNIT + roll / ROLL_UNIT)
+
+
+def neutral_frame(driving_lmk: np.ndarray) -> int:
+    """Index of the driver's most neutral frame (mouth closed, eyes open, no smile, frontal and upright): the
+    lowest `neutral_scores`, the earliest on ties.
+
+    Args:
+        driving_lmk: ``(T, 478, 2)`` driving landmarks.
+    """
+    return int(np.argmin(neutral_scores(driving_lmk)))
+
+
+class RunningReference:
+    """The neutral reference of a driver seen one frame at a time (live input): `neutral_frame` over a window.
+
+    The reference is the most neutral of the last ``window`` frames, but it changes only when a frame is more
+    neutral than the current reference by ``margin`` score units (re-scored on the same window), so the output
+    does not jump at every small difference. The first frame is the first reference.
+    """
+
+    def __init__(self, window: int = 250, margin: float = 0.5):
+        if window < 2:
+            raise ValueError(f"window must be at least 2 frames, got {window}")
+        self.window, self.margin = window, margin
+        self.history: list[np.ndarray] = []
+        self.reference: np.ndarray | None = None
+        self.changes = 0  # how often the reference moved after the first frame
+
+    def __call__(self, driving_lmk: np.ndarray) -> np.ndarray:
+        """Add one ``(478, 2)`` driving frame; returns the current reference ``(478, 2)`` (float64)."""
+        points = _check_landmarks(driving_lmk, "driving_lmk")
+        self.history = [*self.history[-(self.window - 1):], points]
+        if self.reference is None:
+            self.reference = points
+            return points
+        scores = neutral_scores(np.stack([self.reference, *self.history]))
+        best = int(np.argmin(scores[1:])) + 1
+        if scores[best] < scores[0] - self.margin:
+            self.reference = self.history[best - 1]
+            self.changes += 1
+        return self.reference
+
+
+def resolve_reference(reference: str | int, driving_lmk: np.ndarray) -> int:
+    """The reference frame index for ``reference`` = ``"auto"`` (`neutral_frame`), ``"first"`` or a frame number.
+
+    Raises:
+        ValueError: an unknown name, or a frame number outside the clip's ``T`` frames.
+    """
+    count = len(driving_lmk)
+    if reference == "auto":
+        return neutral_frame(driving_lmk)
+    if reference == "first":
+        return 0
+    if isinstance(reference, str):
+        try:
+            reference = int(reference)
+        except ValueError:
+            raise ValueError(f"reference must be auto, first or a frame number, got {reference!r}") from None
+    if not 0 <= reference < count:
+        raise ValueError(f"reference frame {reference} is outside the driving clip's {count} frames")
+    return int(reference)
+
+
+def _lip_gap(lmk: np.ndarray, down: np.ndarray) -> np.ndarray:
+    """Inner-lip gap at the centre along ``down``, ``(..., 478, 2)`` -> ``(...)`` pixels (negative: overlapping)."""
+    return (lmk[..., INNER_LIP_LOWER_CENTRE, :] - lmk[..., INNER_LIP_UPPER_CENTRE, :]) @ down
+
+
+def _retarget_mouth(expression: np.ndarray, source: np.ndarray, openness: np.ndarray) -> None:
+    """Set the mouth openness of ``expression`` (T, 478, 2), source-frame pixels, to ``openness`` (T,), in place.
+
+    The lower lip and jaw move along the source face's down axis, weighted by the source's `jaw_weights` (as
+    `edit_landmarks(mouth=...)`); then inner-lip points that crossed are met half-way, so lips never cross.
+    """
+    down = FaceFrame.of(source).down
+    weights = jaw_weights(source)
+    width = np.linalg.norm(expression[:, 291] - expression[:, 61], axis=-1)
+    gap = _lip_gap(expression, down)
+    shift = (openness * width - gap) / weights[INNER_LIP_LOWER_CENTRE]
+    expression += shift[:, None, None] * weights[None, :, None] * down
+    upper, lower = list(LIPS_INNER_UPPER[1:-1]), list(LIPS_INNER_LOWER[1:-1])  # corners are shared points
+    # A closed mouth's inner lips can overlap a little in the source itself: allow that much, no more.
+    allowed = np.minimum((source[lower] - source[upper]) @ down, 0.0)  # (9,)
+    overlap = np.clip(allowed - (expression[:, lower] - expression[:, upper]) @ down, 0.0, None)  # (T, 9)
+    expression[:, upper] -= 0.5 * overlap[..., None] * down
+    expression[:, lower] += 0.5 * overlap[..., None] * down
+
+
+def _retarget_eye(expression: np.ndarray, source: np.ndarray, factor: np.ndarray, lid_pairs, iris, corners) -> None:
+    """Give one eye of ``expression`` (T, 478, 2) the source's lid gaps times ``factor`` (T,), in place.
+
+    The lids meet where `LID_MEET` puts them between the expression's own lids; the iris is squashed towards that
+    line when the eye closes (as in `edit_landmarks`), never stretched.
+    """
+    upper, lower = [u for u, _ in lid_pairs], [d for _, d in lid_pairs]
+    source_gap = source[upper] - source[lower]  # (P, 2)
+    meet = expression[:, lower] + LID_MEET * (expression[:, upper] - expression[:, lower])  # (T, P, 2)
+    expression[:, upper] = meet + (1 - LID_MEET) * factor[:, None, None] * source_gap
+    expression[:, lower] = meet - LID_MEET * factor[:, None, None] * source_gap
+    axis = expression[:, corners[1]] - expression[:, corners[0]]
+    axis /= np.linalg.norm(axis, axis=-1, keepdims=True)
+    normal = np.stack([-axis[:, 1], axis[:, 0]], axis=-1)  # (T, 2)
+    centre = meet[:, len(lid_pairs) // 2]  # (T, 2)
+    offsets = ((expression[:, list(iris)] - centre[:, None]) * normal[:, None]).sum(-1)  # (T, 5)
+    squash = 1.0 - np.minimum(factor, 1.0)
+    expression[:, list(iris)] -= (squash[:, None] * offsets)[..., None] * normal[:, None]
+
+
+def retarget_motion(source_lmk: np.ndarray, driving_lmk: np.ndarray, reference: int,
+                    expression_scale: float = 1.0, regions: bool = True) -> np.ndarray:
+    """The default motion transfer: `relative_motion` from a reference frame, then mouth and eyes retargeted.
+
+    1. Head pose and the expression residual as `relative_motion` (the residual times ``expression_scale``).
+    2. Mouth (``regions``): the portrait's openness plus the driver's change of openness since the reference,
+       ``m_S + s (m_D(t) - m_D(ref))`` (openness = inner-lip gap over mouth width, so it carries across face
+       sizes), never below closed; placed on the portrait's lips by moving its jaw.
+    3. Eyes (``regions``), each on its own: the driver's lid gap relative to the reference's, rescaled so that
+       `CLOSED_EYE_RATIO` (what a closed eye reads as) is 0, times the portrait's own lid gaps.
+
+    Args:
+        source_lmk: ``(478, 2)`` source landmarks.
+        driving_lmk: ``(T, 478, 2)`` driving landmarks.
+        reference: index of the driver's reference frame (`resolve_reference`).
+        expression_scale: strength of the expression (0 = the portrait's own, 1 = the driver's change, > 1
+            exaggerated); head pose is not scaled.
+        regions: False gives plain `relative_motion` (with the scaled residual).
+
+    Returns:
+        ``float32`` ``(T, 478, 2)`` target landmarks in the source's pixels.
+    """
+    source = _check_landmarks(source_lmk, "source_lmk")
+    driving = _check_landmarks(driving_lmk, "driving_lmk")
+    if source.ndim != 2 or driving.ndim != 3:
+        raise ValueError(f"source_lmk must be (478, 2) and driving_lmk (T, 478, 2), got {source.shape}, {driving.shape}")
+    if not 0 <= reference < len(driving):
+        raise ValueError(f"reference {reference} is outside the {len(driving)} driving frames")
+    if not np.isfinite(expression_scale) or expression_scale < 0:
+        raise ValueError(f"expression_scale must be >= 0, got {expression_scale}")
+    ref = driving[reference]
+    # 1. Expression in the source's frame (`relative_motion` steps 1-3), then the pose (its step 4) at the end.
+    pose_a, pose_b = fit_similarity(ref, driving)  # (T,)
+    src_a, src_b = fit_similarity(ref, source)
+    normalised = (_complex(driving) - pose_b[:, None]) / pose_a[:, None]
+    residual = expression_scale * src_a * (normalised - _complex(ref))
+    expression = _real(_complex(source) + residual).astype(np.float64)  # (T, 478, 2)
+    if regions:
+        # 2. Mouth.
+        driver_mouth = mouth_openness(driving)
+        # The source's own openness measured as `_retarget_mouth` sets it, so a still driver changes nothing.
+        source_mouth = _lip_gap(source, FaceFrame.of(source).down) / np.linalg.norm(source[291] - source[61])
+        openness = source_mouth + expression_scale * (driver_mouth - driver_mouth[reference])
+        _retarget_mouth(expression, source, np.clip(openness, min(source_mouth, 0.0), None))
+        # 3. Eyes.
+        driver_eyes = eye_openness_per_eye(driving)  # (T, 2)
+        relative = driver_eyes / np.maximum(driver_eyes[reference], 1e-6)
+        factors = np.clip((relative - CLOSED_EYE_RATIO) / (1 - CLOSED_EYE_RATIO), 0.0, MAX_EYE_FACTOR)
+        factors = np.clip(1.0 + expression_scale * (factors - 1.0), 0.0, None)
+        _retarget_eye(expression, source, factors[:, 0], RIGHT_EYE_LID_PAIRS, RIGHT_IRIS,
+                      (RIGHT_EYE_OUTER, RIGHT_EYE_INNER))
+        _retarget_eye(expression, source, factors[:, 1], LEFT_EYE_LID_PAIRS, LEFT_IRIS,
+                      (LEFT_EYE_INNER, LEFT_EYE_OUTER))
+    # 4. Pose: A ∘ M ∘ A⁻¹, as in `relative_motion`.
+    target = pose_a[:, None] * (_complex(expression) - src_b) + src_a * pose_b[:, None] + src_b
+    return _real(target)

@@ -42,9 +42,10 @@ from metaportrait.data.mesh_warp import mesh_warp_grid, prior_masks
 from metaportrait.errors import InputError
 from metaportrait.io.image import frames_to_tensor, to_tensor, to_uint8_frames
 from metaportrait.models.blocks import make_coordinate_grid, resize_map
-from metaportrait.motion import Controls, absolute_motion, relative_motion
+from metaportrait.motion import Controls, RunningReference, absolute_motion, resolve_reference, retarget_motion
 
 Motion = Literal["relative", "absolute"]
+REFERENCES: tuple[str, ...] = ("auto", "first", "running")
 MOTIONS: tuple[str, ...] = ("relative", "absolute")
 BUNDLED_CHECKPOINT = "assets/models/lite"  # inside the metaportrait package
 DEFAULT_BATCH_SIZE = 4  # frames per generator forward: amortises per-call overhead, keeps latency and memory low
@@ -60,6 +61,14 @@ class AnimationStats:
     frames: int = 0  # frames produced so far
     lost_frames: int = 0  # driving frames without a detected face (the last good landmarks were reused)
     seconds: float = 0.0  # wall time from the call until the latest frame
+    reference_frame: int | None = None  # the driving frame relative motion is measured from (None: absolute)
+    reference_changes: int = 0  # with the "running" reference: how often it moved to a more neutral frame
+    # Wall seconds per step: "decode" (pulling driving frames), "landmarks" (tracking, smoothing, driver crop),
+    # "motion" (transfer onto the source), "model" (line images, mesh prior, generator), "compose" (paste-back).
+    stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
 
     @property
     def fps(self) -> float:
@@ -80,6 +89,7 @@ class PreparedSource:
     lines: torch.Tensor  # (1, 3, S, S) in [0, 1], the source landmark line image
     identity: torch.Tensor | None  # (1, identity_dim) embedding, None when the model does not use identity
     flow: torch.Tensor | None = None  # (1, 2, h, w) `Generator.source_flow`, with warp.subtract_source_flow only
+    levels: list[torch.Tensor] | None = None  # `Generator.encode_source`: the source's feature pyramid, batch 1
     # int16 (H, W, 3): the portrait minus its own crop pasted back, i.e. the detail the crop round trip (resampling
     # to S and back) loses; added back where the model leaves the source still (`compose_frame`).
     detail: np.ndarray | None = None
@@ -179,6 +189,8 @@ class Animator:
         crop_output: bool = False,
         controls: Controls | None = None,
         *,
+        reference: str | int = "auto",
+        expression_scale: float = 1.0,
         driving_fps: float = 25.0,
         source_name: str | Path = "<source>",
         driving_name: str | Path = "<driving>",
@@ -192,14 +204,21 @@ class Animator:
         Args:
             source_image: ``uint8`` ``(H, W, 3)`` RGB portrait.
             driving_frames: ``uint8`` ``(h, w, 3)`` RGB frames of one clip, in order (e.g. a `VideoReader`).
-            motion: ``"relative"`` moves the source face as the driver moves relative to its first frame, keeping
-                the source's face shape; ``"absolute"`` uses the driver's landmarks as they are (the driver's face
-                shape, positioned by the driver's crop).
+            motion: ``"relative"`` moves the source face as the driver moves relative to a reference frame,
+                keeping the source's face shape, with mouth and eye openness carried across onto the portrait's
+                own lips and lids (`metaportrait.motion.retarget_motion`); ``"absolute"`` uses the driver's
+                landmarks as they are (the driver's face shape, positioned by the driver's crop).
             paste_back: blend each generated face crop into the full portrait with a feathered edge (True), or
                 yield the model's ``(S, S, 3)`` face crop as it is (False; ``S`` = ``config.image_size``).
             crop_output: yield just the generated ``(S, S, 3)`` face crop (the CLI's ``--crop-output``); the
                 same frames as ``paste_back=False``.
             controls: expression / pose edits applied to every frame (`metaportrait.motion.Controls`).
+            reference: the driving frame relative motion starts from: ``"auto"`` (the clip's most neutral
+                frame, `metaportrait.motion.neutral_frame`; reported in ``stats.reference_frame``), ``"first"``,
+                a frame number, or ``"running"``: the most neutral frame seen so far
+                (`metaportrait.motion.RunningReference`), so that frames stream out as the driver's come in
+                (live input; with the other choices the whole clip is tracked before the first frame).
+            expression_scale: strength of the driver's expression change (1 = as the driver, 0 = none).
             driving_fps: frame rate of the driving clip (sets the landmark and crop smoothing time constants).
             source_name, driving_name: file names for error messages.
             source_landmarks: ``(478, 2)`` landmarks of ``source_image`` if already measured.
@@ -214,12 +233,17 @@ class Animator:
         """
         if motion not in MOTIONS:
             raise ValueError(f"motion must be one of {MOTIONS}, got {motion!r}")
+        if not (reference in REFERENCES or (isinstance(reference, int) and reference >= 0)):
+            raise ValueError(f"reference must be one of {REFERENCES} or a frame number >= 0, got {reference!r}")
+        if not (np.isfinite(expression_scale) and expression_scale >= 0):
+            raise ValueError(f"expression_scale must be >= 0, got {expression_scale}")
         start = self._start()
         # 1. Source: landmarks, one crop box, the crop at the model's size, identity embedding, line image.
         source = self.prepare_source(source_image, source_name, source_landmarks, paste_back and not crop_output)
         # 2. Driving: per frame, tracked + smoothed landmarks (lost face -> last good), mapped into the driver's
-        #    own smoothed crop, then transferred onto the source crop.
-        targets = self._driving_targets(source, driving_frames, motion, driving_fps, driving_name)
+        #    own smoothed crop, then transferred onto the source crop from the reference frame.
+        targets = self._driving_targets(source, driving_frames, motion, reference, expression_scale, driving_fps,
+                                        driving_name)
         # 3-4. Controls, model inputs, generator, paste back.
         return self._render(source, targets, controls, paste_back, crop_output, start)
 
@@ -284,10 +308,12 @@ class Animator:
             with torch.no_grad():
                 identity = self.identity_encoder.embed(tensor, torch.from_numpy(crop_landmarks)[None])
         flow = None
-        if self.config.warp.subtract_source_flow:
-            with torch.no_grad():
+        with torch.no_grad():
+            if self.config.warp.subtract_source_flow:
                 flow = self.generator.source_flow(tensor, lines)
-        source = PreparedSource(image, landmarks, box, crop_image, crop_landmarks, tensor, lines, identity, flow)
+            levels = self.generator.encode_source(tensor)  # once per portrait, not once per frame
+        source = PreparedSource(image, landmarks, box, crop_image, crop_landmarks, tensor, lines, identity, flow,
+                                levels=levels)
         if not (self.keep_source_detail and pasted):
             return source
         round_trip = blend_crop(image, crop_image, box, feather=PASTE_FEATHER)
@@ -296,22 +322,71 @@ class Animator:
         reconstruction = self._generator_result(source, [crop_landmarks])["output"]
         return dataclasses.replace(source, detail=detail, residual=tensor - reconstruction)
 
-    def _driving_targets(self, source: PreparedSource, frames: Iterable[np.ndarray], motion: Motion, fps: float,
+    def _driving_targets(self, source: PreparedSource, frames: Iterable[np.ndarray], motion: Motion,
+                         reference: str | int, expression_scale: float, fps: float,
                          name: str | Path) -> Iterator[tuple[np.ndarray, bool]]:
-        """Step 2 for a driving video: ``(target landmarks in source-crop pixels, face found)`` per frame."""
+        """Step 2 for a driving video: ``(target landmarks in source-crop pixels, face found)`` per frame.
+
+        The whole clip is tracked before the first target (the neutral reference is found over all of it; only
+        its landmarks are kept, not its frames), except with ``reference="running"`` or absolute motion, which
+        stream: one target per driving frame as it comes.
+        """
+        if motion == "absolute" or reference == "running":
+            yield from self._streamed_targets(source, frames, motion, expression_scale, fps, name)
+            return
         boxes = BoxSmoother(fps)
-        reference: np.ndarray | None = None
-        for _, points, present in iter_tracked(frames, smooth=True, fps=fps, name=name):
+        driving, found = [], []
+        begin = time.perf_counter()
+        for _, points, present in iter_tracked(self._timed(frames, "decode"), smooth=True, fps=fps, name=name):
             # The driver's crop follows its head smoothly, so its landmarks are comparable across frames and
             # with the source crop (both are face-sized squares of the same side).
             box = boxes(CropBox.from_landmarks(points))
-            driving = points_to_crop(points, box, self.size)
-            if reference is None:
-                reference = driving
+            driving.append(points_to_crop(points, box, self.size))
+            found.append(present)
+        self.stats.add_time("landmarks", time.perf_counter() - begin - self.stats.stage_seconds.get("decode", 0.0))
+        begin = time.perf_counter()
+        driving = np.stack(driving)  # (T, 478, 2)
+        try:
+            index = resolve_reference(reference, driving)
+        except ValueError as error:
+            raise InputError(name, str(error)) from None
+        self.stats.reference_frame = index
+        targets = retarget_motion(source.crop_landmarks, driving, index, expression_scale)
+        self.stats.add_time("motion", time.perf_counter() - begin)
+        yield from zip(targets, found)
+
+    def _streamed_targets(self, source: PreparedSource, frames: Iterable[np.ndarray], motion: Motion,
+                          expression_scale: float, fps: float, name: str | Path) -> Iterator[tuple[np.ndarray, bool]]:
+        """`_driving_targets` one frame at a time: absolute motion, or relative to a `RunningReference`."""
+        boxes = BoxSmoother(fps)
+        running = RunningReference(window=max(2, round(10 * fps)))  # the last 10 seconds
+        begin = time.perf_counter()
+        for _, points, present in iter_tracked(self._timed(frames, "decode"), smooth=True, fps=fps, name=name):
+            driving = points_to_crop(points, boxes(CropBox.from_landmarks(points)), self.size)
+            tracked = time.perf_counter()
+            self.stats.add_time("landmarks", tracked - begin)
             if motion == "relative":
-                yield relative_motion(source.crop_landmarks, driving, reference), present
+                pair = np.stack([running(driving), driving])
+                target = retarget_motion(source.crop_landmarks, pair, 0, expression_scale)[1]
+                self.stats.reference_changes = running.changes
             else:
-                yield absolute_motion(driving, self.size, self.size), present
+                target = absolute_motion(driving, self.size, self.size)
+            self.stats.add_time("motion", time.perf_counter() - tracked)
+            yield target, present
+            begin = time.perf_counter()
+        # Decoding happened inside the tracking loop: keep the two apart.
+        self.stats.add_time("landmarks", -self.stats.stage_seconds.get("decode", 0.0))
+
+    def _timed(self, items: Iterable, stage: str) -> Iterator:
+        """``items``, adding the time spent producing each to ``stats.stage_seconds[stage]``."""
+        items = iter(items)
+        while True:
+            begin = time.perf_counter()
+            item = next(items, None)
+            self.stats.add_time(stage, time.perf_counter() - begin)
+            if item is None:
+                return
+            yield item
 
     def _render(self, source: PreparedSource, targets: Iterable[tuple[np.ndarray, bool]], controls: Controls | None,
                 paste_back: bool, crop_output: bool, start: float) -> Iterator[np.ndarray]:
@@ -323,10 +398,14 @@ class Animator:
             points = [controls.apply(target) for target, _ in batch]
             self.stats.lost_frames += sum(not present for _, present in batch)
             # 3. Generator on a batch of frames.
+            begin = time.perf_counter()
             crops, stillness = self._generate_with_stillness(source, points)
+            self.stats.add_time("model", time.perf_counter() - begin)
             # 4. The face crop, or the full portrait with the crop pasted back.
             for face, still in zip(crops, stillness if stillness is not None else [None] * len(crops)):
+                begin = time.perf_counter()
                 frame = compose_frame(source, face, paste_back, crop_output, still)
+                self.stats.add_time("compose", time.perf_counter() - begin)
                 self.stats.frames += 1
                 self.stats.seconds = time.perf_counter() - start
                 yield frame
@@ -378,6 +457,7 @@ class Animator:
                 prior_grid=prior_grid,
                 prior_masks=masks,
                 source_flow=None if source.flow is None else source.flow.expand(count, -1, -1, -1),
+                source_levels=source.levels,
             )
         return result
 

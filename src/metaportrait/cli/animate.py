@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from metaportrait.cli.arguments import positive_int
+from metaportrait.cli.arguments import positive_int, reference_frame
 from metaportrait.errors import InputError
-from metaportrait.motion import MAX_YAW_PITCH_DEGREES, Controls
+from metaportrait.motion import MAX_YAW_PITCH_DEGREES, REFERENCES_HELP, Controls
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,17 @@ def _bounded_float(low: float | None, high: float | None):
     return parse
 
 
+def add_motion_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--motion``, ``--reference`` and ``--expression-scale`` (see `metaportrait.motion.retarget_motion`)."""
+    parser.add_argument("--motion", choices=("relative", "absolute"), default="relative",
+                        help="relative: follow the driver's motion but keep the portrait's face shape, mouth and "
+                             "eye openness carried across onto the portrait's own lips and lids (default); "
+                             "absolute: use the driver's landmarks as they are")
+    parser.add_argument("--reference", type=reference_frame, default="auto",
+                        help=f"relative motion's starting frame: {REFERENCES_HELP}; default auto")
+    parser.add_argument("--expression-scale", type=_bounded_float(0.0, 3.0), default=1.0,
+                        help="strength of the driver's expression change: 1 as the driver, 0 none, 1.3 stronger")
+
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--checkpoint``, ``--eyelid-fill``, ``--no-paste-back``, ``--no-source-detail`` and ``--crop-output``."""
@@ -55,7 +66,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eyelid-fill", action=argparse.BooleanOptionalAction, default=None,
                         help="close the eyes as lids of skin brought down by the mesh prior instead of the model's "
                              "stretched lashes (default: the checkpoint's; off in the bundled one, see "
-                             "docs/model_card.md, 'Measured in stop 16')")  # fmt: skip
+                             "docs/experiments.md, the lid fill of 2026-11-25)")  # fmt: skip
     parser.add_argument("--no-paste-back", dest="paste_back", action="store_false",
                         help="do not blend the generated face back into the full portrait: write the face crop")
     parser.add_argument("--no-source-detail", dest="keep_source_detail", action="store_false",
@@ -115,9 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", "-s", type=Path, required=True, help="portrait image (or video: first frame)")
     parser.add_argument("--driving", "-d", type=Path, required=True, help="driving video")
     parser.add_argument("--output", "-o", type=Path, required=True, help="output video (.mp4 or .mov)")
-    parser.add_argument("--motion", choices=("relative", "absolute"), default="relative",
-                        help="relative: follow the driver's motion but keep the portrait's face shape (default); "
-                             "absolute: use the driver's landmarks as they are")
+    add_motion_arguments(parser)
     add_model_arguments(parser)
     parser.add_argument("--max-frames", type=positive_int, default=None, metavar="N", help="stop after N output frames")
     parser.add_argument("--fps", type=_bounded_float(1.0, 240.0), default=None,
@@ -149,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
         driving = iter(reader) if args.fps is None else resample_fps(reader, reader.fps, fps)
         driving = itertools.islice(driving, args.max_frames)
         frames = animator(source_image, driving, motion=args.motion, paste_back=args.paste_back,
-                          crop_output=args.crop_output, controls=controls, driving_fps=fps,
+                          crop_output=args.crop_output, controls=controls, reference=args.reference,
+                          expression_scale=args.expression_scale, driving_fps=fps,
                           source_name=args.source, driving_name=args.driving)
 
         # 3. Stream into the writer; it renames its temporary file only if everything succeeded.
@@ -162,8 +172,9 @@ def run(args: argparse.Namespace) -> int:
                 progress.update()
 
     stats = animator.stats
+    reference = "" if stats.reference_frame is None else f", motion relative to driving frame {stats.reference_frame}"
     logger.info(
-        "wrote %s: %d frames in %.1f s (%.2f frames/s), %d frames with lost face tracking%s",
-        output, stats.frames, stats.seconds, stats.fps, stats.lost_frames, ", with audio" if audio else "",
+        "wrote %s: %d frames in %.1f s (%.2f frames/s), %d frames with lost face tracking%s%s",
+        output, stats.frames, stats.seconds, stats.fps, stats.lost_frames, reference, ", with audio" if audio else "",
     )
     return 0

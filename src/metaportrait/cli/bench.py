@@ -2,15 +2,21 @@
 
 The benchmark scripts live beside the package in a source checkout (they read the shared test data and are not
 installed), so this command works from a checkout (``pip install -e .``, as ``make`` does). Each script defines
-``run(threads=...) -> dict``; the output is ``{"threads": N, "<name>": <that dict>, ...}``.
+``run(threads=...) -> dict``; the output is ``{"threads": N, "reference_ms": {...}, "<name>": <that dict>, ...}``.
+
+``reference_ms`` is a fixed workload timed before and after the benchmarks in the same run (`reference_ms`):
+ten 3x3 convolutions 64 -> 64 with ReLU on a 1x64x128x128 tensor, no grad. The CPU's state (turbo, throttling,
+other jobs) moves every timing; divide by it to compare numbers from different days.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import logging
+import statistics
 import time
 from pathlib import Path
 
@@ -18,6 +24,7 @@ import torch
 
 from metaportrait.cli.arguments import positive_int
 from metaportrait.errors import InputError
+from metaportrait.io.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -48,22 +55,55 @@ def load_benchmark(name: str):
     return module
 
 
+def reference_ms(threads: int, repeats: int = 5) -> float:
+    """Median milliseconds of the reference workload (see the module docstring) on ``threads`` threads."""
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    convolutions = [torch.nn.Conv2d(64, 64, 3, padding=1) for _ in range(10)]
+    x = torch.rand(1, 64, 128, 128, generator=generator)
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # the first call warms up
+            begin = time.perf_counter()
+            y = x
+            for convolution in convolutions:
+                y = torch.relu(convolution(y))
+            times.append(1000 * (time.perf_counter() - begin))
+    return statistics.median(times[1:])
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=2,
                         help="CPU threads for torch (and the benchmarks' own pools)")
     parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append", default=None,
                         help="run only this benchmark (repeatable)")
+    parser.add_argument("--frames", type=positive_int, default=None,
+                        help="frames per case of the benchmarks that take a frame count (default: each one's own)")
+    parser.add_argument("--driving", type=Path, default=None,
+                        help="driving video for the animate benchmark (default: a built-in scripted clip)")
+    parser.add_argument("--output", "-o", type=Path, default=None, help="also write the JSON object to this file")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.driving is not None and not args.driving.is_file():
+        raise InputError(args.driving, "file not found")
+    if args.output is not None and not args.output.parent.is_dir():
+        raise InputError(args.output, "output folder does not exist")
     names = [name for name in BENCHMARKS if args.only is None or name in args.only]
     modules = {name: load_benchmark(name) for name in names}  # all scripts load before any long measurement
     torch.set_num_threads(args.threads)
-    results: dict = {"threads": args.threads}
+    results: dict = {"threads": args.threads, "reference_ms": {"before": reference_ms(args.threads)}}
     for name, module in modules.items():
         logger.info("benchmark %s ...", name)
         start = time.perf_counter()
-        results[name] = module.run(threads=args.threads)
+        accepted = inspect.signature(module.run).parameters
+        options = {key: value for key, value in (("frames", args.frames), ("driving", args.driving))
+                   if value is not None and key in accepted}
+        results[name] = module.run(threads=args.threads, **options)
         logger.info("benchmark %s done in %.1f s", name, time.perf_counter() - start)
-    print(json.dumps(results, indent=2))
+    results["reference_ms"]["after"] = reference_ms(args.threads)
+    text = json.dumps(results, indent=2)
+    if args.output is not None:
+        write_text_atomic(args.output, text + "\n")
+    print(text)
     return 0

@@ -27,6 +27,7 @@ import logging
 import shlex
 from pathlib import Path
 
+from metaportrait.cli.animate import add_motion_arguments
 from metaportrait.cli.arguments import positive_int
 from metaportrait.errors import InputError
 from metaportrait.io.atomic import write_text_atomic
@@ -74,8 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cross = protocols.add_parser("cross", help="cross-identity reenactment: every source with every driver")
     cross.add_argument("--sources", type=Path, nargs="+", required=True, help="portrait images (or videos)")
     cross.add_argument("--driving", type=Path, nargs="+", required=True, help="driving clips")
-    cross.add_argument("--motion", choices=("relative", "absolute"), default="relative",
-                       help="how driver motion is transferred to the source face")
+    add_motion_arguments(cross)
+    cross.add_argument("--no-region-retarget", dest="regions", action="store_false",
+                       help="relative motion without the mouth and eye retargeting (the plain landmark residual)")
     _add_common(cross)
     _add_reference_metrics(cross)
     curve = protocols.add_parser("curve", help="validation PSNR / face L1 vs step of training runs, as a plot")
@@ -123,7 +125,10 @@ def _command(args: argparse.Namespace) -> str:
     if args.protocol == "self":
         parts += ["--videos", *map(str, args.videos)]
     else:
-        parts += ["--sources", *map(str, args.sources), "--driving", *map(str, args.driving), "--motion", args.motion]
+        parts += ["--sources", *map(str, args.sources), "--driving", *map(str, args.driving), "--motion", args.motion,
+                  "--reference", str(args.reference), "--expression-scale", f"{args.expression_scale:g}"]
+        if not args.regions:
+            parts += ["--no-region-retarget"]
     parts += ["--output", str(args.output), "--max-frames", str(args.max_frames), "--stride", str(args.stride),
               "--size", str(args.size)]
     if args.checkpoint is not None:
@@ -184,7 +189,9 @@ def run(args: argparse.Namespace) -> int:
     if args.protocol == "self":
         outcome = protocols.evaluate_self(args.videos, methods, models, **options)
     else:
-        outcome = protocols.evaluate_cross(args.sources, args.driving, methods, models, motion=args.motion, **options)
+        outcome = protocols.evaluate_cross(args.sources, args.driving, methods, models, motion=args.motion,
+                                           reference=args.reference, expression_scale=args.expression_scale,
+                                           regions=args.regions, **options)
 
     results = {"protocol": outcome.results["protocol"], "command": _command(args), "checkpoints": hashes,
                **outcome.results}

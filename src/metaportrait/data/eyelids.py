@@ -37,11 +37,11 @@ CLOSING, CLOSED = 0.3, 0.8
 EYELID_SIGMA_AT_128 = 1.0  # feathering in px at 128 px, scaled with the image size
 # How far up a band pixel reads, as (its height in the band / the band's height) ** LASH_PROFILE lid heights:
 # 1 squeezes the source's lash line into the band's lower part and brings the skin above down over the rest;
-# 0 (the whole band reads skin) loses the lash line (docs/model_card.md, "Measured in stop 16").
+# 0 (the whole band reads skin) loses the lash line (docs/experiments.md, the lid fill of 2026-11-25).
 LASH_PROFILE = 1.0
 # The band's top reads at most this share of the way from it to the brow: where brows sit close to the eyes,
 # a full lid height up is brow, copied onto the lid (measured: cross-reenactment AKD back to the unfilled
-# model's, the closing-eye pixel numbers a little worse; docs/model_card.md, "Measured in stop 16").
+# model's, the closing-eye pixel numbers a little worse; docs/experiments.md, the lid fill of 2026-11-25).
 BROW_SHARE = 0.5
 
 
@@ -66,7 +66,7 @@ def fill_lids(grid: np.ndarray, source_landmarks: np.ndarray, driving_landmarks:
     height at the band's top (`LASH_PROFILE`) and never past half the way to the brow (`BROW_SHARE`): the lowered
     lid shows the source's lash line squeezed into its lower part and the skin between lashes and brow moved
     down over the rest. A model then warps skin-coloured pixels onto the lid instead of painting it
-    (``ModelConfig.prior_eyelid_fill``; docs/model_card.md, "Measured in stop 16").
+    (``ModelConfig.prior_eyelid_fill``; docs/experiments.md, the lid fill of 2026-11-25).
 
     ``grid``: ``float32`` ``(H, W, 2)`` from `metaportrait.data.mesh_warp.mesh_warp_grid` for these landmarks
     (pixel coordinates of its ``H`` x ``W`` frame) -> the same shape; unchanged where no eye closes.

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 
 from metaportrait.eval.features import fd_mobilenetv2
-from metaportrait.motion import fit_similarity
+from metaportrait.motion import eye_openness, fit_similarity, mouth_openness
 
 if TYPE_CHECKING:
     from metaportrait.models.identity import IdentityEncoder
@@ -254,6 +254,48 @@ def aed(landmarks_a: np.ndarray, landmarks_b: np.ndarray) -> float:
     right, left = OUTER_EYE_CORNERS
     inter_ocular = np.abs(zb[..., right] - zb[..., left])
     return float((residual.mean(axis=-1) / inter_ocular).mean())
+
+
+# Below these spreads (standard deviation of the openness over the clip) the driver's region barely moves, and a
+# correlation with it measures tracker noise: the following metrics are NaN there.
+MIN_MOUTH_SPREAD = 0.02
+MIN_EYE_SPREAD = 0.02
+
+
+def _correlation(a: np.ndarray, b: np.ndarray, min_spread: float) -> float:
+    if b.std() < min_spread or a.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _range_ratio(a: np.ndarray, b: np.ndarray, min_spread: float) -> float:
+    """Robust range (5th to 95th percentile) of ``a`` over ``b``'s."""
+    if b.std() < min_spread:
+        return float("nan")
+    return float(np.ptp(np.percentile(a, [5, 95])) / np.ptp(np.percentile(b, [5, 95])))
+
+
+def following(output_landmarks: np.ndarray, driving_landmarks: np.ndarray) -> dict[str, float]:
+    """How the output's mouth and eyes follow the driver's, over one clip.
+
+    Openness as `metaportrait.motion.mouth_openness` / `eye_openness` (ratios, so the two faces' sizes do not
+    matter), per frame of ``(T, 478, 2)`` landmarks measured on the output and on the driver:
+
+    * ``mouth_corr``, ``eye_corr``: Pearson correlation over time (1 = opens and closes with the driver);
+    * ``mouth_range``: the output's robust openness range over the driver's (1 = opens as far).
+
+    NaN when the driver's region hardly moves (`MIN_MOUTH_SPREAD`, `MIN_EYE_SPREAD`) or the clip is shorter
+    than 3 frames.
+    """
+    a, b = _landmark_pair(output_landmarks, driving_landmarks)
+    if a.ndim != 3 or len(a) < 3:
+        return {"mouth_corr": float("nan"), "mouth_range": float("nan"), "eye_corr": float("nan")}
+    mouth_a, mouth_b = mouth_openness(a), mouth_openness(b)
+    return {
+        "mouth_corr": _correlation(mouth_a, mouth_b, MIN_MOUTH_SPREAD),
+        "mouth_range": _range_ratio(mouth_a, mouth_b, MIN_MOUTH_SPREAD),
+        "eye_corr": _correlation(eye_openness(a), eye_openness(b), MIN_EYE_SPREAD),
+    }
 
 
 LANDMARK_METRICS = {"akd": akd, "aed": aed, "apd": apd}

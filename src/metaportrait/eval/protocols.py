@@ -14,10 +14,12 @@ square face crops (`Method`): the two training-free baselines (`source_copy`, `m
   all real frames (`metaportrait.eval.reference_nets`); without them these metrics are absent, never estimated.
 - **cross** (`evaluate_cross`): every source portrait with every driving clip. The driver is tracked and cut
   with a smoothed box that follows its head, and its motion is transferred onto the source crop
-  (`metaportrait.motion.relative_motion`, or ``absolute``), exactly as `metaportrait.pipeline.Animator` does.
+  (`metaportrait.motion.retarget_motion` from the ``reference`` frame, or ``absolute``), exactly as
+  `metaportrait.pipeline.Animator` does.
   Metrics: identity distance and ID loss to the source; AKD / AED / APD of the output landmarks against the
   target landmarks the methods were given; AED / APD against the driver itself (``aed_driver``,
-  ``apd_driver``: the literature's definition, which also counts face-shape differences); E_warp with each
+  ``apd_driver``: the literature's definition, which also counts face-shape differences); mouth and eye
+  following (``mouth_corr``, ``mouth_range``, ``eye_corr``: `metaportrait.eval.metrics.following`); E_warp with each
   output's own flow (there is no ground truth); FD-MobileNetV2 (and, with its weights, FID) of all outputs
   against the source crops.
 
@@ -54,7 +56,7 @@ from metaportrait.data.landmarks import (
 from metaportrait.data.mesh_warp import face_mask, mesh_warp_image
 from metaportrait.errors import InputError, NoFaceError
 from metaportrait.eval import metrics
-from metaportrait.motion import relative_motion
+from metaportrait.motion import resolve_reference, retarget_motion
 
 logger = logging.getLogger(__name__)
 
@@ -357,10 +359,13 @@ def load_driver(
     return np.stack(crops), np.stack(landmarks), fps
 
 
-def transfer(source_landmarks: np.ndarray, driving_landmarks: np.ndarray, motion: str) -> np.ndarray:
-    """Target landmarks in source-crop pixels (driver and source crops have the same size)."""
+def transfer(source_landmarks: np.ndarray, driving_landmarks: np.ndarray, motion: str,
+             reference: str | int = "auto", expression_scale: float = 1.0, regions: bool = True) -> np.ndarray:
+    """Target landmarks in source-crop pixels (driver and source crops have the same size); the arguments after
+    ``motion`` as in `metaportrait.motion.retarget_motion` (``reference`` as `resolve_reference` takes it)."""
     if motion == "relative":
-        return relative_motion(source_landmarks, driving_landmarks, driving_landmarks[0])
+        index = resolve_reference(reference, driving_landmarks)
+        return retarget_motion(source_landmarks, driving_landmarks, index, expression_scale, regions)
     if motion == "absolute":  # the driver's landmarks as they are (both crops have the same size)
         return driving_landmarks.astype(np.float32)
     raise ValueError(f"motion must be 'relative' or 'absolute', got {motion!r}")
@@ -505,12 +510,17 @@ def evaluate_cross(
     max_frames: int | None = 100,
     stride: int = 2,
     keep_visuals: int = 2,
+    reference: str | int = "auto",
+    expression_scale: float = 1.0,
+    regions: bool = True,
 ) -> ProtocolResult:
     """Cross-identity reenactment of every source by every driver (see the module docstring).
 
     Args:
         sources: portrait images (or videos: first frame); drivers: driving clips. Stems must be unique.
         motion: "relative" (keeps the source's face shape) or "absolute".
+        reference, expression_scale, regions: relative motion's reference frame, expression strength and
+            per-region retargeting (`transfer`).
         Others as in `evaluate_self`.
     """
     _check_unique([Path(s).stem for s in sources])
@@ -526,7 +536,7 @@ def evaluate_cross(
         logger.info("cross %d/%d: %s, %d frames", number, len(drivers), Path(driver).stem, len(driving))
         for source_name, (source, source_landmarks) in loaded_sources.items():
             pair = f"{source_name}<-{Path(driver).stem}"
-            targets = transfer(source_landmarks, driving_landmarks, motion)
+            targets = transfer(source_landmarks, driving_landmarks, motion, reference, expression_scale, regions)
             outputs = {}
             for name, method in methods.items():
                 output = method(source, source_landmarks, driving, targets)
@@ -541,6 +551,7 @@ def evaluate_cross(
                         for name, value in _landmark_metrics(output_landmarks, driving_landmarks, size).items()
                         if name != "akd"  # the driver's face has another shape: its keypoints are no target
                     },
+                    **metrics.following(_or(output_landmarks, targets), driving_landmarks),
                     "e_warp": metrics.warping_error(output),
                     "face_found": found,
                 }
@@ -560,6 +571,7 @@ def evaluate_cross(
     results = {
         "protocol": "cross",
         "settings": {"size": size, "max_frames": max_frames, "stride": stride, "motion": motion,
+                     "reference": reference, "expression_scale": expression_scale, "regions": regions,
                      "sources": len(sources), "drivers": len(drivers)},
         "methods": {name: acc.summary(_set_metrics(_concatenate(acc.features), source_features))
                     for name, acc in accumulators.items()},

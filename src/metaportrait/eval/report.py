@@ -31,21 +31,25 @@ TABLE_COLUMNS: dict[str, tuple[str, bool, int]] = {
     "psnr": ("PSNR", False, 2),
     "ssim": ("SSIM", False, 4),
     "face_l1": ("face L1", True, 4),
+    "mouth_corr": ("mouth corr", False, 3),
+    "mouth_range": ("mouth range", False, 2),
+    "eye_corr": ("eye corr", False, 3),
     "face_found": ("face found", False, 3),
 }
+TARGET_ONE = {"mouth_range"}  # best at 1, not at an extreme: marked "≈1", never bold
 
 
 def markdown_table(results: dict) -> str:
     """Table 1-style markdown: one row per method, the protocol's metrics as columns, best value in bold."""
     methods = results["methods"]
     present = [m for m in TABLE_COLUMNS if any(m in values for values in methods.values())]
-    header = "| method | " + " | ".join(f"{TABLE_COLUMNS[m][0]} {'↓' if TABLE_COLUMNS[m][1] else '↑'}"
-                                        for m in present) + " |"
+    arrows = {m: "≈1" if m in TARGET_ONE else "↓" if TABLE_COLUMNS[m][1] else "↑" for m in present}
+    header = "| method | " + " | ".join(f"{TABLE_COLUMNS[m][0]} {arrows[m]}" for m in present) + " |"
     lines = [header, "|---" * (len(present) + 1) + "|"]
     best = {}
     for metric in present:
         values = [v[metric]["mean"] for v in methods.values() if v.get(metric, {}).get("mean") is not None]
-        if values:
+        if values and metric not in TARGET_ONE:
             best[metric] = min(values) if TABLE_COLUMNS[metric][1] else max(values)
     for name, values in methods.items():
         cells = []

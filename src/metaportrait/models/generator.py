@@ -88,6 +88,7 @@ class Generator(nn.Module):
         driving_keypoints: torch.Tensor | None = None,
         prior_masks: torch.Tensor | None = None,
         source_flow: torch.Tensor | None = None,
+        source_levels: list[torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Animate ``source`` to follow the driving landmarks.
 
@@ -107,6 +108,8 @@ class Generator(nn.Module):
                 mouth template's teeth and cavity (refine conditions)]; required iff ``prior_masks``.
             source_flow: `source_flow(source, source_lines)`, only with ``warp.subtract_source_flow``; computed
                 here when not given (pass it to reuse it across the frames of one source).
+            source_levels: `encode_source(source)`, computed here when not given; batch 1 or B (pass it to reuse
+                the source's feature pyramid across the frames of one source: it depends on the source alone).
         Returns:
             ``deformation`` ``(B, h, w, 2)`` sampling grid; ``occlusion`` ``(B, 1, H, W)`` in (0, 1), 1 = source
             visible; ``warped`` ``(B, 3, H, W)`` source warped by the deformation, in [0, 1]; ``flow``
@@ -136,8 +139,8 @@ class Generator(nn.Module):
             return out
 
         # 2. Source feature pyramid, coarsest first, warped by the same deformation.
-        _, levels = self.feature_encoder(source, return_all=True)
-        levels[-1] = self.fuse_high_res(levels[-1])
+        levels = self.encode_source(source) if source_levels is None else [
+            level.expand(B, -1, -1, -1) for level in source_levels]
         warped_levels = [deform_input(level, out["deformation"], cfg.warp.padding_mode) for level in levels]
 
         # 3. Decoder conditioned on warped features, occlusion and landmarks, modulated by the identity.
@@ -161,6 +164,12 @@ class Generator(nn.Module):
             out["output"] = occlusion * warped + (1 - occlusion) * out["generated"]
         assert out["output"].shape == (B, 3, H, W), out["output"].shape
         return out
+
+    def encode_source(self, source: torch.Tensor) -> list[torch.Tensor]:
+        """The refinement's source feature pyramid, coarsest first: ``(B, C_l, H_l, W_l)`` per level (see `forward`)."""
+        _, levels = self.feature_encoder(source, return_all=True)
+        levels[-1] = self.fuse_high_res(levels[-1])
+        return levels
 
     def source_flow(self, source: torch.Tensor, source_lines: torch.Tensor) -> torch.Tensor:
         """The warping network's flow head when the source drives itself: ``(B, 2, h, w)`` (see `forward`).

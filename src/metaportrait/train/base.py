@@ -22,7 +22,7 @@ Run directory (``out_dir``):
 With ``ema_decay`` > 0 the generator that is validated and written to ``model/`` and ``best/`` is an exponential
 moving average of the trained weights (Polyak averaging, as StyleGAN / FOMM-style repos ship): small CPU batches
 make single-step weights noisy, and the average of the last ~1 / (1 - ema_decay) steps is what gets used
-(measured on the lite model: no gain when the learning rate already decays at the end, docs/model_card.md).
+(measured on the lite model: no gain when the learning rate already decays at the end, docs/experiments.md).
 
 Exact resume: training pairs are a function of the step (`metaportrait.data.pairs.StepSampler`), the lr schedule
 of the step, and nothing in the networks draws random numbers, so on CPU with ``num_workers=0`` a run resumed

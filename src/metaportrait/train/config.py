@@ -30,7 +30,7 @@ Recipes (`recipe(preset, stage, steps)`):
     whole-frame terms are dominated by hair and background, and the face is what the baselines get right;
   - on 64² crops around the driving mouth box, a perceptual loss (x2 per layer) and a local critic
     (`MouthDiscriminator`, LSGAN x1, feature matching x2), with the mouth-box L1 lowered to x15: the
-    whole-frame losses alone paint the average mouth, a flat fill (docs/model_card.md, "Mouth").
+    whole-frame losses alone paint the average mouth, a flat fill (docs/experiments.md, "Why a smooth fill").
 * ``tiny``: ``lite`` at 64² with batch 2 and frequent logging/checkpoints, for tests.
 """
 
