@@ -15,6 +15,7 @@ from metaportrait.app.jobs import (
     PORTRAIT,
     AnimateJob,
     AnimateOptions,
+    Cancelled,
     Limits,
     RunFolder,
     check_driving,
@@ -130,7 +131,9 @@ def test_animate_with_an_uploaded_clip_writes_the_result_and_the_side_by_side(an
     clip = write_clip(tmp_path / "clip.mp4")
     job = AnimateJob(animator, portrait, clip, AnimateOptions(), folder, Limits())
     assert job.total == CLIP_FRAMES
-    assert list(job.run()) == list(range(1, CLIP_FRAMES + 1))
+    read = []
+    assert list(job.run(read.append)) == list(range(1, CLIP_FRAMES + 1))
+    assert read == list(range(1, CLIP_FRAMES + 1))  # every driving frame read was reported
     result = job.result
     assert result.frames == CLIP_FRAMES and result.lost_frames == 0
     # Result files are named by the run's counter, in the run folder, never after an upload.
@@ -177,12 +180,39 @@ def test_no_face_in_the_driving_video_is_an_input_error(animator, portrait, fold
     assert list(folder.results.iterdir()) == []
 
 
-def test_a_cancelled_job_leaves_no_file(animator, portrait, folder):
+def test_a_closed_job_leaves_no_file(animator, portrait, folder):
     job = AnimateJob(animator, portrait, None, AnimateOptions(), folder, Limits(max_seconds=0.4))
     frames = job.run()
     assert next(frames) == 1
-    frames.close()  # what cancelling does: the job is not iterated any further
+    frames.close()  # what Gradio's cancel does: the job is not iterated any further
     assert job.result is None
+    assert list(folder.results.iterdir()) == []
+
+
+def test_cancel_stops_a_job_while_it_writes(animator, portrait, folder):
+    job = AnimateJob(animator, portrait, None, AnimateOptions(), folder, Limits(max_seconds=0.4))
+    frames = job.run()
+    assert next(frames) == 1
+    job.cancel()
+    with pytest.raises(Cancelled):
+        next(frames)
+    assert job.result is None
+    assert list(folder.results.iterdir()) == []
+
+
+def test_cancel_stops_a_job_while_it_tracks_the_driving_video(animator, portrait, folder, tmp_path):
+    clip = write_clip(tmp_path / "clip.mp4")
+    job = AnimateJob(animator, portrait, clip, AnimateOptions(), folder, Limits())
+    read = []
+
+    def on_read(count: int) -> None:
+        read.append(count)
+        if count == 2:
+            job.cancel()
+
+    with pytest.raises(Cancelled):
+        list(job.run(on_read))
+    assert read == [1, 2]  # stopped at the next frame read, before the clip was tracked to its end
     assert list(folder.results.iterdir()) == []
 
 

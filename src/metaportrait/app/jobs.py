@@ -8,13 +8,12 @@ because the path means nothing to the person in front of the page.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import math
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,13 +164,19 @@ class AnimateResult:
         return f"{self.frames} frames in {self.seconds:.1f} s ({self.frames / self.seconds:.1f} frames/s){lost}"
 
 
+class Cancelled(Exception):
+    """An `AnimateJob` stopped by `AnimateJob.cancel`."""
+
+
 class AnimateJob:
     """One animation, checked when made and run by iterating `run`.
 
     ``driving=None`` uses the built-in scripted motion (`metaportrait.demo_motion`: talking, blinks, a head turn
     and a nod, 4 s). Either way the result is at most ``limits.max_seconds`` long. `run` yields the number of
-    frames done after each frame; closing it early (a cancelled job) leaves no result file behind. Afterwards
-    `result` holds the `AnimateResult`.
+    frames done after each frame; afterwards `result` holds the `AnimateResult`. `cancel` (from another thread)
+    stops it at the next frame read or written, also while the driving video is being tracked (the animator
+    tracks the whole clip before its first frame); a stopped job, like one whose `run` is closed early, leaves no
+    result file behind.
 
     Raises:
         InputError: a bad driving video (now), or no face in any of its frames (from `run`, before any frame).
@@ -197,9 +202,22 @@ class AnimateJob:
         self.video_path = folder.result_path(job, "result.mp4")
         self.side_by_side_path = folder.result_path(job, "side_by_side.mp4")
         self.result: AnimateResult | None = None
+        self._cancelled = threading.Event()
 
-    def run(self) -> Iterator[int]:
-        """Animate and write both videos; yields the frames done so far after each frame."""
+    def cancel(self) -> None:
+        """Ask the job to stop; `run` then raises `Cancelled`. Safe from any thread, at any time."""
+        self._cancelled.set()
+
+    def run(self, on_read: Callable[[int], None] | None = None) -> Iterator[int]:
+        """Animate and write both videos; yields the frames done so far after each frame.
+
+        Args:
+            on_read: called with the number of driving frames read so far, after each (the tracking before the
+                first result frame reads the whole clip).
+
+        Raises:
+            Cancelled: `cancel` was called.
+        """
         portrait, options = self.portrait, self.options
         if self.driving is None:
             targets = scripted_motion(portrait.landmarks, self.total, self.fps)  # (T, 478, 2) portrait pixels
@@ -210,27 +228,32 @@ class AnimateJob:
             beside = (draw_landmark_image(target, height, width) for target in targets)
             yield from self._write(frames, beside, "motion", audio=None)
             return
-        with VideoReader(self.driving) as reader:
-            # The animator reads a few frames ahead of its results; keep those frames for the side-by-side.
-            pending: collections.deque[np.ndarray] = collections.deque()
-
-            def recorded(source: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-                for frame in source:
-                    pending.append(frame)
-                    yield frame
-
-            driving = recorded(itertools.islice(reader, self.total))
+        # The animator reads the clip ahead of its results; a second reader gives the side-by-side its frames in
+        # step with them, so that no frame is held in memory meanwhile.
+        with VideoReader(self.driving) as reader, VideoReader(self.driving) as again:
+            driving = self._watched(itertools.islice(reader, self.total), on_read)
             frames = self.animator(portrait.image, driving, motion=options.motion, paste_back=options.paste_back,
                                    controls=options.controls, driving_fps=self.fps, source_name=PORTRAIT,
                                    driving_name=DRIVING, source_landmarks=portrait.landmarks)  # fmt: skip
-            beside = (pending.popleft() for _ in itertools.count())
+            beside = itertools.islice(again, self.total)
             yield from self._write(frames, beside, "driving", audio=self.driving if self.has_audio else None)
+
+    def _watched(self, frames: Iterable[np.ndarray], on_read: Callable[[int], None] | None) -> Iterator[np.ndarray]:
+        """``frames``, stopping with `Cancelled` once the job is cancelled, and reporting each frame read."""
+        for count, frame in enumerate(frames, start=1):
+            if self._cancelled.is_set():
+                raise Cancelled
+            if on_read is not None:
+                on_read(count)
+            yield frame
 
     def _write(self, frames: Iterator[np.ndarray], beside: Iterator[np.ndarray], label: str,
                audio: Path | None) -> Iterator[int]:
         with VideoWriter(self.video_path, self.fps, audio_from=audio) as video, \
                 VideoWriter(self.side_by_side_path, self.fps, audio_from=audio) as side:  # fmt: skip
             for count, (frame, other) in enumerate(zip(frames, beside), start=1):
+                if self._cancelled.is_set():
+                    raise Cancelled
                 video.write(even_size(frame))
                 side.write(side_by_side(other, frame, label))
                 yield count

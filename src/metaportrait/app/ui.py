@@ -21,6 +21,7 @@ from metaportrait.app.jobs import (
     PORTRAIT,
     AnimateJob,
     AnimateOptions,
+    Cancelled,
     Limits,
     Portrait,
     RunFolder,
@@ -153,10 +154,13 @@ def animate_tab(context: AppContext) -> None:
             return UPLOADED_MOTION, error_message(error)
         return UPLOADED_MOTION, f"Driving video ready: {info.duration:.1f} s at {info.fps:g} frames/s."
 
+    running: dict[str, AnimateJob] = {}  # session -> its job, for Cancel
+
     def run(portrait: Portrait | None, source: str, driving: str | None, motion: str, paste_back: bool,
-            eyes: float, yaw: float, pitch: float, roll: float, fix_mouth: bool, mouth: float,
+            eyes: float, yaw: float, pitch: float, roll: float, fix_mouth: bool, mouth: float, request: gr.Request,
             progress: gr.Progress = gr.Progress()):  # noqa: B008 (Gradio's way to ask for a progress bar)
-        """A generator, so that Cancel stops it between frames (Gradio cannot stop a function mid-call)."""
+        """A generator: each yield is a message to the page and a point where Gradio's cancel can close it;
+        `AnimateJob.cancel` also stops it mid-step."""
         controls = Controls(eyes=eyes, mouth=mouth if fix_mouth else None, yaw=yaw, pitch=pitch, roll=roll)
         options = AnimateOptions(motion=motion, paste_back=paste_back, controls=controls)
         try:
@@ -166,26 +170,39 @@ def animate_tab(context: AppContext) -> None:
                 raise InputError(DRIVING, "upload one, or choose the built-in motion")
             job = AnimateJob(context.animator, portrait, driving if source == UPLOADED_MOTION else None, options,
                              context.folder, context.limits)  # fmt: skip
+            running[request.session_hash] = job
             progress(0.0, desc="starting")
+
+            def on_read(count: int) -> None:
+                progress((count, job.total), desc="tracking the driving video", unit="frames")
+
             shown = time.monotonic()
-            for done in job.run():
+            for done in job.run(on_read):
                 progress((done, job.total), desc="animating", unit="frames")
-                # Each yield is a message to the page, and the one point where Cancel can stop the job.
                 if time.monotonic() - shown >= STATUS_SECONDS:
                     shown = time.monotonic()
                     yield gr.skip(), gr.skip(), gr.skip(), f"Animating: frame {done} of about {job.total}."
         except InputError as error:
             yield None, None, None, error_message(error)
             return
-        done = job.result
-        paths = [str(done.video), str(done.side_by_side)]
-        yield paths[0], paths[1], paths, f"Done: {done.summary()}."
+        except Cancelled:
+            return  # the page already says so
+        finally:
+            running.pop(request.session_hash, None)
+        finished = job.result
+        paths = [str(finished.video), str(finished.side_by_side)]
+        yield paths[0], paths[1], paths, f"Done: {finished.summary()}."
+
+    def stop(request: gr.Request) -> str:
+        if (job := running.get(request.session_hash)) is not None:
+            job.cancel()
+        return "Cancelled."
 
     driving.change(on_driving, inputs=driving, outputs=[source, status])
     inputs = [portrait, source, driving, motion, paste_back, eyes, yaw, pitch, roll, fix_mouth, mouth]
     event = start.click(run, inputs=inputs, outputs=[result, side, files, status], show_progress_on=[result],
                         concurrency_id=MODEL_QUEUE, concurrency_limit=1)  # fmt: skip
-    cancel.click(lambda: "Cancelled.", outputs=status, cancels=[event], queue=False)
+    cancel.click(stop, outputs=status, cancels=[event], queue=False)
 
 
 # --- Edit ------------------------------------------------------------------------------------------------------
