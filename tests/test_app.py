@@ -243,7 +243,8 @@ def test_edit_changes_the_face_only_as_asked(animator, portrait):
 
 # --- the page --------------------------------------------------------------------------------------------------
 
-def test_page_runs_every_model_event_in_one_queue_slot(animator, portrait, folder):
+def test_page_runs_every_model_event_in_one_queue_slot(animator, portrait, folder, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(folder.uploads))  # as `metaportrait app` does: nothing in /tmp/gradio
     from metaportrait.app.ui import MODEL_QUEUE, AppContext, build_app, error_message
 
     example_path = folder.uploads / "astronaut.png"
