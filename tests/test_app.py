@@ -74,6 +74,7 @@ def test_portrait_upload_is_read_by_content(tmp_path):
     ("nothing", "nothing uploaded"),
     ("text renamed .jpg", "not an image"),
     ("too large", "this app takes at most"),
+    ("too many pixels", "4097 x 8 pixels; this app takes at most 4096"),
     ("no face", "no face found"),
 ])  # fmt: skip
 def test_bad_portrait_uploads_name_the_portrait_and_the_problem(tmp_path, case, problem):
@@ -86,6 +87,9 @@ def test_bad_portrait_uploads_name_the_portrait_and_the_problem(tmp_path, case, 
         path = tmp_path / "photo.png"
         write_image(path, data.astronaut())
         limits = Limits(max_upload_bytes=path.stat().st_size - 1)
+    elif case == "too many pixels":
+        path = tmp_path / "photo.png"
+        write_image(path, np.zeros((8, 4097, 3), np.uint8))
     elif case == "no face":
         path = tmp_path / "photo.png"
         write_image(path, np.full((128, 128, 3), 128, np.uint8))

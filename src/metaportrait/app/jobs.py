@@ -33,6 +33,9 @@ from metaportrait.pipeline import Animator, Motion
 PORTRAIT = "portrait"  # the names uploads go by in messages
 DRIVING = "driving video"
 SIDE_BY_SIDE_HEIGHT = 256  # pixels: each tile of the side-by-side video is scaled to this height
+# Longest side of a portrait, in pixels: every result frame has the portrait's size (a 12-megapixel phone photo
+# is 4032 x 3024); larger ones are refused rather than resized behind the user's back.
+MAX_PORTRAIT_SIDE = 4096
 
 
 @dataclass(frozen=True)
@@ -108,13 +111,17 @@ def load_portrait(upload: str | Path | None, limits: Limits) -> Portrait:
     """Decode an uploaded portrait and find its face.
 
     Raises:
-        InputError: (naming ``portrait``) nothing uploaded, too large, not an image, or no face in it.
+        InputError: (naming ``portrait``) nothing uploaded, too large (file or image), not an image, or no face.
     """
     path = _checked_upload(upload, PORTRAIT, limits)
     try:
         image = read_image(path)
     except InputError as error:
         raise InputError(PORTRAIT, error.problem) from None
+    height, width = image.shape[:2]
+    if max(height, width) > MAX_PORTRAIT_SIDE:
+        raise InputError(PORTRAIT, f"the image is {width} x {height} pixels; this app takes at most "
+                                   f"{MAX_PORTRAIT_SIDE} on the longer side (scale it down)")  # fmt: skip
     return portrait_of(image)
 
 

@@ -57,6 +57,8 @@ def read_image(path: str | Path) -> np.ndarray:
             rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
     except UnidentifiedImageError:
         raise InputError(path, "not an image file (unknown format)") from None
+    except Image.DecompressionBombError as error:  # more pixels than PIL decodes safely (a decompression bomb)
+        raise InputError(path, f"image too large to decode ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise InputError(path, f"cannot decode image ({error})") from None
     return np.ascontiguousarray(rgb)
