@@ -268,3 +268,16 @@ def test_cli_rejects_bad_limits():
     with pytest.raises(SystemExit) as caught:
         main(["app", "--max-upload-mb", "-1"])
     assert caught.value.code == 2
+
+
+def test_cli_says_when_the_port_is_taken(capsys):
+    import socket
+
+    from metaportrait.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["app", "--port", str(port)]) == 2
+    assert f"error: cannot listen on 127.0.0.1:{port} (Address already in use)" in capsys.readouterr().err

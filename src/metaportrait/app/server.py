@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 
 from metaportrait.app.jobs import Limits, RunFolder, portrait_of
@@ -21,7 +22,13 @@ logger = logging.getLogger(__name__)
 
 def serve(host: str = "127.0.0.1", port: int = 7860, limits: Limits = Limits(),
           checkpoint: str | Path | None = None) -> None:
-    """Serve the app on ``host:port`` until interrupted; the run folder is removed on the way out."""
+    """Serve the app on ``host:port`` until interrupted; the run folder is removed on the way out.
+
+    Raises:
+        CannotListen: ``host:port`` cannot be listened on (in use, not an address of this machine), found
+            before anything is loaded.
+    """
+    check_address(host, port)
     animator = Animator.from_pretrained(checkpoint)  # a bad checkpoint fails before anything is started
     with RunFolder() as folder:
         os.environ["GRADIO_TEMP_DIR"] = str(folder.uploads)
@@ -41,6 +48,21 @@ def serve(host: str = "127.0.0.1", port: int = 7860, limits: Limits = Limits(),
         blocks.launch(server_name=host, server_port=port, max_file_size=limits.max_upload_bytes, share=False,
                       inbrowser=False, show_error=False, ssr_mode=False, footer_links=[], allowed_paths=[],
                       theme=_offline_theme())  # fmt: skip
+
+
+class CannotListen(Exception):
+    """The app's address cannot be listened on; the message says why."""
+
+
+def check_address(host: str, port: int) -> None:
+    """Raise `CannotListen` unless a server could listen on ``host:port`` now."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server itself does
+            probe.bind(address)
+    except OSError as error:  # socket.gaierror (unknown host) is one too
+        raise CannotListen(f"cannot listen on {host}:{port} ({error.strerror or error})") from None
 
 
 def _interrupt(signum, frame) -> None:

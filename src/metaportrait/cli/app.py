@@ -13,6 +13,7 @@ the run, removed when the app stops (Ctrl-C).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from metaportrait.cli.arguments import positive_float, positive_int
@@ -30,8 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from metaportrait.app.jobs import Limits
-    from metaportrait.app.server import serve
+    from metaportrait.app.server import CannotListen, serve
 
     limits = Limits(max_upload_bytes=round(args.max_upload_mb * 2**20), max_seconds=args.max_seconds)
-    serve(args.host, args.port, limits, args.checkpoint)
+    try:
+        serve(args.host, args.port, limits, args.checkpoint)
+    except CannotListen as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
