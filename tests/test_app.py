@@ -281,3 +281,18 @@ def test_cli_says_when_the_port_is_taken(capsys):
         port = taken.getsockname()[1]
         assert main(["app", "--port", str(port)]) == 2
     assert f"error: cannot listen on 127.0.0.1:{port} (Address already in use)" in capsys.readouterr().err
+
+
+def test_cli_says_when_gradio_is_missing(capsys, monkeypatch):
+    import importlib.util
+
+    from metaportrait.cli import main
+
+    find_spec = importlib.util.find_spec
+
+    def without_gradio(name, *rest):
+        return None if name == "gradio" else find_spec(name, *rest)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_gradio)
+    assert main(["app"]) == 2
+    assert "needs Gradio: pip install 'metaportrait[app]'" in capsys.readouterr().err

@@ -13,6 +13,7 @@ the run, removed when the app stops (Ctrl-C).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -33,6 +34,9 @@ def run(args: argparse.Namespace) -> int:
     from metaportrait.app.jobs import Limits
     from metaportrait.app.server import CannotListen, serve
 
+    if importlib.util.find_spec("gradio") is None:
+        print("error: the web app needs Gradio: pip install 'metaportrait[app]'", file=sys.stderr)
+        return 2
     limits = Limits(max_upload_bytes=round(args.max_upload_mb * 2**20), max_seconds=args.max_seconds)
     try:
         serve(args.host, args.port, limits, args.checkpoint)
