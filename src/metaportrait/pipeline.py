@@ -45,6 +45,8 @@ from metaportrait.models.blocks import make_coordinate_grid, resize_map
 from metaportrait.motion import Controls, RunningReference, absolute_motion, resolve_reference, retarget_motion
 
 Motion = Literal["relative", "absolute"]
+Backend = Literal["torch", "onnx"]
+BACKENDS: tuple[str, ...] = ("torch", "onnx")
 REFERENCES: tuple[str, ...] = ("auto", "first", "running")
 MOTIONS: tuple[str, ...] = ("relative", "absolute")
 BUNDLED_CHECKPOINT = "assets/models/lite"  # inside the metaportrait package
@@ -151,13 +153,17 @@ class Animator:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                        keep_source_detail: bool = True, eyelid_fill: bool | None = None) -> Animator:
+                        keep_source_detail: bool = True, eyelid_fill: bool | None = None,
+                        backend: Backend = "torch", onnx_folder: str | Path | None = None) -> Animator:
         """Load a checkpoint folder (``model.safetensors`` + ``config.json``).
 
         Args:
             path: the folder; ``None`` or ``"default"`` means the lite checkpoint bundled with the package.
             eyelid_fill: override the checkpoint's ``prior_eyelid_fill`` (closing eyes as lids of skin from the
                 mesh prior; no weights depend on it). None: as the checkpoint says.
+            backend: ``"torch"``, or ``"onnx"``: the per-frame generator step in ONNX Runtime
+                (`metaportrait.onnx_backend`), exported on first use into ``onnx_folder`` (default: a cache
+                folder per checkpoint).
 
         Raises:
             InputError: the folder (or the bundled checkpoint) is missing or not a valid checkpoint.
@@ -176,6 +182,16 @@ class Animator:
             if not config.use_mesh_prior:
                 raise InputError(path, "this model has no mesh prior, so it cannot fill eyelids from it")
             config = config.replace(prior_eyelid_fill=eyelid_fill)
+        if backend == "onnx":
+            from metaportrait.io.checkpoint import checkpoint_sha256
+            from metaportrait.onnx_backend import onnx_generator
+
+            try:
+                generator = onnx_generator(generator, config, checkpoint_sha256(path), onnx_folder)
+            except ValueError as error:
+                raise InputError(path, str(error)) from None
+        elif backend != "torch":
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         return cls(generator, config, batch_size=batch_size, keep_source_detail=keep_source_detail)
 
     # --- entry points -----------------------------------------------------------------------------------------

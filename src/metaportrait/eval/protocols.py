@@ -32,7 +32,6 @@ published numbers: `metaportrait.eval.metrics`; the table, grid and video of a r
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -55,6 +54,7 @@ from metaportrait.data.landmarks import (
 )
 from metaportrait.data.mesh_warp import face_mask, mesh_warp_image
 from metaportrait.errors import InputError, NoFaceError
+from metaportrait.io.checkpoint import checkpoint_sha256  # noqa: F401  (re-exported for the CLI)
 from metaportrait.eval import metrics
 from metaportrait.motion import resolve_reference, retarget_motion
 
@@ -133,19 +133,6 @@ class ModelMethod:
             source_image, target_landmarks, paste_back=True, source_landmarks=source_landmarks
         )
         return np.stack(list(frames))
-
-
-def checkpoint_sha256(path: str | Path) -> str:
-    """SHA-256 of a checkpoint's weights: the file itself, or ``model.safetensors`` inside a folder."""
-    path = Path(path)
-    weights = path / "model.safetensors" if path.is_dir() else path
-    if not weights.is_file():
-        raise InputError(path, "checkpoint weights not found")
-    digest = hashlib.sha256()
-    with open(weights, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------
