@@ -129,3 +129,18 @@ def test_model_options_and_checks(faces):
         PriorOptions(template=True)
     with pytest.raises(ValueError, match="eyelid_channel needs eyelids"):
         PriorOptions(masks=True, eyelid_channel=True)
+
+
+def test_training_pairs_hold_the_prior_of_their_model(faces):
+    from metaportrait.data.pairs import NO_AUGMENT, PairOptions, make_pair
+
+    image, source, drivings = faces
+    cfg = CONFIGS["everything"]
+    options = PairOptions.for_model(cfg, 64)
+    assert options.prior == PriorOptions.for_model(cfg) and options.prior_size == 64
+    assert PairOptions.for_model(PRESETS["official"], 64).prior_size is None
+    frames = np.stack([image, image])
+    sample = make_pair(frames, np.stack([source, drivings["turned"]]), options, NO_AUGMENT, np.random.default_rng(0))
+    prior = build_prior(sample["source_landmarks"].numpy(), sample["driving_landmarks"].numpy(), 64, cfg)
+    np.testing.assert_array_equal(sample["prior_grid"].numpy(), prior.grid)
+    np.testing.assert_array_equal(sample["prior_masks"].numpy(), prior.masks)

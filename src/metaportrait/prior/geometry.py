@@ -15,6 +15,7 @@ SUBPIXEL_BITS = 4  # cv2.fillConvexPoly fixed-point precision (1/16 px)
 
 
 def check_landmarks(landmarks: np.ndarray, name: str) -> np.ndarray:
+    """``landmarks`` as ``float64`` ``(478, 2)`` pixel coordinates; ValueError naming ``name`` otherwise."""
     landmarks = np.asarray(landmarks, dtype=np.float64)
     if landmarks.shape != (NUM_LANDMARKS, 2):
         raise ValueError(f"{name} must be (478, 2) pixel coordinates, got shape {landmarks.shape}")
@@ -24,11 +25,14 @@ def check_landmarks(landmarks: np.ndarray, name: str) -> np.ndarray:
 
 
 def signed_areas(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    """``(N,)`` signed areas in px² of ``triangles`` (``(N, 3)`` indices into ``(P, 2)`` ``points``); the sign is
+    the winding."""
     a, b, c = points[triangles[:, 0]], points[triangles[:, 1]], points[triangles[:, 2]]
     return 0.5 * ((b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0]))
 
 
 def hull_area(points: np.ndarray, oval: np.ndarray) -> float:
+    """Area in px² (at least 1) of the convex hull of the face-oval points ``points[oval]``."""
     return max(float(cv2.contourArea(cv2.convexHull(points[oval].astype(np.float32)))), 1.0)
 
 
