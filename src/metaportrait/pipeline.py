@@ -38,11 +38,11 @@ from metaportrait.data.drawing import MEDIAPIPE_TOPOLOGIES, draw_landmark_image
 from metaportrait.data.face import BoxSmoother, CropBox, box_region, crop, points_to_crop, uncrop_map
 from metaportrait.data.face import paste_back as blend_crop  # the name `paste_back` is our flag
 from metaportrait.data.landmarks import iter_tracked, landmarks_of_image
-from metaportrait.data.mesh_warp import mesh_warp_grid, prior_masks
 from metaportrait.errors import InputError
 from metaportrait.io.image import frames_to_tensor, to_tensor, to_uint8_frames
 from metaportrait.models.blocks import make_coordinate_grid, resize_map
 from metaportrait.motion import Controls, RunningReference, absolute_motion, resolve_reference, retarget_motion
+from metaportrait.prior import build_prior
 
 Motion = Literal["relative", "absolute"]
 Backend = Literal["torch", "onnx"]
@@ -455,14 +455,10 @@ class Animator:
         prior_grid = masks = None
         cfg, points = self.config, source.crop_landmarks
         if cfg.use_mesh_prior:
-            grids = [mesh_warp_grid(points, t, size, size, mouth=cfg.prior_mouth, eyelids=cfg.prior_eyelid_fill,
-                                    face_masked=cfg.prior_face_masked) for t in targets]  # fmt: skip
-            prior_grid = torch.from_numpy(np.stack(grids))  # (B, S, S, 2)
-        if cfg.prior_masks:
-            options = (cfg.prior_mouth, cfg.refine.mouth_template, cfg.prior_eyelids, cfg.refine.eyelid_band)
-            masks = torch.from_numpy(
-                np.stack([prior_masks(points, t, size, size, *options) for t in targets])
-            )  # (B, cfg.prior_mask_channels(), S, S)
+            priors = [build_prior(points, t, size, cfg) for t in targets]
+            prior_grid = torch.from_numpy(np.stack([prior.grid for prior in priors]))  # (B, S, S, 2)
+            if cfg.prior_masks:
+                masks = torch.from_numpy(np.stack([prior.masks for prior in priors]))  # (B, prior_mask_channels, S, S)
         identity = None if source.identity is None else source.identity.expand(count, -1)
         with torch.no_grad():
             result = self.generator(

@@ -52,11 +52,12 @@ from metaportrait.data.landmarks import (
     landmarks_of_image,
     track_frames,
 )
-from metaportrait.data.mesh_warp import face_mask, mesh_warp_image
 from metaportrait.errors import InputError, NoFaceError
 from metaportrait.io.checkpoint import checkpoint_sha256  # noqa: F401  (re-exported for the CLI)
 from metaportrait.eval import metrics
 from metaportrait.motion import resolve_reference, retarget_motion
+from metaportrait.prior import PriorOptions, build_prior
+from metaportrait.prior.masks import face_mask
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +98,13 @@ def source_copy(source_image, source_landmarks, driving_frames, target_landmarks
 
 
 def mesh_warp(source_image, source_landmarks, driving_frames, target_landmarks, face_masked=True) -> np.ndarray:
-    """Baseline: the piecewise-affine mesh warp (`metaportrait.data.mesh_warp`), no training; by default only
+    """Baseline: the piecewise-affine mesh warp (`metaportrait.prior.build_prior`), no training; by default only
     inside the face (identity elsewhere), the stronger of the two."""
-    return np.stack(
-        [mesh_warp_image(source_image, source_landmarks, t, face_masked=face_masked) for t in target_landmarks]
-    )
+    size = source_image.shape[0]
+    if source_image.shape[:2] != (size, size):
+        raise ValueError(f"the mesh-warp baseline takes square crops, got {source_image.shape[:2]}")
+    options = PriorOptions(face_masked=face_masked)
+    return np.stack([build_prior(source_landmarks, t, size, options).warp(source_image) for t in target_landmarks])
 
 
 def mesh_warp_whole_frame(source_image, source_landmarks, driving_frames, target_landmarks) -> np.ndarray:

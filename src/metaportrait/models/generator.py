@@ -103,7 +103,7 @@ class Generator(nn.Module):
             driving_keypoints: ``(B, 58, 2)`` official landmark subset in [-1, 1]; required iff the config uses
                 gaze heat-maps or the mouth line (official preset) and stage "full"; must be None otherwise.
             prior_masks: ``(B, C, H', W')`` in [0, 1] at the prior grid's size, C = the config's
-                `prior_mask_channels`, from `metaportrait.data.mesh_warp.prior_masks`: the driving face (the
+                `prior_mask_channels`, from `metaportrait.prior.masks.prior_masks`: the driving face (the
                 residual flow is faded out there), the driving mouth opening (occlusion forced to 0 there) [, the
                 mouth template's teeth and cavity (refine conditions)]; required iff ``prior_masks``.
             source_flow: `source_flow(source, source_lines)`, only with ``warp.subtract_source_flow``; computed

@@ -107,7 +107,7 @@ class TrainConfig:
     landmark_topology: str | None = None  # "mediapipe478" (dense) or "sparse68" (sparse) line images
     use_identity: bool | None = None  # False: refinement without the identity branch
     prior_mouth: MouthFill | None = None  # how the mesh prior fills the mouth opening ("stretch" / "upper_lip")
-    mouth_template: bool | None = None  # True: the refinement also sees `data.mouth_template` (RefineConfig)
+    mouth_template: bool | None = None  # True: the refinement also sees `prior.mouth.mouth_template` (RefineConfig)
     subtract_source_flow: bool | None = None  # True: train with `WarpConfig.subtract_source_flow` (no new weights)
     smooth_upscale: bool | None = None  # True: `RefineConfig.smooth_upscale` (no new weights)
     # > 0: `RefineConfig.gain_map_grid` (a new zero-weight head: --init from a model without it starts unchanged)
