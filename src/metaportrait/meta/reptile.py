@@ -31,7 +31,7 @@ class AdaptResult:
     """What `adapt` did."""
 
     steps: int  # optimiser steps taken
-    seconds: float  # wall time of the steps (batch preparation included)
+    seconds: float  # wall time of the steps (batch preparation included, the ``on_step`` callback not)
     losses: list[float] = field(default_factory=list)  # the loss of every step, before its update
 
 
@@ -57,7 +57,8 @@ def adapt(
             (``requires_grad`` False) during the call and restored after it.
         lr: Adam learning rate.
         steps: at most this many steps (None: no step bound).
-        seconds: no step starts once this much wall time has passed since the call began (None: no time bound).
+        seconds: no step starts once the steps so far took this much wall time (batch preparation included,
+            ``on_step`` not; None: no time bound).
         betas: Adam betas (MetaPortrait's inner loop: (0.5, 0.999)).
         grad_clip: maximum global gradient norm (gradients go through ``nan_to_num`` first, as the official code).
         on_step: called after every step with ``(step, loss, elapsed seconds)`` (e.g. a progress bar).
@@ -80,12 +81,10 @@ def adapt(
     optimizer = torch.optim.Adam(list(parameters), lr=lr, betas=betas)  # fresh per call: no state across tasks
     model.train()
     result = AdaptResult(steps=0, seconds=0.0)
-    start = time.perf_counter()
     try:
         batch_iterator: Iterator[Batch] = iter(batches)
-        while steps is None or result.steps < steps:
-            if seconds is not None and time.perf_counter() - start >= seconds:
-                break
+        while (steps is None or result.steps < steps) and (seconds is None or result.seconds < seconds):
+            tick = time.perf_counter()
             batch = next(batch_iterator, None)
             if batch is None:
                 break
@@ -96,7 +95,7 @@ def adapt(
             optimizer.step()
             result.steps += 1
             result.losses.append(float(value.detach()))
-            result.seconds = time.perf_counter() - start
+            result.seconds += time.perf_counter() - tick  # the callback's time is not counted
             if on_step is not None:
                 on_step(result.steps, result.losses[-1], result.seconds)
     finally:

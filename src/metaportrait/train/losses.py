@@ -131,7 +131,8 @@ class GeneratorLoss:
             prior_grid=batch.get("prior_grid"), prior_masks=batch.get("prior_masks"), stage=self.stage,
         )  # fmt: skip
         warped = out["warped"]
-        losses["perceptual_warped"] = self.perceptual_warped(warped, driving)
+        if any(w.perceptual_warped):  # all-zero layer weights: the term is left out (no backbone pass)
+            losses["perceptual_warped"] = self.perceptual_warped(warped, driving)
         if w.l1_warped > 0:
             losses["l1_warped"] = w.l1_warped * (warped - driving).abs().mean()
         if w.face > 0:
@@ -139,7 +140,8 @@ class GeneratorLoss:
         if not full:
             return GeneratorTerms(losses, sum(losses.values()), out, None, None)
         prediction = out[self.output_key]
-        losses["perceptual_output"] = self.perceptual_output(prediction, driving)
+        if any(w.perceptual_output):
+            losses["perceptual_output"] = self.perceptual_output(prediction, driving)
         # Pixel error of the output, scaled by loss.synthesis_pixel where the source has no pixels (the squared
         # term: by its square).
         pixel_error = (prediction - driving).abs()  # (B, 3, H, W)
