@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from metaportrait.meta.reptile import adapt, reptile_update, restore, snapshot
+from test_train import astronaut_face, dataset_dir  # noqa: F401  (fixtures: a tiny prepared dataset)
 
 
 def _regression_task(seed: int, count: int = 50):
@@ -141,3 +142,90 @@ def test_generator_parts_split_the_parameters():
     assert named["decoder"] < named["refine"] and named["decoder"]
     with pytest.raises(ValueError, match="unknown part"):
         generator.part_parameters("norms")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train meta
+
+
+def _meta_config(init, **changes):
+    from metaportrait.train.meta import MetaConfig
+
+    settings = dict(init=str(init), size=64, steps=3, inner_steps=2, tasks_per_step=2, batch_size=1,
+                    val_identities=("blue",), val_every=2, checkpoint_every=1, val_query_pairs=2, threads=1)
+    return MetaConfig(**{**settings, **changes})
+
+
+@pytest.fixture(scope="module")
+def tiny_init(tmp_path_factory):
+    from metaportrait.config import PRESETS
+    from metaportrait.io.checkpoint import save_model
+    from metaportrait.models.generator import Generator
+
+    torch.manual_seed(0)
+    return save_model(tmp_path_factory.mktemp("init") / "tiny", Generator(PRESETS["tiny"]), PRESETS["tiny"])
+
+
+def test_train_meta_logs_validates_and_resumes_exactly(dataset_dir, tiny_init, tmp_path, monkeypatch):
+    import json
+
+    from metaportrait.errors import InputError
+    from metaportrait.io.checkpoint import load_model
+    from metaportrait.train.meta import train_meta
+
+    cfg = _meta_config(tiny_init)
+    train_meta(cfg, dataset_dir, tmp_path / "straight", progress=False)
+    log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert [r["epsilon"] for r in log] == pytest.approx([1.0, 2 / 3, 1 / 3])
+    assert all(r["identities"] == ["astro", "astro"] for r in log)  # "blue" is held out
+    assert all(r["delta_norm"] > 0 for r in log)
+    val = [json.loads(line) for line in (tmp_path / "straight" / "val.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in val] == [0, 2, 3] and all("psnr_after" in r and "psnr_before" in r for r in val)
+    straight, _ = load_model(tmp_path / "straight" / "model")
+    start, _ = load_model(tiny_init)
+    a, b = start.state_dict(), straight.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("dense_motion_network."))  # part "refine"
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("SPDAE_G."))
+    # Interrupted after the checkpoint of step 2 and resumed: the same weights as the uninterrupted run.
+    import metaportrait.train.meta as module
+
+    exports = []
+
+    def export_then_stop(folder, *args):
+        export_model(folder, *args)
+        exports.append(folder)
+        if len(exports) == 2:
+            raise KeyboardInterrupt
+
+    export_model = module.export_model
+    monkeypatch.setattr(module, "export_model", export_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_meta(cfg, dataset_dir, tmp_path / "resumed", progress=False)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 2
+    train_meta(cfg, dataset_dir, tmp_path / "resumed", resume=True, progress=False)
+    assert [json.loads(line)["step"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()] == [
+        1, 2, 3]
+    resumed, _ = load_model(tmp_path / "resumed" / "model")
+    c = resumed.state_dict()
+    assert all(torch.equal(b[k], c[k]) for k in b)
+    with pytest.raises(InputError, match="already holds"):
+        train_meta(cfg, dataset_dir, tmp_path / "straight", progress=False)
+    with pytest.raises(InputError, match="differ"):
+        train_meta(_meta_config(tiny_init, inner_lr=0.01), dataset_dir, tmp_path / "resumed", resume=True,
+                   progress=False)
+
+
+def test_train_meta_cli_resolves_the_config(dataset_dir, tiny_init, tmp_path, capsys):
+    import json
+
+    from metaportrait.cli import main
+
+    argv = ["train", "meta", "--init", str(tiny_init), "--data", str(dataset_dir), "--out", str(tmp_path / "run"),
+            "--inner-steps", "3", "--outer-lr", "0.5", "--tasks-per-step", "4", "--steps", "7", "--dry-run"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["inner_steps"], printed["outer_lr"], printed["tasks_per_step"], printed["steps"]) == (3, 0.5, 4, 7)
+    assert main([*argv, "--inner-steps", "0"]) == 2
+    assert "invalid settings" in capsys.readouterr().err

@@ -49,14 +49,14 @@ from metaportrait.data.mesh_warp import face_mask
 from metaportrait.data.pairs import NO_AUGMENT, FixedPairs, PairOptions, RandomPairs, StepSampler
 from metaportrait.data.prepare import ClipSkipped, PrepareConfig, VideoJob, prepare_clip
 from metaportrait.errors import InputError
-from metaportrait.eval.metrics import face_region_l1, psnr
 from metaportrait.io.atomic import write_text_atomic
 from metaportrait.io.checkpoint import save_model
 from metaportrait.io.image import frames_to_tensor
 from metaportrait.losses.perceptual import MobileNetV2Features
 from metaportrait.meta.reptile import AdaptResult, adapt
 from metaportrait.models.identity import DLIB_SAME_PERSON_THRESHOLD, IdentityEncoder, identity_distance
-from metaportrait.train.config import LossWeights, recipe
+from metaportrait.train.config import PERSONAL_LOSS, LossWeights
+from metaportrait.train.meta import query_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +64,6 @@ FPS = 25.0  # the front-end resamples every video to this rate (as `metaportrait
 MAX_FACELESS_SHARE = 0.5  # a video with more frames than this without a face is refused
 IDENTITY_SAMPLES = 6  # frames per video compared with the first face
 MIN_TAIL_FRAMES = 8  # frames with a face the held-out tail needs
-
-# The lite recipe's output terms (pixel, face, eye and mouth L1, which move PSNR, and the perceptual term for
-# texture), without critics and without the identity loss (the model already takes the source's identity); the
-# warped-image terms are off (the default part does not move the warping network).
-PERSONAL_LOSS = dataclasses.replace(
-    recipe("lite", "full").loss, perceptual_warped=(0.0,) * 5, l1_warped=0.0, gan=0.0, feature_matching=0.0,
-    identity=0.0, mouth_gan=0.0, mouth_feature_matching=0.0, mouth_perceptual=0.0,
-)
-
 
 @dataclass(frozen=True)
 class PersonalizeConfig:
@@ -245,31 +236,6 @@ class FineTuneResult:
     curve: list[dict] = field(default_factory=list)  # {"seconds", "step", "psnr", "face_l1"} per held-out check
 
 
-def identity_input(encoder: IdentityEncoder | None, model_cfg: ModelConfig, batch: dict) -> torch.Tensor | None:
-    """The generator's identity input for a batch (None for a model without one)."""
-    if not model_cfg.use_identity:
-        return None
-    with torch.no_grad():
-        return encoder.embed(batch["source"], batch["source_landmarks"])
-
-
-@torch.no_grad()
-def heldout_check(generator: torch.nn.Module, model_cfg: ModelConfig, batch: dict,
-                  encoder: IdentityEncoder | None) -> dict[str, float]:
-    """PSNR and face L1 of the generator's outputs on fixed held-out pairs (one collated batch)."""
-    was_training = generator.training
-    generator.eval()
-    out = generator(
-        batch["source"], batch["source_lines"], batch["driving_lines"],
-        identity=identity_input(encoder, model_cfg, batch), prior_grid=batch.get("prior_grid"),
-        prior_masks=batch.get("prior_masks"),
-    )  # fmt: skip
-    generator.train(was_training)
-    image = out["output"].clamp(0, 1).permute(0, 2, 3, 1).numpy()
-    target = batch["driving"].permute(0, 2, 3, 1).numpy()
-    return {"psnr": psnr(image, target), "face_l1": face_region_l1(image, target, batch["face_mask"][:, 0].numpy())}
-
-
 def fine_tune(
     generator: torch.nn.Module,
     model_cfg: ModelConfig,
@@ -295,12 +261,12 @@ def fine_tune(
     generator_loss = GeneratorLoss(cfg.loss, model_cfg, "full", size, MobileNetV2Features(), encoder)
     parameters = [p for _, p in generator.part_parameters(cfg.part)]
     result = FineTuneResult(adapt=AdaptResult(0, 0.0))
-    result.curve.append({"seconds": 0.0, "step": 0, **heldout_check(generator, model_cfg, held_out, encoder)})
+    result.curve.append({"seconds": 0.0, "step": 0, **query_metrics(generator, model_cfg, held_out, encoder)})
 
     def after_step(step: int, loss: float, seconds: float) -> None:
         check = None
         if seconds >= result.curve[-1]["seconds"] + cfg.eval_every:
-            check = heldout_check(generator, model_cfg, held_out, encoder)
+            check = query_metrics(generator, model_cfg, held_out, encoder)
             check = {"seconds": round(seconds, 2), "step": step, **check}
             result.curve.append(check)
         if on_step is not None:
@@ -311,7 +277,7 @@ def fine_tune(
         steps=cfg.steps, seconds=cfg.seconds, betas=cfg.betas, grad_clip=cfg.grad_clip, on_step=after_step,
     )  # fmt: skip
     if result.curve[-1]["step"] != result.adapt.steps:
-        final = heldout_check(generator, model_cfg, held_out, encoder)
+        final = query_metrics(generator, model_cfg, held_out, encoder)
         result.curve.append({"seconds": round(result.adapt.seconds, 2), "step": result.adapt.steps, **final})
     generator.eval()
     return result

@@ -252,7 +252,7 @@ def train_base(
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
         write_text_atomic(out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         for name in ("log.jsonl", "val.jsonl"):
-            _truncate_jsonl(out_dir / name, start_step)
+            truncate_jsonl(out_dir / name, start_step)
     sampler = StepSampler(start_step, cfg.steps, cfg.batch_size, rank, world_size)
     loader = DataLoader(
         train_pairs,
@@ -269,8 +269,8 @@ def train_base(
         # Step 0: the untrained model, and the training-free baselines on the same pairs, for reference.
         metrics = _validate(averaged, val_pairs, identity_encoder, cfg, model_cfg, device, baselines=True)
         best_psnr = metrics["psnr"]
-        _append_jsonl(out_dir / "val.jsonl", {"step": 0, **metrics, "best": True})
-        _export_model(out_dir / "best", averaged, model_cfg, {"step": 0, "stage": cfg.stage, **metrics})
+        append_jsonl(out_dir / "val.jsonl", {"step": 0, **metrics, "best": True})
+        export_model(out_dir / "best", averaged, model_cfg, {"step": 0, "stage": cfg.stage, **metrics})
     sums: dict[str, float] = {}  # loss name -> sum over the steps since the last log line
     interval_steps, interval_time = 0, 0.0
     last_logged: dict[str, float] = {}
@@ -360,7 +360,7 @@ def train_base(
                 "world_size": world_size,
             }
             if is_main:
-                _append_jsonl(out_dir / "log.jsonl", record)
+                append_jsonl(out_dir / "log.jsonl", record)
                 bar.set_postfix(loss=f"{means.get('total_g', float('nan')):.3f}", s_step=record["s_per_step"])
             last_logged = record
             sums, interval_steps, interval_time = {}, 0, 0.0
@@ -375,9 +375,9 @@ def train_base(
             metrics = _validate(averaged, val_pairs, identity_encoder, cfg, model_cfg, device)
             improved = metrics["psnr"] > best_psnr
             best_psnr = max(best_psnr, metrics["psnr"])
-            _append_jsonl(out_dir / "val.jsonl", {"step": step, **metrics, "best": improved})
+            append_jsonl(out_dir / "val.jsonl", {"step": step, **metrics, "best": improved})
             if improved:
-                _export_model(out_dir / "best", averaged, model_cfg, {"step": step, "stage": cfg.stage, **metrics})
+                export_model(out_dir / "best", averaged, model_cfg, {"step": step, "stage": cfg.stage, **metrics})
         if is_main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             state = {
                 "version": CHECKPOINT_VERSION,
@@ -400,7 +400,7 @@ def train_base(
                 state["optimizer_mouth_discriminator"] = optimizer_m.state_dict()
             with atomic_path(checkpoint_path) as tmp:
                 torch.save(state, tmp)
-            _export_model(out_dir / "model", averaged, model_cfg, {"step": step, "stage": cfg.stage})
+            export_model(out_dir / "model", averaged, model_cfg, {"step": step, "stage": cfg.stage})
         tick = time.perf_counter()
     bar.close()
 
@@ -584,7 +584,7 @@ def _validate(
     return {**metrics, "pairs": len(target)}
 
 
-def _export_model(folder: Path, generator: Generator, model_cfg: ModelConfig, meta: dict) -> None:
+def export_model(folder: Path, generator: Generator, model_cfg: ModelConfig, meta: dict) -> None:
     """`save_model` into a temporary folder, then swap it in, so ``folder`` never mixes two versions."""
     tmp = folder.with_name(folder.name + ".tmp")
     old = folder.with_name(folder.name + ".old")
@@ -638,12 +638,12 @@ def _worker_init(worker_id: int) -> None:
     cv2.setNumThreads(1)
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
+def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
 
 
-def _truncate_jsonl(path: Path, last_step: int) -> None:
+def truncate_jsonl(path: Path, last_step: int) -> None:
     """Keep the lines of ``path`` with ``step <= last_step`` (a resumed run rewrites what came after its checkpoint)."""
     if not path.exists():
         path.touch()
