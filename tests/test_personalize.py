@@ -138,3 +138,20 @@ def test_split_holdout_keeps_the_tail_out_of_training(videos, tmp_path):
     with pytest.raises(InputError, match="too little video"):
         split_holdout(frontend.clips, PersonalizeConfig(steps=1, holdout_seconds=3.5))
     assert front_end([videos["astronaut"]], 64, tmp_path / "cache").cached == 1
+
+
+def test_eval_personalize_writes_curves_per_init(videos, tiny_checkpoint, tmp_path):
+    output = tmp_path / "curves.json"
+    argv = ["eval", "personalize", "--video", str(videos["astronaut"]), "--inits", f"a={tiny_checkpoint}",
+            f"b={tiny_checkpoint}", "--at", "0.3", "0.6", "--holdout-seconds", "1", "--threads", "1",
+            "--output", str(output)]
+    assert _run(argv) == 0
+    results = json.loads(output.read_text())
+    assert results["protocol"] == "personalize" and set(results["points"]) == {"a", "b"}
+    for curve in results["points"].values():
+        assert [p["seconds"] for p in curve] == [0.0, 0.3, 0.6]
+        assert curve[0]["steps"] == 0 < curve[1]["steps"] <= curve[2]["steps"]
+    # The same start, the same pairs and seed: the 0-s points agree, and every series has both curves.
+    assert results["points"]["a"][0]["psnr"] == results["points"]["b"][0]["psnr"]
+    assert set(results["series"]["psnr_vs_seconds"]["curves"]) == {"a", "b"}
+    assert (tmp_path / "curves_series.png").stat().st_size > 0

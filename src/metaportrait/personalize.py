@@ -314,6 +314,36 @@ def tail_report(
     return report
 
 
+def budget_curve(
+    start: torch.nn.Module,
+    model_cfg: ModelConfig,
+    train_clips: Sequence[PreparedClip],
+    tail: PreparedClip,
+    cfg: PersonalizeConfig,
+    models,
+    marks: Sequence[float],
+) -> list[dict]:
+    """The tail report (`tail_report`) of ``start`` and of a copy of it fine-tuned for each of ``marks`` training
+    seconds (one run of ``max(marks)`` seconds, reported as it passes each mark; the reports' time is not
+    counted). Returns ``{"seconds", "steps", "loss", metric: value, ...}`` per point, the first at 0 s."""
+    generator = copy.deepcopy(start)
+    encoder = models.identity if model_cfg.use_identity else None
+    first = tail_report({"x": generator}, model_cfg, tail, cfg.report_stride, models)["x"]
+    points = [{"seconds": 0.0, "steps": 0, "loss": None, **first}]
+    pending = sorted(marks)
+
+    def report(step: int, loss: float, seconds: float, check: dict | None) -> None:
+        while pending and seconds >= pending[0]:
+            values = tail_report({"x": generator}, model_cfg, tail, cfg.report_stride, models)["x"]
+            points.append({"seconds": pending.pop(0), "steps": step, "loss": round(loss, 4), **values})
+            generator.train()
+
+    torch.manual_seed(cfg.seed)
+    tuned = dataclasses.replace(cfg, seconds=max(marks), steps=None, eval_every=float("inf"))
+    fine_tune(generator, model_cfg, train_clips, tail, tuned, encoder, report)
+    return points
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------------------
