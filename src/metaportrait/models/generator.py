@@ -26,6 +26,7 @@ from metaportrait.models.warping import (
 
 Stage = Literal["warp", "full"]
 NUM_OFFICIAL_KEYPOINTS = 58
+PARTS = ("all", "warp", "refine", "decoder")  # `Generator.part_parameters`
 
 
 class Generator(nn.Module):
@@ -74,6 +75,19 @@ class Generator(nn.Module):
         yield from self.feature_encoder.parameters()
         yield from self.fuse_high_res.parameters()
         yield from self.SPDAE_G.parameters()
+
+    def part_parameters(self, part: str) -> list[tuple[str, nn.Parameter]]:
+        """Named parameters of one part of G, for fine-tuning a part only (`PARTS`): ``"all"``, ``"warp"`` (W),
+        ``"refine"`` (R: feature pyramid and decoder) or ``"decoder"`` (R's decoder `SPDAE_G` alone)."""
+        prefixes = {
+            "all": ("",),
+            "warp": ("ladder_network.", "dense_motion_network."),
+            "refine": ("feature_encoder.", "fuse_high_res.", "SPDAE_G."),
+            "decoder": ("SPDAE_G.",),
+        }
+        if part not in prefixes:
+            raise ValueError(f"unknown part {part!r}; choose one of {PARTS}")
+        return [(name, p) for name, p in self.named_parameters() if name.startswith(prefixes[part])]
 
     # ------------------------------------------------------------------------------------------------------------
 
