@@ -54,6 +54,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride", type=positive_int, default=2, help="keep every K-th frame")
     parser.add_argument("--size", type=positive_int, default=256, help="evaluation crop size in pixels")
     parser.add_argument("--no-video", action="store_true", help="skip the side-by-side mp4")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="only the checkpoints, not the training-free baselines (source copy, mesh warp)")
 
 
 def _add_reference_metrics(parser: argparse.ArgumentParser) -> None:
@@ -150,6 +152,8 @@ def _command(args: argparse.Namespace) -> str:
               "--size", str(args.size)]
     if args.checkpoint is not None:
         parts += ["--checkpoint", args.checkpoint]
+    if args.no_baselines:
+        parts += ["--no-baselines"]
     for name, path in args.compare:
         parts += ["--compare", f"{name}={path}"]
     for flag, path in (("--lpips-alexnet", args.lpips_alexnet), ("--lpips-linear", args.lpips_linear),
@@ -265,7 +269,10 @@ def run(args: argparse.Namespace) -> int:
 
             path = bundled_checkpoint()
         hashes[name] = protocols.checkpoint_sha256(path)
-    methods = {**protocols.BASELINES, **protocols.methods_from_checkpoints(checkpoints)}
+    baselines = {} if args.no_baselines else protocols.BASELINES
+    if not baselines and not checkpoints:
+        raise InputError(args.output, "--no-baselines leaves nothing to evaluate: give --checkpoint or --compare")
+    methods = {**baselines, **protocols.methods_from_checkpoints(checkpoints)}
     lpips_files = (args.lpips_alexnet, args.lpips_linear) if args.lpips_alexnet is not None else None
     models = protocols.MetricModels.load(lpips_files=lpips_files, fid_inception=args.fid_inception)
     options = {"size": args.size, "max_frames": args.max_frames, "stride": args.stride}
