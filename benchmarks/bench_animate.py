@@ -10,7 +10,9 @@ paste-back, encode. Cases:
 * ``clip_256``: scikit-image's astronaut (512 px) driven by a 256 px clip;
 * ``large_1024``: the astronaut upscaled to 1024 px, driven by the same clip upscaled to 1024 px;
 * ``scripted``: the built-in scripted motion (`metaportrait.demo_motion`), no driving video: model and
-  paste-back only.
+  paste-back only;
+* ``clip_256_onnx``: ``clip_256`` with the generator in ONNX Runtime (`metaportrait.onnx_backend`; the export,
+  made once per checkpoint and cached, is not timed). Only with the bundled checkpoint.
 
 The driving clip is ``--driving`` when given, otherwise a built-in one: the astronaut animated by the scripted
 motion (talking, blinks, a head turn, a nod) with the model's face crop as output, made by this benchmark, so
@@ -121,6 +123,9 @@ def run(threads: int = 2, frames: int = 60, driving: str | Path | None = None) -
         large_portrait = cv2.resize(portrait, (LARGE, LARGE), interpolation=cv2.INTER_CUBIC)
         result[f"large_{LARGE}"] = _case(animator, large_portrait, upscaled_clip(clip, LARGE, folder), frames, folder)
         result["scripted"] = _case(animator, portrait, None, frames, folder, points)
+        if weights.startswith("bundled"):
+            onnx = Animator.from_pretrained(None, batch_size=DEFAULT_BATCH_SIZE, backend="onnx")
+            result["clip_256_onnx"] = _case(onnx, portrait, clip, frames, folder)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["load_average_after"] = os.getloadavg()[0]
     return result

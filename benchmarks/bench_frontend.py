@@ -38,7 +38,8 @@ import numpy as np
 from metaportrait.data.drawing import TOPOLOGIES, draw_landmark_image
 from metaportrait.data.face import CropBox, crop, paste_back
 from metaportrait.data.landmarks import FaceMeshTracker
-from metaportrait.data.mesh_warp import mesh_warp_grid, prior_masks
+from metaportrait.prior.masks import prior_masks
+from metaportrait.prior.warp import mesh_warp_grid
 
 # ../shared beside the repository, as in tests/conftest.py; METAPORTRAIT_SHARED overrides it.
 SHARED = Path(os.environ.get("METAPORTRAIT_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))

@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from metaportrait.data.dataset import PreparedDataset, parse_identities, split_by_identity
-from metaportrait.data.mesh_warp import face_mask, mesh_warp_grid
 from metaportrait.data.pairs import FixedPairs, PairOptions
 from metaportrait.io.checkpoint import load_model
 from metaportrait.pipeline import bundled_checkpoint, dlib_identity_encoder
+from metaportrait.prior.masks import face_mask
+from metaportrait.prior.warp import mesh_warp_grid
 
 BAND_AT_256 = 40  # px around the face hull: hair, ears, neck
 

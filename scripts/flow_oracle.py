@@ -28,8 +28,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from metaportrait.data.mesh_warp import face_mask, mesh_warp_image
 from metaportrait.eval.protocols import ModelMethod, load_self_clip
+from metaportrait.prior.masks import face_mask
+from metaportrait.prior.warp import mesh_warp_image
 
 BAND_AT_256 = 40  # px around the face hull, as scripts/error_by_region.py
 FLOW_GRID = 64  # the lite warp network's flow resolution at 256²

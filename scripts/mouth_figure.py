@@ -21,11 +21,11 @@ import cv2
 import numpy as np
 
 from metaportrait.data.landmarks import landmarks_of_image
-from metaportrait.data.mesh_warp import mesh_warp_image
 from metaportrait.eval.report import label_tile
 from metaportrait.io.image import write_image
 from metaportrait.motion import Controls
 from metaportrait.pipeline import Animator
+from metaportrait.prior.warp import mesh_warp_image
 
 TILE = 192
 

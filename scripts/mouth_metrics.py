@@ -16,7 +16,7 @@ openings, one row per held-out person (the widest of each clip): real | mesh war
         --checkpoint candidate=runs/x/model --output results/mouth_heldout.png
 
 With ``--region eyes`` the same is measured on closing eyes instead: the pairs where the driving eyes close
-past the source's (the `metaportrait.data.eyelids.eyelid_band` exceeds ``--min-need``), on both eye crops side
+past the source's (the `metaportrait.prior.eyelids.eyelid_band` exceeds ``--min-need``), on both eye crops side
 by side, and inside that band (the lid skin the source hides) instead of the mouth opening.
 
 Last column, "reads as": how open the region looks to a face tracker. MediaPipe is run on each whole output
@@ -43,9 +43,7 @@ import torch.nn.functional as F
 
 from metaportrait.config import PRESETS
 from metaportrait.data.dataset import PreparedDataset, parse_identities, split_by_identity
-from metaportrait.data.eyelids import eyelid_band
 from metaportrait.data.landmarks import landmarks_of_image
-from metaportrait.data.mesh_warp import mesh_warp_grid
 from metaportrait.data.pairs import REGIONS, FixedPairs, PairOptions, box_crops
 from metaportrait.errors import NoFaceError
 from metaportrait.eval.features import STLPIPS
@@ -54,6 +52,8 @@ from metaportrait.io.checkpoint import load_model
 from metaportrait.io.image import to_uint8_frames, write_image
 from metaportrait.motion import eye_openness, mouth_openness
 from metaportrait.pipeline import bundled_checkpoint, dlib_identity_encoder
+from metaportrait.prior.eyelids import eyelid_band
+from metaportrait.prior.warp import mesh_warp_grid
 
 CROP = 64
 TILE = 128

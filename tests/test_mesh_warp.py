@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metaportrait.data import mesh_warp
-from metaportrait.data.mesh_warp import apply_grid, face_mask, identity_grid, mesh_warp_grid, mesh_warp_image
+from metaportrait.prior import mouth as prior_mouth
+from metaportrait.prior.masks import face_mask, prior_masks
+from metaportrait.prior.topology import mesh_topology
+from metaportrait.prior.warp import apply_grid, identity_grid, mesh_warp_grid, mesh_warp_image
 
 SIZE = 128
 
@@ -39,7 +41,7 @@ def _hull_mask(landmarks: np.ndarray, grow: float) -> np.ndarray:
 
 
 def test_topology_is_a_consistent_mesh():
-    topology = mesh_warp.mesh_topology()
+    topology = mesh_topology()
     assert topology.face.shape == (852, 3)
     assert topology.holes.shape == (46, 3)  # mouth 18 + 2 eyes x 14
     assert topology.irises.shape == (8, 3)
@@ -128,29 +130,29 @@ def test_face_mask_range_and_shape(face):
 
 def test_prior_masks_cover_the_face_and_the_mouth_opening_the_source_lacks(face):
     _, landmarks = face
-    masks = mesh_warp.prior_masks(landmarks, landmarks, SIZE, SIZE)
+    masks = prior_masks(landmarks, landmarks, SIZE, SIZE)
     assert masks.shape == (2, SIZE, SIZE) and masks.dtype == np.float32
     assert masks.min() >= 0 and masks.max() <= 1
     assert masks[0][_hull_mask(landmarks, -3)].min() > 0.9 and masks[0][~_hull_mask(landmarks, 8)].max() < 1e-3
     assert masks[1].max() == 0  # the same mouth: everything in it can be warped from the source
     # Open the mouth: the lower half of the inner-lip contour moves down 6 px.
-    topology = mesh_warp.mesh_topology()
+    topology = mesh_topology()
     lips = np.unique(topology.holes[~topology.eye_holes])
     lower = lips[landmarks[lips, 1] > landmarks[lips, 1].mean()]
     opened = landmarks.copy()
     opened[lower, 1] += 6.0
-    opening = mesh_warp.prior_masks(landmarks, opened, SIZE, SIZE)[1]
+    opening = prior_masks(landmarks, opened, SIZE, SIZE)[1]
     lip_width = np.ptp(landmarks[lips, 0])
     assert opening.sum() > 0.3 * 6.0 * lip_width and opening.max() < 1  # the source's own opening is subtracted
     assert opening[~_hull_mask(landmarks, 0)].max() < 1e-3  # the mouth lies inside the face
-    assert mesh_warp.prior_masks(opened, landmarks, SIZE, SIZE)[1].max() == 0  # closing needs no synthesis
+    assert prior_masks(opened, landmarks, SIZE, SIZE)[1].max() == 0  # closing needs no synthesis
 
 
 def test_mouth_template_puts_teeth_under_the_lips_and_the_cavity_between(face):
-    from metaportrait.data.mouth_template import mouth_template
+    from metaportrait.prior.mouth import mouth_template
 
     _, landmarks = face
-    topology = mesh_warp.mesh_topology()
+    topology = mesh_topology()
     closed = landmarks.copy()
     closed[topology.mouth_lower] = closed[topology.mouth_upper]
     assert mouth_template(closed, SIZE, SIZE).max() < 1e-6  # nothing to show in a closed mouth
@@ -167,7 +169,7 @@ def test_mouth_template_puts_teeth_under_the_lips_and_the_cavity_between(face):
     middle = np.abs(rows - (top + 0.6 * (bottom - top))) < 1
     assert teeth[upper].min() > 0.8 and cavity[middle].min() > 0.8 and teeth[middle].max() < 0.2
     assert template[:, ~_hull_mask(opened, 0)].max() < 1e-3
-    masks = mesh_warp.prior_masks(landmarks, opened, SIZE, SIZE, mouth="upper_lip", template=True)
+    masks = prior_masks(landmarks, opened, SIZE, SIZE, mouth="upper_lip", template=True)
     assert masks.shape == (4, SIZE, SIZE)
     np.testing.assert_array_equal(masks[2:], template)
 
@@ -177,9 +179,9 @@ def test_upper_lip_fill_keeps_the_source_interior_unstretched(face):
     for masked in (False, True):
         grid = mesh_warp_grid(landmarks, landmarks, SIZE, SIZE, face_masked=masked, mouth="upper_lip")
         np.testing.assert_allclose(grid, identity_grid(SIZE, SIZE), atol=1e-5)
-    assert mesh_warp.prior_masks(landmarks, landmarks, SIZE, SIZE, mouth="upper_lip")[1].max() == 0
+    assert prior_masks(landmarks, landmarks, SIZE, SIZE, mouth="upper_lip")[1].max() == 0
     # Open the mouth: the lower inner lip moves down 6 px; the astronaut smiles, so her opening shows teeth.
-    topology = mesh_warp.mesh_topology()
+    topology = mesh_topology()
     opened = landmarks.copy()
     opened[topology.mouth_lower[1:-1], 1] += 6.0
     gap = landmarks[14, 1] - landmarks[13, 1]  # her opening at the lip centre, px
@@ -190,7 +192,7 @@ def test_upper_lip_fill_keeps_the_source_interior_unstretched(face):
     assert abs(read_y["upper_lip"] - (row + 0.5)) < 0.3  # the teeth stay where they were under the upper lip
     assert read_y["stretch"] < row + 0.5 - 1.0  # the stretching mesh pulls them down
     # Synthesis is asked for exactly in the 6-px band the source lacks, fully (not weighted by a ratio).
-    below = mesh_warp.prior_masks(landmarks, opened, SIZE, SIZE, mouth="upper_lip")[1]
+    below = prior_masks(landmarks, opened, SIZE, SIZE, mouth="upper_lip")[1]
     lip_width = np.ptp(landmarks[topology.mouth_upper, 0])
     assert 0.5 * 6.0 * lip_width < below.sum() < 1.2 * 6.0 * lip_width and below.max() > 0.9
     assert below[: row - 1, column].max() < 0.05  # at the lip centre, nothing above the source's own opening depth
@@ -201,7 +203,7 @@ def test_upper_lip_fill_keeps_the_source_interior_unstretched(face):
 
     from metaportrait.config import MouthFill
 
-    assert get_args(MouthFill) == mesh_warp.MOUTH_FILLS == get_args(mesh_warp.MouthFill)
+    assert get_args(MouthFill) == prior_mouth.MOUTH_FILLS == get_args(prior_mouth.MouthFill)
 
 
 def test_rejects_bad_landmarks(face):

@@ -20,7 +20,6 @@ import torch
 from metaportrait.cli import main
 from metaportrait.config import PRESETS
 from metaportrait.data.face import CropBox, crop
-from metaportrait.data.mesh_warp import identity_grid, mesh_warp_grid
 from metaportrait.demo_motion import scripted_motion
 from metaportrait.errors import InputError, NoFaceError
 from metaportrait.io.image import write_image
@@ -28,6 +27,7 @@ from metaportrait.io.video import VideoReader
 from metaportrait.models.generator import Generator
 from metaportrait.motion import Controls
 from metaportrait.pipeline import Animator, bundled_checkpoint
+from metaportrait.prior.warp import identity_grid, mesh_warp_grid
 
 TINY = PRESETS["tiny"]
 

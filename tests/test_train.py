@@ -484,7 +484,8 @@ def test_averaged_weights_are_saved_and_resume_exactly(dataset_dir, tmp_path):
 
 
 def test_synthesis_pixel_weight_scales_only_the_synthesised_band(dataset_dir, tmp_path):
-    from metaportrait.train.base import synthesis_pixel_weight, train_base
+    from metaportrait.train.base import train_base
+    from metaportrait.train.losses import synthesis_pixel_weight
 
     masks = torch.zeros(1, 2, 4, 4)
     masks[0, 0] = 1.0  # the face channel must not matter
@@ -514,7 +515,9 @@ def test_synthesis_pixel_weight_scales_only_the_synthesised_band(dataset_dir, tm
 
 
 def test_mouth_critic_can_judge_only_the_synthesised_band(dataset_dir, tmp_path):
-    from metaportrait.train.base import _critic_loss, _patch_mean, train_base
+    from metaportrait.train.base import train_base
+    from metaportrait.train.losses import critic_loss as _critic_loss
+    from metaportrait.train.losses import patch_mean as _patch_mean
 
     values = torch.arange(16.0).view(1, 1, 4, 4)
     assert _patch_mean(values, None) == values.mean()
@@ -724,3 +727,42 @@ def test_warp_stage_fine_tunes_a_warp_network_with_the_face_masked_prior(warp_ru
     assert options.face_masked and not PairOptions.for_model(model_cfg.replace(prior_face_masked=False), 64).face_masked
     with pytest.raises(ValueError, match="only apply to stage 'full'"):
         _tiny("warp", 1, init=str(warp_run), init_refine=True)
+
+
+# Logged losses of `_tiny("full", 2, loss=... all terms on ...)` computed with train_base before its generator loss
+# was moved into `metaportrait.train.losses.GeneratorLoss` (commit 3f1ffeb): the extraction must not change a number.
+_LOSSES_BEFORE_EXTRACTION = {
+    "warp": [
+        {"step": 1, "face_warped": 0.48564, "grad_norm_g": 13.052493, "l1_warped": 0.794908,
+         "perceptual_warped": 3.199966, "total_g": 4.480514, "lr": 0.0002, "lr_warp": 0.0002, "world_size": 1},
+        {"step": 2, "face_warped": 0.353942, "grad_norm_g": 3.450593, "l1_warped": 1.162755,
+         "perceptual_warped": 3.859989, "total_g": 5.376687, "lr": 2e-05, "lr_warp": 2e-05, "world_size": 1},
+    ],
+    "full": [
+        {"step": 1, "eye": 0.269559, "face_output": 1.356203, "face_warped": 0.48564, "feature_matching": 0.04055,
+         "gan_d": 0.149335, "gan_g": 0.144942, "grad_norm_d": 0.240946, "grad_norm_g": 43.527176,
+         "grad_norm_mouth_d": 5.57539, "identity": 0.010903, "l1_output": 4.885899, "l1_warped": 0.794908,
+         "l2_output": 0.022945, "mouth": 0.437486, "mouth_feature_matching": 0.015406, "mouth_gan_d": 1.249289,
+         "mouth_gan_g": 1.23564, "mouth_perceptual": 1.007804, "perceptual_output": 3.602739,
+         "perceptual_warped": 3.199966, "total_g": 17.51059, "lr": 0.0002, "lr_warp": 2e-05, "world_size": 1},
+        {"step": 2, "eye": 0.20532, "face_output": 1.238419, "face_warped": 0.353742, "feature_matching": 0.0442,
+         "gan_d": 0.148596, "gan_g": 0.14405, "grad_norm_d": 0.240338, "grad_norm_g": 25.672451,
+         "grad_norm_mouth_d": 4.611754, "identity": 0.006523, "l1_output": 6.232958, "l1_warped": 1.162361,
+         "l2_output": 0.042173, "mouth": 0.421358, "mouth_feature_matching": 0.015023, "mouth_gan_d": 0.986559,
+         "mouth_gan_g": 0.990684, "mouth_perceptual": 0.8897, "perceptual_output": 4.246376,
+         "perceptual_warped": 3.863129, "total_g": 19.856018, "lr": 2e-05, "lr_warp": 2.0000000000000003e-06,
+         "world_size": 1},
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", ["warp", "full"])
+def test_generator_loss_extraction_keeps_base_training_numbers(dataset_dir, tmp_path, stage):
+    from metaportrait.train.base import train_base
+
+    loss = dataclasses.replace(_tiny(stage, 2).loss, l2_output=3.0, synthesis_pixel=0.5)
+    cfg = _tiny(stage, 2, loss=loss)
+    train_base(cfg, dataset_dir, tmp_path / "run", progress=False)
+    log = _read_jsonl(tmp_path / "run" / "log.jsonl")
+    numbers = [{k: v for k, v in r.items() if k != "s_per_step"} for r in log]
+    assert numbers == _LOSSES_BEFORE_EXTRACTION[stage]

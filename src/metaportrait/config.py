@@ -20,7 +20,7 @@ from typing import Any, Literal, get_args, get_type_hints
 
 Norm = Literal["instance", "none"]
 LandmarkTopology = Literal["mediapipe478", "sparse68", "official669"]
-MouthFill = Literal["stretch", "upper_lip"]  # `metaportrait.data.mesh_warp.MouthFill`
+MouthFill = Literal["stretch", "upper_lip"]  # `metaportrait.prior.mouth.MouthFill`
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,10 @@ class RefineConfig:
     gaze_heatmap: bool = True  # official only: 8 Gaussian maps of the driving gaze points (needs driving_keypoints)
     mouth_line: bool = True  # official only: driving lines inside the driving mouth box (needs driving_keypoints)
     antialias: bool = False  # anti-alias when shrinking condition maps (official: plain bilinear)
-    # Also condition on `metaportrait.data.mouth_template` (2 channels: teeth, cavity of the driving opening),
+    # Also condition on `metaportrait.prior.mouth.mouth_template` (2 channels: teeth, cavity of the driving opening),
     # given as prior-mask channels 2-3; needs ModelConfig.prior_masks.
     mouth_template: bool = False
-    # Also condition on `metaportrait.data.eyelids.eyelid_band` (1 channel: the lid skin a closing driving eye
+    # Also condition on `metaportrait.prior.eyelids.eyelid_band` (1 channel: the lid skin a closing driving eye
     # shows), given as the last prior-mask channel; needs ModelConfig.prior_eyelids. Without it the decoder sees
     # the lid band only as forced occlusion, the same signal as the mouth band, and paints lids in mouth colours.
     eyelid_band: bool = False
@@ -144,20 +144,20 @@ class ModelConfig:
     identity_dim: int = 256  # 128 for our dlib encoder, 256 for the official (Microsoft-internal) one
     use_identity: bool = True  # False: ablation without the identity (AdaIN) branch in the refinement norms
     use_mesh_prior: bool = False  # True: F_w refines a piecewise-affine mesh warp given as `prior_grid`
-    # True (needs use_mesh_prior): the forward also takes `prior_masks` (data/mesh_warp.prior_masks): the learned
+    # True (needs use_mesh_prior): the forward also takes `prior_masks` (`metaportrait.prior.masks`): the learned
     # residual flow is faded out inside the driving face, where the mesh is exact, and the output is synthesised
     # (occlusion forced to 0) inside the driving mouth opening, where the source has no pixels.
     prior_masks: bool = False
-    # How the mesh prior fills a driving mouth opening (`metaportrait.data.mesh_warp.MouthFill`): "stretch" the
+    # How the mesh prior fills a driving mouth opening (`metaportrait.prior.mouth.MouthFill`): "stretch" the
     # source's opening over it, or keep the source's interior "upper_lip"-anchored and synthesise the rest.
     # Without a mesh prior it has no effect.
     prior_mouth: MouthFill = "stretch"
     # True (needs prior_masks): the synthesis channel of the prior masks also covers the eyelid skin a closing
-    # driving eye shows and the source hides (`metaportrait.data.eyelids`), so blinks are synthesised, not the
+    # driving eye shows and the source hides (`metaportrait.prior.eyelids`), so blinks are synthesised, not the
     # source's lash line stretched over the lowered lid. No weights change.
     prior_eyelids: bool = False
     # True (needs use_mesh_prior): the mesh prior fills the lid a closing driving eye lowers from the skin above
-    # it (`metaportrait.data.eyelids.fill_lids`) instead of stretching the lash line over it. No weights change.
+    # it (`metaportrait.prior.eyelids.fill_lids`) instead of stretching the lash line over it. No weights change.
     prior_eyelid_fill: bool = False
     # True (needs use_mesh_prior): the mesh prior is the identity outside the (dilated, feathered) driving and source
     # face hulls, as in the "mesh-warp" baseline, instead of moving hair, neck and background with a ring at 1.4x

@@ -38,13 +38,15 @@ from metaportrait.data.drawing import MEDIAPIPE_TOPOLOGIES, draw_landmark_image
 from metaportrait.data.face import BoxSmoother, CropBox, box_region, crop, points_to_crop, uncrop_map
 from metaportrait.data.face import paste_back as blend_crop  # the name `paste_back` is our flag
 from metaportrait.data.landmarks import iter_tracked, landmarks_of_image
-from metaportrait.data.mesh_warp import mesh_warp_grid, prior_masks
 from metaportrait.errors import InputError
 from metaportrait.io.image import frames_to_tensor, to_tensor, to_uint8_frames
 from metaportrait.models.blocks import make_coordinate_grid, resize_map
 from metaportrait.motion import Controls, RunningReference, absolute_motion, resolve_reference, retarget_motion
+from metaportrait.prior import build_prior
 
 Motion = Literal["relative", "absolute"]
+Backend = Literal["torch", "onnx"]
+BACKENDS: tuple[str, ...] = ("torch", "onnx")
 REFERENCES: tuple[str, ...] = ("auto", "first", "running")
 MOTIONS: tuple[str, ...] = ("relative", "absolute")
 BUNDLED_CHECKPOINT = "assets/models/lite"  # inside the metaportrait package
@@ -151,13 +153,17 @@ class Animator:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                        keep_source_detail: bool = True, eyelid_fill: bool | None = None) -> Animator:
+                        keep_source_detail: bool = True, eyelid_fill: bool | None = None,
+                        backend: Backend = "torch", onnx_folder: str | Path | None = None) -> Animator:
         """Load a checkpoint folder (``model.safetensors`` + ``config.json``).
 
         Args:
             path: the folder; ``None`` or ``"default"`` means the lite checkpoint bundled with the package.
             eyelid_fill: override the checkpoint's ``prior_eyelid_fill`` (closing eyes as lids of skin from the
                 mesh prior; no weights depend on it). None: as the checkpoint says.
+            backend: ``"torch"``, or ``"onnx"``: the per-frame generator step in ONNX Runtime
+                (`metaportrait.onnx_backend`), exported on first use into ``onnx_folder`` (default: a cache
+                folder per checkpoint).
 
         Raises:
             InputError: the folder (or the bundled checkpoint) is missing or not a valid checkpoint.
@@ -176,6 +182,16 @@ class Animator:
             if not config.use_mesh_prior:
                 raise InputError(path, "this model has no mesh prior, so it cannot fill eyelids from it")
             config = config.replace(prior_eyelid_fill=eyelid_fill)
+        if backend == "onnx":
+            from metaportrait.io.checkpoint import checkpoint_sha256
+            from metaportrait.onnx_backend import onnx_generator
+
+            try:
+                generator = onnx_generator(generator, config, checkpoint_sha256(path), onnx_folder)
+            except ValueError as error:
+                raise InputError(path, str(error)) from None
+        elif backend != "torch":
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         return cls(generator, config, batch_size=batch_size, keep_source_detail=keep_source_detail)
 
     # --- entry points -----------------------------------------------------------------------------------------
@@ -439,14 +455,10 @@ class Animator:
         prior_grid = masks = None
         cfg, points = self.config, source.crop_landmarks
         if cfg.use_mesh_prior:
-            grids = [mesh_warp_grid(points, t, size, size, mouth=cfg.prior_mouth, eyelids=cfg.prior_eyelid_fill,
-                                    face_masked=cfg.prior_face_masked) for t in targets]  # fmt: skip
-            prior_grid = torch.from_numpy(np.stack(grids))  # (B, S, S, 2)
-        if cfg.prior_masks:
-            options = (cfg.prior_mouth, cfg.refine.mouth_template, cfg.prior_eyelids, cfg.refine.eyelid_band)
-            masks = torch.from_numpy(
-                np.stack([prior_masks(points, t, size, size, *options) for t in targets])
-            )  # (B, cfg.prior_mask_channels(), S, S)
+            priors = [build_prior(points, t, size, cfg) for t in targets]
+            prior_grid = torch.from_numpy(np.stack([prior.grid for prior in priors]))  # (B, S, S, 2)
+            if cfg.prior_masks:
+                masks = torch.from_numpy(np.stack([prior.masks for prior in priors]))  # (B, prior_mask_channels, S, S)
         identity = None if source.identity is None else source.identity.expand(count, -1)
         with torch.no_grad():
             result = self.generator(

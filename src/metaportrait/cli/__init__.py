@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("prepare", "turn a folder of videos into a training dataset (crops, landmarks, identities)"),
     "identity": ("identity", "identity distance between the faces of two images (dlib ResNet, ported)"),
     "train": ("train", "train the base model (warp stage, then full)"),
+    "personalize": ("personalize", "fine-tune a model on videos of one person (a checkpoint folder for animate)"),
     "animate": ("animate", "animate a portrait with a driving video"),
     "edit": ("edit", "change expression or head pose of a single portrait"),
     "live": ("live", "animate a portrait live from a camera or a file played in real time"),

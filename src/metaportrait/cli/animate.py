@@ -74,6 +74,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "the model leaves the source still (sharper hair and background)")  # fmt: skip
     parser.add_argument("--crop-output", action="store_true",
                         help="write just the generated face crop (the model's size, 256 for the bundled model)")
+    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                        help="run the generator in torch, or in ONNX Runtime (exported on first use and cached)")
+    parser.add_argument("--onnx-folder", type=Path, default=None,
+                        help="with --backend onnx: the export's folder (default: a cache folder per checkpoint)")
 
 
 def add_control_arguments(parser: argparse.ArgumentParser) -> None:
@@ -152,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
             expected = min(expected, args.max_frames)
         animator = Animator.from_pretrained(args.checkpoint, batch_size=args.batch_size,
                                             keep_source_detail=args.keep_source_detail,
-                                            eyelid_fill=args.eyelid_fill)  # fmt: skip
+                                            eyelid_fill=args.eyelid_fill, backend=args.backend,
+                                            onnx_folder=args.onnx_folder)  # fmt: skip
 
         # 2. Driving frames, lazily: resampled to the output rate, cut to --max-frames.
         driving = iter(reader) if args.fps is None else resample_fps(reader, reader.fps, fps)

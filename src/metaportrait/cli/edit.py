@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     image = read_source(args.source)
     points = landmarks_of_image(image, args.source)
     animator = Animator.from_pretrained(args.checkpoint, batch_size=1, keep_source_detail=args.keep_source_detail,
-                                        eyelid_fill=args.eyelid_fill)
+                                        eyelid_fill=args.eyelid_fill, backend=args.backend,
+                                        onnx_folder=args.onnx_folder)
     # One target: the portrait's own landmarks; the controls turn them into the edit.
     frames = animator.animate_landmarks(image, [points], paste_back=args.paste_back, crop_output=args.crop_output,
                                         controls=controls_from_args(args), source_name=args.source,

@@ -54,6 +54,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride", type=positive_int, default=2, help="keep every K-th frame")
     parser.add_argument("--size", type=positive_int, default=256, help="evaluation crop size in pixels")
     parser.add_argument("--no-video", action="store_true", help="skip the side-by-side mp4")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="only the checkpoints, not the training-free baselines (source copy, mesh warp)")
 
 
 def _add_reference_metrics(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +82,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="relative motion without the mouth and eye retargeting (the plain landmark residual)")
     _add_common(cross)
     _add_reference_metrics(cross)
+    personal = protocols.add_parser("personalize", help="held-out tail quality against fine-tuning seconds, one "
+                                    "curve per starting model (the paper's Figure 7)")  # fmt: skip
+    personal.add_argument("--video", type=Path, required=True, help="a video of one person (its tail is held out)")
+    personal.add_argument("--inits", type=_named_checkpoint, nargs="+", required=True, metavar="NAME=PATH",
+                          help="starting models: 'default', 'meta', a model folder or a `train meta` run folder")
+    personal.add_argument("--seconds", type=float, default=120.0, help="fine-tuning seconds of the longest point")
+    personal.add_argument("--at", type=float, nargs="+", default=None, metavar="SECONDS",
+                          help="report points in training seconds (default: 15, 30, 60, 90, ... up to --seconds)")
+    personal.add_argument("--holdout-seconds", type=float, default=10.0, help="the held-out tail of the video")
+    personal.add_argument("--report-stride", type=positive_int, default=5, help="every k-th tail frame is compared")
+    personal.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    personal.add_argument("--output", "-o", type=Path, required=True,
+                          help="results file (.json); the plot goes beside it as <name>_series.png")
     curve = protocols.add_parser("curve", help="validation PSNR / face L1 vs step of training runs, as a plot")
     curve.add_argument("--runs", type=Path, nargs="+", required=True, metavar="RUN_DIR",
                        help="training run folders (each with val.jsonl); curves are named by folder")
@@ -92,6 +107,10 @@ def _check_inputs(args: argparse.Namespace) -> None:
         raise InputError(args.output, "results file must end in .json")
     if not args.output.parent.is_dir():
         raise InputError(args.output.parent, "output folder does not exist")
+    if args.protocol == "personalize":
+        if not args.video.is_file():
+            raise InputError(args.video, "file not found")
+        return
     if args.protocol == "curve":
         for run_dir in args.runs:
             if not run_dir.is_dir():
@@ -133,6 +152,8 @@ def _command(args: argparse.Namespace) -> str:
               "--size", str(args.size)]
     if args.checkpoint is not None:
         parts += ["--checkpoint", args.checkpoint]
+    if args.no_baselines:
+        parts += ["--no-baselines"]
     for name, path in args.compare:
         parts += ["--compare", f"{name}={path}"]
     for flag, path in (("--lpips-alexnet", args.lpips_alexnet), ("--lpips-linear", args.lpips_linear),
@@ -166,6 +187,70 @@ def _run_curve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_personalize(args: argparse.Namespace) -> int:
+    """Fine-tune each init on the video's training part and report the held-out tail at each mark."""
+    import torch
+
+    from metaportrait.cli.personalize import resolve_checkpoint
+    from metaportrait.eval.protocols import MetricModels
+    from metaportrait.io.checkpoint import load_model
+    from metaportrait.personalize import (
+        PersonalizeConfig,
+        budget_curve,
+        check_one_person,
+        default_cache_dir,
+        front_end,
+        split_holdout,
+    )
+
+    torch.set_num_threads(args.threads)
+    marks = sorted(args.at or [m for m in (15, 30, 60, 90, 120, 180, 240, 300) if m < args.seconds] + [args.seconds])
+    cfg = PersonalizeConfig(seconds=max(marks), holdout_seconds=args.holdout_seconds,
+                            report_stride=args.report_stride)  # fmt: skip
+    models = MetricModels.load()
+    starts = {}
+    for name, path in args.inits:
+        starts[name] = load_model(resolve_checkpoint(path))
+    image_sizes = {cfg_.image_size for _, cfg_ in starts.values()}
+    if len(image_sizes) != 1:
+        raise InputError(args.video, f"the inits run at different sizes {sorted(image_sizes)}")
+    frontend = front_end([args.video], image_sizes.pop(), default_cache_dir())
+    check_one_person(frontend.clips, models.identity)
+    train, tail = split_holdout(frontend.clips, cfg)
+    points = {name: budget_curve(generator, model_cfg, train, tail, cfg, models, marks)
+              for name, (generator, model_cfg) in starts.items()}  # fmt: skip
+    metrics_shown = (("psnr", "PSNR (dB)", False), ("face_l1", "face L1", True), ("st_lpips", "ST-LPIPS", True),
+                     ("id_distance", "identity distance", True))  # fmt: skip
+    series = {}
+    for metric, label, lower in metrics_shown:
+        for axis in ("seconds", "steps"):
+            series[f"{metric}_vs_{axis}"] = {
+                "x_label": "fine-tuning seconds" if axis == "seconds" else "fine-tuning steps",
+                "y_label": f"held-out {label}", "lower_is_better": lower,
+                "curves": {name: {"x": [p[axis] for p in curve], "y": [p[metric] for p in curve]}
+                           for name, curve in points.items()},
+            }  # fmt: skip
+    command = shlex.join(["metaportrait", "eval", "personalize", "--video", str(args.video), "--inits",
+                          *[f"{n}={p}" for n, p in args.inits], "--at", *map(str, marks), "--holdout-seconds",
+                          str(args.holdout_seconds), "--report-stride", str(args.report_stride), "--threads",
+                          str(args.threads), "--output", str(args.output)])  # fmt: skip
+    results = {
+        "protocol": "personalize", "command": command,
+        "settings": {"video": str(args.video), "holdout_first_frame": tail.first_frame,
+                     "heldout_frames": len(tail.usable_frames), "training_frames": sum(len(c.usable_frames) for c in train),
+                     "design": cfg.to_dict()},
+        "methods": {name: {metric: {"mean": curve[-1][metric], "per_clip": {}} for metric, _, _ in metrics_shown}
+                    for name, curve in points.items()},
+        "points": points,
+        "series": series,
+    }  # fmt: skip
+    write_text_atomic(args.output, json.dumps(results, indent=2, allow_nan=False) + "\n")
+    _write_series(results, args.output)
+    print(json.dumps(points, indent=1))
+    logger.info("wrote %s and %s", args.output, _series_path(args.output))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from metaportrait.eval import protocols, report
     from metaportrait.io.image import write_image
@@ -174,6 +259,8 @@ def run(args: argparse.Namespace) -> int:
     _check_inputs(args)
     if args.protocol == "curve":
         return _run_curve(args)
+    if args.protocol == "personalize":
+        return _run_personalize(args)
     checkpoints = _checkpoints(args)
     hashes = {}
     for name, path in checkpoints.items():
@@ -182,7 +269,10 @@ def run(args: argparse.Namespace) -> int:
 
             path = bundled_checkpoint()
         hashes[name] = protocols.checkpoint_sha256(path)
-    methods = {**protocols.BASELINES, **protocols.methods_from_checkpoints(checkpoints)}
+    baselines = {} if args.no_baselines else protocols.BASELINES
+    if not baselines and not checkpoints:
+        raise InputError(args.output, "--no-baselines leaves nothing to evaluate: give --checkpoint or --compare")
+    methods = {**baselines, **protocols.methods_from_checkpoints(checkpoints)}
     lpips_files = (args.lpips_alexnet, args.lpips_linear) if args.lpips_alexnet is not None else None
     models = protocols.MetricModels.load(lpips_files=lpips_files, fid_inception=args.fid_inception)
     options = {"size": args.size, "max_frames": args.max_frames, "stride": args.stride}

@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         source = FileSource(args.driving)
     animator = Animator.from_pretrained(args.checkpoint, batch_size=1, keep_source_detail=args.keep_source_detail,
-                                        eyelid_fill=args.eyelid_fill)
+                                        eyelid_fill=args.eyelid_fill, backend=args.backend,
+                                        onnx_folder=args.onnx_folder)
 
     # 2. Run; the writer renames its temporary file only if everything succeeded.
     with VideoWriter(output, source.fps) if output is not None else contextlib.nullcontext() as writer:

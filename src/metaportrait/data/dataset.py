@@ -7,6 +7,7 @@ sampler builds on this; `split_by_identity` keeps every clip of a person on one 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Iterable, Iterator, Sequence
@@ -43,6 +44,10 @@ class PreparedClip:
     fps: float
     size: int  # S
     crop: tuple[float, float, float]  # [x0, y0, side] of the crop in source-video pixels
+    # Frames usable for pairs: indices in [first_frame, stop_frame) (None: to the end); `part` narrows them, e.g. to
+    # keep a held-out tail of a clip out of training. The arrays always hold the whole clip.
+    first_frame: int = 0
+    stop_frame: int | None = None
 
     @functools.cached_property
     def frames(self) -> np.ndarray:
@@ -61,8 +66,16 @@ class PreparedClip:
 
     @property
     def usable_frames(self) -> np.ndarray:
-        """Indices of the frames with a face, ``int64`` ``(N,)``."""
-        return np.flatnonzero(self.present)
+        """Indices of the frames with a face within [first_frame, stop_frame), ``int64`` ``(N,)``."""
+        indices = np.flatnonzero(self.present)
+        stop = self.frame_count if self.stop_frame is None else self.stop_frame
+        return indices[(indices >= self.first_frame) & (indices < stop)]
+
+    def part(self, first_frame: int, stop_frame: int) -> PreparedClip:
+        """The same clip with only frames ``first_frame <= i < stop_frame`` usable (indices stay the clip's)."""
+        if not 0 <= first_frame <= stop_frame <= self.frame_count:
+            raise ValueError(f"frame range [{first_frame}, {stop_frame}) is not within the {self.frame_count} frames")
+        return dataclasses.replace(self, first_frame=first_frame, stop_frame=stop_frame)
 
     def __getstate__(self) -> dict:
         # Pickling (e.g. to DataLoader workers) must not copy the memory-mapped arrays; workers map them again.

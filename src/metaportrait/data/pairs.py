@@ -10,7 +10,7 @@ docs/contracts.md) in five steps:
    the same map, so the motion between them is the real one.
 3. **Resize** to the training size (the dataset may store 256² crops and we train at 128²).
 4. **Draw** the landmark line images (`metaportrait.data.drawing`) and, if asked, the piecewise-affine mesh
-   prior grid (`metaportrait.data.mesh_warp`) at the flow resolution.
+   prior (`metaportrait.prior.build_prior`) at the flow resolution.
 5. **Measure** the eye and mouth boxes and the face mask (for the region losses and the face-region metric).
 
 Sampling is a pure function of ``(seed, index)``: sample ``index`` always gives the same pair and the same
@@ -37,8 +37,10 @@ from torch.utils.data import Dataset, Sampler
 
 from metaportrait.data.dataset import PreparedClip
 from metaportrait.data.drawing import draw_landmark_image
-from metaportrait.data.mesh_warp import MouthFill, face_mask, mesh_warp_grid, prior_masks
 from metaportrait.io.image import frames_to_tensor
+from metaportrait.prior import PriorOptions, build_prior
+from metaportrait.prior.masks import face_mask
+from metaportrait.prior.mouth import MouthFill
 
 if TYPE_CHECKING:
     from metaportrait.config import ModelConfig
@@ -274,7 +276,7 @@ class PairOptions:
     # Side of the mesh prior grid, None = no prior. The generator warps with the (prior + learned residual) grid
     # at the prior's resolution, so the inference pipeline passes it at the image size; so do we by default.
     prior_size: int | None = None
-    prior_masks: bool = False  # also the `mesh_warp.prior_masks` of the driving face, at the prior's size
+    prior_masks: bool = False  # also the prior masks (`metaportrait.prior.masks`) of the driving face, at its size
     prior_mouth: MouthFill = "stretch"  # how the prior grid and masks fill the mouth opening
     mouth_template: bool = False  # prior masks also hold the `mouth_template` (RefineConfig.mouth_template)
     eyelids: bool = False  # the masks' synthesis channel also covers the eyelid band (ModelConfig.prior_eyelids)
@@ -296,6 +298,13 @@ class PairOptions:
             raise ValueError("eyelid_channel needs eyelids (the band is synthesised where it is given)")
         if self.prior_size is not None and self.prior_size < 4:
             raise ValueError(f"prior_size must be at least 4, got {self.prior_size}")
+
+    @property
+    def prior(self) -> PriorOptions:
+        """The options of the mesh prior (used with ``prior_size``)."""
+        return PriorOptions(mouth=self.prior_mouth, eyelid_fill=self.eyelid_fill, face_masked=self.face_masked,
+                            masks=self.prior_masks, template=self.mouth_template, eyelids=self.eyelids,
+                            eyelid_channel=self.eyelid_channel)  # fmt: skip
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, size: int) -> PairOptions:
@@ -362,14 +371,10 @@ def make_pair(
     if options.prior_size is not None:
         # Landmarks in prior-grid pixels: the grid is resolution-free ([-1, 1]), so scale them, not the grid.
         scale = options.prior_size / size
-        source_points, driving_points, side = landmarks[0] * scale, landmarks[1] * scale, options.prior_size
-        grid = mesh_warp_grid(source_points, driving_points, side, side, mouth=options.prior_mouth,
-                              eyelids=options.eyelid_fill, face_masked=options.face_masked)
-        sample["prior_grid"] = torch.from_numpy(grid)
-        if options.prior_masks:
-            masks = prior_masks(source_points, driving_points, side, side, options.prior_mouth, options.mouth_template,
-                                options.eyelids, options.eyelid_channel)
-            sample["prior_masks"] = torch.from_numpy(masks)
+        prior = build_prior(landmarks[0] * scale, landmarks[1] * scale, options.prior_size, options.prior)
+        sample["prior_grid"] = torch.from_numpy(prior.grid)
+        if prior.masks is not None:
+            sample["prior_masks"] = torch.from_numpy(prior.masks)
     return sample
 
 

@@ -32,7 +32,6 @@ published numbers: `metaportrait.eval.metrics`; the table, grid and video of a r
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -53,10 +52,12 @@ from metaportrait.data.landmarks import (
     landmarks_of_image,
     track_frames,
 )
-from metaportrait.data.mesh_warp import face_mask, mesh_warp_image
 from metaportrait.errors import InputError, NoFaceError
+from metaportrait.io.checkpoint import checkpoint_sha256  # noqa: F401  (re-exported for the CLI)
 from metaportrait.eval import metrics
 from metaportrait.motion import resolve_reference, retarget_motion
+from metaportrait.prior import PriorOptions, build_prior
+from metaportrait.prior.masks import face_mask
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +98,13 @@ def source_copy(source_image, source_landmarks, driving_frames, target_landmarks
 
 
 def mesh_warp(source_image, source_landmarks, driving_frames, target_landmarks, face_masked=True) -> np.ndarray:
-    """Baseline: the piecewise-affine mesh warp (`metaportrait.data.mesh_warp`), no training; by default only
+    """Baseline: the piecewise-affine mesh warp (`metaportrait.prior.build_prior`), no training; by default only
     inside the face (identity elsewhere), the stronger of the two."""
-    return np.stack(
-        [mesh_warp_image(source_image, source_landmarks, t, face_masked=face_masked) for t in target_landmarks]
-    )
+    size = source_image.shape[0]
+    if source_image.shape[:2] != (size, size):
+        raise ValueError(f"the mesh-warp baseline takes square crops, got {source_image.shape[:2]}")
+    options = PriorOptions(face_masked=face_masked)
+    return np.stack([build_prior(source_landmarks, t, size, options).warp(source_image) for t in target_landmarks])
 
 
 def mesh_warp_whole_frame(source_image, source_landmarks, driving_frames, target_landmarks) -> np.ndarray:
@@ -133,19 +136,6 @@ class ModelMethod:
             source_image, target_landmarks, paste_back=True, source_landmarks=source_landmarks
         )
         return np.stack(list(frames))
-
-
-def checkpoint_sha256(path: str | Path) -> str:
-    """SHA-256 of a checkpoint's weights: the file itself, or ``model.safetensors`` inside a folder."""
-    path = Path(path)
-    weights = path / "model.safetensors" if path.is_dir() else path
-    if not weights.is_file():
-        raise InputError(path, "checkpoint weights not found")
-    digest = hashlib.sha256()
-    with open(weights, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -233,6 +223,29 @@ def _frame_metrics(models: MetricModels, output: np.ndarray, real: np.ndarray) -
     return values
 
 
+def reconstruction_metrics(
+    models: MetricModels,
+    output: np.ndarray,
+    real: np.ndarray,
+    face: np.ndarray,
+    source: np.ndarray,
+    source_landmarks: np.ndarray,
+    output_landmarks: np.ndarray,
+) -> dict[str, float]:
+    """Per-frame means of the self-reconstruction metrics of ``uint8`` ``(T, S, S, 3)`` outputs against the real
+    frames: L1, PSNR, SSIM, face-region L1 (``face``: ``(T, S, S)`` masks in [0, 1]), ST-LPIPS (and LPIPS when
+    loaded) and the identity distance / loss to the ``source`` crop (``(478, 2)`` ``source_landmarks``), the
+    outputs aligned for the identity network by ``output_landmarks`` ``(T, 478, 2)``."""
+    return {
+        "l1": metrics.l1(output, real),
+        "psnr": metrics.psnr(output, real),
+        "ssim": metrics.ssim(output, real),
+        "face_l1": metrics.face_region_l1(output, real, face),
+        **_frame_metrics(models, output, real),
+        **metrics.identity_metrics(output, output_landmarks, source, source_landmarks, models.identity),
+    }
+
+
 def _track_output(frames: np.ndarray, name: str) -> tuple[np.ndarray | None, float]:
     """Raw MediaPipe landmarks of generated frames and the fraction of frames with a face (None if no face)."""
     try:
@@ -242,7 +255,7 @@ def _track_output(frames: np.ndarray, name: str) -> tuple[np.ndarray | None, flo
     return landmarks, float(present.mean())
 
 
-def _smooth(landmarks: np.ndarray, fps: float) -> np.ndarray:
+def smooth_targets(landmarks: np.ndarray, fps: float) -> np.ndarray:
     """One-Euro smoothing of a landmark track with the pipeline's settings (targets as a driver would give)."""
     smoother = OneEuroFilter(fps, LANDMARK_MIN_CUTOFF, LANDMARK_BETA, LANDMARK_D_CUTOFF)
     return np.stack([smoother(points) for points in landmarks]).astype(np.float32)
@@ -329,7 +342,7 @@ def load_self_clip(path: str | Path, size: int, max_frames: int | None, stride: 
     box = clip_box(full_landmarks, present)
     crops = np.stack([crop(frame, box, size) for frame in frames])
     landmarks, _ = track_frames(crops, smooth=False, name=path)
-    return SelfClip(path.stem, crops, landmarks, _smooth(landmarks, fps), fps)
+    return SelfClip(path.stem, crops, landmarks, smooth_targets(landmarks, fps), fps)
 
 
 def load_source(path: str | Path, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -467,13 +480,8 @@ def evaluate_self(
             _check_output(name, output, real.shape)
             output_landmarks, found = _track_output(output, f"{name} on {clip.name}")
             values = {
-                "l1": metrics.l1(output, real),
-                "psnr": metrics.psnr(output, real),
-                "ssim": metrics.ssim(output, real),
-                "face_l1": metrics.face_region_l1(output, real, face),
-                **_frame_metrics(models, output, real),
-                **metrics.identity_metrics(output, _or(output_landmarks, real_landmarks), source, source_landmarks,
-                                           models.identity),
+                **reconstruction_metrics(models, output, real, face, source, source_landmarks,
+                                         _or(output_landmarks, real_landmarks)),
                 **_landmark_metrics(output_landmarks, real_landmarks, size),
                 "e_warp": metrics.warping_error(output, flow),
                 "face_found": found,

@@ -7,6 +7,8 @@ half-written checkpoint. Training state (optimisers, step) is the trainer's busi
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 from pathlib import Path
 from typing import Any
@@ -91,3 +93,15 @@ def load_model(path_dir: str | Path):
     generator.load_state_dict(load_file(str(weights)), strict=True)
     return generator.eval(), cfg
 
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """SHA-256 of a checkpoint's weights: the file itself, or ``model.safetensors`` inside a folder."""
+    path = Path(path)
+    weights = path / "model.safetensors" if path.is_dir() else path
+    if not weights.is_file():
+        raise InputError(path, "checkpoint weights not found")
+    digest = hashlib.sha256()
+    with open(weights, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -26,6 +26,7 @@ from metaportrait.models.warping import (
 
 Stage = Literal["warp", "full"]
 NUM_OFFICIAL_KEYPOINTS = 58
+PARTS = ("all", "warp", "refine", "decoder")  # `Generator.part_parameters`
 
 
 class Generator(nn.Module):
@@ -75,6 +76,19 @@ class Generator(nn.Module):
         yield from self.fuse_high_res.parameters()
         yield from self.SPDAE_G.parameters()
 
+    def part_parameters(self, part: str) -> list[tuple[str, nn.Parameter]]:
+        """Named parameters of one part of G, for fine-tuning a part only (`PARTS`): ``"all"``, ``"warp"`` (W),
+        ``"refine"`` (R: feature pyramid and decoder) or ``"decoder"`` (R's decoder `SPDAE_G` alone)."""
+        prefixes = {
+            "all": ("",),
+            "warp": ("ladder_network.", "dense_motion_network."),
+            "refine": ("feature_encoder.", "fuse_high_res.", "SPDAE_G."),
+            "decoder": ("SPDAE_G.",),
+        }
+        if part not in prefixes:
+            raise ValueError(f"unknown part {part!r}; choose one of {PARTS}")
+        return [(name, p) for name, p in self.named_parameters() if name.startswith(prefixes[part])]
+
     # ------------------------------------------------------------------------------------------------------------
 
     def forward(
@@ -103,7 +117,7 @@ class Generator(nn.Module):
             driving_keypoints: ``(B, 58, 2)`` official landmark subset in [-1, 1]; required iff the config uses
                 gaze heat-maps or the mouth line (official preset) and stage "full"; must be None otherwise.
             prior_masks: ``(B, C, H', W')`` in [0, 1] at the prior grid's size, C = the config's
-                `prior_mask_channels`, from `metaportrait.data.mesh_warp.prior_masks`: the driving face (the
+                `prior_mask_channels`, from `metaportrait.prior.masks.prior_masks`: the driving face (the
                 residual flow is faded out there), the driving mouth opening (occlusion forced to 0 there) [, the
                 mouth template's teeth and cavity (refine conditions)]; required iff ``prior_masks``.
             source_flow: `source_flow(source, source_lines)`, only with ``warp.subtract_source_flow``; computed

@@ -53,17 +53,18 @@ from tqdm import tqdm
 from metaportrait.config import ModelConfig
 from metaportrait.data.dataset import PreparedDataset, split_by_identity
 from metaportrait.data.drawing import MEDIAPIPE_TOPOLOGIES
-from metaportrait.data.pairs import REGIONS, FixedPairs, PairOptions, RandomPairs, StepSampler, box_crops, box_masks
+from metaportrait.data.pairs import FixedPairs, PairOptions, RandomPairs, StepSampler
 from metaportrait.errors import InputError
 from metaportrait.eval.metrics import face_region_l1, l1, psnr
 from metaportrait.io.atomic import atomic_path, write_text_atomic
 from metaportrait.io.checkpoint import load_config, load_model, save_model
 from metaportrait.io.image import to_uint8_frames, write_image
-from metaportrait.losses.perceptual import MobileNetV2Features, PerceptualPyramidLoss, VGG19Features
+from metaportrait.losses.perceptual import MobileNetV2Features, VGG19Features
 from metaportrait.models.discriminator import MouthDiscriminator, MultiScaleDiscriminator
 from metaportrait.models.generator import Generator
-from metaportrait.models.identity import EMBEDDING_DIM, IdentityEncoder, cosine_distance
+from metaportrait.models.identity import EMBEDDING_DIM, IdentityEncoder
 from metaportrait.train.config import TrainConfig
+from metaportrait.train.losses import GeneratorLoss, critic_loss
 
 logger = logging.getLogger(__name__)
 
@@ -164,31 +165,20 @@ def train_base(
     generator = Generator(model_cfg).to(device).train()
     discriminator = MultiScaleDiscriminator(model_cfg.discriminator).to(device).train() if full else None
     mouth_critic = MouthDiscriminator().to(device).train() if full and cfg.loss.mouth_gan > 0 else None
-    mouth_crop = max(64, cfg.size // 4)  # px; the mouth box is about a quarter of the face crop wide
     if cfg.perceptual_backbone == "mobilenet_v2":
-        backbone = MobileNetV2Features()
+        backbone = MobileNetV2Features().to(device)
     else:
-        backbone = VGG19Features(cfg.vgg19_weights)
-    # Two weightings of one backbone (the module is shared, not copied).
-    perceptual_warped = PerceptualPyramidLoss(backbone, cfg.loss.pyramid_scales, cfg.loss.perceptual_warped).to(device)
-    perceptual_output = PerceptualPyramidLoss(backbone, cfg.loss.pyramid_scales, cfg.loss.perceptual_output).to(device)
-    mouth_layers = (cfg.loss.mouth_perceptual,) * len(cfg.loss.perceptual_output)
-    perceptual_mouth = PerceptualPyramidLoss(backbone, (1.0,), mouth_layers).to(device)
+        backbone = VGG19Features(cfg.vgg19_weights).to(device)
     needs_identity = full and (model_cfg.use_identity or cfg.loss.identity > 0)
     if needs_identity and model_cfg.use_identity and model_cfg.identity_dim != EMBEDDING_DIM:
         raise ValueError(
             f"preset {cfg.preset!r} takes {model_cfg.identity_dim}-d identities; our encoder gives {EMBEDDING_DIM}-d"
         )
     identity_encoder = IdentityEncoder.from_dlib().to(device) if needs_identity else None
-    if (cfg.loss.synthesis_pixel != 1.0 or cfg.mouth_critic_region == "synthesised") and not model_cfg.prior_masks:
-        raise ValueError(
-            "loss.synthesis_pixel != 1 and mouth_critic_region='synthesised' need a model with prior masks "
-            "(they mark the synthesised band)"
-        )
-    if cfg.loss.eyelid_pixel is not None and not model_cfg.refine.eyelid_band:
-        raise ValueError("loss.eyelid_pixel needs a model with the eyelid-band input (--eyelid-condition)")
-    # The official tanh output is trained on its raw value (clipping would cut the gradient below 0).
-    output_key = "output_raw" if model_cfg.refine.output == "tanh" else "output"
+    generator_loss = GeneratorLoss(
+        cfg.loss, model_cfg, cfg.stage, cfg.size, backbone, identity_encoder, discriminator, mouth_critic,
+        cfg.mouth_critic_region,
+    )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------------------
     # Optimisers: G with two parameter groups (refine at lr, warp at lr * warp_lr_scale), D alone.
@@ -262,7 +252,7 @@ def train_base(
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
         write_text_atomic(out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         for name in ("log.jsonl", "val.jsonl"):
-            _truncate_jsonl(out_dir / name, start_step)
+            truncate_jsonl(out_dir / name, start_step)
     sampler = StepSampler(start_step, cfg.steps, cfg.batch_size, rank, world_size)
     loader = DataLoader(
         train_pairs,
@@ -279,8 +269,8 @@ def train_base(
         # Step 0: the untrained model, and the training-free baselines on the same pairs, for reference.
         metrics = _validate(averaged, val_pairs, identity_encoder, cfg, model_cfg, device, baselines=True)
         best_psnr = metrics["psnr"]
-        _append_jsonl(out_dir / "val.jsonl", {"step": 0, **metrics, "best": True})
-        _export_model(out_dir / "best", averaged, model_cfg, {"step": 0, "stage": cfg.stage, **metrics})
+        append_jsonl(out_dir / "val.jsonl", {"step": 0, **metrics, "best": True})
+        export_model(out_dir / "best", averaged, model_cfg, {"step": 0, "stage": cfg.stage, **metrics})
     sums: dict[str, float] = {}  # loss name -> sum over the steps since the last log line
     interval_steps, interval_time = 0, 0.0
     last_logged: dict[str, float] = {}
@@ -300,77 +290,9 @@ def train_base(
             optimizer_g.param_groups[0]["lr"] = 0.0  # R frozen (Adam with lr 0 leaves the weights exactly as they are)
 
         # Generator losses.
-        losses: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            source_identity = identity_encoder.embed(source, batch["source_landmarks"]) if needs_identity else None
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            out = generator(
-                source, batch["source_lines"], batch["driving_lines"],
-                identity=source_identity if full and model_cfg.use_identity else None,
-                prior_grid=batch.get("prior_grid"), prior_masks=batch.get("prior_masks"), stage=cfg.stage,
-            )  # fmt: skip
-            warped = out["warped"]
-            losses["perceptual_warped"] = perceptual_warped(warped, driving)
-            if cfg.loss.l1_warped > 0:
-                losses["l1_warped"] = cfg.loss.l1_warped * (warped - driving).abs().mean()
-            if cfg.loss.face > 0:
-                losses["face_warped"] = cfg.loss.face * _face_l1((warped - driving).abs(), batch["face_mask"])
-            if full:
-                prediction = out[output_key]
-                losses["perceptual_output"] = perceptual_output(prediction, driving)
-                # Pixel error of the output, scaled by loss.synthesis_pixel where the source has no pixels
-                # (the squared term: by its square).
-                pixel_error = (prediction - driving).abs()  # (B, 3, H, W)
-                if cfg.loss.synthesis_pixel != 1.0 or cfg.loss.eyelid_pixel is not None:
-                    pixel_error = pixel_error * synthesis_pixel_weight(
-                        batch["prior_masks"], cfg.loss.synthesis_pixel, cfg.loss.eyelid_pixel
-                    )
-                if cfg.loss.l1_output > 0:
-                    losses["l1_output"] = cfg.loss.l1_output * pixel_error.mean()
-                if cfg.loss.l2_output > 0:
-                    losses["l2_output"] = cfg.loss.l2_output * pixel_error.square().mean()
-                if cfg.loss.face > 0:
-                    losses["face_output"] = cfg.loss.face * _face_l1(pixel_error, batch["face_mask"])
-                if cfg.loss.eye > 0 or cfg.loss.mouth > 0:
-                    masks = box_masks(batch["boxes"], cfg.size, cfg.size, cfg.size)  # (B, 3, H, W)
-                    error = pixel_error.mean(dim=1, keepdim=True)  # (B, 1, H, W)
-                    region = (error * masks).sum(dim=(2, 3)) / masks.sum(dim=(2, 3)).clamp_min(1.0)  # (B, 3)
-                    losses["eye"] = cfg.loss.eye * region[:, : REGIONS.index("mouth")].mean()
-                    losses["mouth"] = cfg.loss.mouth * region[:, REGIONS.index("mouth")].mean()
-                if cfg.loss.identity > 0:
-                    # The output is aligned for E_id with the driving landmarks: it should show them.
-                    output_identity = identity_encoder.embed(prediction, batch["driving_landmarks"])
-                    losses["identity"] = cfg.loss.identity * cosine_distance(output_identity, source_identity).mean()
-                if cfg.loss.gan > 0 or cfg.loss.feature_matching > 0:
-                    discriminator.requires_grad_(False)  # G's step must not leave gradients in D
-                    fake_scales = discriminator(prediction)
-                    with torch.no_grad():
-                        real_scales = discriminator(driving)
-                    discriminator.requires_grad_(True)
-                    gan, matching = _generator_adversarial(fake_scales, real_scales)
-                    losses["gan_g"] = cfg.loss.gan * gan
-                    losses["feature_matching"] = cfg.loss.feature_matching * matching
-                if mouth_critic is not None or cfg.loss.mouth_perceptual > 0:
-                    mouth_boxes = batch["boxes"][:, REGIONS.index("mouth")]
-                    real_mouth = box_crops(driving, mouth_boxes, cfg.size, mouth_crop)
-                    fake_mouth = box_crops(prediction, mouth_boxes, cfg.size, mouth_crop)
-                if cfg.loss.mouth_perceptual > 0:
-                    losses["mouth_perceptual"] = perceptual_mouth(fake_mouth, real_mouth)
-                if mouth_critic is not None:
-                    mouth_lines = box_crops(batch["driving_lines"], mouth_boxes, cfg.size, mouth_crop)
-                    critic_region = None  # (B, 1, s, s) weight of the critic's patches; None: all equal
-                    if cfg.mouth_critic_region == "synthesised":
-                        critic_region = box_crops(batch["prior_masks"][:, 1:2], mouth_boxes, cfg.size, mouth_crop)
-                    mouth_critic.requires_grad_(False)
-                    fake_scales = [mouth_critic(fake_mouth, mouth_lines)]  # one scale
-                    with torch.no_grad():
-                        real_scales = [mouth_critic(real_mouth, mouth_lines)]
-                    mouth_critic.requires_grad_(True)
-                    gan, matching = _generator_adversarial(fake_scales, real_scales, critic_region)
-                    losses["mouth_gan_g"] = cfg.loss.mouth_gan * gan
-                    if cfg.loss.mouth_feature_matching > 0:
-                        losses["mouth_feature_matching"] = cfg.loss.mouth_feature_matching * matching
-            total_g = sum(losses.values())
+            result = generator_loss(generator, batch)
+        losses, total_g, out, mouth = result.terms, result.total, result.out, result.mouth
 
         # Non-finite loss on any rank: every rank skips this step (fail after MAX_SKIPPED_STEPS in a row).
         finite = torch.tensor(float(torch.isfinite(total_g.detach()).item()))
@@ -399,15 +321,15 @@ def train_base(
             if full and cfg.loss.gan > 0:
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                     real_scales = discriminator(driving)
-                    fake_scales = discriminator(prediction.detach())
-                    total_d = cfg.loss.gan * _critic_loss(real_scales, fake_scales)
+                    fake_scales = discriminator(result.prediction.detach())
+                    total_d = cfg.loss.gan * critic_loss(real_scales, fake_scales)
                 losses["grad_norm_d"] = _critic_step(total_d, optimizer_d, discriminator, scaler, cfg, world_size)
                 losses["gan_d"] = total_d
             if mouth_critic is not None:
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                    real_scales = [mouth_critic(real_mouth, mouth_lines)]
-                    fake_scales = [mouth_critic(fake_mouth.detach(), mouth_lines)]
-                    total_m = cfg.loss.mouth_gan * _critic_loss(real_scales, fake_scales, critic_region)
+                    real_scales = [mouth_critic(mouth.real, mouth.lines)]
+                    fake_scales = [mouth_critic(mouth.fake.detach(), mouth.lines)]
+                    total_m = cfg.loss.mouth_gan * critic_loss(real_scales, fake_scales, mouth.region)
                 losses["grad_norm_mouth_d"] = _critic_step(total_m, optimizer_m, mouth_critic, scaler, cfg, world_size)
                 losses["mouth_gan_d"] = total_m
             scaler.update()
@@ -438,7 +360,7 @@ def train_base(
                 "world_size": world_size,
             }
             if is_main:
-                _append_jsonl(out_dir / "log.jsonl", record)
+                append_jsonl(out_dir / "log.jsonl", record)
                 bar.set_postfix(loss=f"{means.get('total_g', float('nan')):.3f}", s_step=record["s_per_step"])
             last_logged = record
             sums, interval_steps, interval_time = {}, 0, 0.0
@@ -453,9 +375,9 @@ def train_base(
             metrics = _validate(averaged, val_pairs, identity_encoder, cfg, model_cfg, device)
             improved = metrics["psnr"] > best_psnr
             best_psnr = max(best_psnr, metrics["psnr"])
-            _append_jsonl(out_dir / "val.jsonl", {"step": step, **metrics, "best": improved})
+            append_jsonl(out_dir / "val.jsonl", {"step": step, **metrics, "best": improved})
             if improved:
-                _export_model(out_dir / "best", averaged, model_cfg, {"step": step, "stage": cfg.stage, **metrics})
+                export_model(out_dir / "best", averaged, model_cfg, {"step": step, "stage": cfg.stage, **metrics})
         if is_main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             state = {
                 "version": CHECKPOINT_VERSION,
@@ -478,7 +400,7 @@ def train_base(
                 state["optimizer_mouth_discriminator"] = optimizer_m.state_dict()
             with atomic_path(checkpoint_path) as tmp:
                 torch.save(state, tmp)
-            _export_model(out_dir / "model", averaged, model_cfg, {"step": step, "stage": cfg.stage})
+            export_model(out_dir / "model", averaged, model_cfg, {"step": step, "stage": cfg.stage})
         tick = time.perf_counter()
     bar.close()
 
@@ -577,61 +499,6 @@ def _update_average(averaged: torch.nn.Module, trained: torch.nn.Module, decay: 
         mean.copy_(current)
 
 
-def synthesis_pixel_weight(prior_masks: torch.Tensor, weight: float, eyelid_weight: float | None = None) -> torch.Tensor:
-    """Per-pixel weight of the pixel losses: ``weight`` inside the band the model must synthesise (prior-mask
-    channel 1, where the source has no pixels), 1 elsewhere. ``(B, C >= 2, H, W)`` masks in [0, 1] ->
-    ``(B, 1, H, W)``. With ``eyelid_weight`` (masks whose last channel is the eyelid band alone), that weight
-    inside the eyelid band instead.
-
-    Pixel losses pull an unknowable region to the average of its training targets (for the mouth: a grey fill
-    between teeth and cavity); with a low weight there, the perceptual and adversarial terms decide it.
-    """
-    assert prior_masks.dim() == 4 and prior_masks.shape[1] >= 2, f"prior masks (B, C, H, W), got {prior_masks.shape}"
-    band = prior_masks[:, 1:2]
-    if eyelid_weight is None:
-        return 1.0 - (1.0 - weight) * band
-    assert prior_masks.shape[1] >= 3, "eyelid_weight needs the eyelid band as the last prior-mask channel"
-    lids = prior_masks[:, -1:]
-    mouth = (band - lids).clamp_min(0.0)  # channel 1 is max(mouth, lids); they lie far apart
-    return 1.0 - (1.0 - weight) * mouth - (1.0 - eyelid_weight) * lids
-
-
-def _face_l1(error: torch.Tensor, face: torch.Tensor) -> torch.Tensor:
-    """Mean of a ``(B, 3, H, W)`` absolute-error map inside a ``(B, 1, H, W)`` face mask -> scalar."""
-    area = face.sum(dim=(1, 2, 3)).clamp_min(1.0) * 3  # (B,), times 3 colour channels
-    return (error * face).sum(dim=(1, 2, 3)).div(area).mean()
-
-
-def _patch_mean(values: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
-    """Mean of a critic's ``(B, 1, h, w)`` per-patch values, weighted by ``region`` ``(B, 1, H, W)`` in [0, 1]
-    (area-averaged to the patch grid) when given; 0 when the region is empty."""
-    if region is None:
-        return values.mean()
-    weight = F.adaptive_avg_pool2d(region, values.shape[-2:])
-    return (weight * values).sum() / weight.sum().clamp_min(1e-6)
-
-
-def _generator_adversarial(fake_scales, real_scales, region=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """LSGAN generator term sum_s mean (1 - D_s(fake))² and feature matching sum_s,l mean |f_l(fake) - f_l(real)|,
-    from a critic's per-scale ``(features, prediction)`` outputs on the output and (without gradient) the target.
-    ``region`` (optional) weights the LSGAN patches (`_patch_mean`); feature matching stays unweighted."""
-    gan = sum(_patch_mean((1 - prediction) ** 2, region) for _, prediction in fake_scales)
-    matching = sum(
-        (fake_feature - real_feature).abs().mean()
-        for (fake_features, _), (real_features, _) in zip(fake_scales, real_scales)
-        for fake_feature, real_feature in zip(fake_features, real_features)
-    )
-    return gan, matching
-
-
-def _critic_loss(real_scales, fake_scales, region=None) -> torch.Tensor:
-    """LSGAN critic loss sum_s mean (1 - D_s(real))² + mean D_s(fake)², patches weighted by ``region`` if given."""
-    return sum(
-        _patch_mean((1 - real_map) ** 2, region) + _patch_mean(fake_map**2, region)
-        for (_, real_map), (_, fake_map) in zip(real_scales, fake_scales)
-    )
-
-
 def _critic_step(loss, optimizer, critic: torch.nn.Module, scaler, cfg: TrainConfig, world_size: int) -> torch.Tensor:
     """One update of a discriminator on its loss; returns its gradient norm before clipping."""
     optimizer.zero_grad(set_to_none=True)
@@ -717,7 +584,7 @@ def _validate(
     return {**metrics, "pairs": len(target)}
 
 
-def _export_model(folder: Path, generator: Generator, model_cfg: ModelConfig, meta: dict) -> None:
+def export_model(folder: Path, generator: Generator, model_cfg: ModelConfig, meta: dict) -> None:
     """`save_model` into a temporary folder, then swap it in, so ``folder`` never mixes two versions."""
     tmp = folder.with_name(folder.name + ".tmp")
     old = folder.with_name(folder.name + ".old")
@@ -771,12 +638,12 @@ def _worker_init(worker_id: int) -> None:
     cv2.setNumThreads(1)
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
+def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
 
 
-def _truncate_jsonl(path: Path, last_step: int) -> None:
+def truncate_jsonl(path: Path, last_step: int) -> None:
     """Keep the lines of ``path`` with ``step <= last_step`` (a resumed run rewrites what came after its checkpoint)."""
     if not path.exists():
         path.touch()

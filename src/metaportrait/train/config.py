@@ -107,7 +107,7 @@ class TrainConfig:
     landmark_topology: str | None = None  # "mediapipe478" (dense) or "sparse68" (sparse) line images
     use_identity: bool | None = None  # False: refinement without the identity branch
     prior_mouth: MouthFill | None = None  # how the mesh prior fills the mouth opening ("stretch" / "upper_lip")
-    mouth_template: bool | None = None  # True: the refinement also sees `data.mouth_template` (RefineConfig)
+    mouth_template: bool | None = None  # True: the refinement also sees `prior.mouth.mouth_template` (RefineConfig)
     subtract_source_flow: bool | None = None  # True: train with `WarpConfig.subtract_source_flow` (no new weights)
     smooth_upscale: bool | None = None  # True: `RefineConfig.smooth_upscale` (no new weights)
     # > 0: `RefineConfig.gain_map_grid` (a new zero-weight head: --init from a model without it starts unchanged)
@@ -274,6 +274,15 @@ _LITE_LOSS = LossWeights(
     mouth_gan=1.0,
     mouth_feature_matching=2.0,
     mouth_perceptual=2.0,
+)
+
+# Fine-tuning on one person (personalisation, and the inner loop of meta-training): the lite recipe's output terms
+# (pixel, face, eye and mouth L1, which move PSNR, and the perceptual term for texture), without critics and without
+# the identity loss (the model already takes the source's identity); the warped-image terms are off (personalisation
+# does not move the warping network by default).
+PERSONAL_LOSS = dataclasses.replace(
+    _LITE_LOSS, perceptual_warped=(0.0,) * 5, l1_warped=0.0, gan=0.0, feature_matching=0.0, identity=0.0,
+    mouth_gan=0.0, mouth_feature_matching=0.0, mouth_perceptual=0.0,
 )
 
 

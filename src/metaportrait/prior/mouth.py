@@ -1,4 +1,7 @@
-"""A geometric sketch of an open mouth's interior, drawn from the driving landmarks, for the refinement network.
+"""The mouth: how the prior fills a driving mouth opening, and a geometric sketch of an open mouth's interior.
+
+`MouthFill` names the two fills of `metaportrait.prior.warp.mesh_warp_grid` and
+`metaportrait.prior.masks.prior_masks`; `mouth_split` is the split line the "upper_lip" fill needs.
 
 Trained on pixel losses alone, the refinement fills a mouth opening the source cannot supply with the average
 interior: a smooth pale-pink block (docs/model_card.md). Where teeth sit in an open mouth is, to first order,
@@ -9,10 +12,37 @@ conditions (``RefineConfig.mouth_template``); colours, shading and single teeth 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import cv2
 import numpy as np
 
-from metaportrait.data.mesh_warp import MOUTH_CORNERS, check_landmarks, polygon_coverage, mesh_topology
+from metaportrait.prior.geometry import check_landmarks, hull_area, polygon_coverage
+from metaportrait.prior.topology import HOLE_CORNERS, MeshTopology, mesh_topology
+
+# How the mesh fills a driving mouth opening (`mesh_warp_grid`, `prior_masks`): "stretch" maps the source's
+# opening onto it (teeth stretched over a wide-open mouth: the classical baseline); "upper_lip" keeps the source's
+# interior at its own height under the upper lip, where the upper teeth sit, and leaves the rest of the opening to
+# synthesis (the lower lip's edge is repeated there in the grid).
+MouthFill = Literal["stretch", "upper_lip"]
+MOUTH_FILLS = ("stretch", "upper_lip")
+MOUTH_CORNERS = HOLE_CORNERS["mouth"]
+
+
+def mouth_split(source: np.ndarray, driving: np.ndarray, topology: MeshTopology) -> tuple[np.ndarray, np.ndarray]:
+    """For ``mouth="upper_lip"``: ``(9, 2)`` driving points splitting the inner-lip opening, and their ``(9, 2)``
+    source points (the source's lower inner lip).
+
+    Each split point lies below its upper-lip point by the source's opening there (scaled by the ratio of the
+    face sizes), at most down to the driving lower lip: above it the source's interior is shown unstretched,
+    below it the source has nothing to show."""
+    upper, lower = topology.mouth_upper[1:-1], topology.mouth_lower[1:-1]
+    scale = np.sqrt(hull_area(driving, topology.oval) / hull_area(source, topology.oval))
+    source_gap = np.linalg.norm(source[lower] - source[upper], axis=1) * scale
+    driving_offset = driving[lower] - driving[upper]
+    fraction = np.clip(source_gap / np.maximum(np.linalg.norm(driving_offset, axis=1), 1e-6), 0.0, 1.0)
+    return driving[upper] + fraction[:, None] * driving_offset, source[lower]
+
 
 # Tooth heights, as a fraction of the local opening and capped by a fraction of the mouth width (in adults the
 # visible upper incisors are about a fifth as tall as the mouth is wide, the lower ones less).

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from metaportrait.data.mesh_warp import check_landmarks, polygon_coverage
+from metaportrait.prior.geometry import check_landmarks, polygon_coverage
 
 # MediaPipe eye contours, corner to corner: (corner, upper lid, corner, lower lid). They are the boundaries of
-# the mesh's eye holes (`mesh_warp.HOLE_CORNERS`; tests/test_eyelids.py checks it).
+# the mesh's eye holes (`metaportrait.prior.topology.HOLE_CORNERS`; tests/test_eyelids.py checks it).
 EYES = {
     "right": (33, (246, 161, 160, 159, 158, 157, 173), 133, (7, 163, 144, 145, 153, 154, 155)),
     "left": (263, (466, 388, 387, 386, 385, 384, 398), 362, (249, 390, 373, 374, 380, 381, 382)),
@@ -68,7 +68,7 @@ def fill_lids(grid: np.ndarray, source_landmarks: np.ndarray, driving_landmarks:
     down over the rest. A model then warps skin-coloured pixels onto the lid instead of painting it
     (``ModelConfig.prior_eyelid_fill``; docs/experiments.md, the lid fill of 2026-11-25).
 
-    ``grid``: ``float32`` ``(H, W, 2)`` from `metaportrait.data.mesh_warp.mesh_warp_grid` for these landmarks
+    ``grid``: ``float32`` ``(H, W, 2)`` from `metaportrait.prior.warp.mesh_warp_grid` for these landmarks
     (pixel coordinates of its ``H`` x ``W`` frame) -> the same shape; unchanged where no eye closes.
     """
     assert grid.ndim == 3 and grid.shape[2] == 2, f"grid must be (H, W, 2), got {grid.shape}"

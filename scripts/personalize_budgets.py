@@ -1,0 +1,72 @@
+"""Personalisation designs against fine-tuning time: the measurement behind docs/experiments.md (2026-12-06).
+
+For each video and each design (``PART:LR[:nopercep]``), runs `metaportrait.personalize` steps 1-3 from the
+given checkpoint and, at 0 s and at every ``--at`` seconds of fine-tuning, the report of step 4 on the held-out
+tail (the time of the reports is not counted). Prints one JSON line per (video, design, seconds)::
+
+    H=../shared/data/hires
+    python scripts/personalize_budgets.py --checkpoint default --videos $H/mimictalk_German_20s.mp4 \\
+        --designs refine:1e-3 decoder:1e-3 all:1e-3 refine:3e-4 refine:1e-3:nopercep --at 30 60 120 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from metaportrait.cli.personalize import resolve_checkpoint
+from metaportrait.eval.protocols import MetricModels
+from metaportrait.io.checkpoint import load_model
+from metaportrait.personalize import (
+    PersonalizeConfig,
+    budget_curve,
+    check_one_person,
+    default_cache_dir,
+    front_end,
+    split_holdout,
+)
+
+
+def design_config(text: str, seconds: float, holdout: float, stride: int) -> PersonalizeConfig:
+    """``PART:LR[:nopercep]`` -> the `PersonalizeConfig` of that design."""
+    part, lr, *flags = text.split(":")
+    cfg = PersonalizeConfig(part=part, lr=float(lr), seconds=seconds, holdout_seconds=holdout, report_stride=stride,
+                            eval_every=1e9)  # fmt: skip
+    if "nopercep" in flags:
+        cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, perceptual_output=(0.0,) * 5))
+    return cfg
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--videos", type=Path, nargs="+", required=True, help="one person per video")
+    parser.add_argument("--checkpoint", default="default")
+    parser.add_argument("--designs", nargs="+", default=["refine:1e-3"], metavar="PART:LR[:nopercep]")
+    parser.add_argument("--at", type=float, nargs="+", default=[30.0, 60.0, 120.0], metavar="SECONDS")
+    parser.add_argument("--holdout-seconds", type=float, default=10.0)
+    parser.add_argument("--report-stride", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    path = resolve_checkpoint(args.checkpoint)
+    start, model_cfg = load_model(path)
+    models = MetricModels.load()
+    for video in args.videos:
+        frontend = front_end([video], model_cfg.image_size, default_cache_dir())
+        check_one_person(frontend.clips, models.identity)
+        for design in args.designs:
+            cfg = design_config(design, max(args.at), args.holdout_seconds, args.report_stride)
+            train, tail = split_holdout(frontend.clips, cfg)
+            for point in budget_curve(start, model_cfg, train, tail, cfg, models, args.at):
+                print(json.dumps({"video": video.stem, "checkpoint": args.checkpoint, "design": design, **point}),
+                      flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Meta-learning (Reptile): the inner loop and outer update over any `torch.nn.Module` (`reptile`)."""

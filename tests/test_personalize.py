@@ -1,0 +1,157 @@
+"""`metaportrait personalize` on synthetic videos (scikit-image's astronaut, matplotlib's Grace Hopper, moved
+around) with a tiny model: the held-out split, the front-end cache, the refusals, and the checkpoint that
+`animate` loads. The real measurements are in docs/experiments.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SIZE = 256  # video frame side
+FPS = 25
+
+
+def _moving_face_video(path: Path, picture: np.ndarray, frames: int, seed: int = 0) -> Path:
+    """A video of ``picture`` cut with a slowly moving, zooming box around its face."""
+    from metaportrait.data.face import CropBox, crop
+    from metaportrait.data.landmarks import landmarks_of_image
+    from metaportrait.io.video import write_video
+
+    base = CropBox.from_landmarks(landmarks_of_image(picture, "picture"))
+    rng = np.random.default_rng(seed)
+    shifts = np.cumsum(rng.uniform(-0.01, 0.01, (frames, 3)), axis=0)
+    boxes = [CropBox(base.cx + dx * base.side, base.cy + dy * base.side, base.side * 1.6 * (1 + dz))
+             for dx, dy, dz in shifts]  # fmt: skip
+    write_video(path, (crop(picture, box, SIZE) for box in boxes), FPS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> dict[str, Path]:
+    import matplotlib.cbook
+    from PIL import Image
+    from skimage.data import astronaut
+
+    root = tmp_path_factory.mktemp("videos")
+    hopper_path = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    hopper = np.asarray(Image.open(hopper_path).convert("RGB"))
+    return {
+        "astronaut": _moving_face_video(root / "astronaut.mp4", astronaut(), 4 * FPS),
+        "astronaut_short": _moving_face_video(root / "astronaut_short.mp4", astronaut(), FPS, seed=1),
+        "hopper": _moving_face_video(root / "hopper.mp4", hopper, 2 * FPS),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from metaportrait.config import PRESETS
+    from metaportrait.io.checkpoint import save_model
+    from metaportrait.models.generator import Generator
+
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"]
+    return save_model(tmp_path_factory.mktemp("model") / "tiny", Generator(cfg), cfg, {"stage": "full"})
+
+
+def _run(argv: list[str]) -> int:
+    from metaportrait.cli import main
+
+    return main(argv)
+
+
+def test_personalize_writes_a_checkpoint_that_animate_loads(videos, tiny_checkpoint, tmp_path, capsys):
+    from metaportrait.io.checkpoint import load_model
+    from metaportrait.pipeline import Animator
+
+    out, cache = tmp_path / "me", tmp_path / "cache"
+    argv = [str(videos["astronaut"]), "--output", str(out), "--checkpoint", str(tiny_checkpoint), "--steps", "3",
+            "--holdout-seconds", "1", "--threads", "1", "--cache", str(cache), "--batch-size", "1"]
+    assert _run(["personalize", *argv]) == 0
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "report.json", "report.png"}
+    report = json.loads((out / "report.json").read_text())
+    assert report["training"]["steps"] == 3
+    assert report["front_end"]["videos_cached"] == 0 and report["front_end"]["frames"] == 4 * FPS
+    # The held-out tail is the last second: 25 frames, and training never saw them (`split_holdout` test below).
+    assert report["heldout"]["first_frame"] == 3 * FPS and report["heldout"]["frames"] == FPS
+    for method in ("one-shot", "personalised"):
+        assert {"psnr", "face_l1", "st_lpips", "id_distance"} <= set(report["methods"][method])
+    assert [p["step"] for p in report["curve"]][0] == 0 and report["curve"][-1]["step"] == 3
+    # The checkpoint is the tiny model with changed refinement weights and the same warping network.
+    tuned, cfg = load_model(out)
+    start, start_cfg = load_model(tiny_checkpoint)
+    assert cfg == start_cfg
+    before, after = start.state_dict(), tuned.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("ladder_network."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("SPDAE_G."))
+    assert Animator.from_pretrained(out).config == cfg
+    # A rerun finds the front-end in the cache; an existing output needs --overwrite.
+    capsys.readouterr()
+    assert _run(["personalize", *argv]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {out}: already exists; pass --overwrite to replace it"
+    assert _run(["personalize", *argv, "--overwrite"]) == 0
+    assert json.loads((out / "report.json").read_text())["front_end"]["videos_cached"] == 1
+    assert not list(tmp_path.glob(".me.*"))
+
+
+@pytest.mark.parametrize("case", ["short", "two_people", "missing", "interrupted"])
+def test_personalize_refuses_bad_input_with_one_line(case, videos, tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "me"
+    inputs = {"short": [videos["astronaut_short"]], "two_people": [videos["astronaut"], videos["hopper"]],
+              "missing": [tmp_path / "nothing.mp4"], "interrupted": [videos["astronaut"]]}[case]
+    if case == "interrupted":
+        import metaportrait.personalize as module
+
+        def interrupt(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(module, "tail_report", interrupt)  # Ctrl-C after training, before the checkpoint
+    argv = ["personalize", *map(str, inputs), "--output", str(out), "--checkpoint", str(tiny_checkpoint),
+            "--steps", "1", "--holdout-seconds", "1", "--threads", "1", "--cache", str(tmp_path / "cache")]
+    assert _run(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # the progress bar also writes to stderr
+    assert [line for line in err if line.startswith("error: ")] == err[-1:]
+    expected = {"short": "too little video", "two_people": "shows another person", "missing": "file not found",
+                "interrupted": "interrupted"}[case]
+    assert expected in err[-1]
+    assert not out.exists() and not list(tmp_path.glob(".me.*"))
+
+
+def test_split_holdout_keeps_the_tail_out_of_training(videos, tmp_path):
+    from metaportrait.config import PRESETS
+    from metaportrait.data.pairs import NO_AUGMENT, PairOptions, RandomPairs
+    from metaportrait.errors import InputError
+    from metaportrait.personalize import PersonalizeConfig, front_end, split_holdout
+
+    frontend = front_end([videos["astronaut_short"], videos["astronaut"]], 64, tmp_path / "cache")
+    assert [c.frame_count for c in frontend.clips] == [FPS, 4 * FPS] and frontend.cached == 0
+    train, tail = split_holdout(frontend.clips, PersonalizeConfig(steps=1, holdout_seconds=1.5))
+    cut = 4 * FPS - round(1.5 * FPS)
+    assert list(tail.usable_frames) == list(range(cut, 4 * FPS))
+    assert train[-1].usable_frames.max() == cut - 1 and len(train[0].usable_frames) == FPS
+    pairs = RandomPairs(train, PairOptions.for_model(PRESETS["tiny"], 64), NO_AUGMENT, seed=0)
+    drawn = [pairs.choose_frames(1, np.random.default_rng(i)) for i in range(200)]
+    assert max(max(pair) for pair in drawn) < cut
+    with pytest.raises(InputError, match="too little video"):
+        split_holdout(frontend.clips, PersonalizeConfig(steps=1, holdout_seconds=3.5))
+    assert front_end([videos["astronaut"]], 64, tmp_path / "cache").cached == 1
+
+
+def test_eval_personalize_writes_curves_per_init(videos, tiny_checkpoint, tmp_path):
+    output = tmp_path / "curves.json"
+    argv = ["eval", "personalize", "--video", str(videos["astronaut"]), "--inits", f"a={tiny_checkpoint}",
+            f"b={tiny_checkpoint}", "--at", "0.3", "0.6", "--holdout-seconds", "1", "--threads", "1",
+            "--output", str(output)]
+    assert _run(argv) == 0
+    results = json.loads(output.read_text())
+    assert results["protocol"] == "personalize" and set(results["points"]) == {"a", "b"}
+    for curve in results["points"].values():
+        assert [p["seconds"] for p in curve] == [0.0, 0.3, 0.6]
+        assert curve[0]["steps"] == 0 < curve[1]["steps"] <= curve[2]["steps"]
+    # The same start, the same pairs and seed: the 0-s points agree, and every series has both curves.
+    assert results["points"]["a"][0]["psnr"] == results["points"]["b"][0]["psnr"]
+    assert set(results["series"]["psnr_vs_seconds"]["curves"]) == {"a", "b"}
+    assert (tmp_path / "curves_series.png").stat().st_size > 0
