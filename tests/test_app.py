@@ -4,6 +4,7 @@ folder, the page's wiring. The browser test is tests/test_app_browser.py."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -11,17 +12,24 @@ import pytest
 from skimage import data
 
 from metaportrait.app.jobs import (
+    BUNDLED_MODEL,
     DRIVING,
+    PERSON_VIDEOS,
     PORTRAIT,
     AnimateJob,
     AnimateOptions,
     Cancelled,
     Limits,
+    Models,
+    PersonalizeJob,
+    PersonalizeResult,
     RunFolder,
     check_driving,
     edit,
+    error_problem,
     load_portrait,
     portrait_of,
+    training_seconds,
 )
 from metaportrait.errors import InputError
 from metaportrait.io.image import write_image
@@ -253,12 +261,11 @@ def test_page_runs_every_model_event_in_one_queue_slot(animator, portrait, folde
 
     example_path = folder.uploads / "astronaut.png"
     write_image(example_path, data.astronaut())
-    blocks = build_app(AppContext(animator, folder, Limits(), portrait, example_path))
-    model_events = {fn.name: fn for fn in blocks.fns.values() if fn.name in ("run", "render")}
-    assert set(model_events) == {"run", "render"}
-    for fn in blocks.fns.values():
-        if fn.name in ("run", "render"):
-            assert fn.concurrency_id == MODEL_QUEUE and fn.concurrency_limit == 1
+    blocks = build_app(AppContext(animator, folder, Limits(), portrait, example_path, Models(animator)))
+    model_events = [fn for fn in blocks.fns.values() if fn.name in ("run", "render")]
+    assert len([fn for fn in model_events if fn.name == "run"]) == 2  # Animate and Personalize
+    for fn in model_events:
+        assert fn.concurrency_id == MODEL_QUEUE and fn.concurrency_limit == 1
     assert error_message(InputError(PORTRAIT, "no face found")) == "⚠ **portrait**: no face found"
 
 
@@ -296,3 +303,76 @@ def test_cli_says_when_gradio_is_missing(capsys, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", without_gradio)
     assert main(["app"]) == 2
     assert "needs Gradio: pip install 'metaportrait[app]'" in capsys.readouterr().err
+
+
+# --- personalize -----------------------------------------------------------------------------------------------
+
+def test_models_offer_the_bundled_model_then_added_ones(animator, tmp_path):
+    models = Models(animator)
+    assert models.names() == [BUNDLED_MODEL] and models.animator(BUNDLED_MODEL) is animator
+    with pytest.raises(InputError, match="no model named"):
+        models.animator("personalised #1")
+    models.add("personalised #1", tmp_path / "missing")
+    assert models.names() == [BUNDLED_MODEL, "personalised #1"]
+    with pytest.raises(ValueError):
+        models.add("personalised #1", tmp_path)
+    with pytest.raises(InputError, match="checkpoint folder not found"):
+        models.animator("personalised #1")  # loaded when first asked for
+
+
+def test_personalize_progress_and_errors_are_read_from_its_output():
+    log = ("front-end: 2.0 s\npersonalize: 3step [00:10, loss=0.120, heldout_psnr=nan, s=4]"
+           "\rpersonalize: 9step [00:21, loss=0.090, heldout_psnr=24.10, s=15]")  # fmt: skip
+    assert training_seconds("front-end: 2.0 s\n") is None
+    assert training_seconds(log) == 15.0
+    upload = Path("/tmp/run/uploads/abc/me.mp4")
+    assert error_problem(f"error: {upload}: no face found in any of 40 frames\n", [upload]) == (
+        "no face found in any of 40 frames")
+    crash = "Traceback ...\nRuntimeError: boom\n"
+    assert error_problem(crash, [upload]) == "personalisation failed (RuntimeError: boom)"
+
+
+def test_personalize_checks_its_uploads_first(folder, tmp_path):
+    with pytest.raises(InputError) as caught:
+        PersonalizeJob([], 10.0, folder, Limits())
+    assert caught.value.path == PERSON_VIDEOS and caught.value.problem == "nothing uploaded"
+    fake = tmp_path / "me.mp4"
+    fake.write_text("not a video\n")
+    with pytest.raises(InputError, match="not a readable video"):
+        PersonalizeJob([fake], 10.0, folder, Limits())
+
+
+def test_personalize_result_table():
+    report = {"methods": {"one-shot": {"psnr": 24.123456, "face_l1": 0.05},
+                          "personalised": {"psnr": 25.5, "face_l1": 0.04}}}  # fmt: skip
+    assert PersonalizeResult(Path("m"), report).table().splitlines() == [
+        "| model | psnr | face_l1 |", "|---|---|---|", "| one-shot | 24.12 | 0.05 |", "| personalised | 25.5 | 0.04 |"]
+
+
+@pytest.mark.slow
+def test_personalize_job_makes_a_model_animate_can_use(animator, portrait, folder, tmp_path):
+    """The real `metaportrait personalize` in a child process, on a 14 s clip, with a 5 s budget."""
+    clip = write_clip(tmp_path / "me.mp4", frames=14 * 25)
+    job = PersonalizeJob([clip], 5.0, folder, Limits())
+    progress = list(job.run())
+    assert progress and job.result is not None
+    assert (job.result.model / "model.safetensors").is_file() and job.result.model.parent.parent == folder.path
+    assert set(job.result.report["methods"]) == {"one-shot", "personalised"}
+    assert "| personalised |" in job.result.table()
+    models = Models(animator)
+    models.add("personalised #1", job.result.model)
+    animate = AnimateJob(models.animator("personalised #1"), portrait, None, AnimateOptions(), folder,
+                         Limits(max_seconds=0.12))  # fmt: skip
+    assert list(animate.run()) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_personalize_job_can_be_cancelled(folder, tmp_path):
+    clip = write_clip(tmp_path / "me.mp4", frames=14 * 25)
+    job = PersonalizeJob([clip], 60.0, folder, Limits())
+    steps = job.run(poll_seconds=0.2)
+    next(steps)
+    job.cancel()
+    with pytest.raises(Cancelled):
+        list(steps)
+    assert job.result is None and not (job.output / "model.safetensors").exists()

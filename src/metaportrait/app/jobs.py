@@ -9,10 +9,15 @@ because the path means nothing to the person in front of the page.
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,14 +141,19 @@ def check_driving(upload: str | Path | None, limits: Limits) -> VideoInfo:
     Raises:
         InputError: (naming ``driving video``) the problem.
     """
-    path = _checked_upload(upload, DRIVING, limits)
+    return check_video(upload, DRIVING, limits)
+
+
+def check_video(upload: str | Path | None, role: str, limits: Limits) -> VideoInfo:
+    """`check_driving` for any uploaded video; messages name ``role``."""
+    path = _checked_upload(upload, role, limits)
     try:
         info = probe(path)
     except InputError as error:
-        raise InputError(DRIVING, error.problem) from None
+        raise InputError(role, error.problem) from None
     seconds = info.duration or info.frame_count / info.fps
     if seconds > limits.max_seconds:
-        raise InputError(DRIVING, f"it is {seconds:.1f} s long; this app takes at most {limits.max_seconds:g} s")
+        raise InputError(role, f"it is {seconds:.1f} s long; this app takes at most {limits.max_seconds:g} s")
     return info
 
 
@@ -286,3 +296,143 @@ def edit(animator: Animator, portrait: Portrait, controls: Controls, paste_back:
                                           source_landmarks=portrait.landmarks)  # fmt: skip
     return frame
 
+
+
+# --- Personalize -----------------------------------------------------------------------------------------------
+
+PERSON_VIDEOS = "videos of the person"
+BUNDLED_MODEL = "bundled one-shot model"
+# tqdm's postfix of `metaportrait personalize`: "s=12" is the training seconds so far.
+_TRAINING_SECONDS = re.compile(r"\bs=(\d+)\]")
+_ERROR_LINE = re.compile(r"^error: (.*)$", re.MULTILINE)
+
+
+class Models:
+    """The models Animate can use in this run: the bundled one, then each personalised one as it is made.
+
+    Animators are loaded when first asked for, once each; safe to use from several threads.
+    """
+
+    def __init__(self, bundled: Animator):
+        self._paths: dict[str, Path | None] = {BUNDLED_MODEL: None}
+        self._animators: dict[str, Animator] = {BUNDLED_MODEL: bundled}
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._paths)
+
+    def add(self, name: str, path: Path) -> None:
+        """Offer the checkpoint folder ``path`` as ``name`` (a new name)."""
+        with self._lock:
+            if name in self._paths:
+                raise ValueError(f"a model named {name!r} exists already")
+            self._paths[name] = path
+
+    def animator(self, name: str) -> Animator:
+        """The animator of model ``name``. Raises `InputError` (naming ``model``) for a name never added."""
+        with self._lock:
+            if name not in self._paths:
+                raise InputError("model", f"no model named {name!r} in this run")
+            if name not in self._animators:
+                self._animators[name] = Animator.from_pretrained(self._paths[name])
+            return self._animators[name]
+
+
+@dataclass(frozen=True)
+class PersonalizeResult:
+    """A finished personalisation: the checkpoint folder and its report (``report.json`` of `personalize`)."""
+
+    model: Path
+    report: dict
+
+    def table(self) -> str:
+        """Markdown: one row per model (one-shot, personalised), the held-out tail's metrics as columns."""
+        methods = self.report["methods"]
+        metrics = list(next(iter(methods.values())))
+        lines = ["| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(f"{values[m]:.4g}" for m in metrics) + " |"
+                  for name, values in methods.items()]  # fmt: skip
+        return "\n".join(lines)
+
+
+class PersonalizeJob:
+    """Fine-tune the bundled model on uploaded videos of one person: `metaportrait personalize` in a child process.
+
+    A child process, because personalisation has no point at which it could stop early: `cancel` (or closing
+    `run`) terminates it at any moment, and its unfinished checkpoint folder stays inside the run folder, which
+    is removed at exit. The last 10 s of the last video are held out, to compare the one-shot and the
+    personalised model on them at the end (`PersonalizeResult.table`).
+
+    Raises:
+        InputError: (naming ``videos of the person``) a bad upload (now), or what `personalize` refuses (from
+            `run`: no face, two people, too little video).
+    """
+
+    def __init__(self, videos: Iterable[str | Path], seconds: float, folder: RunFolder, limits: Limits):
+        self.videos = [Path(video) for video in videos]
+        if not self.videos:
+            raise InputError(PERSON_VIDEOS, "nothing uploaded")
+        for video in self.videos:
+            check_video(video, PERSON_VIDEOS, limits)
+        if not seconds > 0:
+            raise ValueError(f"seconds must be positive, got {seconds}")
+        self.seconds = seconds
+        self.number = folder.new_job()
+        self.output = folder.path / "models" / f"{self.number:04d}-personalized"
+        self.cache = folder.path / "personalize-cache"  # front-end results, reused by a later run on the same videos
+        self.log = folder.path / "logs" / f"{self.number:04d}-personalize.log"
+        self.result: PersonalizeResult | None = None
+        self._process: subprocess.Popen | None = None
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop the job; `run` then raises `Cancelled`. Safe from any thread, at any time."""
+        self._cancelled.set()
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+
+    def run(self, poll_seconds: float = 0.5) -> Iterator[float | None]:
+        """Run it; yields every ``poll_seconds`` the training seconds so far (None before training starts)."""
+        self.output.parent.mkdir(exist_ok=True)
+        self.log.parent.mkdir(exist_ok=True)
+        command = [sys.executable, "-c", "import sys; from metaportrait.cli import main; sys.exit(main())",
+                   "personalize", *map(str, self.videos), "--output", str(self.output),
+                   "--seconds", f"{self.seconds:g}", "--cache", str(self.cache)]  # fmt: skip
+        with open(self.log, "w") as log:
+            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            if self._cancelled.is_set():  # cancelled while starting
+                self._process.terminate()
+            while self._process.poll() is None:
+                yield training_seconds(self.log.read_text(errors="replace"))
+                time.sleep(poll_seconds)
+        finally:
+            if self._process.poll() is None:  # `run` closed early: the job is abandoned
+                self._process.terminate()
+                self._process.wait()
+        if self._cancelled.is_set():
+            raise Cancelled
+        output = self.log.read_text(errors="replace")
+        if self._process.returncode != 0:
+            raise InputError(PERSON_VIDEOS, error_problem(output, self.videos))
+        self.result = PersonalizeResult(self.output, json.loads((self.output / "report.json").read_text()))
+
+
+def training_seconds(log: str) -> float | None:
+    """The training seconds so far in `metaportrait personalize`'s progress output, None before training."""
+    found = _TRAINING_SECONDS.findall(log)
+    return float(found[-1]) if found else None
+
+
+def error_problem(log: str, videos: Iterable[Path]) -> str:
+    """The problem `metaportrait personalize` reported (its ``error: <path>: <problem>`` line), without the path
+    of an upload, which means nothing to the user; the log's last line if it failed otherwise."""
+    errors = _ERROR_LINE.findall(log)
+    if not errors:
+        lines = [line for line in log.replace("\r", "\n").splitlines() if line.strip()]
+        return f"personalisation failed ({lines[-1] if lines else 'no output'})"
+    message = errors[-1]
+    for video in videos:
+        message = message.removeprefix(f"{video}: ")
+    return message

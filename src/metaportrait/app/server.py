@@ -13,7 +13,7 @@ import signal
 import socket
 from pathlib import Path
 
-from metaportrait.app.jobs import Limits, RunFolder, portrait_of
+from metaportrait.app.jobs import Limits, Models, RunFolder, portrait_of
 from metaportrait.io.image import write_image
 from metaportrait.pipeline import Animator
 
@@ -39,7 +39,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, limits: Limits = Limits(),
 
         example_path = folder.uploads / "astronaut.png"
         write_image(example_path, data.astronaut())
-        context = AppContext(animator, folder, limits, portrait_of(data.astronaut()), example_path)
+        context = AppContext(animator, folder, limits, portrait_of(data.astronaut()), example_path, Models(animator))
         blocks = build_app(context)
         # SIGTERM ends the server like Ctrl-C does, so that the run folder is removed then too.
         signal.signal(signal.SIGTERM, _interrupt)

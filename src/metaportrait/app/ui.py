@@ -17,12 +17,15 @@ import gradio as gr
 import numpy as np
 
 from metaportrait.app.jobs import (
+    BUNDLED_MODEL,
     DRIVING,
     PORTRAIT,
     AnimateJob,
     AnimateOptions,
     Cancelled,
     Limits,
+    Models,
+    PersonalizeJob,
     Portrait,
     RunFolder,
     check_driving,
@@ -46,11 +49,12 @@ STATUS_SECONDS = 0.5  # an animation's status line changes at most this often (s
 class AppContext:
     """What every tab shares: the model, the run folder, the limits, and the portrait a first visit starts with."""
 
-    animator: Animator
+    animator: Animator  # the bundled model (Edit)
     folder: RunFolder
     limits: Limits
     example: Portrait  # scikit-image's astronaut
     example_path: Path  # the same image as a file, shown in the portrait upload box
+    models: Models  # what Animate can use: the bundled model, and the models personalised in this run
 
 
 def error_message(error: InputError) -> str:
@@ -69,9 +73,13 @@ def build_app(context: AppContext) -> gr.Blocks:
         )
         with gr.Tabs():
             with gr.Tab("Animate", id="animate"):
-                animate_tab(context)
+                model = animate_tab(context)
             with gr.Tab("Edit", id="edit"):
                 edit_tab(context)
+            with gr.Tab("Personalize", id="personalize"):
+                personalize_tab(context, model)
+        # A page opened later offers the models personalised since the app started.
+        blocks.load(lambda: gr.Dropdown(choices=context.models.names()), outputs=model)
     blocks.queue(default_concurrency_limit=1)
     return blocks
 
@@ -118,9 +126,22 @@ def control_sliders(prefix: str, mouth_default: float | None) -> tuple[gr.Slider
     return tuple(sliders)
 
 
+def cancel_button(button: gr.Button, event: gr.events.Dependency, running: dict, status: gr.Markdown) -> None:
+    """Wire ``button`` to cancel ``event``: Gradio stops waiting for it, and the session's job in ``running``
+    (session hash -> job with a ``cancel()``) stops at once, also in the middle of a step."""
+
+    def stop(request: gr.Request) -> str:
+        if (job := running.get(request.session_hash)) is not None:
+            job.cancel()
+        return "Cancelled."
+
+    button.click(stop, outputs=status, cancels=[event], queue=False)
+
+
 # --- Animate ---------------------------------------------------------------------------------------------------
 
-def animate_tab(context: AppContext) -> None:
+def animate_tab(context: AppContext) -> gr.Dropdown:
+    """The Animate tab; returns its model choice, which the Personalize tab adds to."""
     with gr.Row():
         with gr.Column():
             portrait, status, _ = portrait_input(context, "animate")
@@ -128,6 +149,8 @@ def animate_tab(context: AppContext) -> None:
                               elem_id="animate-source")  # fmt: skip
             driving = gr.Video(label="Driving video", sources=["upload"], format=None, include_audio=True,
                                height=256, elem_id="animate-driving")  # fmt: skip
+            model = gr.Dropdown(context.models.names(), value=BUNDLED_MODEL, label="Model",
+                                elem_id="animate-model")  # fmt: skip
             with gr.Accordion("Options", open=False):
                 motion = gr.Radio(list(MOTIONS), value="relative", label="motion (uploaded video)",
                                   info="relative keeps the portrait's face shape; absolute copies the driver's")
@@ -156,9 +179,9 @@ def animate_tab(context: AppContext) -> None:
 
     running: dict[str, AnimateJob] = {}  # session -> its job, for Cancel
 
-    def run(portrait: Portrait | None, source: str, driving: str | None, motion: str, paste_back: bool,
-            eyes: float, yaw: float, pitch: float, roll: float, fix_mouth: bool, mouth: float, request: gr.Request,
-            progress: gr.Progress = gr.Progress()):  # noqa: B008 (Gradio's way to ask for a progress bar)
+    def run(portrait: Portrait | None, model: str, source: str, driving: str | None, motion: str,
+            paste_back: bool, eyes: float, yaw: float, pitch: float, roll: float, fix_mouth: bool, mouth: float,
+            request: gr.Request, progress: gr.Progress = gr.Progress()):  # noqa: B008 (Gradio's progress bar)
         """A generator: each yield is a message to the page and a point where Gradio's cancel can close it;
         `AnimateJob.cancel` also stops it mid-step."""
         controls = Controls(eyes=eyes, mouth=mouth if fix_mouth else None, yaw=yaw, pitch=pitch, roll=roll)
@@ -168,8 +191,8 @@ def animate_tab(context: AppContext) -> None:
                 raise InputError(PORTRAIT, "upload a portrait with one face first")
             if source == UPLOADED_MOTION and driving is None:
                 raise InputError(DRIVING, "upload one, or choose the built-in motion")
-            job = AnimateJob(context.animator, portrait, driving if source == UPLOADED_MOTION else None, options,
-                             context.folder, context.limits)  # fmt: skip
+            job = AnimateJob(context.models.animator(model), portrait, driving if source == UPLOADED_MOTION else None,
+                             options, context.folder, context.limits)  # fmt: skip
             running[request.session_hash] = job
             progress(0.0, desc="starting")
 
@@ -193,16 +216,12 @@ def animate_tab(context: AppContext) -> None:
         paths = [str(finished.video), str(finished.side_by_side)]
         yield paths[0], paths[1], paths, f"Done: {finished.summary()}."
 
-    def stop(request: gr.Request) -> str:
-        if (job := running.get(request.session_hash)) is not None:
-            job.cancel()
-        return "Cancelled."
-
     driving.change(on_driving, inputs=driving, outputs=[source, status])
-    inputs = [portrait, source, driving, motion, paste_back, eyes, yaw, pitch, roll, fix_mouth, mouth]
+    inputs = [portrait, model, source, driving, motion, paste_back, eyes, yaw, pitch, roll, fix_mouth, mouth]
     event = start.click(run, inputs=inputs, outputs=[result, side, files, status], show_progress_on=[result],
                         concurrency_id=MODEL_QUEUE, concurrency_limit=1)  # fmt: skip
-    cancel.click(stop, outputs=status, cancels=[event], queue=False)
+    cancel_button(cancel, event, running, status)
+    return model
 
 
 # --- Edit ------------------------------------------------------------------------------------------------------
@@ -237,3 +256,54 @@ def edit_tab(context: AppContext) -> None:
     uploaded.then(reset_mouth, inputs=portrait, outputs=mouth).then(
         render, inputs=[portrait, *controls], outputs=preview, concurrency_id=MODEL_QUEUE, concurrency_limit=1
     )
+
+
+# --- Personalize -----------------------------------------------------------------------------------------------
+
+def personalize_tab(context: AppContext, model: gr.Dropdown) -> None:
+    """Fine-tune the bundled model on videos of one person; the result joins Animate's ``model`` choices."""
+    gr.Markdown(
+        "Upload videos of one person (in all, at least 12 s with the face visible). The last 10 s of the last "
+        "video are held out: at the end, the one-shot and the personalised model both reconstruct them, and the "
+        "table compares the two. The personalised model is then offered in Animate until the app stops."
+    )
+    with gr.Row():
+        with gr.Column():
+            videos = gr.File(label="Videos of one person", file_count="multiple", file_types=["video"],
+                             elem_id="personalize-videos")  # fmt: skip
+            seconds = gr.Slider(10, 600, value=60, step=10, label="fine-tuning time budget (seconds)",
+                                elem_id="personalize-seconds")  # fmt: skip
+            with gr.Row():
+                start = gr.Button("Personalize", variant="primary", elem_id="personalize-button")
+                cancel = gr.Button("Cancel", elem_id="personalize-cancel")
+        with gr.Column():
+            status = gr.Markdown(elem_id="personalize-status")
+            table = gr.Markdown(elem_id="personalize-table")
+
+    running: dict[str, PersonalizeJob] = {}  # session -> its job, for Cancel
+
+    def run(videos: list[str] | None, seconds: float, request: gr.Request,
+            progress: gr.Progress = gr.Progress()):  # noqa: B008 (Gradio's progress bar)
+        try:
+            job = PersonalizeJob(videos or [], seconds, context.folder, context.limits)
+            running[request.session_hash] = job
+            progress(0.0, desc="finding the face in every frame")
+            for trained in job.run():
+                if trained is not None:
+                    progress((min(trained, seconds), seconds), desc="fine-tuning", unit="s")
+                    yield gr.skip(), gr.skip(), f"Fine-tuning: {trained:.0f} of {seconds:g} s."
+        except InputError as error:
+            yield gr.skip(), "", error_message(error)
+            return
+        except Cancelled:
+            return  # the page already says so
+        finally:
+            running.pop(request.session_hash, None)
+        name = f"personalised #{job.number}"
+        context.models.add(name, job.result.model)
+        yield (gr.Dropdown(choices=context.models.names(), value=name), job.result.table(),
+               f"Done: **{name}** is now a model in Animate.")
+
+    event = start.click(run, inputs=[videos, seconds], outputs=[model, table, status], show_progress_on=[table],
+                        concurrency_id=MODEL_QUEUE, concurrency_limit=1)  # fmt: skip
+    cancel_button(cancel, event, running, status)
