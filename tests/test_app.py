@@ -58,11 +58,13 @@ def folder(tmp_path):
 
 
 def write_clip(path, frames: int = CLIP_FRAMES, fps: float = CLIP_FPS):
-    """A short driving clip: the astronaut at 256², drifting a few pixels right and down."""
+    """A driving clip: the astronaut at 256², drifting a few pixels right and down, back to the start every 20
+    frames (so that a long clip keeps her in the picture)."""
     image = cv2.resize(data.astronaut(), (256, 256), interpolation=cv2.INTER_AREA)
     with VideoWriter(path, fps) as writer:
         for index in range(frames):
-            shift = np.float32([[1, 0, 2 * index], [0, 1, index]])
+            step = index % 20
+            shift = np.float32([[1, 0, 2 * step], [0, 1, step]])
             writer.write(cv2.warpAffine(image, shift, (256, 256), borderMode=cv2.BORDER_REFLECT))
     return path
 

@@ -242,3 +242,17 @@ def test_cancel_stops_the_job_and_the_next_one_runs(browser_context, app, tmp_pa
     status.get_by_text("Done:").wait_for(timeout=JOB_SECONDS * 1000)
     assert "100 frames" in status.inner_text()
     page.close()
+
+
+def test_personalize_tab_reports_a_bad_video(browser_context, app, tmp_path):
+    fake = tmp_path / "me.mp4"
+    fake.write_text("this is a text file, not a video\n")
+    page = open_page(browser_context, app.url)
+    page.get_by_role("tab", name="Personalize").click()
+    page.locator("#personalize-videos input[type=file]").set_input_files(str(fake))
+    page.locator("#personalize-videos").get_by_text("me.mp4").wait_for(timeout=30_000)
+    page.locator("#personalize-button").click()
+    status = page.locator("#personalize-status")
+    status.get_by_text("videos of the person").wait_for(timeout=60_000)
+    assert "videos of the person: not a readable video" in status.inner_text()
+    page.close()
