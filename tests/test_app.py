@@ -348,7 +348,8 @@ def test_personalize_result_table():
     report = {"methods": {"one-shot": {"psnr": 24.123456, "face_l1": 0.05},
                           "personalised": {"psnr": 25.5, "face_l1": 0.04}}}  # fmt: skip
     assert PersonalizeResult(Path("m"), report).table().splitlines() == [
-        "| model | psnr | face_l1 |", "|---|---|---|", "| one-shot | 24.12 | 0.05 |", "| personalised | 25.5 | 0.04 |"]
+        "| method | PSNR ↑ | face L1 ↓ |", "|---|---|---|", "| one-shot | 24.12 | 0.0500 |",
+        "| personalised | **25.50** | **0.0400** |"]
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from metaportrait.data.drawing import draw_landmark_image
 from metaportrait.data.landmarks import landmarks_of_image
 from metaportrait.demo_motion import DEMO_FPS, DEMO_SECONDS, scripted_motion
 from metaportrait.errors import InputError
-from metaportrait.eval.report import label_tile
+from metaportrait.eval.report import label_tile, markdown_table
 from metaportrait.io.image import read_image
 from metaportrait.io.video import VideoInfo, VideoReader, VideoWriter, even_size, probe
 from metaportrait.motion import Controls
@@ -347,13 +347,11 @@ class PersonalizeResult:
     report: dict
 
     def table(self) -> str:
-        """Markdown: one row per model (one-shot, personalised), the held-out tail's metrics as columns."""
-        methods = self.report["methods"]
-        metrics = list(next(iter(methods.values())))
-        lines = ["| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-        lines += [f"| {name} | " + " | ".join(f"{values[m]:.4g}" for m in metrics) + " |"
-                  for name, values in methods.items()]  # fmt: skip
-        return "\n".join(lines)
+        """Markdown: one row per model (one-shot, personalised), the held-out tail's metrics as columns, the better
+        value in bold (`metaportrait.eval.report.markdown_table`, as `metaportrait eval` writes it)."""
+        methods = {name: {metric: {"mean": value} for metric, value in values.items()}
+                   for name, values in self.report["methods"].items()}  # fmt: skip
+        return markdown_table({"methods": methods})
 
 
 class PersonalizeJob:
