@@ -74,19 +74,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except InputError as error:
-        print(f"error: {error.path}: {error.problem}", file=sys.stderr)
+        _print_error(f"error: {error.path}: {error.problem}")
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _print_error("interrupted")
         return 130
     except OSError as error:  # the disk is full, a folder is not writable, ...: the system's words and the file
         where = f"{error.filename}: " if error.filename else ""
-        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
+        _print_error(f"error: {where}{error.strerror or error}")
         return 1
     except Exception as error:  # noqa: BLE001 - a bug: one line here, the traceback with --debug
-        print(f"error: {type(error).__name__}: {_first_line(error)} (run with --debug for the traceback)",
-              file=sys.stderr)
+        _print_error(f"error: {type(error).__name__}: {_first_line(error)} (run with --debug for the traceback)")
         return 1
+
+
+def _print_error(line: str) -> None:
+    """Print ``line`` to stderr on a line of its own: progress bars the error interrupted are ended first."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    print(line, file=sys.stderr)
 
 
 def _first_line(error: Exception) -> str:
