@@ -369,6 +369,7 @@ class _RunsCode:
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 def test_a_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path, zip_format, dataset_dir,  # noqa: F811
                                                             straight_run):  # fmt: skip
+    from metaportrait.eval.features import STLPIPS
     from metaportrait.eval.reference_nets import load_weight_file
     from metaportrait.io.convert_official import load_official_checkpoint
     from metaportrait.models.backbones import _load_state_dict
@@ -388,6 +389,7 @@ def test_a_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path, zip_forma
         "official checkpoint": lambda: load_official_checkpoint(evil),
         "backbone weights": lambda: _load_state_dict(evil, "VGG19"),
         "reference-net weights": lambda: load_weight_file(evil, "alex.pth"),
+        "shift-tolerant LPIPS weights": lambda: STLPIPS("alex", evil),
     }
     for name, load in loaders.items():
         with pytest.raises(InputError, match="ckpt_base.pth.tar"):
