@@ -243,6 +243,32 @@ def test_prepare_interrupted_while_appending_a_manifest_line(tmp_path, caplog):
     assert len(PreparedDataset(output_dir).clips) == 2
 
 
+@pytest.mark.slow
+def test_prepare_killed_at_random_moments_finishes_the_same(tmp_path):
+    from metaportrait.data.dataset import PreparedDataset
+    from metaportrait.data.prepare import PrepareConfig, prepare_dataset
+
+    input_dir = _prepare_input(tmp_path / "input")
+    prepare_dataset(input_dir, tmp_path / "straight", PrepareConfig(size=32))
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", "import sys; from metaportrait.cli import main; sys.exit(main(sys.argv[1:]))",
+               "prepare", str(input_dir), "--output", str(out), "--size", "32"]  # fmt: skip
+    rng = random.Random(2)
+    for _ in range(3):
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not _kill_at_random(process, out / "prepare.json", delay=rng.uniform(0.0, 4.0)):
+            break
+        assert not any(p.name.startswith(".tmp-") and p.is_file() for p in (out / "clips").iterdir())
+    assert subprocess.run(command, env=env, capture_output=True, timeout=300).returncode == 0
+    assert not [p.name for p in (out / "clips").iterdir() if p.name.startswith(".")]
+    straight, killed = PreparedDataset(tmp_path / "straight"), PreparedDataset(out)
+    assert sorted(c.clip for c in killed.clips) == sorted(c.clip for c in straight.clips) == ["anna__talk", "bert__talk"]
+    by_name = {clip.clip: clip for clip in killed.clips}
+    for clip in straight.clips:
+        np.testing.assert_array_equal(by_name[clip.clip].frames, clip.frames)
+
+
 # --- full disk, unwritable folder ----------------------------------------------------------------------------
 
 
