@@ -263,7 +263,8 @@ def test_prepare_killed_at_random_moments_finishes_the_same(tmp_path):
     assert subprocess.run(command, env=env, capture_output=True, timeout=300).returncode == 0
     assert not [p.name for p in (out / "clips").iterdir() if p.name.startswith(".")]
     straight, killed = PreparedDataset(tmp_path / "straight"), PreparedDataset(out)
-    assert sorted(c.clip for c in killed.clips) == sorted(c.clip for c in straight.clips) == ["anna__talk", "bert__talk"]
+    names = ["anna__talk", "bert__talk"]
+    assert sorted(c.clip for c in killed.clips) == sorted(c.clip for c in straight.clips) == names
     by_name = {clip.clip: clip for clip in killed.clips}
     for clip in straight.clips:
         np.testing.assert_array_equal(by_name[clip.clip].frames, clip.frames)

@@ -27,7 +27,9 @@ from metaportrait.data.face import CropBox, crop, paste_back
 from metaportrait.motion import fit_similarity, relative_motion, retarget_motion
 from metaportrait.train.config import TrainConfig, recipe
 
-PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROPERTY_SETTINGS = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +173,8 @@ def test_model_configs_round_trip_through_json(preset, changes):
 
 @PROPERTY_SETTINGS
 @given(preset=st.sampled_from(sorted(PRESETS)), stage=st.sampled_from(["warp", "full"]),
-       steps=st.integers(1, 10**6), seed=st.integers(0, 2**31 - 1), ema=st.sampled_from([0.0, 0.99, 0.999]))  # fmt: skip
+       steps=st.integers(1, 10**6), seed=st.integers(0, 2**31 - 1),
+       ema=st.sampled_from([0.0, 0.99, 0.999]))  # fmt: skip
 def test_train_configs_round_trip_through_json(preset, stage, steps, seed, ema):
     config = recipe(preset, stage, steps).replace(seed=seed, ema_decay=ema)
     assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
