@@ -56,14 +56,14 @@ def _start_training(data: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _kill_at_random(process: subprocess.Popen, started: Path, delay: float, limit: float = 240) -> bool:
-    """SIGKILL ``process`` ``delay`` seconds after the file ``started`` appears; False if it finished first."""
+def _kill_at_random(process: subprocess.Popen, ready, delay: float, limit: float = 240) -> bool:
+    """SIGKILL ``process`` ``delay`` seconds after ``ready()`` becomes true; False if it finished first."""
     deadline = time.monotonic() + limit
-    while not started.exists() and process.poll() is None:
+    while not ready() and process.poll() is None:
         if time.monotonic() > deadline:
             process.kill()
-            pytest.fail("training did not start")
-        time.sleep(0.05)
+            pytest.fail("the process did not get going")
+        time.sleep(0.02)
     try:
         process.wait(timeout=delay)
         return False
@@ -71,6 +71,11 @@ def _kill_at_random(process: subprocess.Popen, started: Path, delay: float, limi
         process.send_signal(signal.SIGKILL)
         process.wait()
         return True
+
+
+def _logged_steps(out: Path) -> int:
+    path = out / "log.jsonl"
+    return path.read_text().count("\n") if path.exists() else -1  # -1: the loop has not started
 
 
 def _assert_whole_checkpoint(out: Path) -> int:
@@ -96,13 +101,15 @@ def straight_run(dataset_dir, tmp_path_factory) -> Path:  # noqa: F811 - the imp
     return out
 
 
-def _kill_and_resume(dataset_dir, straight_run, out: Path, kills: int, seed: int) -> None:  # noqa: F811
+def _kill_and_resume(dataset_dir, straight_run, out: Path, kills: int, seed: int) -> int:  # noqa: F811
+    """Start, kill at a random moment and restart the run up to ``kills`` times, then finish it and compare it with
+    ``straight_run``; returns how many times it was killed (a run may end before its kill)."""
     rng = random.Random(seed)
     done = killed = 0
     while killed < kills:
         process = _start_training(dataset_dir, out)
-        started = out / "log.jsonl"  # written once the networks are built and the loop starts
-        if not _kill_at_random(process, started, delay=rng.uniform(0.0, 6.0)):
+        # Any moment from the start of the loop on (log.jsonl appears then), also before the first checkpoint.
+        if not _kill_at_random(process, lambda: _logged_steps(out) >= 0, delay=rng.uniform(0.0, 6.0)):
             assert process.returncode == 0
             done = 1
             break
@@ -116,13 +123,17 @@ def _kill_and_resume(dataset_dir, straight_run, out: Path, kills: int, seed: int
     resumed = torch.load(out / "checkpoint.pt", weights_only=True)["generator"]
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert not list(out.rglob("*.tmp")), "temporary files of the killed runs were left behind"
+    return killed
 
 
 def test_training_killed_once_resumes_on_the_same_curve(dataset_dir, straight_run, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     process = _start_training(dataset_dir, out)
-    # Killed once it has written a checkpoint (so the resume continues one), at a random moment after that.
-    assert _kill_at_random(process, out / "checkpoint.pt", delay=random.Random(0).uniform(0.0, 1.5))
+    # Killed at a random moment within a random step after the first (so the resume continues a checkpoint), early
+    # enough that it cannot finish first even on a fast machine.
+    rng = random.Random(0)
+    after = rng.randint(2, 4)  # the log line of step 2 comes after the checkpoint of step 1
+    assert _kill_at_random(process, lambda: _logged_steps(out) >= after, delay=rng.uniform(0.0, 0.2))
     step = _assert_whole_checkpoint(out)
     assert 1 <= step < 6
     _kill_and_resume(dataset_dir, straight_run, out, kills=0, seed=0)
@@ -130,7 +141,7 @@ def test_training_killed_once_resumes_on_the_same_curve(dataset_dir, straight_ru
 
 @pytest.mark.slow
 def test_training_killed_many_times_resumes_on_the_same_curve(dataset_dir, straight_run, tmp_path):  # noqa: F811
-    _kill_and_resume(dataset_dir, straight_run, tmp_path / "run", kills=4, seed=1)
+    assert _kill_and_resume(dataset_dir, straight_run, tmp_path / "run", kills=4, seed=1) >= 2
 
 
 def test_training_killed_before_its_first_checkpoint_starts_again(dataset_dir, straight_run, tmp_path):  # noqa: F811
@@ -257,7 +268,7 @@ def test_prepare_killed_at_random_moments_finishes_the_same(tmp_path):
     rng = random.Random(2)
     for _ in range(3):
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if not _kill_at_random(process, out / "prepare.json", delay=rng.uniform(0.0, 4.0)):
+        if not _kill_at_random(process, (out / "prepare.json").exists, delay=rng.uniform(0.0, 4.0)):
             break
         assert not any(p.name.startswith(".tmp-") and p.is_file() for p in (out / "clips").iterdir())
     assert subprocess.run(command, env=env, capture_output=True, timeout=300).returncode == 0
