@@ -10,8 +10,10 @@ a few hundred cases with ``-m slow``).
 
 from __future__ import annotations
 
+import faulthandler
 import shutil
 import signal
+import sys
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -165,6 +167,9 @@ def run_cli(argv: list[str], capsys) -> tuple[int, list[str]]:
     capsys.readouterr()
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(SECONDS_PER_CASE)
+    # The alarm interrupts Python code; a hang inside native code (a decoder) is ended by faulthandler's watchdog
+    # thread, which prints every thread's stack and exits the test process: a loud failure, not a silent hang.
+    faulthandler.dump_traceback_later(2 * SECONDS_PER_CASE, exit=True, file=sys.__stderr__)
     try:
         code = main([str(a) for a in argv])
     except SystemExit as exit_:  # argparse exits on a bad option
@@ -172,6 +177,7 @@ def run_cli(argv: list[str], capsys) -> tuple[int, list[str]]:
     except _Hung:
         pytest.fail(f"hung for more than {SECONDS_PER_CASE} s: {argv}")
     finally:
+        faulthandler.cancel_dump_traceback_later()
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     return code, capsys.readouterr().err.strip().splitlines()
