@@ -261,6 +261,17 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, media, tmp_path, capsys)
     assert_one_line_error(code, err, out, *bad.expected)
 
 
+@pytest.mark.parametrize("name", ["text", "huge", "faceless", "truncated"])
+@pytest.mark.parametrize("command", ["edit", "identity"])
+def test_other_commands_refuse_bad_images_in_one_line(command, name, media, tmp_path, capsys):
+    if command == "edit":
+        argv = ["edit", "-s", media[name], "-o", tmp_path / "edited.png", "--checkpoint", media["checkpoint"]]
+    else:
+        argv = ["identity", media["portrait"], media[name]]
+    code, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, tmp_path, media[name].name)
+
+
 def test_unknown_preset_is_one_line(tmp_path, capsys):
     code, err = run_cli(["train", "base", "--stage", "warp", "--data", tmp_path, "--out", tmp_path / "run",
                          "--preset", "huge"], capsys)  # fmt: skip
