@@ -290,8 +290,13 @@ def portrait(tmp_path_factory) -> Path:
 
     from metaportrait.io.image import write_image
 
+    from metaportrait.data.landmarks import landmarks_of_image
+
     path = tmp_path_factory.mktemp("portrait") / "portrait.png"
     write_image(path, data.astronaut()[::2, ::2].copy())
+    # MediaPipe's first import prints a protobuf warning through sys.stderr (hidden from a real terminal, seen by
+    # pytest's capture): import it here, outside the tests' captured output.
+    landmarks_of_image(data.astronaut(), "astronaut")
     return path
 
 
@@ -358,6 +363,11 @@ def test_unwritable_output_folder(portrait, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {tmp_path}: Permission denied"]
     assert list(tmp_path.iterdir()) == []
+    # The folder's permissions say so up front: refused before any work.
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    assert main(["landmarks", str(portrait), "-o", str(tmp_path / "points.npz")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tmp_path / 'points.npz'}: output folder {str(tmp_path)!r} is not writable"]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
