@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from metaportrait.config import ModelConfig
@@ -89,8 +90,21 @@ def load_model(path_dir: str | Path):
     weights = Path(path_dir) / WEIGHTS_FILE
     if not weights.is_file():
         raise InputError(weights, "checkpoint weights not found")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:  # truncated or not a safetensors file at all
+        raise InputError(weights, f"cannot read the weights (corrupted or not a safetensors file: {e})") from None
     generator = Generator(cfg)
-    generator.load_state_dict(load_file(str(weights)), strict=True)
+    expected = generator.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        # Typically weights of another preset (or width) than the config.json beside them describes.
+        details = f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of another shape"
+        first = (wrong or missing or unexpected)[0]
+        raise InputError(weights, f"weights do not match the model in {CONFIG_FILE} ({details}, e.g. {first!r}); "
+                                  "are they from a checkpoint of another preset?")  # fmt: skip
+    generator.load_state_dict(state, strict=True)
     return generator.eval(), cfg
 
 

@@ -56,7 +56,7 @@ from metaportrait.data.drawing import MEDIAPIPE_TOPOLOGIES
 from metaportrait.data.pairs import FixedPairs, PairOptions, RandomPairs, StepSampler
 from metaportrait.errors import InputError
 from metaportrait.eval.metrics import face_region_l1, l1, psnr
-from metaportrait.io.atomic import atomic_path, write_text_atomic
+from metaportrait.io.atomic import atomic_path, remove_temporaries, write_text_atomic
 from metaportrait.io.checkpoint import load_config, load_model, save_model
 from metaportrait.io.image import to_uint8_frames, write_image
 from metaportrait.losses.perceptual import MobileNetV2Features, VGG19Features
@@ -136,9 +136,16 @@ def train_base(
     out_dir = Path(out_dir)
     checkpoint_path = out_dir / "checkpoint.pt"
     if resume and not checkpoint_path.is_file():
-        raise InputError(checkpoint_path, "not found: there is no run to resume here")
-    if not resume and (out_dir / "train_config.json").exists():
+        if not (out_dir / "train_config.json").is_file():
+            raise InputError(checkpoint_path, "not found: there is no run to resume here")
+        # The run was stopped before its first checkpoint: there is nothing to continue, so it starts again.
+        logger.warning("%s: no checkpoint yet; the run starts again from step 0", out_dir)
+        resume = False
+    elif not resume and (out_dir / "train_config.json").exists():
         raise InputError(out_dir, "already holds a training run; pass --resume to continue it or choose a new folder")
+    if is_main and out_dir.is_dir():
+        for folder in (out_dir, out_dir / "samples"):  # left by a run killed while writing (SIGKILL, power cut)
+            remove_temporaries(folder)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same on every rank: all ranks build identical initial networks
@@ -210,9 +217,14 @@ def train_base(
     # Resume, or start (stage full: optionally from a warp-stage run's warp network).
     start_step, best_psnr, skipped_in_a_row = 0, -math.inf, 0
     if resume:
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise InputError(checkpoint_path, f"format version {state.get('version')}, expected {CHECKPOINT_VERSION}")
+        try:
+            state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - torch.load raises many types on damaged or foreign files
+            raise InputError(checkpoint_path, f"cannot read the training state ({type(error).__name__}: "
+                                              f"{str(error).splitlines()[0] if str(error) else 'damaged'})") from None
+        version = state.get("version") if isinstance(state, dict) else None
+        if version != CHECKPOINT_VERSION:
+            raise InputError(checkpoint_path, f"format version {version}, expected {CHECKPOINT_VERSION}")
         saved = TrainConfig.from_dict(state["train_config"])
         changed = [k for k, v in cfg.to_dict().items() if saved.to_dict()[k] != v and k not in RESUMABLE_CHANGES]
         if changed:
@@ -649,5 +661,15 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
         path.touch()
         return
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if lines and not _is_json(lines[-1]):  # the last line of a run killed while writing it
+        lines = lines[:-1]
     kept = [line for line in lines if json.loads(line)["step"] <= last_step]
     write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
