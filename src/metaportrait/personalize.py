@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 from metaportrait.config import ModelConfig
 from metaportrait.data.dataset import PreparedClip
 from metaportrait.data.drawing import MEDIAPIPE_TOPOLOGIES
-from metaportrait.data.mesh_warp import face_mask
+from metaportrait.prior.masks import face_mask
 from metaportrait.data.pairs import NO_AUGMENT, FixedPairs, PairOptions, RandomPairs, StepSampler
 from metaportrait.data.prepare import ClipSkipped, PrepareConfig, VideoJob, prepare_clip
 from metaportrait.errors import InputError
