@@ -151,7 +151,6 @@ def train_base(
             losses = _generator_step(run, result, cfg, procs.world_size)
             losses |= _critic_steps(run, result, batch["driving"], cfg, procs)
             run.scaler.update()
-            losses["total_g"] = result.total
             interval.add(losses)
         else:
             _skip_step(run, interval)
@@ -204,7 +203,8 @@ class _Processes:
 
 @dataclass
 class _Run:
-    """What the loop trains and the checkpoint holds: networks, optimisers, the AMP scaler and the counters."""
+    """What the loop works on: the networks (trained and frozen), the generator's loss, the optimisers, the AMP
+    scaler and the counters. `_save_checkpoint` writes the trained part."""
 
     generator: Generator
     averaged: Generator  # what is validated and saved: the moving average with ema_decay > 0, else `generator`
@@ -462,16 +462,18 @@ def _skip_step(run: _Run, interval: _Interval) -> None:
 
 
 def _generator_step(run: _Run, result: GeneratorTerms, cfg: TrainConfig, world_size: int) -> dict[str, torch.Tensor]:
-    """Update G on its total loss and the averaged generator; returns the loss terms and G's gradient norm."""
+    """Update G on its total loss and the averaged generator; returns the loss terms, their total and G's gradient
+    norm."""
     run.optimizer_g.zero_grad(set_to_none=True)
     run.scaler.scale(result.total).backward()
     run.scaler.unscale_(run.optimizer_g)
-    losses = result.terms
+    losses = dict(result.terms)
     losses["grad_norm_g"] = _finish_gradients(run.generator.parameters(), cfg, world_size)
     run.scaler.step(run.optimizer_g)
     if run.averaged is not run.generator:
         # Warm-up (as TensorFlow's ExponentialMovingAverage): early steps weigh more than ema_decay allows.
         _update_average(run.averaged, run.generator, min(cfg.ema_decay, (1 + run.step) / (10 + run.step)))
+    losses["total_g"] = result.total
     return losses
 
 
