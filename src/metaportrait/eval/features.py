@@ -176,7 +176,7 @@ class STLPIPS(nn.Module):
         self.net = _Trunk(slices)
         for index, channel_count in enumerate(channels):
             self.add_module(f"lin{index}", _LinearHead(channel_count))
-        from metaportrait.eval.reference_nets import load_weight_file  # it imports this module
+        from metaportrait.io.checkpoint import load_weight_file
 
         self.load_state_dict(load_weight_file(path, f"stlpips-pytorch's {net} weights"), strict=True)
         self.requires_grad_(False)
