@@ -766,3 +766,103 @@ def test_generator_loss_extraction_keeps_base_training_numbers(dataset_dir, tmp_
     log = _read_jsonl(tmp_path / "run" / "log.jsonl")
     numbers = [{k: v for k, v in r.items() if k != "s_per_step"} for r in log]
     assert numbers == _LOSSES_BEFORE_EXTRACTION[stage]
+
+
+def _run_summary(run: Path) -> dict:
+    """What a run folder records, timings left out: validation and log lines, the checkpoint's keys, step, best
+    PSNR and learning rates, sums of its weights (float64, to catch any change), the files written and the pixel
+    sums of the samples."""
+    from metaportrait.io.image import read_image
+
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+
+    def weight_sum(weights: dict) -> float:
+        return round(sum(float(v.double().abs().sum()) for v in weights.values() if v.is_floating_point()), 5)
+
+    optimizers = sorted(k for k in state if k.startswith("optimizer_"))
+    return {
+        "val": _read_jsonl(run / "val.jsonl"),
+        "log": [{k: v for k, v in r.items() if k != "s_per_step"} for r in _read_jsonl(run / "log.jsonl")],
+        "checkpoint": sorted(state),
+        "rng": sorted(state["rng"]),
+        "step": state["step"],
+        "best_psnr": state["best_psnr"],
+        "lr": {k: [g["lr"] for g in state[k]["param_groups"]] for k in optimizers},
+        "weights": {k: weight_sum(state[k]) for k in sorted(state) if k.endswith(("generator", "discriminator"))
+                    and not k.startswith("optimizer_")},  # fmt: skip
+        "meta": {k: json.loads((run / k / "config.json").read_text())["meta"] for k in ("model", "best")},
+        "files": sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()),
+        "samples": {p.name: int(read_image(p).astype(np.int64).sum()) for p in sorted((run / "samples").glob("*.png"))},
+    }
+
+
+def _pinned_run(dataset_dir: Path, out: Path) -> dict:
+    """A tiny 2-step full-stage run with the mouth critic (all its terms) and the averaged generator on."""
+    from metaportrait.train.base import train_base
+
+    cfg = _tiny("full", 2, ema_decay=0.5)
+    cfg = cfg.replace(loss=dataclasses.replace(cfg.loss, mouth_gan=1.0, mouth_feature_matching=1.0, mouth_perceptual=1.0))
+    train_base(cfg, dataset_dir, out, progress=False)
+    return _run_summary(out)
+
+
+# What `_pinned_run` wrote with train_base as one ~330-line function (commit 9ff17d4), before it was split into
+# named helpers; printed by `PYTHONPATH=src OMP_NUM_THREADS=1 python tests/test_train.py /tmp/pin` (below).
+_PINNED_RUN = {
+    "val": [
+        {"step": 0, "psnr": 21.111, "l1": 0.05178, "face_l1": 0.032284, "copy_psnr": 13.3764, "copy_l1": 0.131497,
+         "copy_face_l1": 0.132315, "prior_psnr": 21.5282, "prior_l1": 0.033177, "prior_face_l1": 0.014798,
+         "pairs": 2, "best": True},
+        {"step": 2, "psnr": 21.1136, "l1": 0.051756, "face_l1": 0.032249, "pairs": 2, "best": True},
+    ],
+    "log": [
+        {"step": 1, "eye": 0.269559, "face_output": 1.356203, "face_warped": 0.48564, "feature_matching": 0.04055,
+         "gan_d": 0.149335, "gan_g": 0.144942, "grad_norm_d": 0.240946, "grad_norm_g": 43.086811,
+         "grad_norm_mouth_d": 5.57539, "identity": 0.010903, "l1_output": 4.885899, "l1_warped": 0.794908,
+         "mouth": 0.437486, "mouth_feature_matching": 0.007703, "mouth_gan_d": 1.249289, "mouth_gan_g": 1.23564,
+         "mouth_perceptual": 0.503902, "perceptual_output": 3.602739, "perceptual_warped": 3.199966,
+         "total_g": 16.97604, "lr": 0.0002, "lr_warp": 2e-05, "world_size": 1},
+        {"step": 2, "eye": 0.205316, "face_output": 1.238373, "face_warped": 0.353742, "feature_matching": 0.044199,
+         "gan_d": 0.148596, "gan_g": 0.14405, "grad_norm_d": 0.240338, "grad_norm_g": 24.929029,
+         "grad_norm_mouth_d": 4.611753, "identity": 0.006525, "l1_output": 6.232922, "l1_warped": 1.162361,
+         "mouth": 0.421334, "mouth_feature_matching": 0.007511, "mouth_gan_d": 0.986559, "mouth_gan_g": 0.990683,
+         "mouth_perceptual": 0.444897, "perceptual_output": 4.246419, "perceptual_warped": 3.863129,
+         "total_g": 19.361462, "lr": 2e-05, "lr_warp": 2.0000000000000003e-06, "world_size": 1},
+    ],
+    "checkpoint": ["averaged_generator", "best_psnr", "discriminator", "generator", "model_config",
+        "mouth_discriminator", "optimizer_discriminator", "optimizer_generator", "optimizer_mouth_discriminator", "rng",
+        "scaler", "step", "train_config", "version"],
+    "rng": ["numpy", "python", "torch"],
+    "step": 2,
+    "best_psnr": 21.1136,
+    "lr": {"optimizer_discriminator": [2e-05], "optimizer_generator": [2e-05, 2.0000000000000003e-06],
+        "optimizer_mouth_discriminator": [2e-05]},
+    "weights": {"averaged_generator": 10306.91321, "discriminator": 188.02395, "generator": 10306.91224,
+        "mouth_discriminator": 5270.74871},
+    "meta": {"model": {"stage": "full", "step": 2}, "best": {"face_l1": 0.032249, "l1": 0.051756, "pairs": 2,
+        "psnr": 21.1136, "stage": "full", "step": 2}},
+    "files": ["best/config.json", "best/model.safetensors", "checkpoint.pt", "log.jsonl", "model/config.json",
+        "model/model.safetensors", "samples/step_0000002.png", "train_config.json", "val.jsonl"],
+    "samples": {"step_0000002.png": 13734435},
+}  # fmt: skip
+
+
+def test_training_loop_split_keeps_the_run(dataset_dir, tmp_path):
+    """train_base split into named helpers writes exactly what the single function wrote."""
+    assert _pinned_run(dataset_dir, tmp_path / "run") == _PINNED_RUN
+
+
+if __name__ == "__main__":
+    # Print `_pinned_run`'s summary with the code on PYTHONPATH: python tests/test_train.py EMPTY_FOLDER
+    from skimage.data import astronaut
+
+    from metaportrait.data.landmarks import landmarks_of_image
+
+    class _Folders:  # pytest's tmp_path_factory, for the dataset fixture
+        def mktemp(self, name: str) -> Path:
+            (Path(sys.argv[1]) / name).mkdir(parents=True)
+            return Path(sys.argv[1]) / name
+
+    picture = astronaut()
+    prepared = dataset_dir.__wrapped__(_Folders(), (picture, landmarks_of_image(picture, "astronaut")))
+    print(json.dumps(_pinned_run(prepared, Path(sys.argv[1]) / "run")))

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader
 from metaportrait.config import ModelConfig
 from metaportrait.data.dataset import PreparedClip
 from metaportrait.data.drawing import MEDIAPIPE_TOPOLOGIES
+from metaportrait.prior.masks import face_mask
 from metaportrait.data.pairs import NO_AUGMENT, FixedPairs, PairOptions, RandomPairs, StepSampler
 from metaportrait.data.prepare import ClipSkipped, PrepareConfig, VideoJob, prepare_clip
 from metaportrait.errors import InputError
@@ -54,7 +55,6 @@ from metaportrait.io.image import frames_to_tensor
 from metaportrait.losses.perceptual import MobileNetV2Features
 from metaportrait.meta.reptile import AdaptResult, adapt
 from metaportrait.models.identity import DLIB_SAME_PERSON_THRESHOLD, IdentityEncoder, identity_distance
-from metaportrait.prior.masks import face_mask
 from metaportrait.train.config import PERSONAL_LOSS, LossWeights
 from metaportrait.train.meta import query_metrics
 

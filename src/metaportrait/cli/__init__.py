@@ -35,9 +35,21 @@ def _load(name: str):
     return importlib.import_module(f"metaportrait.cli.{COMMANDS[name][0]}")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line ``error: <command>: <problem>`` (exit 2), like a bad file.
+
+    Subcommand parsers are made by ``add_parser`` with the parent's class, so every level behaves the same.
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metaportrait", description=__doc__.splitlines()[0])
+    parser = _OneLineParser(prog="metaportrait", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the full traceback instead of one line (allowed anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Only import the module of the chosen subcommand; list the others by name.
     chosen = next((a for a in argv if a in COMMANDS), None)
@@ -52,17 +64,45 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # --debug is taken from anywhere on the line (before a "--"), so it works after the subcommand's options too.
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end]
+    argv = [a for a in argv[:end] if a != "--debug"] + argv[end:]
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    args.debug = debug
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if args.debug:
+        return int(args._run(args) or 0)
     try:
         return int(args._run(args) or 0)
     except InputError as error:
-        print(f"error: {error.path}: {error.problem}", file=sys.stderr)
+        _print_error(f"error: {error.path}: {error.problem}")
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _print_error("interrupted")
         return 130
+    except OSError as error:  # the disk is full, a folder is not writable, ...: the system's words and the file
+        where = f"{error.filename}: " if error.filename else ""
+        _print_error(f"error: {where}{error.strerror or error}")
+        return 1
+    except Exception as error:  # noqa: BLE001 - a bug: one line here, the traceback with --debug
+        _print_error(f"error: {type(error).__name__}: {_first_line(error)} (run with --debug for the traceback)")
+        return 1
+
+
+def _print_error(line: str) -> None:
+    """Print ``line`` to stderr on a line of its own: progress bars the error interrupted are ended first."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    print(line, file=sys.stderr)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "(no message)"
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ def embed_image_file(path: Path, encoder: IdentityEncoder) -> torch.Tensor:
 
 
 def run(args: argparse.Namespace) -> int:
+    for path in (args.image_a, args.image_b):  # a bad file fails in a moment, before the encoder loads
+        read_image(path)
     encoder = IdentityEncoder.from_dlib()
     a = embed_image_file(args.image_a, encoder)
     b = embed_image_file(args.image_b, encoder)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,8 @@ def _check_output_path(path: Path, suffixes: tuple[str, ...]) -> None:
         raise InputError(path, f"output must end with {' or '.join(suffixes)}")
     if not path.parent.is_dir():
         raise InputError(path.parent, "output folder does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):  # checked before the tracking, not after it
+        raise InputError(path, f"output folder {str(path.parent)!r} is not writable")
 
 
 def write_landmark_file(

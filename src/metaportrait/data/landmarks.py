@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 NUM_LANDMARKS = 478  # 468 face-mesh points + 2 x 5 iris points (refine_landmarks=True)
 NUM_MESH_POINTS = 468  # the face surface; the iris points 468..477 follow
+# A still image may show several people; this many faces are measured and the largest is used.
+MAX_FACES_IN_IMAGE = 4
 
 # One-Euro defaults for landmark tracks in pixels (30 fps talking heads, faces 150-300 px wide). The cut-off
 # is 1 Hz at rest and rises by 1 Hz per 5 px/s of speed, so speech is barely damped. Measured on fomm_00
@@ -138,13 +140,14 @@ class FaceMeshTracker:
         static_image_mode: bool = False,
         min_detection_confidence: float = 0.5,
         min_tracking_confidence: float = 0.5,
+        max_num_faces: int = 1,
     ):
         with quiet_native_stderr():
             import mediapipe as mp  # heavy (TFLite runtime); only needed when landmarks are measured
 
             self._mesh = mp.solutions.face_mesh.FaceMesh(
                 static_image_mode=static_image_mode,
-                max_num_faces=1,
+                max_num_faces=max_num_faces,
                 refine_landmarks=True,
                 min_detection_confidence=min_detection_confidence,
                 min_tracking_confidence=min_tracking_confidence,
@@ -156,11 +159,16 @@ class FaceMeshTracker:
         self._quiet = True  # until the first face: the first detection logs a warning of its own
 
     def __call__(self, frame: np.ndarray) -> np.ndarray | None:
-        """Landmarks of the face in ``frame`` (``uint8`` ``(H, W, 3)`` RGB).
+        """Landmarks of the face in ``frame`` (``uint8`` ``(H, W, 3)`` RGB); the first one MediaPipe reports.
 
         Returns:
             ``float32`` ``(478, 2)`` ``(x, y)`` pixel coordinates, or ``None`` when no face is found.
         """
+        faces = self.all_faces(frame)
+        return faces[0] if faces else None
+
+    def all_faces(self, frame: np.ndarray) -> list[np.ndarray]:
+        """Landmarks of every face found in ``frame`` (at most ``max_num_faces``), each ``float32`` ``(478, 2)``."""
         _check_frame(frame)
         if self._mesh is None:
             raise RuntimeError("FaceMeshTracker is closed")
@@ -170,15 +178,16 @@ class FaceMeshTracker:
         else:
             result = self._mesh.process(np.ascontiguousarray(frame))
         if not result.multi_face_landmarks:
-            return None
+            return []
         self._quiet = False
-        landmarks = result.multi_face_landmarks[0].landmark
-        points = np.array([(p.x, p.y) for p in landmarks], dtype=np.float32)  # normalised to [0, 1]
-        if points.shape != (NUM_LANDMARKS, 2):
-            raise RuntimeError(f"Face Mesh returned {len(points)} points, expected {NUM_LANDMARKS}")
         height, width = frame.shape[:2]
-        points *= np.array([width, height], dtype=np.float32)
-        return points
+        faces = []
+        for face in result.multi_face_landmarks:
+            points = np.array([(p.x, p.y) for p in face.landmark], dtype=np.float32)  # normalised to [0, 1]
+            if points.shape != (NUM_LANDMARKS, 2):
+                raise RuntimeError(f"Face Mesh returned {len(points)} points, expected {NUM_LANDMARKS}")
+            faces.append(points * np.array([width, height], dtype=np.float32))
+        return faces
 
     def close(self) -> None:
         """Release the MediaPipe graph (idempotent)."""
@@ -193,8 +202,14 @@ class FaceMeshTracker:
         self.close()
 
 
+def face_size(points: np.ndarray) -> float:
+    """Size of a face in pixels: the longer side of its 468 mesh points' bounding box."""
+    mesh = points[:NUM_MESH_POINTS]
+    return float(max(mesh.max(axis=0) - mesh.min(axis=0)))
+
+
 def landmarks_of_image(image: np.ndarray, name: str | Path = "<image>") -> np.ndarray:
-    """Landmarks of the face in one still image.
+    """Landmarks of the face in one still image; of the largest face when there are several (the choice is logged).
 
     Args:
         image: ``uint8`` ``(H, W, 3)`` RGB.
@@ -206,11 +221,17 @@ def landmarks_of_image(image: np.ndarray, name: str | Path = "<image>") -> np.nd
     Raises:
         NoFaceError: no face was found.
     """
-    with FaceMeshTracker(static_image_mode=True) as tracker:
-        points = tracker(image)
-    if points is None:
+    with FaceMeshTracker(static_image_mode=True, max_num_faces=MAX_FACES_IN_IMAGE) as tracker:
+        faces = tracker.all_faces(image)
+    if not faces:
         raise NoFaceError(name, "no face found")
-    return points
+    sizes = [face_size(face) for face in faces]
+    largest = int(np.argmax(sizes))
+    if len(faces) > 1:
+        centre = faces[largest][:NUM_MESH_POINTS].mean(axis=0)
+        logger.info("%s: %d faces found; using the largest (%.0f px, centred at x=%.0f, y=%.0f)",
+                    name, len(faces), sizes[largest], centre[0], centre[1])  # fmt: skip
+    return faces[largest]
 
 
 def iter_tracked(

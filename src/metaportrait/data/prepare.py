@@ -16,8 +16,8 @@ ones, see `metaportrait.data.landmarks.iter_tracked`); the training sampler filt
 Output layout (docs/contracts.md): ``manifest.jsonl`` (one line per finished clip), ``skipped.jsonl``,
 ``clips/<clip>/{frames,landmarks,present}.npy`` and ``prepare.json`` (the settings, checked on reruns). A clip
 is written to ``clips/.tmp-<clip>`` and renamed when complete; its manifest line is appended after that, so
-an interrupted run leaves no half clip and a rerun continues where it stopped. Run one `prepare` per dataset
-folder at a time.
+an interrupted run leaves no half clip and a rerun continues where it stopped (a manifest line cut off by the
+interruption is dropped). Run one `prepare` per dataset folder at a time.
 
 Identity of a clip, first rule that applies:
 
@@ -344,6 +344,17 @@ def _append_jsonl(path: Path, entry: dict) -> None:
         os.fsync(handle.fileno())  # the line marks the clip finished; it must survive a crash right after
 
 
+def _drop_torn_line(path: Path) -> None:
+    """Cut a ``.jsonl`` file back to its last complete line (each line is written whole with its newline, so a
+    file not ending in one was interrupted while appending)."""
+    if not path.exists():
+        return
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text and not text.endswith("\n"):
+        logger.warning("%s: dropping an incomplete last line left by an interrupted run", path)
+        write_text_atomic(path, text[: text.rfind("\n") + 1])
+
+
 def _check_settings(output_dir: Path, input_dir: Path, config: PrepareConfig) -> None:
     """Write ``prepare.json`` on the first run; on a rerun, insist on the same input folder and settings."""
     settings = {"input_dir": str(input_dir), **dataclasses.asdict(config)}
@@ -380,6 +391,8 @@ def prepare_dataset(
     clips_dir.mkdir(exist_ok=True)
     _check_settings(output_dir, input_dir, config)
 
+    for name in (MANIFEST, SKIPPED):
+        _drop_torn_line(output_dir / name)
     done = {entry["clip"] for entry in read_jsonl(output_dir / MANIFEST)}
     skipped_before = {entry["source_video"] for entry in read_jsonl(output_dir / SKIPPED)}
     todo = [job for job in jobs if job.clip not in done and str(job.source) not in skipped_before]

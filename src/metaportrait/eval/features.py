@@ -176,7 +176,9 @@ class STLPIPS(nn.Module):
         self.net = _Trunk(slices)
         for index, channel_count in enumerate(channels):
             self.add_module(f"lin{index}", _LinearHead(channel_count))
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+        from metaportrait.io.checkpoint import load_weight_file
+
+        self.load_state_dict(load_weight_file(path, f"stlpips-pytorch's {net} weights"), strict=True)
         self.requires_grad_(False)
         self.train(False)
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaportrait.errors import InputError
+from metaportrait.io.checkpoint import load_weight_file  # noqa: F401  (here since the LPIPS/FID loaders use it)
 from metaportrait.eval.features import _LinearHead, _ScalingLayer, lpips_from_features
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
@@ -35,35 +36,6 @@ FID_INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 # ---------------------------------------------------------------------------------------------------------
 # Strict loading of foreign weight files
 # ---------------------------------------------------------------------------------------------------------
-
-
-def load_weight_file(path: str | Path, expected: str) -> dict[str, torch.Tensor]:
-    """A ``torch.save``-d state dict (name -> tensor), read with ``weights_only=True``.
-
-    Args:
-        path: the file.
-        expected: which file this should be, for the error message (e.g. ``alexnet-owt-7be5be79.pth``).
-
-    Raises:
-        InputError: the file is missing, unreadable, or not a flat dict of tensors.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, f"file not found (expected {expected})")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        # The file is user input and torch.load's failures on foreign bytes are undocumented and varied (KeyError
-        # for text, EOFError for an empty file, RuntimeError for a truncated zip, UnpicklingError for pickled
-        # objects): all of them mean "not a weights file", reported in one line.
-        detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
-        raise InputError(path, f"not a PyTorch weights file ({type(error).__name__}: {detail}); "
-                               f"expected {expected}") from error
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise InputError(path, f"not a state dict (a dict of name -> tensor); expected {expected}")
-    return state
 
 
 def _names(keys: Iterable[str], limit: int = 4) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from metaportrait.config import ModelConfig
@@ -89,8 +90,21 @@ def load_model(path_dir: str | Path):
     weights = Path(path_dir) / WEIGHTS_FILE
     if not weights.is_file():
         raise InputError(weights, "checkpoint weights not found")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:  # truncated or not a safetensors file at all
+        raise InputError(weights, f"cannot read the weights (corrupted or not a safetensors file: {e})") from None
     generator = Generator(cfg)
-    generator.load_state_dict(load_file(str(weights)), strict=True)
+    expected = generator.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        # Typically weights of another preset (or width) than the config.json beside them describes.
+        details = f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of another shape"
+        first = (wrong or missing or unexpected)[0]
+        raise InputError(weights, f"weights do not match the model in {CONFIG_FILE} ({details}, e.g. {first!r}); "
+                                  "are they from a checkpoint of another preset?")  # fmt: skip
+    generator.load_state_dict(state, strict=True)
     return generator.eval(), cfg
 
 
@@ -105,3 +119,32 @@ def checkpoint_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def load_weight_file(path: str | Path, expected: str) -> dict[str, torch.Tensor]:
+    """A ``torch.save``-d state dict (name -> tensor), read with ``weights_only=True``.
+
+    Args:
+        path: the file.
+        expected: which file this should be, for the error message (e.g. ``alexnet-owt-7be5be79.pth``).
+
+    Raises:
+        InputError: the file is missing, unreadable, or not a flat dict of tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, f"file not found (expected {expected})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        # The file is user input and torch.load's failures on foreign bytes are undocumented and varied (KeyError
+        # for text, EOFError for an empty file, RuntimeError for a truncated zip, UnpicklingError for pickled
+        # objects): all of them mean "not a weights file", reported in one line.
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+        raise InputError(path, f"not a PyTorch weights file ({type(error).__name__}: {detail}); "
+                               f"expected {expected}") from error
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise InputError(path, f"not a state dict (a dict of name -> tensor); expected {expected}")
+    return state

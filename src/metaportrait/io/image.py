@@ -25,6 +25,9 @@ VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".webm", ".mpg", ".mpeg", ".mkv")
 _WRITE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP"}
 # Float values this far outside [0, 1] are treated as rounding noise by to_uint8; anything beyond is a bug upstream.
 _RANGE_TOLERANCE = 1e-3
+# Largest image read_image decodes (width x height). A 50-megapixel phone photo fits; beyond that decoding costs
+# gigabytes for a face the model sees at 256 px, and a small file can claim huge sides (a decompression bomb).
+MAX_IMAGE_PIXELS = 50_000_000
 
 
 def is_image_path(path: str | Path) -> bool:
@@ -41,27 +44,44 @@ def read_image(path: str | Path) -> np.ndarray:
     """Decode an image file into ``uint8`` ``(H, W, 3)`` RGB, upright.
 
     The EXIF orientation tag is applied (phone photos are stored sideways with a tag). Grayscale, palette
-    and RGBA images are converted to RGB; an alpha channel is dropped.
+    and RGBA images are converted to RGB; an alpha channel is dropped; 16-bit images keep their top 8 bits.
 
     Raises:
-        InputError: the file is missing, is not an image, or is truncated/corrupt.
+        InputError: the file is missing, is not an image, is truncated/corrupt, or has more than
+            `MAX_IMAGE_PIXELS` pixels (checked from the header, before decoding).
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "file not found")
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise InputError(path, f"image is {width}x{height} ({width * height / 1e6:.1f} megapixels), more "
+                                       f"than the limit of {MAX_IMAGE_PIXELS / 1e6:g} megapixels; downscale it first")
             # load() decodes every byte now, so a truncated file fails here rather than later in a model.
             image.load()
             image = ImageOps.exif_transpose(image)
-            rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            rgb = np.asarray(_to_8_bit(image).convert("RGB"), dtype=np.uint8)
     except UnidentifiedImageError:
         raise InputError(path, "not an image file (unknown format)") from None
-    except Image.DecompressionBombError as error:  # more pixels than PIL decodes safely (a decompression bomb)
-        raise InputError(path, f"image too large to decode ({error})") from None
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise InputError(path, f"cannot decode image ({error})") from None
     return np.ascontiguousarray(rgb)
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """16-bit grayscale (PIL modes ``I;16*``, or ``I`` as older Pillows open such PNGs) -> 8-bit ``L``.
+
+    PIL's own ``convert("RGB")`` clips these at 255 instead of scaling, which turns a 16-bit photo white.
+    16-bit colour PNGs already open as 8-bit ``RGB``/``RGBA``.
+    """
+    if not (image.mode.startswith("I;16") or image.mode == "I"):
+        return image
+    values = np.asarray(image, dtype=np.int64)
+    if image.mode == "I" and values.max(initial=0) <= 255:  # an 8-bit image stored as 32-bit integers
+        return Image.fromarray(values.astype(np.uint8))
+    return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))
 
 
 def write_image(path: str | Path, image: np.ndarray, quality: int = 95) -> None:

@@ -79,6 +79,8 @@ class VideoReader:
             self._container = av.open(str(self.path), mode="r")
         except av.error.FFmpegError as error:
             raise InputError(self.path, f"not a readable video ({_describe(error)})") from None
+        except UnicodeDecodeError:  # PyAV decodes the container's metadata as UTF-8 on opening
+            raise InputError(self.path, "not a readable video (its metadata is not valid UTF-8 text)") from None
         try:
             self._stream = self._open_video_stream()
             self._frames = self._decode()
@@ -342,6 +344,8 @@ class VideoWriter:
             source = av.open(str(path), mode="r")
         except av.error.FFmpegError as error:
             raise InputError(path, f"not a readable media file ({_describe(error)})") from None
+        except UnicodeDecodeError:
+            raise InputError(path, "not a readable media file (its metadata is not valid UTF-8 text)") from None
         if not source.streams.audio:
             source.close()
             raise InputError(path, "has no audio stream to copy")

@@ -2,8 +2,15 @@
 stage ``full`` trains W and the refinement network R together with a discriminator (and a mouth critic on mouth
 crops when ``loss.mouth_gan`` > 0).
 
-`train_base` is one function read top to bottom (set-up, data, networks, optimisers, resume, loop). It runs as a
-single process, or as several under ``torchrun`` (``python -m torch.distributed.run --nproc_per_node N``): every
+`train_base` reads top to bottom, each part a helper defined below it in the same order: set-up (processes,
+threads, run-folder checks, seeds), data, networks and optimisers (`_build_run`: a `_Run` holds them with the AMP
+scaler, the averaged generator and the step counters), resume or init, then the loop. One step of the loop: the
+generator's loss on the batch (`metaportrait.train.losses.GeneratorLoss`, which meta-learning and personalisation
+call too), the generator's update and its moving average (`_generator_step`), the critics' updates
+(`_critic_steps`: the multi-scale discriminator, and the mouth critic); then, when due, the interval's log line,
+samples, validation (keeping the best generator) and the checkpoint.
+
+It runs as a single process, or as several under ``torchrun`` (``python -m torch.distributed.run --nproc_per_node N``): every
 process draws its own pairs, gradients are averaged with an explicit all-reduce (no DDP wrapper: the warp stage
 leaves R's parameters unused, and two optimisers are easier to follow this way), and only rank 0 writes files.
 
@@ -56,7 +63,7 @@ from metaportrait.data.drawing import MEDIAPIPE_TOPOLOGIES
 from metaportrait.data.pairs import FixedPairs, PairOptions, RandomPairs, StepSampler
 from metaportrait.errors import InputError
 from metaportrait.eval.metrics import face_region_l1, l1, psnr
-from metaportrait.io.atomic import atomic_path, write_text_atomic
+from metaportrait.io.atomic import atomic_path, remove_temporaries, write_text_atomic
 from metaportrait.io.checkpoint import load_config, load_model, save_model
 from metaportrait.io.image import to_uint8_frames, write_image
 from metaportrait.losses.perceptual import MobileNetV2Features, VGG19Features
@@ -64,7 +71,7 @@ from metaportrait.models.discriminator import MouthDiscriminator, MultiScaleDisc
 from metaportrait.models.generator import Generator
 from metaportrait.models.identity import EMBEDDING_DIM, IdentityEncoder
 from metaportrait.train.config import TrainConfig
-from metaportrait.train.losses import GeneratorLoss, critic_loss
+from metaportrait.train.losses import GeneratorLoss, GeneratorTerms, critic_loss
 
 logger = logging.getLogger(__name__)
 
@@ -110,41 +117,181 @@ def train_base(
         InputError: bad data folder, a run folder that already holds a run (without ``resume``) or none (with it),
             or an ``init`` run whose model does not match.
     """
-    # ------------------------------------------------------------------------------------------------------------
-    # Set-up: processes, device, threads, seeds.
-    # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; gloo on CPU, nccl on CUDA.
+    # Set-up: processes, threads, settings and run-folder checks, seeds.
+    procs = _start_processes()
+    previous_threads = torch.get_num_threads()  # restored at the end: callers (tests) share the process
+    torch.set_num_threads(cfg.threads)
+    model_cfg = cfg.model_config()
+    out_dir = Path(out_dir)
+    resume = _check_run(cfg, model_cfg, out_dir, resume)  # False when killed before its first checkpoint
+    _seed(cfg.seed)  # the same on every rank: all ranks build identical initial networks
+
+    # Data, networks, optimisers; resume or start; output files.
+    train_pairs, val_pairs = _data(cfg, model_cfg, data_dir, procs.is_main)
+    run = _build_run(cfg, model_cfg, procs.device)
+    _resume_or_init(run, cfg, model_cfg, out_dir / "checkpoint.pt" if resume else None, procs.distributed)
+    if procs.is_main:
+        _prepare_run_folder(out_dir, cfg, run.step)
+    loader = _loader(train_pairs, cfg, run.step, procs)
+
+    # Training loop: per step the generator's update, then the critics'; then the log, samples, validation and
+    # checkpoint when due (rank 0 writes; the other ranks go on to the next all-reduce and wait).
+    if procs.is_main and val_pairs is not None and run.step == 0:
+        _validate_and_keep_best(run, val_pairs, cfg, model_cfg, procs.device, out_dir)  # the untrained model
+    interval, last_logged = _Interval(), {}
+    bar = tqdm(total=cfg.steps, initial=run.step, disable=not (procs.is_main and progress), desc=f"train {cfg.stage}")
+    tick = time.perf_counter()
+    for batch in loader:
+        batch = {k: v.to(procs.device, non_blocking=True) for k, v in batch.items()}
+        _set_learning_rates(run, cfg)
+        with _autocast(cfg, procs.device):
+            result = run.generator_loss(run.generator, batch)
+        if _finite_on_every_rank(result.total, procs.distributed):
+            run.skipped_in_a_row = 0
+            losses = _generator_step(run, result, cfg, procs.world_size)
+            losses |= _critic_steps(run, result, batch["driving"], cfg, procs)
+            run.scaler.update()
+            interval.add(losses)
+        else:
+            _skip_step(run, interval)
+        run.step += 1
+        interval.steps += 1
+        interval.seconds += time.perf_counter() - tick
+        bar.update(1)
+
+        if _due(run.step, cfg.log_every, cfg.steps):
+            last_logged = _log_interval(interval, run, procs, out_dir, bar)
+            interval = _Interval()
+        if procs.is_main and _due(run.step, cfg.sample_every, cfg.steps):
+            _write_samples(out_dir / "samples", run.step, batch, result.out, cfg.stage)
+        if procs.is_main and val_pairs is not None and _due(run.step, cfg.val_every, cfg.steps):
+            _validate_and_keep_best(run, val_pairs, cfg, model_cfg, procs.device, out_dir)
+        if procs.is_main and _due(run.step, cfg.checkpoint_every, cfg.steps):
+            _save_checkpoint(run, cfg, model_cfg, out_dir)
+        tick = time.perf_counter()
+    bar.close()
+
+    # Done.
+    torch.set_num_threads(previous_threads)
+    _stop_processes(procs)
+    best_psnr = run.best_psnr if run.best_psnr > -math.inf else math.nan
+    return TrainResult(run.step, best_psnr, last_logged, run.averaged)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run's state.
+
+
+@dataclass
+class _Processes:
+    """This process under torchrun (which sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT), or
+    alone (rank 0 of 1)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    owns_group: bool  # this call initialised the process group, and destroys it at the end
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class _Run:
+    """What the loop works on: the networks (trained and frozen), the generator's loss, the optimisers, the AMP
+    scaler and the counters. `_save_checkpoint` writes the trained part."""
+
+    generator: Generator
+    averaged: Generator  # what is validated and saved: the moving average with ema_decay > 0, else `generator`
+    discriminator: MultiScaleDiscriminator | None  # stage full
+    mouth_critic: MouthDiscriminator | None  # stage full with loss.mouth_gan > 0
+    identity_encoder: IdentityEncoder | None  # frozen; stage full with an identity input or loss
+    generator_loss: GeneratorLoss
+    optimizer_g: torch.optim.Adam  # two parameter groups: refine at lr, warp at lr * warp_lr_scale
+    optimizer_d: torch.optim.Adam | None
+    optimizer_m: torch.optim.Adam | None
+    scaler: torch.amp.GradScaler  # one scaler for G and the critics, as the official code
+    step: int = 0  # steps done
+    best_psnr: float = -math.inf  # best validation PSNR so far
+    skipped_in_a_row: int = 0  # consecutive steps skipped for a non-finite loss
+
+
+@dataclass
+class _Interval:
+    """Loss sums since the last log line."""
+
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)  # loss name -> sum over the steps
+    steps: int = 0
+    seconds: float = 0.0
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value.detach())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Set-up, data, networks, optimisers, resume.
+
+
+def _start_processes() -> _Processes:
+    """Read torchrun's environment and join the process group (gloo on CPU, nccl on CUDA) if not joined yet."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    distributed = world_size > 1
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    we_initialised_group = False
-    if distributed and not dist.is_initialized():
+    owns_group = world_size > 1 and not dist.is_initialized()
+    if owns_group:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        we_initialised_group = True
-    is_main = rank == 0
-    previous_threads = torch.get_num_threads()  # restored at the end: callers (tests) share the process
-    torch.set_num_threads(cfg.threads)
-    use_amp = cfg.amp and device.type == "cuda"  # float16 autocast is a CUDA feature; CPU stays float32
-    full = cfg.stage == "full"
-    model_cfg = cfg.model_config()
+    return _Processes(rank, world_size, device, owns_group)
+
+
+def _stop_processes(procs: _Processes) -> None:
+    if procs.distributed:
+        dist.barrier()
+        if procs.owns_group:
+            dist.destroy_process_group()
+
+
+def _check_run(cfg: TrainConfig, model_cfg: ModelConfig, out_dir: Path, resume: bool) -> bool:
+    """Refuse a preset that cannot train on prepared data, and a run folder that does not fit ``resume``; remove
+    temporary files a killed run left. Returns whether to resume (False for a run killed before its first
+    checkpoint: it starts again)."""
     if model_cfg.landmark_topology not in MEDIAPIPE_TOPOLOGIES:
         raise ValueError(
             f"preset {cfg.preset!r} draws {model_cfg.landmark_topology!r} landmark lines, but prepared datasets hold "
             f"MediaPipe landmarks; train a preset with one of {MEDIAPIPE_TOPOLOGIES}"
         )
-    out_dir = Path(out_dir)
     checkpoint_path = out_dir / "checkpoint.pt"
     if resume and not checkpoint_path.is_file():
-        raise InputError(checkpoint_path, "not found: there is no run to resume here")
-    if not resume and (out_dir / "train_config.json").exists():
+        if not (out_dir / "train_config.json").is_file():
+            raise InputError(checkpoint_path, "not found: there is no run to resume here")
+        # The run was stopped before its first checkpoint: there is nothing to continue, so it starts again.
+        logger.warning("%s: no checkpoint yet; the run starts again from step 0", out_dir)
+        resume = False
+    elif not resume and (out_dir / "train_config.json").exists():
         raise InputError(out_dir, "already holds a training run; pass --resume to continue it or choose a new folder")
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # the same on every rank: all ranks build identical initial networks
+    if out_dir.is_dir() and int(os.environ.get("RANK", "0")) == 0:
+        for folder in (out_dir, out_dir / "samples"):  # left by a run killed while writing (SIGKILL, power cut)
+            remove_temporaries(folder)
+    return resume
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Data: identity-disjoint train / validation split, random training pairs, fixed validation pairs.
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _data(
+    cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str | Path, is_main: bool
+) -> tuple[RandomPairs, FixedPairs | None]:
+    """Identity-disjoint train / validation split: random training pairs, fixed validation pairs (None without
+    validation identities)."""
     dataset = PreparedDataset(data_dir)
     train_clips, val_clips = split_by_identity(dataset, cfg.val_identities)
     pair_options = PairOptions.for_model(model_cfg, cfg.size)
@@ -159,9 +306,13 @@ def train_base(
             len(train_pairs.clips), len({c.identity for c in train_pairs.clips}),
             len(val_pairs) if val_pairs else "no",
         )  # fmt: skip
+    return train_pairs, val_pairs
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Networks: G (trained), D (stage full), frozen perceptual backbone and identity encoder.
+
+def _build_run(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> _Run:
+    """Networks (G trained; D and the mouth critic in stage full; frozen perceptual backbone and identity encoder),
+    the generator's loss and the optimisers, at step 0 and without an averaged generator yet."""
+    full = cfg.stage == "full"
     generator = Generator(model_cfg).to(device).train()
     discriminator = MultiScaleDiscriminator(model_cfg.discriminator).to(device).train() if full else None
     mouth_critic = MouthDiscriminator().to(device).train() if full and cfg.loss.mouth_gan > 0 else None
@@ -179,9 +330,22 @@ def train_base(
         cfg.loss, model_cfg, cfg.stage, cfg.size, backbone, identity_encoder, discriminator, mouth_critic,
         cfg.mouth_critic_region,
     )  # fmt: skip
+    optimizer_g, optimizer_d, optimizer_m = _optimisers(cfg, generator, discriminator, mouth_critic)
+    scaler = torch.amp.GradScaler("cuda", enabled=_use_amp(cfg, device))
+    return _Run(
+        generator, generator, discriminator, mouth_critic, identity_encoder, generator_loss, optimizer_g, optimizer_d,
+        optimizer_m, scaler,
+    )  # fmt: skip
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Optimisers: G with two parameter groups (refine at lr, warp at lr * warp_lr_scale), D alone.
+
+def _optimisers(
+    cfg: TrainConfig,
+    generator: Generator,
+    discriminator: MultiScaleDiscriminator | None,
+    mouth_critic: MouthDiscriminator | None,
+) -> tuple[torch.optim.Adam, torch.optim.Adam | None, torch.optim.Adam | None]:
+    """Adam for G with two parameter groups (refine at lr, warp at lr * warp_lr_scale), and one for each critic.
+    Each group keeps its ``base_lr`` for the schedule (`_set_learning_rates`)."""
     warp_params, refine_params = list(generator.warp_parameters()), list(generator.refine_parameters())
     if {id(p) for p in warp_params} | {id(p) for p in refine_params} != {id(p) for p in generator.parameters()}:
         raise RuntimeError("warp_parameters() and refine_parameters() must cover all generator parameters")
@@ -192,230 +356,250 @@ def train_base(
         ],
         betas=cfg.betas,
     )
-    optimizer_d = None
-    if full:
-        optimizer_d = torch.optim.Adam(
-            [{"params": list(discriminator.parameters()), "lr": cfg.lr_discriminator, "base_lr": cfg.lr_discriminator}],
-            betas=cfg.betas,
-        )
-    optimizer_m = None
-    if mouth_critic is not None:
-        optimizer_m = torch.optim.Adam(
-            [{"params": list(mouth_critic.parameters()), "lr": cfg.lr_discriminator, "base_lr": cfg.lr_discriminator}],
-            betas=cfg.betas,
-        )
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)  # one scaler for G and D, as the official code
+    return optimizer_g, _critic_optimiser(cfg, discriminator), _critic_optimiser(cfg, mouth_critic)
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Resume, or start (stage full: optionally from a warp-stage run's warp network).
-    start_step, best_psnr, skipped_in_a_row = 0, -math.inf, 0
-    if resume:
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise InputError(checkpoint_path, f"format version {state.get('version')}, expected {CHECKPOINT_VERSION}")
+
+def _critic_optimiser(cfg: TrainConfig, critic: torch.nn.Module | None) -> torch.optim.Adam | None:
+    if critic is None:
+        return None
+    return torch.optim.Adam(
+        [{"params": list(critic.parameters()), "lr": cfg.lr_discriminator, "base_lr": cfg.lr_discriminator}],
+        betas=cfg.betas,
+    )
+
+
+def _resume_or_init(
+    run: _Run, cfg: TrainConfig, model_cfg: ModelConfig, checkpoint_path: Path | None, distributed: bool
+) -> None:
+    """Load the checkpoint at ``checkpoint_path`` (resume), or the ``init`` networks (stage full: a warp-stage run's
+    warp network, or more); then give every rank rank 0's weights and start the averaged generator."""
+    state = None
+    if checkpoint_path is not None:
+        try:
+            state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - torch.load raises many types on damaged or foreign files
+            raise InputError(checkpoint_path, f"cannot read the training state ({type(error).__name__}: "
+                                              f"{str(error).splitlines()[0] if str(error) else 'damaged'})") from None
+        version = state.get("version") if isinstance(state, dict) else None
+        if version != CHECKPOINT_VERSION:
+            raise InputError(checkpoint_path, f"format version {version}, expected {CHECKPOINT_VERSION}")
         saved = TrainConfig.from_dict(state["train_config"])
         changed = [k for k, v in cfg.to_dict().items() if saved.to_dict()[k] != v and k not in RESUMABLE_CHANGES]
         if changed:
             raise InputError(checkpoint_path, f"settings differ from the run's: {changed} (only {RESUMABLE_CHANGES})")
-        generator.load_state_dict(state["generator"])
-        optimizer_g.load_state_dict(state["optimizer_generator"])
-        if full:
-            discriminator.load_state_dict(state["discriminator"])
-            optimizer_d.load_state_dict(state["optimizer_discriminator"])
-        if mouth_critic is not None:
-            mouth_critic.load_state_dict(state["mouth_discriminator"])
-            optimizer_m.load_state_dict(state["optimizer_mouth_discriminator"])
-        scaler.load_state_dict(state["scaler"])
-        start_step, best_psnr = int(state["step"]), float(state["best_psnr"])
+        run.generator.load_state_dict(state["generator"])
+        run.optimizer_g.load_state_dict(state["optimizer_generator"])
+        if run.discriminator is not None:
+            run.discriminator.load_state_dict(state["discriminator"])
+            run.optimizer_d.load_state_dict(state["optimizer_discriminator"])
+        if run.mouth_critic is not None:
+            run.mouth_critic.load_state_dict(state["mouth_discriminator"])
+            run.optimizer_m.load_state_dict(state["optimizer_mouth_discriminator"])
+        run.scaler.load_state_dict(state["scaler"])
+        run.step, run.best_psnr = int(state["step"]), float(state["best_psnr"])
         _set_rng_state(state["rng"])
     elif cfg.init is not None:
         # The warping network, as the official Full stage (the warp stage never trains R); or all of G; or R from
         # another model.
-        _load_init(generator, model_cfg, Path(cfg.init), "all" if cfg.init_refine else "warp")
+        _load_init(run.generator, model_cfg, Path(cfg.init), "all" if cfg.init_refine else "warp")
         if cfg.init_refine_from is not None:
-            _load_init(generator, model_cfg, Path(cfg.init_refine_from), "refine")
+            _load_init(run.generator, model_cfg, Path(cfg.init_refine_from), "refine")
     if distributed:
         # Identical start on every rank whatever happened above (rank 0 is the reference).
-        for module in (generator, discriminator, mouth_critic):
+        for module in (run.generator, run.discriminator, run.mouth_critic):
             if module is not None:
                 for tensor in list(module.parameters()) + list(module.buffers()):
                     dist.broadcast(tensor.data, src=0)
     # The averaged generator (ema_decay > 0) starts from the starting weights; it is what gets validated and saved.
-    averaged = generator
     if cfg.ema_decay > 0:
-        averaged = copy.deepcopy(generator).requires_grad_(False)
-        if resume:
-            averaged.load_state_dict(state["averaged_generator"])
+        run.averaged = copy.deepcopy(run.generator).requires_grad_(False)
+        if state is not None:
+            run.averaged.load_state_dict(state["averaged_generator"])
 
-    # Output files: the config, and logs cut back to the checkpoint's step when resuming.
-    if is_main:
-        (out_dir / "samples").mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-        for name in ("log.jsonl", "val.jsonl"):
-            truncate_jsonl(out_dir / name, start_step)
-    sampler = StepSampler(start_step, cfg.steps, cfg.batch_size, rank, world_size)
-    loader = DataLoader(
-        train_pairs,
+
+def _prepare_run_folder(out_dir: Path, cfg: TrainConfig, step: int) -> None:
+    """Write the config; cut the logs back to ``step`` (the checkpoint's, when resuming)."""
+    (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    for name in ("log.jsonl", "val.jsonl"):
+        truncate_jsonl(out_dir / name, step)
+
+
+def _loader(pairs: RandomPairs, cfg: TrainConfig, step: int, procs: _Processes) -> DataLoader:
+    """This rank's training batches from ``step`` to ``cfg.steps``, one per step (`StepSampler`)."""
+    return DataLoader(
+        pairs,
         batch_size=cfg.batch_size,
-        sampler=sampler,
+        sampler=StepSampler(step, cfg.steps, cfg.batch_size, procs.rank, procs.world_size),
         num_workers=cfg.num_workers,
         worker_init_fn=_worker_init,
         persistent_workers=False,
     )
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Training loop.
-    if is_main and val_pairs is not None and start_step == 0:
-        # Step 0: the untrained model, and the training-free baselines on the same pairs, for reference.
-        metrics = _validate(averaged, val_pairs, identity_encoder, cfg, model_cfg, device, baselines=True)
-        best_psnr = metrics["psnr"]
-        append_jsonl(out_dir / "val.jsonl", {"step": 0, **metrics, "best": True})
-        export_model(out_dir / "best", averaged, model_cfg, {"step": 0, "stage": cfg.stage, **metrics})
-    sums: dict[str, float] = {}  # loss name -> sum over the steps since the last log line
-    interval_steps, interval_time = 0, 0.0
-    last_logged: dict[str, float] = {}
-    step = start_step
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (is_main and progress), desc=f"train {cfg.stage}")
-    tick = time.perf_counter()
-    for batch in loader:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        source, driving = batch["source"], batch["driving"]
 
-        # Learning rates of this step (official: MultiStepLR x lr_decay at each milestone).
-        decay = cfg.lr_decay ** sum(step >= m for m in cfg.lr_milestones)
-        for optimizer in (optimizer_g, optimizer_d, optimizer_m):
-            for group in optimizer.param_groups if optimizer is not None else ():
-                group["lr"] = group["base_lr"] * decay
-        if step < cfg.freeze_refine_steps:
-            optimizer_g.param_groups[0]["lr"] = 0.0  # R frozen (Adam with lr 0 leaves the weights exactly as they are)
+# ----------------------------------------------------------------------------------------------------------------
+# One step.
 
-        # Generator losses.
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            result = generator_loss(generator, batch)
-        losses, total_g, out, mouth = result.terms, result.total, result.out, result.mouth
 
-        # Non-finite loss on any rank: every rank skips this step (fail after MAX_SKIPPED_STEPS in a row).
-        finite = torch.tensor(float(torch.isfinite(total_g.detach()).item()))
-        if distributed:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            skipped_in_a_row += 1
-            sums["skipped"] = sums.get("skipped", 0.0) + 1.0
-            if skipped_in_a_row >= MAX_SKIPPED_STEPS:
-                raise FloatingPointError(f"step {step}: non-finite loss {MAX_SKIPPED_STEPS} steps in a row")
-            optimizer_g.zero_grad(set_to_none=True)
-        else:
-            skipped_in_a_row = 0
+def _use_amp(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.amp and device.type == "cuda"  # float16 autocast is a CUDA feature; CPU stays float32
 
-            # Generator update.
-            optimizer_g.zero_grad(set_to_none=True)
-            scaler.scale(total_g).backward()
-            scaler.unscale_(optimizer_g)
-            losses["grad_norm_g"] = _finish_gradients(generator.parameters(), cfg, world_size)
-            scaler.step(optimizer_g)
-            if averaged is not generator:
-                # Warm-up (as TensorFlow's ExponentialMovingAverage): early steps weigh more than ema_decay allows.
-                _update_average(averaged, generator, min(cfg.ema_decay, (1 + step) / (10 + step)))
 
-            # Discriminator update (stage full): LSGAN on the driving frame vs the detached output.
-            if full and cfg.loss.gan > 0:
-                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                    real_scales = discriminator(driving)
-                    fake_scales = discriminator(result.prediction.detach())
-                    total_d = cfg.loss.gan * critic_loss(real_scales, fake_scales)
-                losses["grad_norm_d"] = _critic_step(total_d, optimizer_d, discriminator, scaler, cfg, world_size)
-                losses["gan_d"] = total_d
-            if mouth_critic is not None:
-                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                    real_scales = [mouth_critic(mouth.real, mouth.lines)]
-                    fake_scales = [mouth_critic(mouth.fake.detach(), mouth.lines)]
-                    total_m = cfg.loss.mouth_gan * critic_loss(real_scales, fake_scales, mouth.region)
-                losses["grad_norm_mouth_d"] = _critic_step(total_m, optimizer_m, mouth_critic, scaler, cfg, world_size)
-                losses["mouth_gan_d"] = total_m
-            scaler.update()
-            losses["total_g"] = total_g
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
-        step += 1
-        interval_steps += 1
-        interval_time += time.perf_counter() - tick
-        bar.update(1)
+def _autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.float16, enabled=_use_amp(cfg, device))
 
-        # Log: means over the interval and over the ranks.
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            names = sorted(sums)
-            totals = torch.tensor([sums[n] for n in names] + [interval_time], dtype=torch.float64)
-            if distributed:
-                dist.all_reduce(totals)
-                totals /= world_size
-            means = {n: totals[i].item() / interval_steps for i, n in enumerate(names) if n != "skipped"}
-            if "skipped" in sums:
-                means["skipped"] = totals[names.index("skipped")].item()
-            record = {
-                "step": step,
-                **{k: round(v, 6) for k, v in means.items()},
-                "lr": optimizer_g.param_groups[0]["lr"],
-                "lr_warp": optimizer_g.param_groups[1]["lr"],
-                "s_per_step": round(totals[-1].item() / interval_steps, 4),
-                "world_size": world_size,
-            }
-            if is_main:
-                append_jsonl(out_dir / "log.jsonl", record)
-                bar.set_postfix(loss=f"{means.get('total_g', float('nan')):.3f}", s_step=record["s_per_step"])
-            last_logged = record
-            sums, interval_steps, interval_time = {}, 0, 0.0
 
-        # Samples, validation, checkpoint (rank 0 only; the other ranks go on to the next all-reduce and wait).
-        if is_main and (step % cfg.sample_every == 0 or step == cfg.steps):
-            columns = [source, batch["driving_lines"], out["warped"]] + ([out["output"]] if full else []) + [driving]
-            grid = torch.cat([c[:SAMPLE_ROWS].detach().float().clamp(0, 1) for c in columns], dim=3)  # (n, 3, h, k*w)
-            grid = torch.cat(list(grid), dim=1)  # (3, n*h, k*w): one row per pair
-            write_image(out_dir / "samples" / f"step_{step:07d}.png", to_uint8_frames(grid[None])[0])
-        if is_main and val_pairs is not None and (step % cfg.val_every == 0 or step == cfg.steps):
-            metrics = _validate(averaged, val_pairs, identity_encoder, cfg, model_cfg, device)
-            improved = metrics["psnr"] > best_psnr
-            best_psnr = max(best_psnr, metrics["psnr"])
-            append_jsonl(out_dir / "val.jsonl", {"step": step, **metrics, "best": improved})
-            if improved:
-                export_model(out_dir / "best", averaged, model_cfg, {"step": step, "stage": cfg.stage, **metrics})
-        if is_main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-            state = {
-                "version": CHECKPOINT_VERSION,
-                "step": step,
-                "best_psnr": best_psnr,
-                "train_config": cfg.to_dict(),
-                "model_config": model_cfg.to_dict(),
-                "generator": generator.state_dict(),
-                "optimizer_generator": optimizer_g.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": _get_rng_state(),
-            }
-            if averaged is not generator:
-                state["averaged_generator"] = averaged.state_dict()
-            if full:
-                state["discriminator"] = discriminator.state_dict()
-                state["optimizer_discriminator"] = optimizer_d.state_dict()
-            if mouth_critic is not None:
-                state["mouth_discriminator"] = mouth_critic.state_dict()
-                state["optimizer_mouth_discriminator"] = optimizer_m.state_dict()
-            with atomic_path(checkpoint_path) as tmp:
-                torch.save(state, tmp)
-            export_model(out_dir / "model", averaged, model_cfg, {"step": step, "stage": cfg.stage})
-        tick = time.perf_counter()
-    bar.close()
+def _set_learning_rates(run: _Run, cfg: TrainConfig) -> None:
+    """The learning rates of this step (official: MultiStepLR x lr_decay at each milestone)."""
+    decay = cfg.lr_decay ** sum(run.step >= m for m in cfg.lr_milestones)
+    for optimizer in (run.optimizer_g, run.optimizer_d, run.optimizer_m):
+        for group in optimizer.param_groups if optimizer is not None else ():
+            group["lr"] = group["base_lr"] * decay
+    if run.step < cfg.freeze_refine_steps:
+        run.optimizer_g.param_groups[0]["lr"] = 0.0  # R frozen (Adam with lr 0 leaves the weights exactly as they are)
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Done.
-    torch.set_num_threads(previous_threads)
+
+def _finite_on_every_rank(total: torch.Tensor, distributed: bool) -> bool:
+    """Whether the loss is finite on every rank (if not, every rank skips the step)."""
+    finite = torch.tensor(float(torch.isfinite(total.detach()).item()))
     if distributed:
-        dist.barrier()
-        if we_initialised_group:
-            dist.destroy_process_group()
-    return TrainResult(step, best_psnr if best_psnr > -math.inf else math.nan, last_logged, averaged)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return finite.item() >= 1
+
+
+def _skip_step(run: _Run, interval: _Interval) -> None:
+    """Count a step skipped for a non-finite loss; fail after `MAX_SKIPPED_STEPS` in a row."""
+    run.skipped_in_a_row += 1
+    interval.sums["skipped"] = interval.sums.get("skipped", 0.0) + 1.0
+    if run.skipped_in_a_row >= MAX_SKIPPED_STEPS:
+        raise FloatingPointError(f"step {run.step}: non-finite loss {MAX_SKIPPED_STEPS} steps in a row")
+    run.optimizer_g.zero_grad(set_to_none=True)
+
+
+def _generator_step(run: _Run, result: GeneratorTerms, cfg: TrainConfig, world_size: int) -> dict[str, torch.Tensor]:
+    """Update G on its total loss and the averaged generator; returns the loss terms, their total and G's gradient
+    norm."""
+    run.optimizer_g.zero_grad(set_to_none=True)
+    run.scaler.scale(result.total).backward()
+    run.scaler.unscale_(run.optimizer_g)
+    losses = dict(result.terms)
+    losses["grad_norm_g"] = _finish_gradients(run.generator.parameters(), cfg, world_size)
+    run.scaler.step(run.optimizer_g)
+    if run.averaged is not run.generator:
+        # Warm-up (as TensorFlow's ExponentialMovingAverage): early steps weigh more than ema_decay allows.
+        _update_average(run.averaged, run.generator, min(cfg.ema_decay, (1 + run.step) / (10 + run.step)))
+    losses["total_g"] = result.total
+    return losses
+
+
+def _critic_steps(
+    run: _Run, result: GeneratorTerms, driving: torch.Tensor, cfg: TrainConfig, procs: _Processes
+) -> dict[str, torch.Tensor]:
+    """Stage full: update D (LSGAN on the driving frame vs the detached output) and the mouth critic (the same on
+    mouth crops); returns their losses and gradient norms."""
+    losses = {}
+    if run.discriminator is not None and cfg.loss.gan > 0:
+        with _autocast(cfg, procs.device):
+            real_scales = run.discriminator(driving)
+            fake_scales = run.discriminator(result.prediction.detach())
+            total_d = cfg.loss.gan * critic_loss(real_scales, fake_scales)
+        norm = _critic_step(total_d, run.optimizer_d, run.discriminator, run.scaler, cfg, procs.world_size)
+        losses["grad_norm_d"], losses["gan_d"] = norm, total_d
+    if run.mouth_critic is not None:
+        mouth = result.mouth
+        with _autocast(cfg, procs.device):
+            real_scales = [run.mouth_critic(mouth.real, mouth.lines)]
+            fake_scales = [run.mouth_critic(mouth.fake.detach(), mouth.lines)]
+            total_m = cfg.loss.mouth_gan * critic_loss(real_scales, fake_scales, mouth.region)
+        norm = _critic_step(total_m, run.optimizer_m, run.mouth_critic, run.scaler, cfg, procs.world_size)
+        losses["grad_norm_mouth_d"], losses["mouth_gan_d"] = norm, total_m
+    return losses
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Helpers of the loop.
+# Log, samples, validation, checkpoint.
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return step % every == 0 or step == last
+
+
+def _log_interval(interval: _Interval, run: _Run, procs: _Processes, out_dir: Path, bar: tqdm) -> dict:
+    """The log record of the interval (losses: means over its steps and over the ranks; skipped steps: their
+    count); rank 0 appends it to log.jsonl. Returns the record."""
+    names = sorted(interval.sums)
+    totals = torch.tensor([interval.sums[n] for n in names] + [interval.seconds], dtype=torch.float64)
+    if procs.distributed:
+        dist.all_reduce(totals)
+        totals /= procs.world_size
+    means = {n: totals[i].item() / interval.steps for i, n in enumerate(names) if n != "skipped"}
+    if "skipped" in interval.sums:
+        means["skipped"] = totals[names.index("skipped")].item()
+    record = {
+        "step": run.step,
+        **{k: round(v, 6) for k, v in means.items()},
+        "lr": run.optimizer_g.param_groups[0]["lr"],
+        "lr_warp": run.optimizer_g.param_groups[1]["lr"],
+        "s_per_step": round(totals[-1].item() / interval.steps, 4),
+        "world_size": procs.world_size,
+    }
+    if procs.is_main:
+        append_jsonl(out_dir / "log.jsonl", record)
+        bar.set_postfix(loss=f"{means.get('total_g', float('nan')):.3f}", s_step=record["s_per_step"])
+    return record
+
+
+def _write_samples(folder: Path, step: int, batch: dict, out: dict, stage: str) -> None:
+    """One row per pair: source | driving landmarks | warped | output (stage full) | driving frame."""
+    columns = [batch["source"], batch["driving_lines"], out["warped"]]
+    columns += ([out["output"]] if stage == "full" else []) + [batch["driving"]]
+    grid = torch.cat([c[:SAMPLE_ROWS].detach().float().clamp(0, 1) for c in columns], dim=3)  # (n, 3, h, k*w)
+    grid = torch.cat(list(grid), dim=1)  # (3, n*h, k*w): one row per pair
+    write_image(folder / f"step_{step:07d}.png", to_uint8_frames(grid[None])[0])
+
+
+def _validate_and_keep_best(
+    run: _Run, pairs: FixedPairs, cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, out_dir: Path
+) -> None:
+    """Validate the averaged generator, append the numbers to val.jsonl, and export it to best/ if its PSNR is the
+    best so far. At step 0 (the untrained model, which is the best so far) also the training-free baselines."""
+    first = run.step == 0
+    metrics = _validate(run.averaged, pairs, run.identity_encoder, cfg, model_cfg, device, baselines=first)
+    improved = first or metrics["psnr"] > run.best_psnr
+    run.best_psnr = metrics["psnr"] if first else max(run.best_psnr, metrics["psnr"])
+    append_jsonl(out_dir / "val.jsonl", {"step": run.step, **metrics, "best": improved})
+    if improved:
+        export_model(out_dir / "best", run.averaged, model_cfg, {"step": run.step, "stage": cfg.stage, **metrics})
+
+
+def _save_checkpoint(run: _Run, cfg: TrainConfig, model_cfg: ModelConfig, out_dir: Path) -> None:
+    """Write checkpoint.pt (atomically) and the generator to model/."""
+    state = {
+        "version": CHECKPOINT_VERSION,
+        "step": run.step,
+        "best_psnr": run.best_psnr,
+        "train_config": cfg.to_dict(),
+        "model_config": model_cfg.to_dict(),
+        "generator": run.generator.state_dict(),
+        "optimizer_generator": run.optimizer_g.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "rng": _get_rng_state(),
+    }
+    if run.averaged is not run.generator:
+        state["averaged_generator"] = run.averaged.state_dict()
+    if run.discriminator is not None:
+        state["discriminator"] = run.discriminator.state_dict()
+        state["optimizer_discriminator"] = run.optimizer_d.state_dict()
+    if run.mouth_critic is not None:
+        state["mouth_discriminator"] = run.mouth_critic.state_dict()
+        state["optimizer_mouth_discriminator"] = run.optimizer_m.state_dict()
+    with atomic_path(out_dir / "checkpoint.pt") as tmp:
+        torch.save(state, tmp)
+    export_model(out_dir / "model", run.averaged, model_cfg, {"step": run.step, "stage": cfg.stage})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers.
 
 _WARP_MODULES = ("ladder_network", "dense_motion_network")
 
@@ -649,5 +833,15 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
         path.touch()
         return
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if lines and not _is_json(lines[-1]):  # the last line of a run killed while writing it
+        lines = lines[:-1]
     kept = [line for line in lines if json.loads(line)["step"] <= last_step]
     write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
