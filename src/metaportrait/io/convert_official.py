@@ -47,15 +47,7 @@ def load_official_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
 
     Accepts the training wrapper dict or a bare generator state dict. Uses ``weights_only=True``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "file not found")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt / pickled-object files
-        raise InputError(path, f"cannot read as a weights-only torch checkpoint: {e}") from e
-    if not isinstance(raw, dict):
-        raise InputError(path, f"expected a dict, got {type(raw).__name__}")
+    raw = _read_dict(path)
     if "generator" in raw:
         unknown = sorted(set(raw) - set(WRAPPER_KEYS))
         if unknown:
@@ -66,6 +58,20 @@ def load_official_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
     generator = strip_module_prefix(generator)
     discriminator = strip_module_prefix(discriminator) if discriminator is not None else None
     return generator, discriminator
+
+
+def _read_dict(path: str | Path) -> dict:
+    """``torch.load`` of a file that must hold a dict (weights only); any problem is an `InputError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt / pickled-object files
+        raise InputError(path, f"cannot read as a weights-only torch checkpoint: {e}") from e
+    if not isinstance(raw, dict):
+        raise InputError(path, f"expected a dict, got {type(raw).__name__}")
+    return raw
 
 
 def load_official_checkpoint(path: str | Path, cfg: ModelConfig | None = None):
@@ -122,15 +128,7 @@ BASICSR_KEYS = ("params_ema", "params")  # BasicSR saves {"params": ...} or {"pa
 def load_official_sr_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The SR state dict in a BasicSR-style file (``params_ema``, else ``params``) or a bare state dict, with
     ``module.`` prefixes stripped. Uses ``weights_only=True``."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "file not found")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt / pickled-object files
-        raise InputError(path, f"cannot read as a weights-only torch checkpoint: {e}") from e
-    if not isinstance(raw, dict):
-        raise InputError(path, f"expected a dict, got {type(raw).__name__}")
+    raw = _read_dict(path)
     state = next((raw[k] for k in BASICSR_KEYS if k in raw), raw)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(path, f"expected a state dict (or a BasicSR file with {' / '.join(BASICSR_KEYS)})")
