@@ -147,6 +147,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     capacity.add_argument("--warp-max-features", type=int, metavar="C",
                           help="cap on the warping hourglass's channels (default: the preset's; lite 128)")
     base.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    from metaportrait.cli import train_sr
+
+    train_sr.add_parser(sub)
 
 
 def _loss_weights(items: list[str], recipe_losses):
@@ -207,6 +210,10 @@ def _settings(args: argparse.Namespace, cfg, given: dict):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.train_command == "sr":
+        from metaportrait.cli import train_sr
+
+        return train_sr.run(args)
     if args.train_command != "base":
         raise ValueError(f"unknown training command {args.train_command!r}")
     from metaportrait.train.base import train_base
