@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train the base model (warp stage, then full)"),
     "animate": ("animate", "animate a portrait with a driving video"),
     "edit": ("edit", "change expression or head pose of a single portrait"),
+    "upscale": ("upscale", "super-resolve the face of a video to 512 (temporal SR), pasted back at full resolution"),
     "eval": ("evaluate", "evaluation protocols (self-reconstruction, cross-reenactment) and training curves"),
     "bench": ("bench", "speed benchmarks (landmarks, rendering, identity, model, end to end)"),
 }
