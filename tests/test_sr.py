@@ -70,13 +70,13 @@ def test_trained_temporal_layers_mix_neighbours_only():
     assert diff[1] > 0 and diff[reach + 1:].max() == 0
 
 
-def test_residual_preset_starts_as_bilinear_upsampling():
+def test_residual_preset_starts_as_plain_upsampling():
     model = _tiny()
     frames = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         out = model(frames)
-    bilinear = F.interpolate(frames, size=64, mode="bilinear", align_corners=False).clamp(0, 1)
-    torch.testing.assert_close(out, bilinear, atol=1e-5, rtol=0)
+    plain = F.interpolate(frames, size=64, mode=model.cfg.residual_mode, align_corners=False).clamp(0, 1)
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=0)
 
 
 def test_official_layout_matches_the_reference_listing():

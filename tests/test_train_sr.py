@@ -60,7 +60,7 @@ def test_run_folder_and_exact_resume(sr_dataset, tmp_path):
         assert (straight / name).is_file(), name
     assert [json.loads(line)["step"] for line in (straight / "log.jsonl").read_text().splitlines()] == [2, 4]
     val = json.loads((straight / "val.jsonl").read_text().splitlines()[-1])
-    assert {"psnr", "psnr_bilinear"} <= set(val)
+    assert {"psnr", "psnr_upsampled"} <= set(val)
 
     resumed = tmp_path / "resumed"
     train_sr(_cfg(steps=2), sr_dataset, resumed)

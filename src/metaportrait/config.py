@@ -373,7 +373,8 @@ class SRConfig:
     num_mlp: int = 8  # StyleGAN2 mapping MLP layers (kept for the official layout; bypassed, latents are given)
     temporal: bool = True  # temporal layers after every U-Net block (window of frames t-1, t, t+1)
     temporal_hidden: int = 3  # hidden width of a temporal conv pair in multiples of C (official: 3C -> 3C -> C)
-    residual: bool = False  # output = bilinear upsampling of the input + decoder image (decoder starts at zero)
+    residual: bool = False  # output = upsampling of the input + decoder image (decoder starts at zero)
+    residual_mode: Literal["bilinear", "bicubic"] = "bilinear"  # the upsampling the residual is added to
     noise_buffers: bool = True  # keep StyleGAN2's per-layer noise buffers (official layout; noise itself is zero)
 
     def __post_init__(self):
@@ -414,8 +415,8 @@ class SRConfig:
 # GFPGAN v1 clean + temporal window, exactly (sr_temporal_gfpgan.tsv): U-Net at 512 after a bilinear x2.
 _SR_OFFICIAL = SRConfig()
 
-# The CPU model: the U-Net runs on the 256 input itself, the decoder is narrow and adds a residual to the bilinear
-# upsampling (so it starts as bilinear); temporal conv pairs are 3C -> C -> C. Trained from scratch.
+# The CPU model: the U-Net runs on the 256 input itself, the decoder is narrow and adds a residual to the bicubic
+# upsampling (so it starts as bicubic); temporal conv pairs are 3C -> C -> C. Trained from scratch.
 _SR_LITE = SRConfig(
     unet_size=256,
     unet_channels=(8, 16, 32, 32, 32, 32, 32),
@@ -424,6 +425,7 @@ _SR_LITE = SRConfig(
     num_mlp=0,
     temporal_hidden=1,
     residual=True,
+    residual_mode="bicubic",
     noise_buffers=False,
 )
 

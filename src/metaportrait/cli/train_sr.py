@@ -21,7 +21,7 @@ from metaportrait.config import SR_PRESETS
 from metaportrait.errors import InputError
 
 _FLAGS = ("preset", "frames", "clips", "steps", "lr", "threads", "seed", "log_every", "checkpoint_every", "val_every",
-          "temporal")
+          "temporal", "ema_decay")
 
 
 def add_parser(sub) -> None:
@@ -34,6 +34,8 @@ def add_parser(sub) -> None:
     sr.add_argument("--clips", type=int, help="clips per step (default 1)")
     sr.add_argument("--steps", type=int, help="train up to this step (default 20000)")
     sr.add_argument("--lr", type=float, help="Adam learning rate (default 2e-4)")
+    sr.add_argument("--ema-decay", type=float, help="decay of the exported weight average (default 0.999; "
+                    "changing it on --resume restarts the average from the current weights)")
     sr.add_argument("--temporal", type=float, help="weight of the frame-difference loss (default 2; 0 = off)")
     sr.add_argument("--val-identities", help="held-out identities: a file (one per line) or a comma list")
     sr.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its checkpoint")

@@ -14,8 +14,8 @@ One code path for every `SRConfig` preset (``tiny``, ``lite``, ``official``):
 4. StyleGAN2 decoder (``stylegan_decoder``) with channel-split SFT: after the first modulated conv of each
    resolution that has a condition, half of the channels become ``F * scale + shift``; noise inputs are zero
    (official ``randomize_noise: zero``);
-5. ``residual`` presets add the decoder image to the bilinear upsampling of the input, and their ``toRGB``
-   weights start at zero, so the untrained network outputs the bilinear upsampling.
+5. ``residual`` presets add the decoder image to the bilinear or bicubic upsampling of the input, and their
+   ``toRGB`` weights start at zero, so the untrained network outputs that upsampling.
 
 Output ``(T, 3, output_size, output_size)`` in [0, 1]. Module names mirror the official
 ``vgfpgan_gfpganv1_clean_unetwindow_arch.py`` so its state dict loads with strict=True (tests compare our keys and
@@ -42,6 +42,11 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-1] == size:
         return x
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def upsample(frames: torch.Tensor, cfg: SRConfig) -> torch.Tensor:
+    """The plain upsampling to ``output_size`` that residual presets add their output to (not clamped)."""
+    return F.interpolate(frames, size=(cfg.output_size,) * 2, mode=cfg.residual_mode, align_corners=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,7 +239,7 @@ class TemporalSR(nn.Module):
         if cfg.temporal:
             self.window_down = nn.ModuleList(ConvReLUConv(c, cfg.temporal_hidden * c) for c in unet[1:])
             self.recurrent_forward = nn.ModuleList(ConvReLUConv(c, cfg.temporal_hidden * c) for c in up[1:])
-        if cfg.residual:  # the decoder image starts at zero: the untrained network is the bilinear upsampling
+        if cfg.residual:  # the decoder image starts at zero: the untrained network is the plain upsampling
             for to_rgb in [self.stylegan_decoder.to_rgb1, *self.stylegan_decoder.to_rgbs]:
                 nn.init.zeros_(to_rgb.modulated_conv.weight)
 
@@ -274,7 +279,7 @@ class TemporalSR(nn.Module):
                 rgbs.append(self.toRGB[i](feat))
         image = self.stylegan_decoder(latent, conditions)
         if cfg.residual:
-            image = image + _resize(frames * 2 - 1, cfg.output_size)
+            image = image + upsample(frames * 2 - 1, cfg)
         out = ((image + 1) / 2).clamp(0, 1)
         return (out, rgbs) if return_rgb else out
 

@@ -30,7 +30,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from metaportrait.config import SR_PRESETS, SRConfig, _from_dict
 from metaportrait.data.dataset import PreparedClip, PreparedDataset, parse_identities
@@ -38,11 +37,11 @@ from metaportrait.errors import InputError
 from metaportrait.io.atomic import atomic_path, write_text_atomic
 from metaportrait.io.checkpoint import save_sr_model
 from metaportrait.losses.perceptual import MobileNetV2Features, PerceptualPyramidLoss
-from metaportrait.models.sr import TemporalSR
+from metaportrait.models.sr import TemporalSR, upsample
 from metaportrait.train.base import _append_jsonl, _export_model, _truncate_jsonl, _update_average
 
 # Settings a resumed run may change (the rest must equal the run's train_config.json).
-RESUMABLE_CHANGES = ("steps", "threads", "log_every", "checkpoint_every", "val_every")
+RESUMABLE_CHANGES = ("steps", "threads", "log_every", "checkpoint_every", "val_every", "ema_decay")
 
 
 @dataclass(frozen=True)
@@ -189,6 +188,8 @@ def train_sr(cfg: SRTrainConfig, data_dir: str | Path, out_dir: str | Path, resu
         averaged.load_state_dict(state["averaged"])
         optimizer.load_state_dict(state["optimizer"])
         start_step = state["step"]
+        if saved.ema_decay != cfg.ema_decay:  # a new decay restarts the average from the current weights
+            averaged.load_state_dict(model.state_dict())
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     for name in ("log.jsonl", "val.jsonl"):
@@ -240,17 +241,17 @@ def train_sr(cfg: SRTrainConfig, data_dir: str | Path, out_dir: str | Path, resu
 
 @torch.no_grad()
 def _validate(model: TemporalSR, batches) -> dict[str, float]:
-    """Mean PSNR (dB) over the validation windows: the network and bilinear upsampling."""
+    """Mean PSNR (dB) over the validation windows: the network and the plain upsampling it starts from."""
     def psnr(a, b):
         return float(-10 * torch.log10(((a - b) ** 2).mean().clamp_min(1e-10)))
 
-    ours, bilinear = [], []
+    ours, plain = [], []
     for lq, gt in batches:
         out = model(lq[0])
-        up = F.interpolate(lq[0], size=gt.shape[-1], mode="bilinear", align_corners=False).clamp(0, 1)
+        up = upsample(lq[0], model.cfg).clamp(0, 1)
         ours.append(psnr(out, gt[0]))
-        bilinear.append(psnr(up, gt[0]))
-    return {"psnr": float(np.mean(ours)), "psnr_bilinear": float(np.mean(bilinear))}
+        plain.append(psnr(up, gt[0]))
+    return {"psnr": float(np.mean(ours)), "psnr_upsampled": float(np.mean(plain))}
 
 
 def read_val_identities(value: str | None) -> tuple[str, ...]:
