@@ -8,7 +8,7 @@ Examples::
     metaportrait train sr --data datasets/sr512 --out runs/sr --resume --steps 40000
 
 Inputs are made on the fly from the 512 frames (`metaportrait.train.sr.degrade`). With ``--resume`` the run's
-saved settings are used; only ``--steps`` and the runtime flags (threads, intervals) may change.
+saved settings are used; only ``--steps``, ``--lr``, ``--ema-decay`` and the runtime flags may change.
 """
 
 from __future__ import annotations

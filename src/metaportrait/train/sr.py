@@ -41,7 +41,7 @@ from metaportrait.models.sr import TemporalSR, upsample
 from metaportrait.train.base import _append_jsonl, _export_model, _truncate_jsonl, _update_average
 
 # Settings a resumed run may change (the rest must equal the run's train_config.json).
-RESUMABLE_CHANGES = ("steps", "threads", "log_every", "checkpoint_every", "val_every", "ema_decay")
+RESUMABLE_CHANGES = ("steps", "threads", "log_every", "checkpoint_every", "val_every", "ema_decay", "lr")
 
 
 @dataclass(frozen=True)
@@ -187,6 +187,8 @@ def train_sr(cfg: SRTrainConfig, data_dir: str | Path, out_dir: str | Path, resu
         model.load_state_dict(state["model"])
         averaged.load_state_dict(state["averaged"])
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # the saved state holds the lr it was run with; --lr may change it
+            group["lr"] = cfg.lr
         start_step = state["step"]
         if saved.ema_decay != cfg.ema_decay:  # a new decay restarts the average from the current weights
             averaged.load_state_dict(model.state_dict())
