@@ -349,3 +349,90 @@ _TINY = dataclasses.replace(
 )
 
 PRESETS: dict[str, ModelConfig] = {"tiny": _TINY, "lite": _LITE, "official": _OFFICIAL}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Temporal super-resolution (models/sr.py)
+
+
+@dataclass(frozen=True)
+class SRConfig:
+    """Temporal face super-resolution: a U-Net with temporal layers modulating a StyleGAN2-style decoder (CS-SFT).
+
+    Channel tuples are per resolution: ``unet_channels`` from ``unet_size`` down to 4, ``decoder_channels`` from 4
+    up to ``output_size``. At every decoder resolution the U-Net also has (8 to ``unet_size``), the U-Net's width
+    must be half the decoder's (channel-split SFT modulates one half of the decoder features).
+    """
+
+    input_size: int = 256  # side of the input frames
+    output_size: int = 512  # side of the output frames
+    unet_size: int = 512  # the input is resized (bilinear) to this before the U-Net (official: x2 to 512)
+    unet_channels: tuple[int, ...] = (32, 64, 128, 256, 256, 256, 256, 256)
+    decoder_channels: tuple[int, ...] = (512, 512, 512, 512, 512, 256, 128, 64)
+    style_dim: int = 512  # width of the W+ latents the U-Net bottleneck predicts (one per decoder layer)
+    num_mlp: int = 8  # StyleGAN2 mapping MLP layers (kept for the official layout; bypassed, latents are given)
+    temporal: bool = True  # temporal layers after every U-Net block (window of frames t-1, t, t+1)
+    temporal_hidden: int = 3  # hidden width of a temporal conv pair in multiples of C (official: 3C -> 3C -> C)
+    residual: bool = False  # output = upsampling of the input + decoder image (decoder starts at zero)
+    residual_mode: Literal["bilinear", "bicubic"] = "bilinear"  # the upsampling the residual is added to
+    noise_buffers: bool = True  # keep StyleGAN2's per-layer noise buffers (official layout; noise itself is zero)
+
+    def __post_init__(self):
+        for name in ("input_size", "output_size", "unet_size"):
+            value = getattr(self, name)
+            _check(value >= 8 and value & (value - 1) == 0, f"sr.{name} must be a power of two >= 8, got {value}")
+        _check(self.unet_size <= self.output_size, "sr.unet_size must be at most output_size")
+        levels_unet = self.unet_size.bit_length() - 2  # 4, 8, ..., unet_size
+        levels_decoder = self.output_size.bit_length() - 2
+        _check(len(self.unet_channels) == levels_unet,
+               f"sr.unet_channels needs {levels_unet} entries ({self.unet_size} down to 4), got {len(self.unet_channels)}")
+        _check(len(self.decoder_channels) == levels_decoder,
+               f"sr.decoder_channels needs {levels_decoder} entries (4 up to {self.output_size}), "
+               f"got {len(self.decoder_channels)}")
+        for level in range(1, levels_unet):  # resolutions 8 .. unet_size carry SFT conditions
+            unet = self.unet_channels[levels_unet - 1 - level]
+            decoder = self.decoder_channels[level]
+            _check(2 * unet == decoder,
+                   f"sr: at {4 << level} px the U-Net width ({unet}) must be half the decoder width ({decoder})")
+        _check(self.temporal_hidden >= 1, "sr.temporal_hidden must be >= 1")
+        _check(self.num_mlp >= 0 and self.style_dim >= 1, "sr.num_mlp must be >= 0 and style_dim >= 1")
+
+    @property
+    def scale(self) -> int:
+        return self.output_size // self.input_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SRConfig:
+        return _from_dict(cls, data, "sr")
+
+    def replace(self, **changes: Any) -> SRConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# GFPGAN v1 clean + temporal window, exactly (sr_temporal_gfpgan.tsv): U-Net at 512 after a bilinear x2.
+_SR_OFFICIAL = SRConfig()
+
+# The CPU model: the U-Net runs on the 256 input itself, the decoder is narrow and adds a residual to the bicubic
+# upsampling (so it starts as bicubic); temporal conv pairs are 3C -> C -> C. Trained from scratch.
+_SR_LITE = SRConfig(
+    unet_size=256,
+    unet_channels=(8, 16, 32, 32, 32, 32, 32),
+    decoder_channels=(64, 64, 64, 64, 64, 32, 16, 8),
+    style_dim=64,
+    num_mlp=0,
+    temporal_hidden=1,
+    residual=True,
+    residual_mode="bicubic",
+    noise_buffers=False,
+)
+
+# The lite structure at 32 -> 64 with a few channels, for tests.
+_SR_TINY = dataclasses.replace(
+    _SR_LITE, input_size=32, output_size=64, unet_size=32, unet_channels=(4, 4, 4, 4),
+    decoder_channels=(8, 8, 8, 8, 4), style_dim=8,
+)
+
+SR_PRESETS: dict[str, SRConfig] = {"tiny": _SR_TINY, "lite": _SR_LITE, "official": _SR_OFFICIAL}

@@ -43,6 +43,7 @@ from metaportrait.io.image import frames_to_tensor, to_tensor, to_uint8_frames
 from metaportrait.models.blocks import make_coordinate_grid, resize_map
 from metaportrait.motion import Controls, RunningReference, absolute_motion, resolve_reference, retarget_motion
 from metaportrait.prior import build_prior
+from metaportrait.upscale import StreamingSR, load_sr
 
 Motion = Literal["relative", "absolute"]
 Backend = Literal["torch", "onnx"]
@@ -133,7 +134,7 @@ class Animator:
     """
 
     def __init__(self, generator: torch.nn.Module, config: ModelConfig, identity_encoder: torch.nn.Module | None = None,
-                 batch_size: int = DEFAULT_BATCH_SIZE, keep_source_detail: bool = True):
+                 batch_size: int = DEFAULT_BATCH_SIZE, keep_source_detail: bool = True, sr: StreamingSR | None = None):
         if config.landmark_topology not in MEDIAPIPE_TOPOLOGIES:
             raise ValueError(
                 f"the animator measures MediaPipe landmarks; this model was built for {config.landmark_topology!r} "
@@ -149,12 +150,14 @@ class Animator:
         self.batch_size = batch_size
         self.keep_source_detail = keep_source_detail
         self.size = config.image_size
+        self.sr = sr  # face super-resolution of the generated crops (streamed), pasted back at its output size
         self.stats = AnimationStats()
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                         keep_source_detail: bool = True, eyelid_fill: bool | None = None,
-                        backend: Backend = "torch", onnx_folder: str | Path | None = None) -> Animator:
+                        backend: Backend = "torch", onnx_folder: str | Path | None = None,
+                        sr: bool | str | Path | None = None) -> Animator:
         """Load a checkpoint folder (``model.safetensors`` + ``config.json``).
 
         Args:
@@ -164,6 +167,8 @@ class Animator:
             backend: ``"torch"``, or ``"onnx"``: the per-frame generator step in ONNX Runtime
                 (`metaportrait.onnx_backend`), exported on first use into ``onnx_folder`` (default: a cache
                 folder per checkpoint).
+            sr: super-resolve the generated face crops (`metaportrait.upscale`): True for the bundled SR network,
+                or its folder / official file; None or False: no super-resolution.
 
         Raises:
             InputError: the folder (or the bundled checkpoint) is missing or not a valid checkpoint.
@@ -192,7 +197,11 @@ class Animator:
                 raise InputError(path, str(error)) from None
         elif backend != "torch":
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        return cls(generator, config, batch_size=batch_size, keep_source_detail=keep_source_detail)
+        upscaler = StreamingSR(load_sr(sr)) if sr else None
+        if upscaler is not None and upscaler.input_size != config.image_size:
+            raise InputError(sr if sr is not True else "--sr", f"the super-resolution network takes "
+                             f"{upscaler.input_size}² crops, but this model renders {config.image_size}²")
+        return cls(generator, config, batch_size=batch_size, keep_source_detail=keep_source_detail, sr=upscaler)
 
     # --- entry points -----------------------------------------------------------------------------------------
 
@@ -332,7 +341,8 @@ class Animator:
                                 levels=levels)
         if not (self.keep_source_detail and pasted):
             return source
-        round_trip = blend_crop(image, crop_image, box, feather=PASTE_FEATHER)
+        pasted_crop = crop(image, box, self.sr.output_size) if self.sr else crop_image  # the size that is pasted
+        round_trip = blend_crop(image, pasted_crop, box, feather=PASTE_FEATHER)
         detail = image.astype(np.int16) - round_trip.astype(np.int16)
         # What the model loses on the source itself (measured in docs/results.md, "Self-reconstruction").
         reconstruction = self._generator_result(source, [crop_landmarks])["output"]
@@ -407,7 +417,21 @@ class Animator:
     def _render(self, source: PreparedSource, targets: Iterable[tuple[np.ndarray, bool]], controls: Controls | None,
                 paste_back: bool, crop_output: bool, start: float) -> Iterator[np.ndarray]:
         """Steps 2b-4, shared by both entry points: controls, model inputs, generator, compositing."""
-        controls = controls or Controls()
+        faces = self._faces(source, targets, controls or Controls())
+        if self.sr is not None:  # 3b. Super-resolution over a sliding window of the generated crops.
+            faces = self.sr.stream(faces)
+        # 4. The face crop, or the full portrait with the crop pasted back.
+        for face, still in faces:
+            begin = time.perf_counter()
+            frame = compose_frame(source, face, paste_back, crop_output, still)
+            self.stats.add_time("compose", time.perf_counter() - begin)
+            self.stats.frames += 1
+            self.stats.seconds = time.perf_counter() - start
+            yield frame
+
+    def _faces(self, source: PreparedSource, targets: Iterable[tuple[np.ndarray, bool]],
+               controls: Controls) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """Steps 2b-3: ``(generated crop, stillness or None)`` per target, generated a batch at a time."""
         targets = iter(targets)
         while batch := list(itertools.islice(targets, self.batch_size)):
             # 2b. User controls on the target landmarks; count frames whose driver face was lost.
@@ -417,14 +441,7 @@ class Animator:
             begin = time.perf_counter()
             crops, stillness = self._generate_with_stillness(source, points)
             self.stats.add_time("model", time.perf_counter() - begin)
-            # 4. The face crop, or the full portrait with the crop pasted back.
-            for face, still in zip(crops, stillness if stillness is not None else [None] * len(crops)):
-                begin = time.perf_counter()
-                frame = compose_frame(source, face, paste_back, crop_output, still)
-                self.stats.add_time("compose", time.perf_counter() - begin)
-                self.stats.frames += 1
-                self.stats.seconds = time.perf_counter() - start
-                yield frame
+            yield from zip(crops, stillness if stillness is not None else [None] * len(crops))
 
     def _generate(self, source: PreparedSource, targets: list[np.ndarray]) -> np.ndarray:
         """Step 3: ``uint8`` ``(B, S, S, 3)`` generated crops for ``B`` target landmark sets (source-crop pixels)."""

@@ -136,6 +136,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=_bounded_float(1.0, 240.0), default=None,
                         help="output frame rate (default: the driving video's); frames are dropped or repeated")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="frames per generator call")
+    parser.add_argument("--sr", nargs="?", const=True, default=None, metavar="WEIGHTS",
+                        help="super-resolve the face to 512 (temporal SR over a sliding window) before pasting it "
+                             "back: the bundled SR network, or a folder / official .pth file given here")
     add_control_arguments(parser)
 
 
@@ -157,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         animator = Animator.from_pretrained(args.checkpoint, batch_size=args.batch_size,
                                             keep_source_detail=args.keep_source_detail,
                                             eyelid_fill=args.eyelid_fill, backend=args.backend,
-                                            onnx_folder=args.onnx_folder)  # fmt: skip
+                                            onnx_folder=args.onnx_folder, sr=args.sr)  # fmt: skip
 
         # 2. Driving frames, lazily: resampled to the output rate, cut to --max-frames.
         driving = iter(reader) if args.fps is None else resample_fps(reader, reader.fps, fps)

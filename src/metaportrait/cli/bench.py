@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, str] = {
     "identity": "bench_identity.py",
     "model": "bench_model.py",
     "animate": "bench_animate.py",
+    "sr": "bench_sr.py",
 }
 
 

@@ -148,6 +148,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     capacity.add_argument("--warp-max-features", type=int, metavar="C",
                           help="cap on the warping hourglass's channels (default: the preset's; lite 128)")
     base.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    from metaportrait.cli import train_sr
+
+    train_sr.add_parser(sub)
 
     meta = sub.add_parser("meta", help="Reptile meta-training over identity tasks (the start of `personalize`)",
                           description=_META_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -291,6 +294,10 @@ def run(args: argparse.Namespace) -> int:
         record = train_meta(cfg, args.data, args.out, resume=args.resume)
         print(f"done: step {record.get('step')}; model: {args.out / 'model'}")
         return 0
+    if args.train_command == "sr":
+        from metaportrait.cli import train_sr
+
+        return train_sr.run(args)
     if args.train_command != "base":
         raise ValueError(f"unknown training command {args.train_command!r}")
     from metaportrait.train.base import train_base

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from metaportrait.config import ModelConfig
+from metaportrait.config import ModelConfig, SRConfig
 from metaportrait.errors import InputError
 from metaportrait.io.atomic import atomic_path, write_text_atomic
 
@@ -41,39 +41,44 @@ def save_model(
     Returns:
         The folder path.
     """
+    return _save_folder(path_dir, generator, FORMAT_NAME, cfg.to_dict(), extra_meta)
+
+
+def _save_folder(path_dir: str | Path, module: torch.nn.Module, format_name: str, config: dict,
+                 extra_meta: dict[str, Any] | None) -> Path:
     path_dir = Path(path_dir)
     path_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in generator.state_dict().items()}
-    document = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "model": cfg.to_dict(),
-        "meta": extra_meta or {},
-    }
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    document = {"format": format_name, "format_version": FORMAT_VERSION, "model": config, "meta": extra_meta or {}}
     text = json.dumps(document, indent=2, sort_keys=True)  # fails here, before writing, if extra_meta is not JSON-safe
     with atomic_path(path_dir / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT_NAME})
+        save_file(state, str(tmp), metadata={"format": format_name})
     write_text_atomic(path_dir / CONFIG_FILE, text + "\n")
     return path_dir
 
 
 def load_config(path_dir: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     """Read ``config.json`` of a checkpoint folder: ``(ModelConfig, extra_meta)``."""
+    return _load_document(path_dir, FORMAT_NAME, ModelConfig, "save_model")
+
+
+def _load_document(path_dir: str | Path, format_name: str, config_class, writer: str):
     path = Path(path_dir) / CONFIG_FILE
     if not path.is_file():
-        raise InputError(path, "checkpoint config not found (expected a folder written by save_model)")
+        raise InputError(path, f"checkpoint config not found (expected a folder written by {writer})")
     try:
         document = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(path, f"not valid JSON: {e}") from e
-    if document.get("format") != FORMAT_NAME:
-        raise InputError(path, f"not a {FORMAT_NAME} checkpoint (format={document.get('format')!r})")
+    if not isinstance(document, dict) or document.get("format") != format_name:
+        found = document.get("format") if isinstance(document, dict) else None
+        raise InputError(path, f"not a {format_name} checkpoint (format={found!r})")
     if document.get("format_version") != FORMAT_VERSION:
         raise InputError(
             path, f"checkpoint format version {document.get('format_version')} is not supported (need {FORMAT_VERSION})"
         )
     try:
-        cfg = ModelConfig.from_dict(document["model"])
+        cfg = config_class.from_dict(document["model"])
     except (ValueError, TypeError, KeyError) as e:
         raise InputError(path, f"invalid model config: {e}") from e
     return cfg, document.get("meta", {})
@@ -148,3 +153,40 @@ def load_weight_file(path: str | Path, expected: str) -> dict[str, torch.Tensor]
     ):
         raise InputError(path, f"not a state dict (a dict of name -> tensor); expected {expected}")
     return state
+
+# --- super-resolution networks (models/sr.py): same folder layout, their own format name and config ------------
+
+SR_FORMAT_NAME = "metaportrait-sr"
+
+
+def save_sr_model(path_dir: str | Path, model: torch.nn.Module, cfg: SRConfig,
+                  extra_meta: dict[str, Any] | None = None) -> Path:
+    """Write a `metaportrait.models.sr.TemporalSR` and its `SRConfig` into the folder ``path_dir``."""
+    return _save_folder(path_dir, model, SR_FORMAT_NAME, cfg.to_dict(), extra_meta)
+
+
+def load_sr_model(path_dir: str | Path):
+    """Rebuild the SR network saved by `save_sr_model`: ``(TemporalSR, SRConfig, extra_meta)``, in eval mode.
+
+    Raises:
+        InputError: the folder, its config or its weights are missing, unreadable or do not match.
+    """
+    from metaportrait.models.sr import TemporalSR  # io may not import models at module level (layering)
+
+    path_dir = Path(path_dir)
+    if not path_dir.is_dir():
+        raise InputError(path_dir, "super-resolution checkpoint folder not found")
+    cfg, meta = _load_document(path_dir, SR_FORMAT_NAME, SRConfig, "save_sr_model")
+    weights = path_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise InputError(weights, "checkpoint weights not found")
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
+        raise InputError(weights, f"cannot read the weights: {e}") from e
+    model = TemporalSR(cfg)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise InputError(weights, f"weights do not match the config: {str(e).splitlines()[0]}") from e
+    return model.eval(), cfg, meta

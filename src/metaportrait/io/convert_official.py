@@ -47,15 +47,7 @@ def load_official_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
 
     Accepts the training wrapper dict or a bare generator state dict. Uses ``weights_only=True``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "file not found")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt / pickled-object files
-        raise InputError(path, f"cannot read as a weights-only torch checkpoint: {e}") from e
-    if not isinstance(raw, dict):
-        raise InputError(path, f"expected a dict, got {type(raw).__name__}")
+    raw = _read_dict(path)
     if "generator" in raw:
         unknown = sorted(set(raw) - set(WRAPPER_KEYS))
         if unknown:
@@ -66,6 +58,20 @@ def load_official_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
     generator = strip_module_prefix(generator)
     discriminator = strip_module_prefix(discriminator) if discriminator is not None else None
     return generator, discriminator
+
+
+def _read_dict(path: str | Path) -> dict:
+    """``torch.load`` of a file that must hold a dict (weights only); any problem is an `InputError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt / pickled-object files
+        raise InputError(path, f"cannot read as a weights-only torch checkpoint: {e}") from e
+    if not isinstance(raw, dict):
+        raise InputError(path, f"expected a dict, got {type(raw).__name__}")
+    return raw
 
 
 def load_official_checkpoint(path: str | Path, cfg: ModelConfig | None = None):
@@ -112,3 +118,36 @@ def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path, 
     left_on_meta = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left_on_meta:
         raise RuntimeError(f"{what}: tensors not filled from the checkpoint: {left_on_meta[:5]}")
+
+
+# --- temporal super-resolution (GFPGAN v1 clean + temporal window) -------------------------------------------
+
+BASICSR_KEYS = ("params_ema", "params")  # BasicSR saves {"params": ...} or {"params", "params_ema"}; EMA preferred
+
+
+def load_official_sr_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The SR state dict in a BasicSR-style file (``params_ema``, else ``params``) or a bare state dict, with
+    ``module.`` prefixes stripped. Uses ``weights_only=True``."""
+    raw = _read_dict(path)
+    state = next((raw[k] for k in BASICSR_KEYS if k in raw), raw)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(path, f"expected a state dict (or a BasicSR file with {' / '.join(BASICSR_KEYS)})")
+    return strip_module_prefix(state)
+
+
+def load_official_sr(path: str | Path, cfg=None):
+    """Build the official `TemporalSR` (``SR_PRESETS["official"]`` unless ``cfg``) from an official file, strict.
+
+    GFPGAN v1.3 / v1.4 files (no temporal layers) load into ``cfg.replace(temporal=False)``, the per-frame network.
+    """
+    from metaportrait.config import SR_PRESETS
+    from metaportrait.models.sr import TemporalSR  # io may not import models at module level
+
+    state = load_official_sr_state(path)
+    cfg = cfg or SR_PRESETS["official"]
+    if not any(k.startswith("window_down.") for k in state):
+        cfg = cfg.replace(temporal=False)
+    with torch.device("meta"):
+        model = TemporalSR(cfg)
+    _load_strict(model, state, path, "super-resolution network", assign=True)
+    return model.eval()

@@ -768,14 +768,14 @@ def _validate(
     return {**metrics, "pairs": len(target)}
 
 
-def export_model(folder: Path, generator: Generator, model_cfg: ModelConfig, meta: dict) -> None:
+def export_model(folder: Path, generator: Generator, model_cfg: ModelConfig, meta: dict, save=save_model) -> None:
     """`save_model` into a temporary folder, then swap it in, so ``folder`` never mixes two versions."""
     tmp = folder.with_name(folder.name + ".tmp")
     old = folder.with_name(folder.name + ".old")
     for leftover in (tmp, old):
         if leftover.exists():
             shutil.rmtree(leftover)
-    save_model(tmp, generator, model_cfg, extra_meta=meta)
+    save(tmp, generator, model_cfg, extra_meta=meta)
     if folder.exists():
         os.replace(folder, old)
     os.replace(tmp, folder)

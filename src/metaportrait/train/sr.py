@@ -1,0 +1,260 @@
+"""Training of the temporal super-resolution network (`metaportrait train sr`).
+
+Data: a `metaportrait prepare --size 512` dataset. Each step takes ``clips`` random windows of ``frames``
+consecutive 512 frames (horizontally flipped at random) as ground truth and makes the 256 input on the fly
+(`degrade`): blur, sub-pixel shifts (misalignment), downscale to 256 with a random kernel, noise and JPEG, with
+clip-level strengths and per-frame noise and shifts, so the inputs look like the base model's output. Every
+random choice is drawn from a generator seeded by ``(seed, step)``, so a resumed run sees the same batches.
+
+Losses: L1 + the project's perceptual pyramid (`metaportrait.losses.perceptual`, MobileNetV2) + a temporal term
+``|(O_t - O_t-1) - (G_t - G_t-1)|`` that penalises flicker the ground truth does not have. Adam, constant lr,
+an exponential moving average of the weights is what gets exported.
+
+Run folder (the same conventions as `metaportrait.train.base`):
+
+``train_config.json``  the `SRTrainConfig` (``--resume`` rebuilds the run from it)
+``log.jsonl``          one line per ``log_every`` steps: step, losses, seconds per step
+``val.jsonl``          one line per validation: PSNR of the network and of bilinear upsampling on held-out clips
+``checkpoint.pt``      network, average, optimiser, step (weights-only loadable; written atomically)
+``model/``             the averaged network (`metaportrait.io.checkpoint.save_sr_model`), what `animate --sr` loads
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from metaportrait.config import SR_PRESETS, SRConfig, _from_dict
+from metaportrait.data.dataset import PreparedClip, PreparedDataset, parse_identities
+from metaportrait.errors import InputError
+from metaportrait.io.atomic import atomic_path, write_text_atomic
+from metaportrait.io.checkpoint import save_sr_model
+from metaportrait.losses.perceptual import MobileNetV2Features, PerceptualPyramidLoss
+from metaportrait.models.sr import TemporalSR, upsample
+from metaportrait.train.base import _update_average, append_jsonl, export_model, truncate_jsonl
+
+# Settings a resumed run may change (the rest must equal the run's train_config.json).
+RESUMABLE_CHANGES = ("steps", "threads", "log_every", "checkpoint_every", "val_every", "ema_decay", "lr")
+
+
+@dataclass(frozen=True)
+class SRTrainConfig:
+    preset: str = "lite"
+    frames: int = 3  # consecutive frames per training clip
+    clips: int = 1  # clips per step
+    steps: int = 20000
+    lr: float = 2e-4
+    ema_decay: float = 0.999
+    l1: float = 1.0
+    # Perceptual pyramid (MobileNetV2, layer weights 1, scales 1 and 1/2): its value is ~140x the L1's at the start.
+    perceptual: float = 0.1
+    temporal: float = 2.0  # weight of the frame-difference term (0: off)
+    val_identities: tuple[str, ...] = ()  # held out: never trained on; validation windows come from them
+    seed: int = 0
+    threads: int = 1
+    log_every: int = 10
+    checkpoint_every: int = 50
+    val_every: int = 200
+
+    def __post_init__(self):
+        if self.preset not in SR_PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r} (choose from {sorted(SR_PRESETS)})")
+        if self.frames < 1 or self.clips < 1 or self.steps < 0:
+            raise ValueError("frames and clips must be >= 1 and steps >= 0")
+
+    def model_config(self) -> SRConfig:
+        return SR_PRESETS[self.preset]
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SRTrainConfig:
+        return _from_dict(cls, data, "train")
+
+    def replace(self, **changes) -> SRTrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def degrade(frames: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``uint8 (T, S, S, 3)`` ground-truth frames -> ``uint8 (T, size, size, 3)`` inputs that look like a blurry,
+    slightly misaligned, noisy, compressed render. Strengths are per clip; shifts, noise and JPEG per frame."""
+    scale = frames.shape[1] / size
+    sigma = rng.uniform(0.1, 1.2) * scale  # Gaussian blur at the ground-truth resolution
+    kernel = rng.choice([cv2.INTER_AREA, cv2.INTER_LINEAR, cv2.INTER_CUBIC])
+    noise = rng.uniform(0, 6) if rng.random() < 0.7 else 0.0  # grey levels
+    quality = int(rng.integers(55, 96)) if rng.random() < 0.8 else None
+    max_shift = rng.uniform(0, 0.6) * scale  # per-frame misalignment, in ground-truth pixels
+    out = []
+    for frame in frames:
+        image = cv2.GaussianBlur(frame, (0, 0), sigma) if sigma > 0.3 else frame
+        dx, dy = rng.uniform(-max_shift, max_shift, size=2)
+        if max_shift > 0:
+            matrix = np.float32([[1, 0, dx], [0, 1, dy]])
+            image = cv2.warpAffine(image, matrix, image.shape[1::-1], flags=cv2.INTER_LINEAR,
+                                   borderMode=cv2.BORDER_REFLECT)
+        image = cv2.resize(image, (size, size), interpolation=int(kernel)).astype(np.float32)
+        if noise > 0:
+            image = image + rng.normal(0, noise, image.shape).astype(np.float32)
+        image = np.clip(image, 0, 255).round().astype(np.uint8)
+        if quality is not None:
+            ok, encoded = cv2.imencode(".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+            image = cv2.imdecode(encoded, cv2.IMREAD_COLOR)[..., ::-1]
+        out.append(image)
+    return np.stack(out)
+
+
+def sample_window(clip: PreparedClip, frames: int, rng: np.random.Generator) -> np.ndarray:
+    """``frames`` consecutive frames of ``clip`` starting at a random frame with a face (``uint8 (T, S, S, 3)``)."""
+    usable = clip.usable_frames
+    starts = usable[usable <= clip.frame_count - frames]
+    start = int(rng.choice(starts)) if len(starts) else 0
+    return np.ascontiguousarray(clip.frames[start:start + frames])
+
+
+def make_batch(clips: list[PreparedClip], cfg: SRTrainConfig, model_cfg: SRConfig, step: int):
+    """The step's ``(lq, gt)``: ``(clips, T, 3, in, in)`` and ``(clips, T, 3, out, out)`` float in [0, 1]."""
+    rng = np.random.default_rng([cfg.seed, step])
+    lq, gt = [], []
+    for _ in range(cfg.clips):
+        clip = clips[int(rng.integers(len(clips)))]
+        window = sample_window(clip, cfg.frames, rng)
+        if window.shape[1] != model_cfg.output_size:
+            window = np.stack([cv2.resize(f, (model_cfg.output_size,) * 2, interpolation=cv2.INTER_AREA)
+                               for f in window])
+        if rng.random() < 0.5:
+            window = window[:, :, ::-1]
+        lq.append(degrade(window, model_cfg.input_size, rng))
+        gt.append(window)
+    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(np.stack(a))).permute(0, 1, 4, 2, 3).float() / 255  # noqa: E731
+    return as_tensor(lq), as_tensor(gt)
+
+
+def split_clips(data_dir: Path, val_identities: tuple[str, ...]) -> tuple[list[PreparedClip], list[PreparedClip]]:
+    dataset = PreparedDataset(data_dir)
+    held_out = set(val_identities)
+    train = [c for c in dataset if c.identity not in held_out and len(c.usable_frames)]
+    val = [c for c in dataset if c.identity in held_out and len(c.usable_frames)]
+    if not train:
+        raise InputError(data_dir, "no training clip left after holding out the validation identities")
+    return train, val
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_sr(cfg: SRTrainConfig, data_dir: str | Path, out_dir: str | Path, resume: bool = False) -> dict:
+    """Train (or, with ``resume``, continue) a run in ``out_dir``; returns the last log record."""
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    checkpoint_path = out_dir / "checkpoint.pt"
+    if resume:
+        if not checkpoint_path.is_file():
+            raise InputError(checkpoint_path, "not found: there is no run to resume here")
+        saved = SRTrainConfig.from_dict(json.loads((out_dir / "train_config.json").read_text()))
+        changed = {k for k in cfg.to_dict() if getattr(cfg, k) != getattr(saved, k)} - set(RESUMABLE_CHANGES)
+        if changed:
+            raise InputError(out_dir, f"--resume cannot change {sorted(changed)} of the saved run")
+    elif (out_dir / "train_config.json").exists():
+        raise InputError(out_dir, "already holds a training run; pass --resume to continue it or choose a new folder")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    cv2.setNumThreads(1)
+    model_cfg = cfg.model_config()
+    train_clips, val_clips = split_clips(data_dir, cfg.val_identities)
+
+    torch.manual_seed(cfg.seed)
+    model = TemporalSR(model_cfg)
+    averaged = TemporalSR(model_cfg)
+    averaged.load_state_dict(model.state_dict())
+    averaged.requires_grad_(False).eval()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    perceptual = PerceptualPyramidLoss(MobileNetV2Features(), scales=(1.0, 0.5), layer_weights=(1.0,) * 5)
+    start_step = 0
+    if resume:
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        averaged.load_state_dict(state["averaged"])
+        optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # the saved state holds the lr it was run with; --lr may change it
+            group["lr"] = cfg.lr
+        start_step = state["step"]
+        if saved.ema_decay != cfg.ema_decay:  # a new decay restarts the average from the current weights
+            averaged.load_state_dict(model.state_dict())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    for name in ("log.jsonl", "val.jsonl"):
+        truncate_jsonl(out_dir / name, start_step)
+    val_batches = [make_batch(val_clips, cfg.replace(clips=1, seed=10_000 + i), model_cfg, 0)
+                   for i in range(4)] if val_clips else []
+
+    sums: dict[str, float] = {}
+    count, last_time, record = 0, time.time(), {}
+    try:
+        for step in range(start_step + 1, cfg.steps + 1):
+            lq, gt = make_batch(train_clips, cfg, model_cfg, step)
+            model.train()
+            out = torch.stack([model(clip) for clip in lq])  # each clip is one temporal window
+            losses = {"l1": (out - gt).abs().mean()}
+            losses["perceptual"] = perceptual(out.flatten(0, 1), gt.flatten(0, 1))
+            if cfg.temporal > 0 and cfg.frames > 1:
+                losses["temporal"] = ((out[:, 1:] - out[:, :-1]) - (gt[:, 1:] - gt[:, :-1])).abs().mean()
+            total = cfg.l1 * losses["l1"] + cfg.perceptual * losses["perceptual"] + cfg.temporal * losses.get(
+                "temporal", 0.0)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            _update_average(averaged, model, cfg.ema_decay)
+            for k, v in {**losses, "total": total}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            count += 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.time()
+                record = {"step": step, **{k: v / count for k, v in sums.items()},
+                          "seconds_per_step": (now - last_time) / count}
+                append_jsonl(out_dir / "log.jsonl", record)
+                print(json.dumps(record), flush=True)
+                sums, count, last_time = {}, 0, now
+            if val_batches and (step % cfg.val_every == 0 or step == cfg.steps):
+                append_jsonl(out_dir / "val.jsonl", {"step": step, **_validate(averaged, val_batches)})
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                state = {"model": model.state_dict(), "averaged": averaged.state_dict(),
+                         "optimizer": optimizer.state_dict(), "step": step}
+                with atomic_path(checkpoint_path) as tmp:
+                    torch.save(state, tmp)
+                export_model(out_dir / "model", averaged, model_cfg,
+                              {"step": step, "data": str(data_dir), "val_identities": list(cfg.val_identities)},
+                              save=save_sr_model)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return record
+
+
+@torch.no_grad()
+def _validate(model: TemporalSR, batches) -> dict[str, float]:
+    """Mean PSNR (dB) over the validation windows: the network and the plain upsampling it starts from."""
+    def psnr(a, b):
+        return float(-10 * torch.log10(((a - b) ** 2).mean().clamp_min(1e-10)))
+
+    ours, plain = [], []
+    for lq, gt in batches:
+        out = model(lq[0])
+        up = upsample(lq[0], model.cfg).clamp(0, 1)
+        ours.append(psnr(out, gt[0]))
+        plain.append(psnr(up, gt[0]))
+    return {"psnr": float(np.mean(ours)), "psnr_upsampled": float(np.mean(plain))}
+
+
+def read_val_identities(value: str | None) -> tuple[str, ...]:
+    return parse_identities(value) if value else ()

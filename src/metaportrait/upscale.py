@@ -1,0 +1,147 @@
+"""Face super-resolution at inference: a streamed sliding window over a video's 256 face crops.
+
+::
+
+    from metaportrait.upscale import StreamingSR, load_sr
+
+    sr = StreamingSR(load_sr(True))  # the bundled lite network (or a folder / official .pth file)
+    for face512, payload in sr.stream((face256, payload) for ...):
+        ...
+
+`StreamingSR.stream` runs the network on chunks of ``chunk`` frames with ``context`` extra frames on each side
+(edge frames replicated only at the true ends of the video, as the network does inside a clip), keeps the middle
+outputs, and holds at most ``chunk + 2 * context`` frames: memory is flat in video length. With ``context`` at
+least the network's number of temporal layers the result equals running the whole video in one clip; smaller
+contexts trade that exactness for speed (docs/results.md, "Super-resolution", measures the difference).
+
+`upscale_video` is `metaportrait upscale`: any face video, the face tracked and cropped as `metaportrait animate`
+does, each crop super-resolved and pasted back at the frame's resolution.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections import deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from metaportrait.errors import InputError
+
+BUNDLED_SR = "assets/models/sr_lite"  # inside the metaportrait package
+DEFAULT_CHUNK = 16
+DEFAULT_CONTEXT = 4
+
+
+def bundled_sr() -> Path:
+    return Path(str(importlib.resources.files("metaportrait") / BUNDLED_SR))
+
+
+def load_sr(path: str | Path | bool):
+    """The SR network: ``True`` / ``"default"`` the bundled lite one, a `save_sr_model` folder, or an official
+    BasicSR-style ``.pth`` file (`metaportrait.io.convert_official.load_official_sr`).
+
+    Raises:
+        InputError: no weights there (or none bundled), or a file that is not a valid SR checkpoint.
+    """
+    from metaportrait.io.checkpoint import load_sr_model
+
+    if path is True or str(path) == "default":
+        path = bundled_sr()
+        if not (path / "model.safetensors").is_file():
+            raise InputError(path, "no super-resolution weights are bundled with this install; pass --sr FOLDER")
+    path = Path(path)
+    if path.is_file():
+        from metaportrait.io.convert_official import load_official_sr
+
+        return load_official_sr(path)
+    if not path.exists():
+        raise InputError(path, "super-resolution checkpoint not found")
+    return load_sr_model(path)[0]
+
+
+class StreamingSR:
+    """Sliding-window super-resolution of a stream of ``uint8 (S, S, 3)`` crops (``S`` = the network's input)."""
+
+    def __init__(self, model: torch.nn.Module, chunk: int = DEFAULT_CHUNK, context: int | None = DEFAULT_CONTEXT):
+        """Args:
+            model: a `metaportrait.models.sr.TemporalSR`.
+            chunk: output frames per network call.
+            context: frames of context on each side of a chunk; ``None``: the network's full temporal reach
+                (exactly the result of one clip, at a higher cost).
+        """
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.model = model.eval()
+        self.chunk = chunk
+        self.context = model.num_temporal_layers() if context is None else context
+        if self.context < 0:
+            raise ValueError(f"context must be >= 0, got {context}")
+        self.input_size = model.cfg.input_size
+        self.output_size = model.cfg.output_size
+
+    def stream(self, items: Iterable[tuple[np.ndarray, Any]]) -> Iterator[tuple[np.ndarray, Any]]:
+        """``(crop, payload)`` pairs in video order -> ``(upscaled crop, payload)`` pairs in the same order."""
+        buffer: deque[tuple[np.ndarray, Any]] = deque()  # frames first - context .. first + chunk + context
+        first = 0  # video index of the next frame to output
+        offset = 0  # video index of buffer[0]
+        for item in items:
+            frame = item[0]
+            if frame.shape != (self.input_size, self.input_size, 3) or frame.dtype != np.uint8:
+                raise ValueError(f"expected uint8 ({self.input_size}, {self.input_size}, 3) crops, got "
+                                 f"{frame.dtype} {frame.shape}")
+            buffer.append(item)
+            if offset + len(buffer) >= first + self.chunk + self.context:
+                yield from self._emit(buffer, offset, first, first + self.chunk)
+                first += self.chunk
+                while offset < first - self.context:
+                    buffer.popleft()
+                    offset += 1
+        end = offset + len(buffer)
+        while first < end:
+            yield from self._emit(buffer, offset, first, min(end, first + self.chunk))
+            first += self.chunk
+
+    def upscale(self, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """Just the upscaled crops of a stream of crops."""
+        for out, _ in self.stream((f, None) for f in frames):
+            yield out
+
+    def _emit(self, buffer, offset: int, first: int, stop: int):
+        """Run the network on buffer frames ``first - context .. stop + context`` (video indices, clipped to what
+        is buffered) and yield the outputs of ``first .. stop``."""
+        start = max(offset, first - self.context)
+        end = min(offset + len(buffer), stop + self.context)
+        window = [buffer[i - offset] for i in range(start, end)]
+        clip = torch.from_numpy(np.stack([f for f, _ in window])).permute(0, 3, 1, 2).float() / 255
+        with torch.no_grad():
+            out = self.model(clip)
+        out = (out.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+        for index in range(first, stop):
+            yield out[index - start], window[index - start][1]
+
+
+def upscale_video(frames: Iterable[np.ndarray], sr: StreamingSR, fps: float, crop_output: bool = False,
+                  name: str | Path = "<video>", feather: float = 0.1) -> Iterator[np.ndarray]:
+    """Super-resolve the face of every frame: ``uint8 (H, W, 3)`` frames -> the same frames with the face region
+    replaced from the 512 crop (or, with ``crop_output``, the 512 crops). The crop box is tracked and smoothed as
+    in `metaportrait.pipeline.Animator`.
+
+    Raises:
+        NoFaceError: no face in any frame (before any output).
+    """
+    from metaportrait.data.face import BoxSmoother, CropBox, crop, paste_back
+    from metaportrait.data.landmarks import iter_tracked
+
+    boxes = BoxSmoother(fps)
+
+    def crops():
+        for frame, points, _ in iter_tracked(frames, smooth=True, fps=fps, name=name):
+            box = boxes(CropBox.from_landmarks(points))
+            yield crop(frame, box, sr.input_size), (frame, box)
+
+    for face, (frame, box) in sr.stream(crops()):
+        yield face if crop_output else paste_back(frame, face, box, feather=feather)
