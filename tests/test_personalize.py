@@ -69,7 +69,7 @@ def test_personalize_writes_a_checkpoint_that_animate_loads(videos, tiny_checkpo
 
     out, cache = tmp_path / "me", tmp_path / "cache"
     argv = [str(videos["astronaut"]), "--output", str(out), "--checkpoint", str(tiny_checkpoint), "--steps", "3",
-            "--holdout-seconds", "1", "--threads", "1", "--cache", str(cache), "--batch-size", "1"]
+            "--holdout-seconds", "1", "--threads", "1", "--cache", str(cache), "--batch-size", "1", "--part", "refine"]
     assert _run(["personalize", *argv]) == 0
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "report.json", "report.png"}
     report = json.loads((out / "report.json").read_text())

@@ -228,8 +228,8 @@ def _run_personalize(args: argparse.Namespace) -> int:
     results = {
         "protocol": "personalize", "command": command,
         "settings": {"video": str(args.video), "holdout_first_frame": tail.first_frame,
-                     "heldout_frames": len(tail.usable_frames), "training_frames": sum(len(c.usable_frames) for c in train),
-                     "design": cfg.to_dict()},
+                     "heldout_frames": len(tail.usable_frames),
+                     "training_frames": sum(len(c.usable_frames) for c in train), "design": cfg.to_dict()},
         "methods": {name: {metric: {"mean": curve[-1][metric], "per_clip": {}} for metric, _, _ in metrics_shown}
                     for name, curve in points.items()},
         "points": points,
