@@ -144,7 +144,7 @@ def test_eval_personalize_writes_curves_per_init(videos, tiny_checkpoint, tmp_pa
     output = tmp_path / "curves.json"
     argv = ["eval", "personalize", "--video", str(videos["astronaut"]), "--inits", f"a={tiny_checkpoint}",
             f"b={tiny_checkpoint}", "--at", "0.3", "0.6", "--holdout-seconds", "1", "--threads", "1",
-            "--output", str(output)]
+            "--output", str(output), "--cache", str(tmp_path / "cache")]
     assert _run(argv) == 0
     results = json.loads(output.read_text())
     assert results["protocol"] == "personalize" and set(results["points"]) == {"a", "b"}
