@@ -72,7 +72,7 @@ class PersonalizeConfig:
     # `Generator.part_parameters`: "all", "warp", "refine" or "decoder". "all" measured best: the warping network is
     # where a person's own motion (hair, background, head outline) is learned (docs/experiments.md).
     part: str = "all"
-    lr: float = 1e-3  # Adam; larger than base training's 2e-4 (a short run on one person)
+    lr: float = 3e-4  # Adam (1e-3 drifts past the best point within 60 s on an expressive speaker: experiments.md)
     betas: tuple[float, float] = (0.5, 0.999)
     grad_clip: float = 1.0
     batch_size: int = 2  # pairs per step
