@@ -151,7 +151,7 @@ def test_generator_parts_split_the_parameters():
 def _meta_config(init, **changes):
     from metaportrait.train.meta import MetaConfig
 
-    settings = dict(init=str(init), size=64, steps=3, inner_steps=2, tasks_per_step=2, batch_size=1,
+    settings = dict(init=str(init), part="refine", size=64, steps=3, inner_steps=2, tasks_per_step=2, batch_size=1,
                     val_identities=("blue",), val_every=2, checkpoint_every=1, val_query_pairs=2, threads=1)
     return MetaConfig(**{**settings, **changes})
 

@@ -69,7 +69,7 @@ def test_personalize_writes_a_checkpoint_that_animate_loads(videos, tiny_checkpo
 
     out, cache = tmp_path / "me", tmp_path / "cache"
     argv = [str(videos["astronaut"]), "--output", str(out), "--checkpoint", str(tiny_checkpoint), "--steps", "3",
-            "--holdout-seconds", "1", "--threads", "1", "--cache", str(cache), "--batch-size", "1"]
+            "--holdout-seconds", "1", "--threads", "1", "--cache", str(cache), "--batch-size", "1", "--part", "refine"]
     assert _run(["personalize", *argv]) == 0
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "report.json", "report.png"}
     report = json.loads((out / "report.json").read_text())
@@ -144,7 +144,7 @@ def test_eval_personalize_writes_curves_per_init(videos, tiny_checkpoint, tmp_pa
     output = tmp_path / "curves.json"
     argv = ["eval", "personalize", "--video", str(videos["astronaut"]), "--inits", f"a={tiny_checkpoint}",
             f"b={tiny_checkpoint}", "--at", "0.3", "0.6", "--holdout-seconds", "1", "--threads", "1",
-            "--output", str(output)]
+            "--output", str(output), "--cache", str(tmp_path / "cache")]
     assert _run(argv) == 0
     results = json.loads(output.read_text())
     assert results["protocol"] == "personalize" and set(results["points"]) == {"a", "b"}
@@ -155,3 +155,24 @@ def test_eval_personalize_writes_curves_per_init(videos, tiny_checkpoint, tmp_pa
     assert results["points"]["a"][0]["psnr"] == results["points"]["b"][0]["psnr"]
     assert set(results["series"]["psnr_vs_seconds"]["curves"]) == {"a", "b"}
     assert (tmp_path / "curves_series.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_personalize_on_a_real_video_of_a_new_person(shared_data, tmp_path, capsys):
+    """The bundled model on a person it never saw (hires/): a few steps, then the checkpoint animates."""
+    from metaportrait.io.video import read_video
+    from metaportrait.pipeline import Animator
+
+    video = shared_data / "hires" / "mimictalk_German_20s.mp4"
+    out = tmp_path / "german"
+    argv = ["personalize", str(video), "--output", str(out), "--steps", "4", "--threads", "1",
+            "--cache", str(tmp_path / "cache")]
+    assert _run(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["front_end"]["frames"] == 500 and report["heldout"]["first_frame"] == 250
+    assert report["training"]["steps"] == 4
+    assert report["methods"]["personalised"]["psnr"] > 20 and report["methods"]["one-shot"]["psnr"] > 20
+    frame = read_video(video, max_frames=1)[0][0]
+    animator = Animator.from_pretrained(out)
+    output = next(iter(animator.animate_landmarks(frame, [animator.prepare_source(frame).landmarks])))
+    assert output.shape == frame.shape

@@ -69,8 +69,10 @@ MIN_TAIL_FRAMES = 8  # frames with a face the held-out tail needs
 class PersonalizeConfig:
     """Settings of one personalisation run (one default per setting; see docs/experiments.md for the choice)."""
 
-    part: str = "refine"  # `Generator.part_parameters`: "refine", "decoder", "warp" or "all"
-    lr: float = 1e-3  # Adam; larger than base training's 2e-4 (a short run on one person)
+    # `Generator.part_parameters`: "all", "warp", "refine" or "decoder". "all" measured best: the warping network is
+    # where a person's own motion (hair, background, head outline) is learned (docs/experiments.md).
+    part: str = "all"
+    lr: float = 3e-4  # Adam (1e-3 drifts past the best point within 60 s on an expressive speaker: experiments.md)
     betas: tuple[float, float] = (0.5, 0.999)
     grad_clip: float = 1.0
     batch_size: int = 2  # pairs per step

@@ -93,6 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     personal.add_argument("--holdout-seconds", type=float, default=10.0, help="the held-out tail of the video")
     personal.add_argument("--report-stride", type=positive_int, default=5, help="every k-th tail frame is compared")
     personal.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    personal.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                          help="front-end cache (default: $XDG_CACHE_HOME/metaportrait/personalize)")
     personal.add_argument("--output", "-o", type=Path, required=True,
                           help="results file (.json); the plot goes beside it as <name>_series.png")
     curve = protocols.add_parser("curve", help="validation PSNR / face L1 vs step of training runs, as a plot")
@@ -214,7 +216,7 @@ def _run_personalize(args: argparse.Namespace) -> int:
     image_sizes = {cfg_.image_size for _, cfg_ in starts.values()}
     if len(image_sizes) != 1:
         raise InputError(args.video, f"the inits run at different sizes {sorted(image_sizes)}")
-    frontend = front_end([args.video], image_sizes.pop(), default_cache_dir())
+    frontend = front_end([args.video], image_sizes.pop(), args.cache or default_cache_dir())
     check_one_person(frontend.clips, models.identity)
     train, tail = split_holdout(frontend.clips, cfg)
     points = {name: budget_curve(generator, model_cfg, train, tail, cfg, models, marks)
@@ -237,8 +239,8 @@ def _run_personalize(args: argparse.Namespace) -> int:
     results = {
         "protocol": "personalize", "command": command,
         "settings": {"video": str(args.video), "holdout_first_frame": tail.first_frame,
-                     "heldout_frames": len(tail.usable_frames), "training_frames": sum(len(c.usable_frames) for c in train),
-                     "design": cfg.to_dict()},
+                     "heldout_frames": len(tail.usable_frames),
+                     "training_frames": sum(len(c.usable_frames) for c in train), "design": cfg.to_dict()},
         "methods": {name: {metric: {"mean": curve[-1][metric], "per_clip": {}} for metric, _, _ in metrics_shown}
                     for name, curve in points.items()},
         "points": points,

@@ -278,8 +278,8 @@ _LITE_LOSS = LossWeights(
 
 # Fine-tuning on one person (personalisation, and the inner loop of meta-training): the lite recipe's output terms
 # (pixel, face, eye and mouth L1, which move PSNR, and the perceptual term for texture), without critics and without
-# the identity loss (the model already takes the source's identity); the warped-image terms are off (personalisation
-# does not move the warping network by default).
+# the identity loss (the model already takes the source's identity); the warped-image terms are off (the output's
+# terms reach the warping network through the warped image the output is blended from).
 PERSONAL_LOSS = dataclasses.replace(
     _LITE_LOSS, perceptual_warped=(0.0,) * 5, l1_warped=0.0, gan=0.0, feature_matching=0.0, identity=0.0,
     mouth_gan=0.0, mouth_feature_matching=0.0, mouth_perceptual=0.0,

@@ -66,9 +66,9 @@ class MetaConfig:
     """Everything `train_meta` needs besides the data and output folders."""
 
     init: str  # the starting generator: a model folder, or a run folder (its model/)
-    part: str = "refine"  # `Generator.part_parameters`: what the inner loop adapts (personalisation's part)
+    part: str = "all"  # `Generator.part_parameters`: what the inner loop adapts (personalisation's part)
     inner_steps: int = 4  # K > 1 (one step would be joint training, notes/methods.md §1)
-    inner_lr: float = 1e-3  # personalisation's learning rate
+    inner_lr: float = 3e-4  # personalisation's learning rate
     inner_betas: tuple[float, float] = (0.5, 0.999)
     grad_clip: float = 1.0
     outer_lr: float = 1.0  # eps at step 0
