@@ -183,7 +183,7 @@ def run_live(animator, portrait: np.ndarray, source: FileSource | CameraSource,
             latencies.append(time.perf_counter() - offered_at)
             on_frame(frame, index - last_index)
             last_index = index
-    except KeyboardInterrupt:  # the way to end a camera session: keep what was made
+    except KeyboardInterrupt:  # the way to end a camera run: keep what was made
         pass
     finally:
         mailbox.close()

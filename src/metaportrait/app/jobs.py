@@ -71,7 +71,7 @@ class RunFolder:
         self._lock = threading.Lock()
 
     def new_job(self) -> int:
-        """A number for the next job's files, unique in this run (jobs of several sessions may overlap)."""
+        """A number for the next job's files, unique in this run (jobs of several browser tabs may overlap)."""
         with self._lock:
             return next(self._counter)
 

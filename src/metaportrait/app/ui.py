@@ -127,8 +127,8 @@ def control_sliders(prefix: str, mouth_default: float | None) -> tuple[gr.Slider
 
 
 def cancel_button(button: gr.Button, event: gr.events.Dependency, running: dict, status: gr.Markdown) -> None:
-    """Wire ``button`` to cancel ``event``: Gradio stops waiting for it, and the session's job in ``running``
-    (session hash -> job with a ``cancel()``) stops at once, also in the middle of a step."""
+    """Wire ``button`` to cancel ``event``: Gradio stops waiting for it, and the browser tab's job in ``running``
+    (Gradio's per-tab hash -> job with a ``cancel()``) stops at once, also in the middle of a step."""
 
     def stop(request: gr.Request) -> str:
         if (job := running.get(request.session_hash)) is not None:
@@ -177,7 +177,7 @@ def animate_tab(context: AppContext) -> gr.Dropdown:
             return UPLOADED_MOTION, error_message(error)
         return UPLOADED_MOTION, f"Driving video ready: {info.duration:.1f} s at {info.fps:g} frames/s."
 
-    running: dict[str, AnimateJob] = {}  # session -> its job, for Cancel
+    running: dict[str, AnimateJob] = {}  # browser tab -> its job, for Cancel
 
     def run(portrait: Portrait | None, model: str, source: str, driving: str | None, motion: str,
             paste_back: bool, eyes: float, yaw: float, pitch: float, roll: float, fix_mouth: bool, mouth: float,
@@ -280,7 +280,7 @@ def personalize_tab(context: AppContext, model: gr.Dropdown) -> None:
             status = gr.Markdown(elem_id="personalize-status")
             table = gr.Markdown(elem_id="personalize-table")
 
-    running: dict[str, PersonalizeJob] = {}  # session -> its job, for Cancel
+    running: dict[str, PersonalizeJob] = {}  # browser tab -> its job, for Cancel
 
     def run(videos: list[str] | None, seconds: float, request: gr.Request,
             progress: gr.Progress = gr.Progress()):  # noqa: B008 (Gradio's progress bar)
