@@ -128,17 +128,26 @@ def relative_motion(source_lmk: np.ndarray, driving_lmk: np.ndarray, driving_ref
     if source.ndim != 2 or reference.ndim != 2 or driving.ndim not in (2, 3):
         raise ValueError("source_lmk and driving_reference must be (478, 2); driving_lmk (478, 2) or (T, 478, 2)")
 
+    residual, pose = _residual_and_pose(source, driving, reference)
+    return _real(_posed(_complex(source) + residual, pose))
+
+
+def _residual_and_pose(source: np.ndarray, driving: np.ndarray, reference: np.ndarray
+                       ) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """Steps 1-3 of `relative_motion` on checked float64 landmarks: the expression residual ``a_A (M⁻¹(D) - R)``
+    in the source's frame (complex, ``driving``'s batch shape x 478) and the similarities step 4 needs."""
     pose_a, pose_b = fit_similarity(reference, driving)  # (T,) or (): D ≈ a R + b
     src_a, src_b = fit_similarity(reference, source)  # (): S ≈ a R + b
-    z_driving, z_reference, z_source = _complex(driving), _complex(reference), _complex(source)
-
     # Driving frame brought back into the reference's pose: M⁻¹(D) = (D - b) / a.
-    pose_a_, pose_b_ = pose_a[..., None], pose_b[..., None]
-    normalised = (z_driving - pose_b_) / pose_a_
-    expression = z_source + src_a * (normalised - z_reference)
+    normalised = (_complex(driving) - pose_b[..., None]) / pose_a[..., None]
+    return src_a * (normalised - _complex(reference)), (pose_a, pose_b, src_a, src_b)
+
+
+def _posed(expression: np.ndarray, pose: tuple[np.ndarray, ...]) -> np.ndarray:
+    """Step 4 of `relative_motion`: the driver's pose change applied to complex ``expression`` points."""
+    pose_a, pose_b, src_a, src_b = pose
     # A ∘ M ∘ A⁻¹ (y) = m (y - b_A) + a_A c + b_A for M(z) = m z + c; 2-D rotations commute.
-    target = pose_a_ * (expression - src_b) + src_a * pose_b_ + src_b
-    return _real(target)
+    return pose_a[..., None] * (expression - src_b) + src_a * pose_b[..., None] + src_b
 
 
 def absolute_motion(driving_lmk: np.ndarray, driving_size: int, target_size: int) -> np.ndarray:
@@ -580,13 +589,9 @@ def retarget_motion(source_lmk: np.ndarray, driving_lmk: np.ndarray, reference: 
         raise ValueError(f"reference {reference} is outside the {len(driving)} driving frames")
     if not np.isfinite(expression_scale) or expression_scale < 0:
         raise ValueError(f"expression_scale must be >= 0, got {expression_scale}")
-    ref = driving[reference]
     # 1. Expression in the source's frame (`relative_motion` steps 1-3), then the pose (its step 4) at the end.
-    pose_a, pose_b = fit_similarity(ref, driving)  # (T,)
-    src_a, src_b = fit_similarity(ref, source)
-    normalised = (_complex(driving) - pose_b[:, None]) / pose_a[:, None]
-    residual = expression_scale * src_a * (normalised - _complex(ref))
-    expression = _real(_complex(source) + residual).astype(np.float64)  # (T, 478, 2)
+    residual, pose = _residual_and_pose(source, driving, driving[reference])
+    expression = _real(_complex(source) + expression_scale * residual).astype(np.float64)  # (T, 478, 2)
     if regions:
         # 2. Mouth.
         driver_mouth = mouth_openness(driving)
@@ -604,5 +609,4 @@ def retarget_motion(source_lmk: np.ndarray, driving_lmk: np.ndarray, reference: 
         _retarget_eye(expression, source, factors[:, 1], LEFT_EYE_LID_PAIRS, LEFT_IRIS,
                       (LEFT_EYE_INNER, LEFT_EYE_OUTER))
     # 4. Pose: A ∘ M ∘ A⁻¹, as in `relative_motion`.
-    target = pose_a[:, None] * (_complex(expression) - src_b) + src_a * pose_b[:, None] + src_b
-    return _real(target)
+    return _real(_posed(_complex(expression), pose))
