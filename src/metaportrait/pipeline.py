@@ -387,21 +387,23 @@ class Animator:
         boxes = BoxSmoother(fps)
         running = RunningReference(window=max(2, round(10 * fps)))  # the last 10 seconds
         begin = time.perf_counter()
-        for _, points, present in iter_tracked(self._timed(frames, "decode"), smooth=True, fps=fps, name=name):
-            driving = points_to_crop(points, boxes(CropBox.from_landmarks(points)), self.size)
-            tracked = time.perf_counter()
-            self.stats.add_time("landmarks", tracked - begin)
-            if motion == "relative":
-                pair = np.stack([running(driving), driving])
-                target = retarget_motion(source.crop_landmarks, pair, 0, expression_scale)[1]
-                self.stats.reference_changes = running.changes
-            else:
-                target = absolute_motion(driving, self.size, self.size)
-            self.stats.add_time("motion", time.perf_counter() - tracked)
-            yield target, present
-            begin = time.perf_counter()
-        # Decoding happened inside the tracking loop: keep the two apart.
-        self.stats.add_time("landmarks", -self.stats.stage_seconds.get("decode", 0.0))
+        try:
+            for _, points, present in iter_tracked(self._timed(frames, "decode"), smooth=True, fps=fps, name=name):
+                driving = points_to_crop(points, boxes(CropBox.from_landmarks(points)), self.size)
+                tracked = time.perf_counter()
+                self.stats.add_time("landmarks", tracked - begin)
+                if motion == "relative":
+                    pair = np.stack([running(driving), driving])
+                    target = retarget_motion(source.crop_landmarks, pair, 0, expression_scale)[1]
+                    self.stats.reference_changes = running.changes
+                else:
+                    target = absolute_motion(driving, self.size, self.size)
+                self.stats.add_time("motion", time.perf_counter() - tracked)
+                yield target, present
+                begin = time.perf_counter()
+        finally:  # also when the consumer stops early (live: Ctrl-C)
+            # Decoding happened inside the tracking loop: keep the two apart.
+            self.stats.add_time("landmarks", -self.stats.stage_seconds.get("decode", 0.0))
 
     def _timed(self, items: Iterable, stage: str) -> Iterator:
         """``items``, adding the time spent producing each to ``stats.stage_seconds[stage]``."""
