@@ -229,3 +229,44 @@ def test_train_meta_cli_resolves_the_config(dataset_dir, tiny_init, tmp_path, ca
     assert (printed["inner_steps"], printed["outer_lr"], printed["tasks_per_step"], printed["steps"]) == (3, 0.5, 4, 7)
     assert main([*argv, "--inner-steps", "0"]) == 2
     assert "invalid settings" in capsys.readouterr().err
+
+
+def test_two_process_meta_training_matches_one_process_with_both_tasks(dataset_dir, tiny_init, tmp_path):
+    """torchrun with 2 CPU processes (gloo), one task each, all-reduced deltas: the weights of 1 process, 2 tasks."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    from metaportrait.io.checkpoint import load_model
+    from metaportrait.train.meta import train_meta
+    from test_train import _free_port
+
+    cfg = _meta_config(tiny_init, val_every=10)
+    train_meta(cfg, dataset_dir, tmp_path / "single", progress=False)
+    worker = tmp_path / "worker.py"
+    worker.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_meta import _meta_config
+        from metaportrait.train.meta import train_meta
+        train_meta(_meta_config({str(tiny_init)!r}, val_every=10), {str(dataset_dir)!r}, {str(tmp_path / "ddp")!r},
+                   progress=False)
+    """))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), str(worker)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single, _ = load_model(tmp_path / "single" / "model")
+    ddp, _ = load_model(tmp_path / "ddp" / "model")
+    start, _ = load_model(tiny_init)
+    a, b, c = single.state_dict(), ddp.state_dict(), start.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # the weights moved: equality is not trivial
+    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+            for run in ("single", "ddp")]  # fmt: skip
+    assert [r["world_size"] for r in logs[1]] == [2, 2, 2]
+    for one, two in zip(*logs):
+        assert one["inner_loss_first"] == pytest.approx(two["inner_loss_first"], rel=1e-6)
+        assert one["delta_norm"] == pytest.approx(two["delta_norm"], rel=1e-6)

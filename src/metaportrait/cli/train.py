@@ -239,11 +239,14 @@ Examples::
 
     metaportrait train meta --init default --data datasets/pool256 --out runs/meta --val-identities a,b
     metaportrait train meta --init default --data datasets/pool256 --out runs/meta --resume --steps 2000
+    torchrun --nproc_per_node 2 "$(which metaportrait)" train meta ... --tasks-per-step 2 --threads 1
 
 A task is one identity of the dataset: the inner loop adapts the generator's part on support pairs (the first
 70 % of each of its clips), the outer update moves the meta-weights toward the adapted ones. Validation on the
 held-out identities adapts K steps and measures the query pairs (the last 30 %) before and after. The resolved
 config is printed and saved as RUN_DIR/meta_config.json; RUN_DIR/model is what `personalize --checkpoint` loads.
+Under torchrun every process adapts its share of the step's tasks and the deltas are all-reduced (the same
+weights as one process adapting them all).
 """
 
 # flag destination -> MetaConfig field

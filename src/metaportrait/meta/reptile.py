@@ -135,7 +135,12 @@ def restore(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
 
 
 def reptile_update(
-    model: nn.Module, theta: dict[str, torch.Tensor], adapted: Sequence[dict[str, torch.Tensor]], epsilon: float
+    model: nn.Module,
+    theta: dict[str, torch.Tensor],
+    adapted: Sequence[dict[str, torch.Tensor]],
+    epsilon: float,
+    all_reduce: Callable[[torch.Tensor], None] | None = None,
+    task_count: int | None = None,
 ) -> dict[str, float]:
     """The outer step: set ``model``'s parameters to theta + epsilon * mean_tasks(phi_task - theta).
 
@@ -144,6 +149,9 @@ def reptile_update(
         theta: the meta-weights before the tasks (`snapshot`).
         adapted: per task, the adapted weights phi (`snapshot` after `adapt`), with the names of ``theta``.
         epsilon: the outer step size (1: the mean of the adapted weights).
+        all_reduce: with several processes that each adapted their own tasks: sums a tensor over the processes
+            in place (``torch.distributed.all_reduce``), so every process takes the same step.
+        task_count: the number of tasks over all processes (default ``len(adapted)``).
 
     Returns:
         ``{"delta_norm": |mean(phi - theta)|, "step_norm": epsilon * delta_norm}`` for logging.
@@ -152,11 +160,18 @@ def reptile_update(
         raise ValueError("reptile_update needs at least one adapted task")
     if not 0.0 <= epsilon <= 1.0:
         raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+    task_count = len(adapted) if task_count is None else task_count
     params = dict(model.named_parameters())
     squared = 0.0
     with torch.no_grad():
         for name, start in theta.items():
-            mean_delta = torch.stack([phi[name] - start for phi in adapted]).mean(dim=0)
+            # A sum then one division: the same numbers whether the tasks ran in one process or in several.
+            delta_sum = adapted[0][name] - start
+            for phi in adapted[1:]:
+                delta_sum += phi[name] - start
+            if all_reduce is not None:
+                all_reduce(delta_sum)
+            mean_delta = delta_sum / task_count
             squared += float(mean_delta.square().sum())
             params[name].copy_(start + epsilon * mean_delta)
     norm = squared**0.5

@@ -118,7 +118,7 @@ def train_base(
             or an ``init`` run whose model does not match.
     """
     # Set-up: processes, threads, settings and run-folder checks, seeds.
-    procs = _start_processes()
+    procs = start_processes()
     previous_threads = torch.get_num_threads()  # restored at the end: callers (tests) share the process
     torch.set_num_threads(cfg.threads)
     model_cfg = cfg.model_config()
@@ -173,7 +173,7 @@ def train_base(
 
     # Done.
     torch.set_num_threads(previous_threads)
-    _stop_processes(procs)
+    stop_processes(procs)
     best_psnr = run.best_psnr if run.best_psnr > -math.inf else math.nan
     return TrainResult(run.step, best_psnr, last_logged, run.averaged)
 
@@ -183,7 +183,7 @@ def train_base(
 
 
 @dataclass
-class _Processes:
+class Processes:
     """This process under torchrun (which sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT), or
     alone (rank 0 of 1)."""
 
@@ -238,7 +238,7 @@ class _Interval:
 # Set-up, data, networks, optimisers, resume.
 
 
-def _start_processes() -> _Processes:
+def start_processes() -> Processes:
     """Read torchrun's environment and join the process group (gloo on CPU, nccl on CUDA) if not joined yet."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -247,10 +247,10 @@ def _start_processes() -> _Processes:
     owns_group = world_size > 1 and not dist.is_initialized()
     if owns_group:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return _Processes(rank, world_size, device, owns_group)
+    return Processes(rank, world_size, device, owns_group)
 
 
-def _stop_processes(procs: _Processes) -> None:
+def stop_processes(procs: Processes) -> None:
     if procs.distributed:
         dist.barrier()
         if procs.owns_group:
@@ -425,7 +425,7 @@ def _prepare_run_folder(out_dir: Path, cfg: TrainConfig, step: int) -> None:
         truncate_jsonl(out_dir / name, step)
 
 
-def _loader(pairs: RandomPairs, cfg: TrainConfig, step: int, procs: _Processes) -> DataLoader:
+def _loader(pairs: RandomPairs, cfg: TrainConfig, step: int, procs: Processes) -> DataLoader:
     """This rank's training batches from ``step`` to ``cfg.steps``, one per step (`StepSampler`)."""
     return DataLoader(
         pairs,
@@ -493,7 +493,7 @@ def _generator_step(run: _Run, result: GeneratorTerms, cfg: TrainConfig, world_s
 
 
 def _critic_steps(
-    run: _Run, result: GeneratorTerms, driving: torch.Tensor, cfg: TrainConfig, procs: _Processes
+    run: _Run, result: GeneratorTerms, driving: torch.Tensor, cfg: TrainConfig, procs: Processes
 ) -> dict[str, torch.Tensor]:
     """Stage full: update D (LSGAN on the driving frame vs the detached output) and the mouth critic (the same on
     mouth crops); returns their losses and gradient norms."""
@@ -524,7 +524,7 @@ def _due(step: int, every: int, last: int) -> bool:
     return step % every == 0 or step == last
 
 
-def _log_interval(interval: _Interval, run: _Run, procs: _Processes, out_dir: Path, bar: tqdm) -> dict:
+def _log_interval(interval: _Interval, run: _Run, procs: Processes, out_dir: Path, bar: tqdm) -> dict:
     """The log record of the interval (losses: means over its steps and over the ranks; skipped steps: their
     count); rank 0 appends it to log.jsonl. Returns the record."""
     names = sorted(interval.sums)

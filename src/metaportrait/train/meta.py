@@ -20,6 +20,11 @@ outer step's size, s/step), ``val.jsonl``, ``checkpoint.pt`` (theta and the step
 exact: tasks and pairs are functions of the step, the inner optimiser starts fresh per task and the outer update
 has no state) and ``model/`` (theta in the `metaportrait.io.checkpoint` format, what ``personalize --checkpoint``
 loads).
+
+Under ``torchrun`` (``python -m torch.distributed.run --nproc_per_node N``, gloo on CPU) every rank adapts its
+share of the step's tasks (slots rank, rank + N, ...; ``tasks_per_step`` must be a multiple of N), the task deltas
+are summed with ``all_reduce``, and every rank takes the same outer step: N processes with one task each give the
+weights of one process with N tasks. Only rank 0 validates and writes files.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -50,7 +56,7 @@ from metaportrait.losses.perceptual import MobileNetV2Features
 from metaportrait.meta.reptile import adapt, reptile_update, restore, snapshot
 from metaportrait.models.generator import PARTS
 from metaportrait.models.identity import IdentityEncoder
-from metaportrait.train.base import append_jsonl, export_model, truncate_jsonl
+from metaportrait.train.base import append_jsonl, export_model, start_processes, stop_processes, truncate_jsonl
 from metaportrait.train.config import PERSONAL_LOSS, LossWeights
 from metaportrait.train.losses import GeneratorLoss
 
@@ -167,6 +173,12 @@ def train_meta(cfg: MetaConfig, data_dir: str | Path, out_dir: str | Path, resum
         raise InputError(checkpoint_path, "not found: there is no run to resume here")
     if not resume and (out_dir / "meta_config.json").exists():
         raise InputError(out_dir, "already holds a meta-training run; pass --resume to continue it")
+    procs = start_processes()
+    if cfg.tasks_per_step % procs.world_size:
+        raise InputError(out_dir, f"tasks_per_step {cfg.tasks_per_step} is not a multiple of {procs.world_size} processes")
+    if procs.distributed:
+        dist.barrier()  # every rank has checked the run folder before rank 0 writes into it
+    progress = progress and procs.is_main
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -210,10 +222,12 @@ def train_meta(cfg: MetaConfig, data_dir: str | Path, out_dir: str | Path, resum
             raise InputError(checkpoint_path, f"settings differ from the run's: {changed} (only {RESUMABLE_CHANGES})")
         generator.load_state_dict(state["generator"])
         start_step = int(state["step"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "meta_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-    for name in ("log.jsonl", "val.jsonl"):
-        truncate_jsonl(out_dir / name, start_step)
+    if procs.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out_dir / "meta_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        for name in ("log.jsonl", "val.jsonl"):
+            truncate_jsonl(out_dir / name, start_step)
+    all_reduce = dist.all_reduce if procs.distributed else None
 
     def loss(model, batch):
         return generator_loss(model, batch).total
@@ -236,7 +250,7 @@ def train_meta(cfg: MetaConfig, data_dir: str | Path, out_dir: str | Path, resum
 
     # ------------------------------------------------------------------------------------------------------------
     # Outer loop.
-    if start_step == 0 and val_tasks:
+    if start_step == 0 and val_tasks and procs.is_main:
         validate(0)
     record: dict = {}
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress, desc="train meta")
@@ -246,7 +260,8 @@ def train_meta(cfg: MetaConfig, data_dir: str | Path, out_dir: str | Path, resum
         chosen = rng.choice(len(tasks), size=cfg.tasks_per_step, replace=len(tasks) < cfg.tasks_per_step)
         theta = snapshot(generator, names)
         adapted, first_losses, last_losses = [], [], []
-        for slot, index in enumerate(chosen):
+        for slot in range(procs.rank, cfg.tasks_per_step, procs.world_size):  # this rank's share of the tasks
+            index = chosen[slot]
             restore(generator, theta)
             result = adapt(generator, task_batches(tasks[index], cfg, step, slot), loss, parameters, cfg.inner_lr,
                            steps=cfg.inner_steps, betas=cfg.inner_betas, grad_clip=cfg.grad_clip)  # fmt: skip
@@ -254,17 +269,24 @@ def train_meta(cfg: MetaConfig, data_dir: str | Path, out_dir: str | Path, resum
             first_losses.append(result.losses[0])
             last_losses.append(result.losses[-1])
         epsilon = cfg.epsilon(step)
-        outer = reptile_update(generator, theta, adapted, epsilon)
+        outer = reptile_update(generator, theta, adapted, epsilon, all_reduce, cfg.tasks_per_step)
+        inner_losses = torch.tensor([sum(first_losses), sum(last_losses)], dtype=torch.float64)
+        if all_reduce is not None:
+            all_reduce(inner_losses)
+        inner_first, inner_last = (inner_losses / cfg.tasks_per_step).tolist()
         done = step + 1
         record = {
-            "step": done, "epsilon": round(epsilon, 6), "inner_loss_first": round(float(np.mean(first_losses)), 6),
-            "inner_loss_last": round(float(np.mean(last_losses)), 6), **{k: round(v, 6) for k, v in outer.items()},
-            "identities": [tasks[i].identity for i in chosen], "s_per_step": round(time.perf_counter() - tick, 3),
+            "step": done, "epsilon": round(epsilon, 6), "inner_loss_first": round(inner_first, 6),
+            "inner_loss_last": round(inner_last, 6), **{k: round(v, 6) for k, v in outer.items()},
+            "identities": [tasks[i].identity for i in chosen], "world_size": procs.world_size,
+            "s_per_step": round(time.perf_counter() - tick, 3),
         }  # fmt: skip
+        bar.update(1)
+        bar.set_postfix(inner=f"{inner_first:.2f}->{inner_last:.2f}", eps=f"{epsilon:.3f}")
+        if not procs.is_main:
+            continue
         if done % cfg.log_every == 0 or done == cfg.steps:
             append_jsonl(out_dir / "log.jsonl", record)
-        bar.update(1)
-        bar.set_postfix(inner=f"{record['inner_loss_first']:.2f}->{record['inner_loss_last']:.2f}", eps=f"{epsilon:.3f}")
         if val_tasks and (done % cfg.val_every == 0 or done == cfg.steps):
             validate(done)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
@@ -275,6 +297,7 @@ def train_meta(cfg: MetaConfig, data_dir: str | Path, out_dir: str | Path, resum
             export_model(out_dir / "model", generator, model_cfg, {"stage": "full", "meta_step": done,
                                                                    "meta_init": str(cfg.init)})  # fmt: skip
     bar.close()
+    stop_processes(procs)
     torch.set_num_threads(previous_threads)
     return record
 
