@@ -155,6 +155,14 @@ def test_eval_personalize_writes_curves_per_init(videos, tiny_checkpoint, tmp_pa
     assert results["points"]["a"][0]["psnr"] == results["points"]["b"][0]["psnr"]
     assert set(results["series"]["psnr_vs_seconds"]["curves"]) == {"a", "b"}
     assert (tmp_path / "curves_series.png").stat().st_size > 0
+    # Marks in steps: the same points whatever the load; the same start and seed give the same curve.
+    argv = [*argv[:argv.index("--at")], "--at", "1", "3", "--unit", "steps", *argv[argv.index("--holdout-seconds"):]]
+    assert _run([*argv[:-4], "--output", str(tmp_path / "steps.json"), *argv[-2:]]) == 0
+    results = json.loads((tmp_path / "steps.json").read_text())
+    assert [p["steps"] for p in results["points"]["a"]] == [0, 1, 3]
+    assert results["points"]["a"][2]["psnr"] == results["points"]["b"][2]["psnr"]
+    assert "--unit steps" in results["command"] and results["settings"]["design"]["steps"] == 3
+    assert _run([*argv[:argv.index("--at")], "--unit", "steps", *argv[argv.index("--holdout-seconds"):]]) == 2
 
 
 @pytest.mark.slow

@@ -324,10 +324,14 @@ def budget_curve(
     cfg: PersonalizeConfig,
     models,
     marks: Sequence[float],
+    unit: str = "seconds",
 ) -> list[dict]:
     """The tail report (`tail_report`) of ``start`` and of a copy of it fine-tuned for each of ``marks`` training
-    seconds (one run of ``max(marks)`` seconds, reported as it passes each mark; the reports' time is not
-    counted). Returns ``{"seconds", "steps", "loss", metric: value, ...}`` per point, the first at 0 s."""
+    seconds, or steps with ``unit="steps"`` (one run up to ``max(marks)``, reported as it passes each mark; the
+    reports' time is not counted). Returns ``{"seconds", "steps", "loss", metric: value, ...}`` per point, the
+    first at 0 s; ``seconds`` is the mark (seconds) or the measured training time (steps)."""
+    if unit not in ("seconds", "steps"):
+        raise ValueError(f"unit must be 'seconds' or 'steps', got {unit!r}")
     generator = copy.deepcopy(start)
     encoder = models.identity if model_cfg.use_identity else None
     first = tail_report({"x": generator}, model_cfg, tail, cfg.report_stride, models)["x"]
@@ -335,13 +339,16 @@ def budget_curve(
     pending = sorted(marks)
 
     def report(step: int, loss: float, seconds: float, check: dict | None) -> None:
-        while pending and seconds >= pending[0]:
+        while pending and (seconds if unit == "seconds" else step) >= pending[0]:
             values = tail_report({"x": generator}, model_cfg, tail, cfg.report_stride, models)["x"]
-            points.append({"seconds": pending.pop(0), "steps": step, "loss": round(loss, 4), **values})
+            mark = pending.pop(0)
+            at = {"seconds": mark, "steps": step} if unit == "seconds" else {"seconds": round(seconds, 2), "steps": mark}
+            points.append({**at, "loss": round(loss, 4), **values})
             generator.train()
 
     torch.manual_seed(cfg.seed)
-    tuned = dataclasses.replace(cfg, seconds=max(marks), steps=None, eval_every=float("inf"))
+    budget = {"seconds": max(marks), "steps": None} if unit == "seconds" else {"seconds": None, "steps": int(max(marks))}
+    tuned = dataclasses.replace(cfg, **budget, eval_every=float("inf"))
     fine_tune(generator, model_cfg, train_clips, tail, tuned, encoder, report)
     return points
 

@@ -88,8 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     personal.add_argument("--inits", type=_named_checkpoint, nargs="+", required=True, metavar="NAME=PATH",
                           help="starting models: 'default', 'meta', a model folder or a `train meta` run folder")
     personal.add_argument("--seconds", type=float, default=120.0, help="fine-tuning seconds of the longest point")
-    personal.add_argument("--at", type=float, nargs="+", default=None, metavar="SECONDS",
-                          help="report points in training seconds (default: 15, 30, 60, 90, ... up to --seconds)")
+    personal.add_argument("--at", type=float, nargs="+", default=None, metavar="SECONDS_OR_STEPS",
+                          help="report points in training seconds (default: 15, 30, 60, 90, ... up to --seconds), "
+                               "or in steps with --unit steps")
+    personal.add_argument("--unit", choices=("seconds", "steps"), default="seconds",
+                          help="what --at counts: wall seconds of fine-tuning, or optimiser steps (the same points "
+                               "whatever the machine's load)")
     personal.add_argument("--holdout-seconds", type=float, default=10.0, help="the held-out tail of the video")
     personal.add_argument("--report-stride", type=positive_int, default=5, help="every k-th tail frame is compared")
     personal.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
@@ -206,9 +210,11 @@ def _run_personalize(args: argparse.Namespace) -> int:
     )
 
     torch.set_num_threads(args.threads)
+    if args.unit == "steps" and not args.at:
+        raise InputError(args.output, "--unit steps needs the report points in steps: --at N [N ...]")
     marks = sorted(args.at or [m for m in (15, 30, 60, 90, 120, 180, 240, 300) if m < args.seconds] + [args.seconds])
-    cfg = PersonalizeConfig(seconds=max(marks), holdout_seconds=args.holdout_seconds,
-                            report_stride=args.report_stride)  # fmt: skip
+    budget = {"seconds": max(marks), "steps": None} if args.unit == "seconds" else {"seconds": None, "steps": int(max(marks))}
+    cfg = PersonalizeConfig(**budget, holdout_seconds=args.holdout_seconds, report_stride=args.report_stride)
     models = MetricModels.load()
     starts = {}
     for name, path in args.inits:
@@ -219,7 +225,7 @@ def _run_personalize(args: argparse.Namespace) -> int:
     frontend = front_end([args.video], image_sizes.pop(), args.cache or default_cache_dir())
     check_one_person(frontend.clips, models.identity)
     train, tail = split_holdout(frontend.clips, cfg)
-    points = {name: budget_curve(generator, model_cfg, train, tail, cfg, models, marks)
+    points = {name: budget_curve(generator, model_cfg, train, tail, cfg, models, marks, args.unit)
               for name, (generator, model_cfg) in starts.items()}  # fmt: skip
     metrics_shown = (("psnr", "PSNR (dB)", False), ("face_l1", "face L1", True), ("st_lpips", "ST-LPIPS", True),
                      ("id_distance", "identity distance", True))  # fmt: skip
@@ -233,7 +239,8 @@ def _run_personalize(args: argparse.Namespace) -> int:
                            for name, curve in points.items()},
             }  # fmt: skip
     command = shlex.join(["metaportrait", "eval", "personalize", "--video", str(args.video), "--inits",
-                          *[f"{n}={p}" for n, p in args.inits], "--at", *map(str, marks), "--holdout-seconds",
+                          *[f"{n}={p}" for n, p in args.inits], "--at", *map(str, marks), "--unit", args.unit,
+                          "--holdout-seconds",
                           str(args.holdout_seconds), "--report-stride", str(args.report_stride), "--threads",
                           str(args.threads), "--output", str(args.output)])  # fmt: skip
     results = {
