@@ -342,7 +342,7 @@ def budget_curve(
         while pending and (seconds if unit == "seconds" else step) >= pending[0]:
             values = tail_report({"x": generator}, model_cfg, tail, cfg.report_stride, models)["x"]
             mark = pending.pop(0)
-            at = {"seconds": mark, "steps": step} if unit == "seconds" else {"seconds": round(seconds, 2), "steps": mark}
+            at = {"seconds": mark, "steps": step} if unit == "seconds" else {"seconds": round(seconds, 2), "steps": int(mark)}
             points.append({**at, "loss": round(loss, 4), **values})
             generator.train()
 
