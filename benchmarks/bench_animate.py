@@ -1,11 +1,13 @@
 """End-to-end animation speed on this CPU, step by step, as `metaportrait animate` runs it.
 
-Run ``python benchmarks/bench_animate.py [--threads 2] [--frames 60] [--driving FILE]``; prints one JSON object.
-Importable: ``run(threads=2, frames=60, driving=None) -> dict`` (the `metaportrait bench` command calls it).
+Run ``python benchmarks/bench_animate.py [--threads 2] [--frames 60] [--driving FILE] [--cases NAME ...]``; prints
+one JSON object. Importable: ``run(threads=2, frames=60, driving=None, cases=None) -> dict`` (the
+`metaportrait bench` command calls it).
 
 Each case animates a portrait with a driving video file and writes an H.264 mp4 (to a temporary folder), exactly
 as the CLI does: decode, landmark tracking, motion transfer, model (line images, mesh prior, generator),
-paste-back, encode. Cases:
+paste-back, encode, with the stages overlapping (decoding and tracking ahead of the generator, encoding behind it,
+in threads; `metaportrait.stages`), so the per-step times add up to more than the wall time. Cases:
 
 * ``clip_256``: scikit-image's astronaut (512 px) driven by a 256 px clip;
 * ``large_1024``: the astronaut upscaled to 1024 px, driven by the same clip upscaled to 1024 px;
@@ -17,10 +19,13 @@ paste-back, encode. Cases:
 The driving clip is ``--driving`` when given, otherwise a built-in one: the astronaut animated by the scripted
 motion (talking, blinks, a head turn, a nod) with the model's face crop as output, made by this benchmark, so
 the benchmark runs without any data. Per case: ``fps`` (frames over wall time from the call until the file is
-written, setup included), ``setup_s`` (source preparation), and ``ms_per_frame`` per step from
-`metaportrait.pipeline.AnimationStats.stage_seconds` plus ``encode``. ``peak_rss_mb`` is the process's peak
-resident memory after all cases. The model is the bundled lite checkpoint when installed, otherwise a randomly
-initialised lite generator (same cost; ``weights`` says which).
+written, setup included), ``setup_s`` (source preparation and what no step accounts for; with overlapping stages
+the steps' sum can exceed the wall time, so it is clipped at 0), ``ms_per_frame`` per step from
+`metaportrait.pipeline.AnimationStats.stage_seconds` plus ``encode``, and ``peak_rss_mb``: the process's peak
+resident memory during that case (the peak is reset before each case where Linux allows it, ``/proc/self/
+clear_refs``; otherwise it is the peak so far, and ``peak_rss_scope`` says so). ``peak_rss_mb`` at the top level
+is the whole run's. ``--cases`` runs only the named cases. The model is the bundled lite checkpoint when
+installed, otherwise a randomly initialised lite generator (same cost; ``weights`` says which).
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -42,10 +46,13 @@ from metaportrait.data.landmarks import landmarks_of_image
 from metaportrait.demo_motion import scripted_motion
 from metaportrait.io.video import VideoReader, VideoWriter, even_size
 from metaportrait.models.generator import Generator
+from metaportrait.cli.bench import peak_rss_mb, reset_peak_rss
 from metaportrait.pipeline import DEFAULT_BATCH_SIZE, Animator, bundled_checkpoint
+from metaportrait.stages import WriteBehind
 
 FPS = 25.0
 LARGE = 1024
+CASES = ("clip_256", f"large_{LARGE}", "scripted", "clip_256_onnx")
 
 
 def _animator() -> tuple[Animator, str]:
@@ -56,13 +63,19 @@ def _animator() -> tuple[Animator, str]:
 
 
 def _write(path: Path, frames, fps: float = FPS) -> float:
-    """Write ``frames`` to ``path``; returns the seconds spent in the encoder."""
+    """Write ``frames`` to ``path``, encoding behind in a thread as `metaportrait animate` does; returns the
+    seconds spent in the encoder."""
     seconds = 0.0
-    with VideoWriter(path, fps) as writer:
+
+    def write(frame: np.ndarray) -> None:
+        nonlocal seconds
+        begin = time.perf_counter()
+        writer.write(even_size(frame))
+        seconds += time.perf_counter() - begin
+
+    with VideoWriter(path, fps) as writer, WriteBehind(write, depth=2 * DEFAULT_BATCH_SIZE) as behind:
         for frame in frames:
-            begin = time.perf_counter()
-            writer.write(even_size(frame))
-            seconds += time.perf_counter() - begin
+            behind.put(frame)
     return seconds
 
 
@@ -83,7 +96,8 @@ def upscaled_clip(clip: Path, side: int, folder: Path) -> Path:
 
 def _case(animator: Animator, portrait: np.ndarray, driving: Path | None, frames: int, folder: Path,
           points: np.ndarray | None = None) -> dict:
-    """One end-to-end run into ``folder``/out.mp4; timings per step."""
+    """One end-to-end run into ``folder``/out.mp4; timings per step and peak memory."""
+    scope = "this case" if reset_peak_rss() else "the process so far"
     start = time.perf_counter()
     if driving is None:
         output = animator.animate_landmarks(portrait, scripted_motion(points, frames), source_landmarks=points)
@@ -100,14 +114,22 @@ def _case(animator: Animator, portrait: np.ndarray, driving: Path | None, frames
     return {
         "frames": stats.frames,
         "fps": stats.frames / total,
-        "setup_s": total - accounted,  # source preparation and everything not in a step
+        "setup_s": max(0.0, total - accounted),  # source preparation and everything not in a step
         "ms_per_frame": {stage: round(ms, 2) for stage, ms in per_frame.items()},
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_scope": scope,
     }
 
 
-def run(threads: int = 2, frames: int = 60, driving: str | Path | None = None) -> dict:
-    """Measure the three cases with ``threads`` torch threads; returns a JSON-ready dict."""
+def run(threads: int = 2, frames: int = 60, driving: str | Path | None = None,
+        cases: list[str] | None = None) -> dict:
+    """Measure the cases (all of `CASES`, or ``cases``) with ``threads`` torch threads; returns a JSON-ready dict."""
     from skimage import data
+
+    unknown = sorted(set(cases or ()) - set(CASES))
+    if unknown:
+        raise ValueError(f"unknown animate cases {unknown}; known: {', '.join(CASES)}")
+    wanted = set(cases or CASES)
 
     torch.set_num_threads(threads)
     animator, weights = _animator()
@@ -119,14 +141,20 @@ def run(threads: int = 2, frames: int = 60, driving: str | Path | None = None) -
         folder = Path(tmp)
         clip = Path(driving) if driving is not None else builtin_clip(animator, portrait, points, frames, folder)
         result["driving"] = str(driving) if driving is not None else f"built-in scripted clip, {frames} frames"
-        result["clip_256"] = _case(animator, portrait, clip, frames, folder)
-        large_portrait = cv2.resize(portrait, (LARGE, LARGE), interpolation=cv2.INTER_CUBIC)
-        result[f"large_{LARGE}"] = _case(animator, large_portrait, upscaled_clip(clip, LARGE, folder), frames, folder)
-        result["scripted"] = _case(animator, portrait, None, frames, folder, points)
-        if weights.startswith("bundled"):
+        if "clip_256" in wanted:
+            result["clip_256"] = _case(animator, portrait, clip, frames, folder)
+        if f"large_{LARGE}" in wanted:
+            large_portrait = cv2.resize(portrait, (LARGE, LARGE), interpolation=cv2.INTER_CUBIC)
+            large_clip = upscaled_clip(clip, LARGE, folder)
+            result[f"large_{LARGE}"] = _case(animator, large_portrait, large_clip, frames, folder)
+        if "scripted" in wanted:
+            result["scripted"] = _case(animator, portrait, None, frames, folder, points)
+        if "clip_256_onnx" in wanted and weights.startswith("bundled"):
             onnx = Animator.from_pretrained(None, batch_size=DEFAULT_BATCH_SIZE, backend="onnx")
             result["clip_256_onnx"] = _case(onnx, portrait, clip, frames, folder)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # The whole run's: the largest case peak (the per-case resets also reset the process's own peak).
+    case_peaks = [value["peak_rss_mb"] for value in result.values() if isinstance(value, dict)]
+    result["peak_rss_mb"] = round(max([peak_rss_mb(), *case_peaks]), 1)
     result["load_average_after"] = os.getloadavg()[0]
     return result
 
@@ -136,8 +164,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--driving", type=Path, default=None)
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=None)
     args = parser.parse_args()
-    print(json.dumps(run(args.threads, args.frames, args.driving), indent=2))
+    print(json.dumps(run(args.threads, args.frames, args.driving, args.cases), indent=2))
 
 
 if __name__ == "__main__":

@@ -439,6 +439,11 @@ def test_bench_finds_the_benchmark_scripts(monkeypatch, tmp_path):
     assert (bench.benchmarks_dir() / "bench_animate.py").is_file()
     module = bench.load_benchmark("animate")
     assert "threads" in inspect.signature(module.run).parameters
+    assert "cases" in inspect.signature(module.run).parameters and "clip_256" in module.CASES
+    assert "peak_rss_mb" in inspect.getsource(module._case)  # memory per case
+    personalize = bench.load_benchmark("personalize")  # slow: runs only when asked for (--only personalize)
+    assert "steps" in inspect.signature(personalize.run).parameters and "personalize" in bench.ON_REQUEST
+    assert bench.peak_rss_mb() > 0
     monkeypatch.setattr(bench, "benchmarks_dir", lambda: tmp_path)
     with pytest.raises(InputError, match="source checkout"):
         bench.load_benchmark("animate")
@@ -511,7 +516,8 @@ def _prior_grids(astronaut, configs, controls: Controls):
 
 def test_running_reference_streams_and_matches_auto_on_a_still_driver(animator, astronaut):
     image, points = astronaut
-    clip = driving_frames(image, 4)
+    # Long enough that the background stages' bounded read-ahead (two batches per queue) cannot hold all of it.
+    clip = driving_frames(image, 4) * 6
     consumed = []
 
     def lazily():

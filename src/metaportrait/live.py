@@ -171,6 +171,9 @@ def run_live(animator, portrait: np.ndarray, source: FileSource | CameraSource,
             raise mailbox.error
 
     animator.batch_size = 1
+    # Frames are taken from the source as the animator asks for them, newest first; tracking them ahead of the
+    # generator would add latency, so the steps run one after another here (the source has its own thread).
+    animator.overlap = False
     thread = threading.Thread(target=produce, name="metaportrait-live-source", daemon=True)
     start = time.perf_counter()
     thread.start()

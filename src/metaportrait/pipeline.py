@@ -16,6 +16,11 @@ Both entry points share one code path. Step 1 prepares the source; step 2 produc
 source-crop pixels: `Animator.__call__` measures them on a driving video and transfers the motion,
 `Animator.animate_landmarks` takes them as given; steps 3-4 (`Animator._render`) turn targets into frames.
 Frames are streamed: a driving video is read, and results are produced, a few frames (``batch_size``) at a time.
+With ``overlap`` (the default) the stages run side by side (`metaportrait.stages`): the driving video is decoded in
+one background thread and tracked in another, a few batches ahead of the generator, through bounded queues; the
+frames are the same, bit for bit, as with ``overlap=False``, which runs every step in the caller's thread.
+Driving frames larger than `LANDMARK_MAX_SIDE` are tracked at a cost that does not grow with their size
+(`metaportrait.data.landmarks.iter_tracked`'s ``max_side``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import dataclasses
 import functools
 import importlib.resources
 import itertools
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -43,6 +49,7 @@ from metaportrait.io.image import frames_to_tensor, to_tensor, to_uint8_frames
 from metaportrait.models.blocks import make_coordinate_grid, resize_map
 from metaportrait.motion import Controls, RunningReference, absolute_motion, resolve_reference, retarget_motion
 from metaportrait.prior import build_prior
+from metaportrait.stages import prefetch
 from metaportrait.upscale import StreamingSR, load_sr
 
 Motion = Literal["relative", "absolute"]
@@ -52,6 +59,10 @@ REFERENCES: tuple[str, ...] = ("auto", "first", "running")
 MOTIONS: tuple[str, ...] = ("relative", "absolute")
 BUNDLED_CHECKPOINT = "assets/models/lite"  # inside the metaportrait package
 DEFAULT_BATCH_SIZE = 4  # frames per generator forward: amortises per-call overhead, keeps latency and memory low
+# Driving frames with a longer side than this are tracked on a downscaled copy and refined on a face crop (the
+# landmark cost stops growing with the video's resolution; accuracy against full-resolution tracking in
+# docs/results.md). None: track every frame at full resolution.
+LANDMARK_MAX_SIDE = 640
 PASTE_FEATHER = 0.1  # soft paste-back edge, as a fraction of the crop side
 # Source detail is kept where the model moves the source by less than this many crop pixels (fading out to it).
 STILL_MOTION_PX = 1.0
@@ -68,6 +79,8 @@ class AnimationStats:
     reference_changes: int = 0  # with the "running" reference: how often it moved to a more neutral frame
     # Wall seconds per step: "decode" (pulling driving frames), "landmarks" (tracking, smoothing, driver crop),
     # "motion" (transfer onto the source), "model" (line images, mesh prior, generator), "compose" (paste-back).
+    # With overlapping stages (`Animator.overlap`) the first three run in background threads while the others run
+    # in the caller's: each is still that step's own time, but together they add up to more than `seconds`.
     stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def add_time(self, stage: str, seconds: float) -> None:
@@ -128,13 +141,20 @@ class Animator:
         keep_source_detail: where the model leaves the source still (no motion, no synthesis), the pasted-back
             frame keeps the portrait's own pixels instead of the crop's resampled copy (`compose_frame`), and the
             generated crop the source crop's instead of the model's reconstruction of it (`PreparedSource.residual`).
+        overlap: decode and track the driving video in background threads, ahead of the generator (see the
+            module docstring); False runs every step in the caller's thread. The frames are the same either way.
+        queue_frames: with ``overlap``, how many driving frames (and how many targets) each background stage
+            may hold ready; default two batches. Bounded, so memory does not grow with the video's length.
+        landmark_max_side: see `LANDMARK_MAX_SIDE`.
 
     Attributes:
         stats: `AnimationStats` of the latest call, filled in while its frames are consumed.
     """
 
     def __init__(self, generator: torch.nn.Module, config: ModelConfig, identity_encoder: torch.nn.Module | None = None,
-                 batch_size: int = DEFAULT_BATCH_SIZE, keep_source_detail: bool = True, sr: StreamingSR | None = None):
+                 batch_size: int = DEFAULT_BATCH_SIZE, keep_source_detail: bool = True, sr: StreamingSR | None = None,
+                 overlap: bool = True, queue_frames: int | None = None,
+                 landmark_max_side: int | None = LANDMARK_MAX_SIDE):
         if config.landmark_topology not in MEDIAPIPE_TOPOLOGIES:
             raise ValueError(
                 f"the animator measures MediaPipe landmarks; this model was built for {config.landmark_topology!r} "
@@ -142,6 +162,8 @@ class Animator:
             )
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if queue_frames is not None and queue_frames < 1:
+            raise ValueError(f"queue_frames must be at least 1, got {queue_frames}")
         if config.use_identity and identity_encoder is None:
             identity_encoder = dlib_identity_encoder()
         self.generator = generator.eval()
@@ -151,13 +173,16 @@ class Animator:
         self.keep_source_detail = keep_source_detail
         self.size = config.image_size
         self.sr = sr  # face super-resolution of the generated crops (streamed), pasted back at its output size
+        self.overlap = overlap
+        self.queue_frames = queue_frames
+        self.landmark_max_side = landmark_max_side
         self.stats = AnimationStats()
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                         keep_source_detail: bool = True, eyelid_fill: bool | None = None,
                         backend: Backend = "torch", onnx_folder: str | Path | None = None,
-                        sr: bool | str | Path | None = None) -> Animator:
+                        sr: bool | str | Path | None = None, overlap: bool = True) -> Animator:
         """Load a checkpoint folder (``model.safetensors`` + ``config.json``).
 
         Args:
@@ -169,6 +194,7 @@ class Animator:
                 folder per checkpoint).
             sr: super-resolve the generated face crops (`metaportrait.upscale`): True for the bundled SR network,
                 or its folder / official file; None or False: no super-resolution.
+            overlap: run the stages side by side (see `Animator`).
 
         Raises:
             InputError: the folder (or the bundled checkpoint) is missing or not a valid checkpoint.
@@ -201,7 +227,8 @@ class Animator:
         if upscaler is not None and upscaler.input_size != config.image_size:
             raise InputError(sr if sr is not True else "--sr", f"the super-resolution network takes "
                              f"{upscaler.input_size}² crops, but this model renders {config.image_size}²")
-        return cls(generator, config, batch_size=batch_size, keep_source_detail=keep_source_detail, sr=upscaler)
+        return cls(generator, config, batch_size=batch_size, keep_source_detail=keep_source_detail, sr=upscaler,
+                   overlap=overlap)
 
     # --- entry points -----------------------------------------------------------------------------------------
 
@@ -266,9 +293,18 @@ class Animator:
         # 1. Source: landmarks, one crop box, the crop at the model's size, identity embedding, line image.
         source = self.prepare_source(source_image, source_name, source_landmarks, paste_back and not crop_output)
         # 2. Driving: per frame, tracked + smoothed landmarks (lost face -> last good), mapped into the driver's
-        #    own smoothed crop, then transferred onto the source crop from the reference frame.
-        targets = self._driving_targets(source, driving_frames, motion, reference, expression_scale, driving_fps,
-                                        driving_name)
+        #    own smoothed crop, then transferred onto the source crop from the reference frame. With overlap,
+        #    decoding and tracking each run in their own thread, ahead of the generator.
+        if not self.overlap:
+            targets = self._driving_targets(source, self._timed(driving_frames, "decode"), motion, reference,
+                                            expression_scale, driving_fps, driving_name)
+        else:
+            depth = self.queue_frames or 2 * self.batch_size
+            cancel = threading.Event()  # set when the consumer stops early: every stage then ends
+            frames = prefetch(self._timed(driving_frames, "decode"), depth, cancel, "metaportrait-decode")
+            targets = self._driving_targets(source, frames, motion, reference, expression_scale, driving_fps,
+                                            driving_name)
+            targets = prefetch(targets, depth, cancel, "metaportrait-landmarks")
         # 3-4. Controls, model inputs, generator, paste back.
         return self._render(source, targets, controls, paste_back, crop_output, start)
 
@@ -355,21 +391,24 @@ class Animator:
 
         The whole clip is tracked before the first target (the neutral reference is found over all of it; only
         its landmarks are kept, not its frames), except with ``reference="running"`` or absolute motion, which
-        stream: one target per driving frame as it comes.
+        stream: one target per driving frame as it comes. The time spent pulling ``frames`` (decoding, or waiting
+        for the decoding thread) is not counted as landmark time.
         """
         if motion == "absolute" or reference == "running":
             yield from self._streamed_targets(source, frames, motion, expression_scale, fps, name)
             return
         boxes = BoxSmoother(fps)
         driving, found = [], []
+        pulling = [0.0]
         begin = time.perf_counter()
-        for _, points, present in iter_tracked(self._timed(frames, "decode"), smooth=True, fps=fps, name=name):
+        for _, points, present in iter_tracked(_pulled(frames, pulling), smooth=True, fps=fps, name=name,
+                                               max_side=self.landmark_max_side):
             # The driver's crop follows its head smoothly, so its landmarks are comparable across frames and
             # with the source crop (both are face-sized squares of the same side).
             box = boxes(CropBox.from_landmarks(points))
             driving.append(points_to_crop(points, box, self.size))
             found.append(present)
-        self.stats.add_time("landmarks", time.perf_counter() - begin - self.stats.stage_seconds.get("decode", 0.0))
+        self.stats.add_time("landmarks", time.perf_counter() - begin - pulling[0])
         begin = time.perf_counter()
         driving = np.stack(driving)  # (T, 478, 2)
         try:
@@ -386,9 +425,11 @@ class Animator:
         """`_driving_targets` one frame at a time: absolute motion, or relative to a `RunningReference`."""
         boxes = BoxSmoother(fps)
         running = RunningReference(window=max(2, round(10 * fps)))  # the last 10 seconds
+        pulling = [0.0]
         begin = time.perf_counter()
         try:
-            for _, points, present in iter_tracked(self._timed(frames, "decode"), smooth=True, fps=fps, name=name):
+            for _, points, present in iter_tracked(_pulled(frames, pulling), smooth=True, fps=fps, name=name,
+                                                   max_side=self.landmark_max_side):
                 driving = points_to_crop(points, boxes(CropBox.from_landmarks(points)), self.size)
                 tracked = time.perf_counter()
                 self.stats.add_time("landmarks", tracked - begin)
@@ -402,8 +443,8 @@ class Animator:
                 yield target, present
                 begin = time.perf_counter()
         finally:  # also when the consumer stops early (live: Ctrl-C)
-            # Decoding happened inside the tracking loop: keep the two apart.
-            self.stats.add_time("landmarks", -self.stats.stage_seconds.get("decode", 0.0))
+            # Pulling frames (decoding) happened inside the tracking loop: keep the two apart.
+            self.stats.add_time("landmarks", -pulling[0])
 
     def _timed(self, items: Iterable, stage: str) -> Iterator:
         """``items``, adding the time spent producing each to ``stats.stage_seconds[stage]``."""
@@ -491,6 +532,18 @@ class Animator:
                 source_levels=source.levels,
             )
         return result
+
+
+def _pulled(items: Iterable, seconds: list[float]) -> Iterator:
+    """``items``, adding the time spent waiting for each to ``seconds[0]``."""
+    items = iter(items)
+    while True:
+        begin = time.perf_counter()
+        item = next(items, None)
+        seconds[0] += time.perf_counter() - begin
+        if item is None:
+            return
+        yield item
 
 
 def stillness(result: dict[str, torch.Tensor], config: ModelConfig) -> torch.Tensor:

@@ -8,6 +8,7 @@ because the path means nothing to the person in front of the page.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -253,7 +254,8 @@ class AnimateJob:
                                    controls=options.controls, driving_fps=self.fps, source_name=PORTRAIT,
                                    driving_name=DRIVING, source_landmarks=portrait.landmarks)  # fmt: skip
             beside = itertools.islice(again, self.total)
-            yield from self._write(frames, beside, "driving", audio=self.driving if self.has_audio else None)
+            with contextlib.closing(frames):  # its background threads end before the readers close
+                yield from self._write(frames, beside, "driving", audio=self.driving if self.has_audio else None)
 
     def _watched(self, frames: Iterable[np.ndarray], on_read: Callable[[int], None] | None) -> Iterator[np.ndarray]:
         """``frames``, stopping with `Cancelled` once the job is cancelled, and reporting each frame read."""

@@ -8,12 +8,15 @@ Examples::
 
 The source may be an image or a video (its first frame is used). The output has the driving video's frame
 rate (or ``--fps``) and its audio, cut to the video's length. Frames are streamed, so memory does not grow
-with the length of the driving video; the output appears only when it is complete.
+with the length of the driving video; the output appears only when it is complete. The steps overlap: the
+driving video is decoded and tracked in background threads ahead of the generator, and the output is encoded
+in another behind it (``--no-overlap``: one step after another, the same frames); ``--threads`` sets torch's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import logging
 import os
@@ -95,6 +98,15 @@ def add_control_arguments(parser: argparse.ArgumentParser) -> None:
                        help="head tilt in degrees (+ = clockwise on screen)")
 
 
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` and ``--no-overlap``."""
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads for the generator (default: torch's own choice)")
+    parser.add_argument("--no-overlap", dest="overlap", action="store_false",
+                        help="run decoding, landmark tracking, the generator and encoding one after another "
+                             "instead of side by side in threads (the same frames)")
+
+
 def controls_from_args(args: argparse.Namespace) -> Controls:
     return Controls(eyes=args.eyes, mouth=args.mouth, yaw=args.yaw, pitch=args.pitch, roll=args.roll)
 
@@ -136,6 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=_bounded_float(1.0, 240.0), default=None,
                         help="output frame rate (default: the driving video's); frames are dropped or repeated")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="frames per generator call")
+    add_speed_arguments(parser)
     parser.add_argument("--sr", nargs="?", const=True, default=None, metavar="WEIGHTS",
                         help="super-resolve the face to 512 (temporal SR over a sliding window) before pasting it "
                              "back: the bundled SR network, or a folder / official .pth file given here")
@@ -145,8 +158,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    import torch
+
     from metaportrait.io.video import VideoReader, VideoWriter, even_size, resample_fps
     from metaportrait.pipeline import Animator
+    from metaportrait.stages import WriteBehind
 
     # 1. Check every input and the output location before loading the model.
     output = check_output_path(args.output, VIDEO_OUTPUT_SUFFIXES)
@@ -160,7 +176,10 @@ def run(args: argparse.Namespace) -> int:
         animator = Animator.from_pretrained(args.checkpoint, batch_size=args.batch_size,
                                             keep_source_detail=args.keep_source_detail,
                                             eyelid_fill=args.eyelid_fill, backend=args.backend,
-                                            onnx_folder=args.onnx_folder, sr=args.sr)  # fmt: skip
+                                            onnx_folder=args.onnx_folder, sr=args.sr,
+                                            overlap=args.overlap)  # fmt: skip
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
 
         # 2. Driving frames, lazily: resampled to the output rate, cut to --max-frames.
         driving = iter(reader) if args.fps is None else resample_fps(reader, reader.fps, fps)
@@ -170,14 +189,22 @@ def run(args: argparse.Namespace) -> int:
                           expression_scale=args.expression_scale, driving_fps=fps,
                           source_name=args.source, driving_name=args.driving)
 
-        # 3. Stream into the writer; it renames its temporary file only if everything succeeded.
+        # 3. Stream into the writer; it renames its temporary file only if everything succeeded. With overlap the
+        #    encoder runs behind in its own thread (joined before the writer closes or aborts), and the frames'
+        #    background stages are ended (closing) before the driving video is closed.
         audio = args.driving if reader.has_audio else None
-        with VideoWriter(output, fps, audio_from=audio) as writer, tqdm(
+        with contextlib.closing(frames), VideoWriter(output, fps, audio_from=audio) as writer, tqdm(
             total=expected, unit="frame", desc="animate", disable=None, file=sys.stderr
         ) as progress:
-            for frame in frames:
+            def write(frame: np.ndarray) -> None:
                 writer.write(even_size(frame))  # H.264 needs even sides
                 progress.update()
+
+            with WriteBehind(write, depth=2 * args.batch_size, name="metaportrait-encode") if args.overlap \
+                    else contextlib.nullcontext() as behind:
+                put = write if behind is None else behind.put
+                for frame in frames:
+                    put(frame)
 
     stats = animator.stats
     reference = "" if stats.reference_frame is None else f", motion relative to driving frame {stats.reference_frame}"

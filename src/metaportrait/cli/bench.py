@@ -7,6 +7,11 @@ installed), so this command works from a checkout (``pip install -e .``, as ``ma
 ``reference_ms`` is a fixed workload timed before and after the benchmarks in the same run (`reference_ms`):
 ten 3x3 convolutions 64 -> 64 with ReLU on a 1x64x128x128 tensor, no grad. The CPU's state (turbo, throttling,
 other jobs) moves every timing; divide by it to compare numbers from different days.
+
+Every benchmark's result gets ``peak_rss_mb``, the process's peak resident memory while it ran (the peak is
+reset before each one where Linux allows it, `reset_peak_rss`); the animate benchmark also reports it per case.
+``personalize`` (peak memory of `metaportrait personalize` on a short built-in clip, in a child process) is
+slower and runs only when asked for: ``--only personalize``. ``--cases`` limits the animate benchmark's cases.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import importlib.util
 import inspect
 import json
 import logging
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -35,7 +41,9 @@ BENCHMARKS: dict[str, str] = {
     "model": "bench_model.py",
     "animate": "bench_animate.py",
     "sr": "bench_sr.py",
+    "personalize": "bench_personalize.py",
 }
+ON_REQUEST = ("personalize",)  # run only when named with --only
 
 
 def benchmarks_dir() -> Path:
@@ -54,6 +62,28 @@ def load_benchmark(name: str):
     if not callable(getattr(module, "run", None)):
         raise InputError(path, "defines no run() function")
     return module
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident memory (Linux: ``/proc/self/clear_refs``); False where that fails."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: ``VmHWM`` (what `reset_peak_rss` resets), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def reference_ms(threads: int, repeats: int = 5) -> float:
@@ -77,7 +107,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=2,
                         help="CPU threads for torch (and the benchmarks' own pools)")
     parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append", default=None,
-                        help="run only this benchmark (repeatable)")
+                        help=f"run only this benchmark (repeatable); {', '.join(ON_REQUEST)} runs only when named")
+    parser.add_argument("--cases", nargs="+", default=None, metavar="CASE",
+                        help="the animate benchmark's cases to run (default all: clip_256 large_1024 scripted "
+                             "clip_256_onnx)")
     parser.add_argument("--frames", type=positive_int, default=None,
                         help="frames per case of the benchmarks that take a frame count (default: each one's own)")
     parser.add_argument("--driving", type=Path, default=None,
@@ -90,17 +123,27 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(args.driving, "file not found")
     if args.output is not None and not args.output.parent.is_dir():
         raise InputError(args.output, "output folder does not exist")
-    names = [name for name in BENCHMARKS if args.only is None or name in args.only]
+    names = [name for name in BENCHMARKS if (name in args.only if args.only else name not in ON_REQUEST)]
     modules = {name: load_benchmark(name) for name in names}  # all scripts load before any long measurement
+    if getattr(args, "cases", None) and "animate" in modules:
+        unknown = sorted(set(args.cases) - set(modules["animate"].CASES))
+        if unknown:
+            known = ", ".join(modules["animate"].CASES)
+            raise InputError("--cases", f"unknown animate case {unknown[0]!r}; known: {known}")
     torch.set_num_threads(args.threads)
     results: dict = {"threads": args.threads, "reference_ms": {"before": reference_ms(args.threads)}}
     for name, module in modules.items():
         logger.info("benchmark %s ...", name)
         start = time.perf_counter()
         accepted = inspect.signature(module.run).parameters
-        options = {key: value for key, value in (("frames", args.frames), ("driving", args.driving))
+        options = {key: value for key, value in (("frames", args.frames), ("driving", args.driving),
+                                                 ("cases", getattr(args, "cases", None)))
                    if value is not None and key in accepted}
+        scope = "this benchmark" if reset_peak_rss() else "the process so far"
         results[name] = module.run(threads=args.threads, **options)
+        if isinstance(results[name], dict):
+            results[name].setdefault("peak_rss_mb", round(peak_rss_mb(), 1))
+            results[name].setdefault("peak_rss_scope", scope)
         logger.info("benchmark %s done in %.1f s", name, time.perf_counter() - start)
     results["reference_ms"]["after"] = reference_ms(args.threads)
     text = json.dumps(results, indent=2)

@@ -202,6 +202,92 @@ class FaceMeshTracker:
         self.close()
 
 
+# Frames larger than `iter_tracked`'s ``max_side``: the face is tracked in a square crop of this many pixels
+# around it, CROP_MARGIN times the face's size (room for the motion from one frame to the next).
+REFINE_CROP_SIDE = 384
+REFINE_CROP_MARGIN = 2.0
+
+
+class LargeFrameTracker:
+    """Video tracking whose cost does not grow with the frame size: found on a downscaled frame, refined on a crop.
+
+    A face is first found on the frame downscaled to at most ``max_side`` pixels on its longer side (a still-image
+    Face Mesh, used only until a face is found and whenever it is lost). From then on it is tracked in a
+    ``REFINE_CROP_SIDE``-pixel square crop of the full-resolution frame around the previous frame's face (a
+    video-mode Face Mesh that follows the face from frame to frame, as `FaceMeshTracker` does on whole frames);
+    the points are mapped back into frame pixels. Both images have a fixed size, so the cost per frame is the
+    same for a 640 px and a 4K video. Call with frames of one clip, in order; same interface as `FaceMeshTracker`.
+    """
+
+    def __init__(self, max_side: int = 640):
+        if max_side < 64:
+            raise ValueError(f"max_side must be at least 64, got {max_side}")
+        self.max_side = max_side
+        self._finder = FaceMeshTracker(static_image_mode=True)
+        self._refiner = FaceMeshTracker(static_image_mode=False)
+        self._previous: np.ndarray | None = None  # the last frame's landmarks, frame pixels
+
+    def _find(self, frame: np.ndarray) -> np.ndarray | None:
+        """Landmarks on the frame downscaled to ``max_side`` (frame pixels), or None."""
+        import cv2
+
+        height, width = frame.shape[:2]
+        scale = min(1.0, self.max_side / max(height, width))
+        small_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        small = cv2.resize(frame, small_size, interpolation=cv2.INTER_AREA) if scale < 1 else frame
+        points = self._finder(small)
+        if points is None:
+            return None
+        return points * np.array([width / small_size[0], height / small_size[1]], dtype=np.float32)
+
+    def _refine(self, frame: np.ndarray, around: np.ndarray) -> np.ndarray | None:
+        """Landmarks tracked in the square crop around the landmarks ``around`` (frame pixels), or None."""
+        import cv2
+
+        mesh = around[:NUM_MESH_POINTS]
+        low, high = mesh.min(axis=0), mesh.max(axis=0)
+        side = REFINE_CROP_MARGIN * float(max(high - low))
+        if not side > 1:
+            return None
+        cx, cy = (low + high) / 2
+        scale = REFINE_CROP_SIDE / side  # frame pixels -> crop pixels
+        x0, y0 = cx - side / 2, cy - side / 2
+        # Continuous coordinates (pixel centres at +0.5) on both sides: crop = (frame - (x0, y0)) * scale.
+        shift_x = -x0 * scale + 0.5 * scale - 0.5
+        shift_y = -y0 * scale + 0.5 * scale - 0.5
+        matrix = np.array([[scale, 0.0, shift_x], [0.0, scale, shift_y]], dtype=np.float64)
+        # Linear sampling reads only the pixels the crop needs: its cost does not depend on the frame's size.
+        patch = cv2.warpAffine(frame, matrix, (REFINE_CROP_SIDE, REFINE_CROP_SIDE), flags=cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+        points = self._refiner(patch)
+        if points is None:
+            return None
+        return (points / scale + np.array([x0, y0], dtype=np.float64)).astype(np.float32)
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray | None:
+        """Landmarks of the face in ``frame`` (``float32`` ``(478, 2)`` frame pixels), or None."""
+        _check_frame(frame)
+        points = None
+        if self._previous is not None:
+            points = self._refine(frame, self._previous)
+        if points is None:  # first frame, or the face left the crop: find it again on the whole frame
+            found = self._find(frame)
+            if found is not None:
+                points = self._refine(frame, found)
+        self._previous = points
+        return points
+
+    def close(self) -> None:
+        self._finder.close()
+        self._refiner.close()
+
+    def __enter__(self) -> LargeFrameTracker:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
 def face_size(points: np.ndarray) -> float:
     """Size of a face in pixels: the longer side of its 468 mesh points' bounding box."""
     mesh = points[:NUM_MESH_POINTS]
@@ -239,6 +325,7 @@ def iter_tracked(
     smooth: bool = True,
     fps: float = 25.0,
     name: str | Path = "<frames>",
+    max_side: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, bool]]:
     """Track the face through a stream of frames; yields ``(frame, landmarks, present)`` in frame order.
 
@@ -253,6 +340,9 @@ def iter_tracked(
         smooth: apply temporal One-Euro smoothing.
         fps: frame rate of the clip (sets the smoothing time constants).
         name: clip name for error messages.
+        max_side: frames whose longer side exceeds this are tracked by `LargeFrameTracker` (found on the frame
+            downscaled to ``max_side``, refined on a fixed-size crop around the face), at a cost that does not
+            grow with their size; None, or frames up to this size: `FaceMeshTracker` on the whole frame.
 
     Raises:
         InputError: the stream holds no frames.
@@ -262,9 +352,14 @@ def iter_tracked(
     pending: list[np.ndarray] = []  # frames before the first detection
     last: np.ndarray | None = None
     count = 0
-    with FaceMeshTracker(static_image_mode=False) as tracker:
+    with contextlib.ExitStack() as stack:
+        tracker = None
         for frame in frames:
             count += 1
+            if tracker is None:  # chosen by the first frame's size (one clip's frames share it)
+                large = max_side is not None and isinstance(frame, np.ndarray) and max(frame.shape[:2]) > max_side
+                tracker = stack.enter_context(LargeFrameTracker(max_side) if large else
+                                              FaceMeshTracker(static_image_mode=False))
             points = tracker(frame)
             if points is None:
                 if smoother is not None:
