@@ -229,6 +229,14 @@ def test_train_meta_cli_resolves_the_config(dataset_dir, tiny_init, tmp_path, ca
     assert (printed["inner_steps"], printed["outer_lr"], printed["tasks_per_step"], printed["steps"]) == (3, 0.5, 4, 7)
     assert main([*argv, "--inner-steps", "0"]) == 2
     assert "invalid settings" in capsys.readouterr().err
+    # Resuming: the run's own values may be repeated, other values of fixed settings are one error line.
+    (tmp_path / "run").mkdir()
+    resume = [*argv, "--resume", "--steps", "9", "--val-identities", "blue"]
+    (tmp_path / "run" / "meta_config.json").write_text(json.dumps({**printed, "val_identities": ["blue"]}))
+    assert main(resume) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 9
+    assert main([*resume, "--outer-lr", "0.7"]) == 2
+    assert "cannot change ['outer_lr']" in capsys.readouterr().err
 
 
 def test_two_process_meta_training_matches_one_process_with_both_tasks(dataset_dir, tiny_init, tmp_path):

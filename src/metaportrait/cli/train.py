@@ -191,6 +191,18 @@ def _loss_weights(items: list[str], recipe_losses):
     return dataclasses.replace(recipe_losses, **changes)
 
 
+def _changed(given: dict, cfg, resumable: tuple[str, ...]) -> list[str]:
+    """The settings of the command line that differ from the resumed run's ``cfg`` and may not change (repeating
+    the run's own values is allowed)."""
+
+    def same(field: str) -> bool:
+        saved = getattr(cfg, field)
+        value = given[field]
+        return tuple(value) == tuple(saved) if isinstance(saved, (tuple, list)) else value == saved
+
+    return sorted(field for field in given if field not in resumable and not same(field))
+
+
 def build_config(args: argparse.Namespace):
     """The `TrainConfig` of the command line: recipe + overrides, or the resumed run's config."""
     from metaportrait.data.dataset import parse_identities
@@ -205,7 +217,7 @@ def build_config(args: argparse.Namespace):
         if not saved.is_file():
             raise InputError(saved, "not found: there is no run to resume here")
         cfg = TrainConfig.from_dict(json.loads(saved.read_text(encoding="utf-8")))
-        fixed = sorted(set(given) - set(RESUMABLE_CHANGES)) + (["loss"] if args.loss else [])
+        fixed = _changed(given, cfg, RESUMABLE_CHANGES) + (["loss"] if args.loss else [])
         if fixed:
             raise InputError(args.out, f"a resumed run keeps its settings; cannot change {fixed}")
         if cfg.stage != args.stage or cfg.preset != (args.preset or cfg.preset):
@@ -277,7 +289,7 @@ def build_meta_config(args: argparse.Namespace):
             if not saved.is_file():
                 raise InputError(saved, "not found: there is no run to resume here")
             cfg = MetaConfig.from_dict(json.loads(saved.read_text(encoding="utf-8")))
-            fixed = sorted(set(given) - set(RESUMABLE_CHANGES))
+            fixed = _changed(given, cfg, RESUMABLE_CHANGES)
             if fixed:
                 raise InputError(args.out, f"a resumed run keeps its settings; cannot change {fixed}")
             return dataclasses.replace(cfg, **given)
