@@ -13,7 +13,9 @@ sliding window, `metaportrait.upscale.StreamingSR`, chunk 16, context 4). Column
 * FD-MobileNetV2 between all upscaled frames and all real frames (small N: compare rows only);
 * sharpness: variance of the Laplacian of the grey image, relative to the real frames' (1 = as sharp as real).
 
-Prints a markdown table and one JSON line.
+Prints a markdown table and one JSON line. ``--grid FILE`` also writes a picture: one row per ``--grid-clips`` clip
+(the middle evaluated frame), columns bicubic | per frame | temporal | real, a ``--grid-crop``-px centre patch of
+the 512 face at its own resolution.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=16)
     parser.add_argument("--context", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--grid", help="also write a picture grid (PNG or JPEG) here")
+    parser.add_argument("--grid-clips", default="0,2,5", help="indices of the clips in the grid (comma list)")
+    parser.add_argument("--grid-crop", type=int, default=224, help="side of the centre patch in the grid")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(1)
@@ -62,6 +67,8 @@ def main() -> None:
     rows = ("bicubic", "per_frame", "temporal")
     per_clip = {row: {"ewarp": [], "psnr": [], "stlpips": [], "sharpness": []} for row in (*rows, "real")}
     pooled = {row: [] for row in (*rows, "real")}
+    grid_clips = {int(i) for i in args.grid_clips.split(",")} if args.grid else set()
+    grid_rows = []
     start = time.time()
     for clip in clips:
         real = np.ascontiguousarray(clip.frames[: args.frames])
@@ -76,6 +83,11 @@ def main() -> None:
         outputs["per_frame"] = np.stack(single)
         outputs["temporal"] = np.stack(list(StreamingSR(model, args.chunk, args.context).upscale(list(low))))
         outputs["real"] = real
+        if len(grid_rows) < len(grid_clips) and clips.index(clip) in grid_clips:
+            middle, half = len(real) // 2, args.grid_crop // 2
+            y, x = size_out // 2 - half, size_out // 2 - half
+            grid_rows.append(np.concatenate([outputs[row][middle, y:y + 2 * half, x:x + 2 * half]
+                                             for row in (*rows, "real")], axis=1))
         flow = temporal_flow(real)
         real_sharpness = sharpness(real)
         for row, frames in outputs.items():
@@ -101,6 +113,9 @@ def main() -> None:
         print(f"| {row} | {1e3 * values['ewarp']:.3f} | {values['psnr']:.2f} | {values['stlpips']:.4f} | "
               f"{values['fd']:.2f} | {values['sharpness']:.3f} |")
     print(json.dumps(result))
+    if args.grid:
+        cv2.imwrite(args.grid, cv2.cvtColor(np.concatenate(grid_rows), cv2.COLOR_RGB2BGR),
+                    [cv2.IMWRITE_JPEG_QUALITY, 92])
 
 
 if __name__ == "__main__":

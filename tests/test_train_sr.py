@@ -77,3 +77,68 @@ def test_cli_errors_are_one_line(sr_dataset, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: ")
     assert main(["train", "sr", "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
     assert "manifest.jsonl" in capsys.readouterr().err
+
+
+def test_lr_schedule_warms_up_then_decays_to_a_tenth():
+    from metaportrait.train.sr import learning_rate
+
+    cfg = SRTrainConfig(lr=1e-3, warmup=10, steps=110)
+    assert learning_rate(cfg, 1) == pytest.approx(1e-4)
+    assert learning_rate(cfg, 10) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 60) == pytest.approx(0.55e-3)
+    assert learning_rate(cfg, 110) == pytest.approx(1e-4)
+
+
+def test_rgb_init_gives_every_weight_a_gradient_and_stays_near_the_upsampling():
+    from metaportrait.config import SR_PRESETS
+    from metaportrait.models.sr import TemporalSR, upsample
+    from metaportrait.train.sr import init_rgb_heads
+
+    torch.manual_seed(0)
+    model = TemporalSR(SR_PRESETS["tiny"])
+    frames = torch.rand(3, 3, 32, 32)
+    plain = upsample(frames, model.cfg).clamp(0, 1)
+    torch.testing.assert_close(model(frames), plain, atol=1e-5, rtol=0)  # zero heads: no gradient upstream
+    init_rgb_heads(model, 0.01, torch.Generator().manual_seed(0))
+    out = model(frames)
+    assert 0 < (out - plain).abs().max() < 0.05
+    (out - torch.rand_like(out)).abs().mean().backward()
+    for name in ("conv_body_first.weight", "final_linear.weight", "condition_shift.0.0.weight",
+                 "window_down.0.conv2.weight", "stylegan_decoder.style_convs.0.modulated_conv.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_clean_share_is_a_plain_area_downscale():
+    import cv2
+
+    frames = np.random.default_rng(1).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    out = degrade(frames, 32, np.random.default_rng(0), clean=1.0)
+    expected = np.stack([cv2.resize(f, (32, 32), interpolation=cv2.INTER_AREA) for f in frames])
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_losses_have_every_term_and_the_patch_is_deterministic():
+    from metaportrait.losses.perceptual import MobileNetV2Features, PerceptualPyramidLoss
+    from metaportrait.train.sr import sr_losses
+
+    perceptual = PerceptualPyramidLoss(MobileNetV2Features(), scales=(1.0,), layer_weights=(1.0,) * 5)
+    out, gt = torch.rand(1, 3, 3, 64, 64), torch.rand(1, 3, 3, 64, 64)
+    cfg = _cfg(crop=32)
+    a, b = sr_losses(out, gt, cfg, perceptual, 7), sr_losses(out, gt, cfg, perceptual, 7)
+    assert set(a) == {"l1", "edge", "perceptual", "temporal"}
+    assert all(float(a[k]) == float(b[k]) > 0 for k in a)
+    assert set(sr_losses(out, gt, _cfg(edge=0, temporal=0), perceptual, 7)) == {"l1", "perceptual"}
+
+
+def test_pyramid_loss_is_zero_for_the_resized_ground_truth():
+    import torch.nn.functional as F
+
+    from metaportrait.train.sr import pyramid_loss
+
+    gt = torch.rand(1, 2, 3, 32, 32)
+    levels = [F.interpolate(gt[0] * 2 - 1, size=s, mode="bilinear", align_corners=False, antialias=True)
+              for s in (8, 16)]
+    rgbs = [levels + [gt[0] * 2 - 1]]
+    assert float(pyramid_loss(rgbs, gt)) < 1e-6
+    assert float(pyramid_loss([[r + 0.5 for r in rgbs[0]]], gt)) == pytest.approx(0.5, abs=1e-5)

@@ -415,11 +415,13 @@ class SRConfig:
 # GFPGAN v1 clean + temporal window, exactly (sr_temporal_gfpgan.tsv): U-Net at 512 after a bilinear x2.
 _SR_OFFICIAL = SRConfig()
 
-# The CPU model: the U-Net runs on the 256 input itself, the decoder is narrow and adds a residual to the bicubic
-# upsampling (so it starts as bicubic); temporal conv pairs are 3C -> C -> C. Trained from scratch.
+# The CPU model: a narrow U-Net on the input resized to 512 (as the official one, so its finest skip and SFT
+# condition carry the input's full 256-px detail; a U-Net on the 256 input itself stops its skips at 128 px and
+# did not move from bicubic in training), a narrow decoder that adds a residual to the bicubic upsampling (so it
+# starts as bicubic); temporal conv pairs are 3C -> C -> C. Trained from scratch.
 _SR_LITE = SRConfig(
-    unet_size=256,
-    unet_channels=(8, 16, 32, 32, 32, 32, 32),
+    unet_size=512,
+    unet_channels=(4, 8, 16, 32, 32, 32, 32, 32),
     decoder_channels=(64, 64, 64, 64, 64, 32, 16, 8),
     style_dim=64,
     num_mlp=0,

@@ -8,7 +8,8 @@ Examples::
     metaportrait train sr --data datasets/sr512 --out runs/sr --resume --steps 40000
 
 Inputs are made on the fly from the 512 frames (`metaportrait.train.sr.degrade`). With ``--resume`` the run's
-saved settings are used; only ``--steps``, ``--lr``, ``--ema-decay`` and the runtime flags may change.
+saved settings are used; only ``--steps``, ``--lr``, ``--ema-decay`` and the runtime flags may change (the lr
+schedule is a function of the step, ``--lr`` and ``--steps``: a new ``--steps`` moves the end of its cosine decay).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from metaportrait.config import SR_PRESETS
 from metaportrait.errors import InputError
 
 _FLAGS = ("preset", "frames", "clips", "steps", "lr", "threads", "seed", "log_every", "checkpoint_every", "val_every",
-          "temporal", "ema_decay")
+          "temporal", "ema_decay", "warmup", "rgb_init", "edge", "perceptual", "crop", "clean", "grad_clip", "pyramid")
 
 
 def add_parser(sub) -> None:
@@ -33,10 +34,20 @@ def add_parser(sub) -> None:
     sr.add_argument("--frames", type=int, help="consecutive frames per training clip (default 3)")
     sr.add_argument("--clips", type=int, help="clips per step (default 1)")
     sr.add_argument("--steps", type=int, help="train up to this step (default 20000)")
-    sr.add_argument("--lr", type=float, help="Adam learning rate (default 2e-4)")
-    sr.add_argument("--ema-decay", type=float, help="decay of the exported weight average (default 0.999; "
+    sr.add_argument("--lr", type=float, help="peak Adam learning rate (default 4e-4; warm-up, then cosine to lr/10)")
+    sr.add_argument("--warmup", type=int, help="steps of linear lr warm-up (default 100)")
+    sr.add_argument("--grad-clip", type=float, help="max global gradient norm (default 1; 0 = off)")
+    sr.add_argument("--ema-decay", type=float, help="decay of the exported weight average (default 0.995; "
                     "changing it on --resume restarts the average from the current weights)")
     sr.add_argument("--temporal", type=float, help="weight of the frame-difference loss (default 2; 0 = off)")
+    sr.add_argument("--edge", type=float, help="weight of the image-gradient L1 (default 1; 0 = off)")
+    sr.add_argument("--perceptual", type=float, help="weight of the MobileNetV2 perceptual loss (default 0.1)")
+    sr.add_argument("--crop", type=int, help="side of the random patch the perceptual loss sees (default 256; "
+                    "0 = the whole frame)")
+    sr.add_argument("--rgb-init", type=float, help="residual presets: decoder RGB heads drawn at this x their "
+                    "default scale before training (default 0.01; 0 = zero, the plain upsampling)")
+    sr.add_argument("--pyramid", type=float, help="weight of the U-Net's RGB pyramid L1 (default 1; 0 = off)")
+    sr.add_argument("--clean", type=float, help="share of clips only downscaled, no other degradation (default 0.3)")
     sr.add_argument("--val-identities", help="held-out identities: a file (one per line) or a comma list")
     sr.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its checkpoint")
     sr.add_argument("--threads", type=int, help="torch CPU threads (default 1)")

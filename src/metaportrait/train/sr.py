@@ -6,9 +6,22 @@ consecutive 512 frames (horizontally flipped at random) as ground truth and make
 clip-level strengths and per-frame noise and shifts, so the inputs look like the base model's output. Every
 random choice is drawn from a generator seeded by ``(seed, step)``, so a resumed run sees the same batches.
 
-Losses: L1 + the project's perceptual pyramid (`metaportrait.losses.perceptual`, MobileNetV2) + a temporal term
-``|(O_t - O_t-1) - (G_t - G_t-1)|`` that penalises flicker the ground truth does not have. Adam, constant lr,
-an exponential moving average of the weights is what gets exported.
+A share of the clips (``clean``) is only downscaled (area), as the evaluation's inputs.
+
+Losses: L1 + L1 of the image gradients (``edge``: rewards the detail plain L1 averages away) + the project's
+perceptual pyramid (`metaportrait.losses.perceptual`, MobileNetV2) on a random ``crop``-sized patch of every output
+frame (the same patch of the ground truth; a quarter of the cost of the whole 512 frame) + GFPGAN's pyramid
+loss (``pyramid``: L1 of the U-Net's intermediate RGB outputs against the resized ground truth, which gives the
+U-Net that conditions the decoder a direct restoration signal) + a temporal term
+``|(O_t - O_t-1) - (G_t - G_t-1)|`` that penalises flicker the ground truth does not have. Adam (global gradient
+norm clipped at ``grad_clip``; a step with a non-finite loss or gradient is skipped) with a linear warm-up over
+``warmup`` steps, then a cosine decay to ``lr / 10`` at ``steps``; an exponential moving average of the weights is
+what gets exported.
+
+Initialisation: residual presets start with their decoder's RGB heads at zero (the untrained network is the plain
+upsampling), which leaves every other weight without gradient at the first step and the whole network moving only
+as fast as those heads grow. Training therefore re-draws the heads at ``rgb_init`` times their default scale
+(small: the first outputs stay within about a grey level of the upsampling) before the first step.
 
 Run folder (the same conventions as `metaportrait.train.base`):
 
@@ -23,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +44,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from metaportrait.config import SR_PRESETS, SRConfig, _from_dict
 from metaportrait.data.dataset import PreparedClip, PreparedDataset, parse_identities
@@ -44,18 +59,47 @@ from metaportrait.train.base import _update_average, append_jsonl, export_model,
 RESUMABLE_CHANGES = ("steps", "threads", "log_every", "checkpoint_every", "val_every", "ema_decay", "lr")
 
 
+def learning_rate(cfg: SRTrainConfig, step: int) -> float:
+    """Linear warm-up over ``cfg.warmup`` steps, then a cosine decay from ``cfg.lr`` to ``cfg.lr / 10`` at
+    ``cfg.steps``."""
+    if step <= cfg.warmup:
+        return cfg.lr * step / max(cfg.warmup, 1)
+    progress = min(1.0, (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def init_rgb_heads(model: TemporalSR, scale: float, generator: torch.Generator) -> None:
+    """Re-draw the decoder's RGB heads of a residual preset at ``scale`` x their default init (StyleGAN2's
+    ``randn / sqrt(fan_in)``), so every weight gets a gradient from the first step."""
+    if not model.cfg.residual or scale == 0:
+        return
+    with torch.no_grad():
+        for to_rgb in [model.stylegan_decoder.to_rgb1, *model.stylegan_decoder.to_rgbs]:
+            weight = to_rgb.modulated_conv.weight
+            weight.copy_(torch.randn(weight.shape, generator=generator) * scale / math.sqrt(weight[0, 0].numel()))
+
+
 @dataclass(frozen=True)
 class SRTrainConfig:
     preset: str = "lite"
     frames: int = 3  # consecutive frames per training clip
     clips: int = 1  # clips per step
     steps: int = 20000
-    lr: float = 2e-4
-    ema_decay: float = 0.999
+    lr: float = 4e-4  # 1e-3 diverged (output saturated, then NaN) after ~220 steps, even with warm-up
+    warmup: int = 100  # steps of linear lr warm-up; then a cosine decay to lr / 10 at `steps`
+    ema_decay: float = 0.995
+    grad_clip: float = 1.0  # max global gradient norm (0: off); a step with a non-finite loss is skipped
+    rgb_init: float = 0.01  # residual presets: decoder RGB heads re-drawn at this x their default scale (0: zero)
     l1: float = 1.0
+    edge: float = 1.0  # L1 of the horizontal and vertical image differences (0: off)
     # Perceptual pyramid (MobileNetV2, layer weights 1, scales 1 and 1/2): its value is ~140x the L1's at the start.
     perceptual: float = 0.1
+    crop: int = 256  # side of the random patch the perceptual term sees (0: the whole frame)
     temporal: float = 2.0  # weight of the frame-difference term (0: off)
+    # GFPGAN's pyramid loss: L1 of the U-Net's own RGB outputs (8 px .. unet_size) against the resized ground
+    # truth, so the U-Net whose features condition the decoder learns restoration directly (0: off)
+    pyramid: float = 1.0
+    clean: float = 0.3  # share of clips whose input is only downscaled (area), no blur, shift, noise or JPEG
     val_identities: tuple[str, ...] = ()  # held out: never trained on; validation windows come from them
     seed: int = 0
     threads: int = 1
@@ -87,9 +131,12 @@ class SRTrainConfig:
 # Data
 
 
-def degrade(frames: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def degrade(frames: np.ndarray, size: int, rng: np.random.Generator, clean: float = 0.0) -> np.ndarray:
     """``uint8 (T, S, S, 3)`` ground-truth frames -> ``uint8 (T, size, size, 3)`` inputs that look like a blurry,
-    slightly misaligned, noisy, compressed render. Strengths are per clip; shifts, noise and JPEG per frame."""
+    slightly misaligned, noisy, compressed render. Strengths are per clip; shifts, noise and JPEG per frame.
+    With probability ``clean`` the clip is only downscaled (area)."""
+    if clean > 0 and rng.random() < clean:
+        return np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in frames])
     scale = frames.shape[1] / size
     sigma = rng.uniform(0.1, 1.2) * scale  # Gaussian blur at the ground-truth resolution
     kernel = rng.choice([cv2.INTER_AREA, cv2.INTER_LINEAR, cv2.INTER_CUBIC])
@@ -135,7 +182,7 @@ def make_batch(clips: list[PreparedClip], cfg: SRTrainConfig, model_cfg: SRConfi
                                for f in window])
         if rng.random() < 0.5:
             window = window[:, :, ::-1]
-        lq.append(degrade(window, model_cfg.input_size, rng))
+        lq.append(degrade(window, model_cfg.input_size, rng, cfg.clean))
         gt.append(window)
     as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(np.stack(a))).permute(0, 1, 4, 2, 3).float() / 255  # noqa: E731
     return as_tensor(lq), as_tensor(gt)
@@ -176,6 +223,7 @@ def train_sr(cfg: SRTrainConfig, data_dir: str | Path, out_dir: str | Path, resu
 
     torch.manual_seed(cfg.seed)
     model = TemporalSR(model_cfg)
+    init_rgb_heads(model, cfg.rgb_init, torch.Generator().manual_seed(cfg.seed))
     averaged = TemporalSR(model_cfg)
     averaged.load_state_dict(model.state_dict())
     averaged.requires_grad_(False).eval()
@@ -187,8 +235,6 @@ def train_sr(cfg: SRTrainConfig, data_dir: str | Path, out_dir: str | Path, resu
         model.load_state_dict(state["model"])
         averaged.load_state_dict(state["averaged"])
         optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:  # the saved state holds the lr it was run with; --lr may change it
-            group["lr"] = cfg.lr
         start_step = state["step"]
         if saved.ema_decay != cfg.ema_decay:  # a new decay restarts the average from the current weights
             averaged.load_state_dict(model.state_dict())
@@ -204,17 +250,26 @@ def train_sr(cfg: SRTrainConfig, data_dir: str | Path, out_dir: str | Path, resu
     try:
         for step in range(start_step + 1, cfg.steps + 1):
             lq, gt = make_batch(train_clips, cfg, model_cfg, step)
+            for group in optimizer.param_groups:  # the schedule is a function of the step: exact on --resume
+                group["lr"] = learning_rate(cfg, step)
             model.train()
-            out = torch.stack([model(clip) for clip in lq])  # each clip is one temporal window
-            losses = {"l1": (out - gt).abs().mean()}
-            losses["perceptual"] = perceptual(out.flatten(0, 1), gt.flatten(0, 1))
-            if cfg.temporal > 0 and cfg.frames > 1:
-                losses["temporal"] = ((out[:, 1:] - out[:, :-1]) - (gt[:, 1:] - gt[:, :-1])).abs().mean()
-            total = cfg.l1 * losses["l1"] + cfg.perceptual * losses["perceptual"] + cfg.temporal * losses.get(
-                "temporal", 0.0)
+            results = [model(clip, return_rgb=cfg.pyramid > 0) for clip in lq]  # each clip is one temporal window
+            out = torch.stack([r[0] for r in results]) if cfg.pyramid > 0 else torch.stack(results)
+            losses = sr_losses(out, gt, cfg, perceptual, step)
+            if cfg.pyramid > 0:
+                losses["pyramid"] = pyramid_loss([r[1] for r in results], gt)
+            weights = {"l1": cfg.l1, "edge": cfg.edge, "perceptual": cfg.perceptual, "temporal": cfg.temporal,
+                       "pyramid": cfg.pyramid}
+            total = sum(weights[k] * v for k, v in losses.items())
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
+            if not torch.isfinite(total):  # skip the step, keep the weights (logged as a NaN loss)
+                losses["grad_norm"] = total.detach() * 0
+            else:
+                total.backward()
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+                losses["grad_norm"] = norm
+                if torch.isfinite(norm):
+                    optimizer.step()
             _update_average(averaged, model, cfg.ema_decay)
             for k, v in {**losses, "total": total}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
@@ -239,6 +294,36 @@ def train_sr(cfg: SRTrainConfig, data_dir: str | Path, out_dir: str | Path, resu
     finally:
         torch.set_num_threads(previous_threads)
     return record
+
+
+def sr_losses(out: torch.Tensor, gt: torch.Tensor, cfg: SRTrainConfig, perceptual, step: int) -> dict:
+    """The step's loss terms for outputs and ground truth ``(clips, T, 3, S, S)`` (weights not applied)."""
+    losses = {"l1": (out - gt).abs().mean()}
+    if cfg.edge > 0:
+        losses["edge"] = sum((out.diff(dim=d) - gt.diff(dim=d)).abs().mean() for d in (-1, -2))
+    frames_out, frames_gt = out.flatten(0, 1), gt.flatten(0, 1)
+    size = frames_out.shape[-1]
+    if 0 < cfg.crop < size:  # one random patch per step, drawn from the step's seed (exact on --resume)
+        y, x = (int(v) for v in np.random.default_rng([cfg.seed, step, 1]).integers(0, size - cfg.crop + 1, 2))
+        frames_out = frames_out[..., y:y + cfg.crop, x:x + cfg.crop]
+        frames_gt = frames_gt[..., y:y + cfg.crop, x:x + cfg.crop]
+    losses["perceptual"] = perceptual(frames_out, frames_gt)
+    if cfg.temporal > 0 and out.shape[1] > 1:
+        losses["temporal"] = ((out[:, 1:] - out[:, :-1]) - (gt[:, 1:] - gt[:, :-1])).abs().mean()
+    return losses
+
+
+def pyramid_loss(rgbs: list[list[torch.Tensor]], gt: torch.Tensor) -> torch.Tensor:
+    """Mean over levels of the L1 between the U-Net's RGB outputs (per clip, per level, ``(T, 3, s, s)`` in
+    [-1, 1]) and the ground truth ``(clips, T, 3, S, S)`` in [0, 1] resized to each level."""
+    terms = []
+    for clip_rgbs, clip_gt in zip(rgbs, gt):
+        for rgb in clip_rgbs:
+            size = rgb.shape[-1]
+            target = F.interpolate(clip_gt * 2 - 1, size=(size, size), mode="bilinear", align_corners=False,
+                                   antialias=True) if size != clip_gt.shape[-1] else clip_gt * 2 - 1
+            terms.append((rgb - target).abs().mean())
+    return torch.stack(terms).mean()
 
 
 @torch.no_grad()
