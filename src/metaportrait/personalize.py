@@ -316,6 +316,14 @@ def tail_report(
     return report
 
 
+def mark_budget(unit: str, last_mark: float) -> dict:
+    """The ``seconds`` / ``steps`` fields of a `PersonalizeConfig` that fine-tune up to ``last_mark`` of ``unit``
+    ("seconds" of wall time or optimiser "steps")."""
+    if unit not in ("seconds", "steps"):
+        raise ValueError(f"unit must be 'seconds' or 'steps', got {unit!r}")
+    return {"seconds": last_mark, "steps": None} if unit == "seconds" else {"seconds": None, "steps": int(last_mark)}
+
+
 def budget_curve(
     start: torch.nn.Module,
     model_cfg: ModelConfig,
@@ -330,8 +338,7 @@ def budget_curve(
     seconds, or steps with ``unit="steps"`` (one run up to ``max(marks)``, reported as it passes each mark; the
     reports' time is not counted). Returns ``{"seconds", "steps", "loss", metric: value, ...}`` per point, the
     first at 0 s; ``seconds`` is the mark (seconds) or the measured training time (steps)."""
-    if unit not in ("seconds", "steps"):
-        raise ValueError(f"unit must be 'seconds' or 'steps', got {unit!r}")
+    budget = mark_budget(unit, max(marks))
     generator = copy.deepcopy(start)
     encoder = models.identity if model_cfg.use_identity else None
     first = tail_report({"x": generator}, model_cfg, tail, cfg.report_stride, models)["x"]
@@ -342,12 +349,14 @@ def budget_curve(
         while pending and (seconds if unit == "seconds" else step) >= pending[0]:
             values = tail_report({"x": generator}, model_cfg, tail, cfg.report_stride, models)["x"]
             mark = pending.pop(0)
-            at = {"seconds": mark, "steps": step} if unit == "seconds" else {"seconds": round(seconds, 2), "steps": int(mark)}
+            if unit == "seconds":
+                at = {"seconds": mark, "steps": step}
+            else:
+                at = {"seconds": round(seconds, 2), "steps": int(mark)}
             points.append({**at, "loss": round(loss, 4), **values})
             generator.train()
 
     torch.manual_seed(cfg.seed)
-    budget = {"seconds": max(marks), "steps": None} if unit == "seconds" else {"seconds": None, "steps": int(max(marks))}
     tuned = dataclasses.replace(cfg, **budget, eval_every=float("inf"))
     fine_tune(generator, model_cfg, train_clips, tail, tuned, encoder, report)
     return points

@@ -206,6 +206,7 @@ def _run_personalize(args: argparse.Namespace) -> int:
         check_one_person,
         default_cache_dir,
         front_end,
+        mark_budget,
         split_holdout,
     )
 
@@ -213,8 +214,8 @@ def _run_personalize(args: argparse.Namespace) -> int:
     if args.unit == "steps" and not args.at:
         raise InputError(args.output, "--unit steps needs the report points in steps: --at N [N ...]")
     marks = sorted(args.at or [m for m in (15, 30, 60, 90, 120, 180, 240, 300) if m < args.seconds] + [args.seconds])
-    budget = {"seconds": max(marks), "steps": None} if args.unit == "seconds" else {"seconds": None, "steps": int(max(marks))}
-    cfg = PersonalizeConfig(**budget, holdout_seconds=args.holdout_seconds, report_stride=args.report_stride)
+    cfg = PersonalizeConfig(**mark_budget(args.unit, max(marks)), holdout_seconds=args.holdout_seconds,
+                            report_stride=args.report_stride)  # fmt: skip
     models = MetricModels.load()
     starts = {}
     for name, path in args.inits:

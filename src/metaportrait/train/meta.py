@@ -175,7 +175,8 @@ def train_meta(cfg: MetaConfig, data_dir: str | Path, out_dir: str | Path, resum
         raise InputError(out_dir, "already holds a meta-training run; pass --resume to continue it")
     procs = start_processes()
     if cfg.tasks_per_step % procs.world_size:
-        raise InputError(out_dir, f"tasks_per_step {cfg.tasks_per_step} is not a multiple of {procs.world_size} processes")
+        raise InputError(out_dir, f"tasks_per_step {cfg.tasks_per_step} is not a multiple of the "
+                                  f"{procs.world_size} processes")  # fmt: skip
     if procs.distributed:
         dist.barrier()  # every rank has checked the run folder before rank 0 writes into it
     progress = progress and procs.is_main
