@@ -165,6 +165,28 @@ def test_eval_personalize_writes_curves_per_init(videos, tiny_checkpoint, tmp_pa
     assert _run([*argv[:argv.index("--at")], "--unit", "steps", *argv[argv.index("--holdout-seconds"):]]) == 2
 
 
+def test_eval_personalize_reports_source_frames_of_the_tails_video(videos, tiny_checkpoint, tmp_path):
+    from metaportrait.personalize import PersonalizeConfig, front_end, split_holdout, tail_source_frames
+
+    clips = front_end([videos["hopper"], videos["astronaut"]], 64, tmp_path / "cache").clips
+    train, tail = split_holdout(clips, PersonalizeConfig(holdout_seconds=1))
+    frames = tail_source_frames(train, tail, max_frames=10)
+    # Only the tail's own video (the same crop box, so the same framing), its training part, spread evenly.
+    assert len(frames) == 10 and frames.images.shape[1:] == (64, 64, 3)
+    np.testing.assert_array_equal(frames.images[0], clips[1].frames[0])
+    np.testing.assert_array_equal(frames.images[-1], clips[1].frames[tail.first_frame - 1])
+    output = tmp_path / "frames.json"
+    argv = ["eval", "personalize", "--video", str(videos["astronaut"]), "--inits", f"a={tiny_checkpoint}",
+            "--at", "1", "--unit", "steps", "--holdout-seconds", "1", "--threads", "1", "--source-frames",
+            "--output", str(output), "--cache", str(tmp_path / "cache")]
+    assert _run(argv) == 0
+    results = json.loads(output.read_text())
+    assert set(results["points"]) == {"a", "a+frames"} and "--source-frames" in results["command"]
+    plain, framed = results["points"]["a"], results["points"]["a+frames"]
+    assert [p["steps"] for p in framed] == [0, 1] and [p["loss"] for p in framed] == [p["loss"] for p in plain]
+    assert all(np.isfinite(p["psnr"]) for p in framed)
+
+
 @pytest.mark.slow
 def test_personalize_on_a_real_video_of_a_new_person(shared_data, tmp_path, capsys):
     """The bundled model on a person it never saw (hires/): a few steps, then the checkpoint animates."""

@@ -79,6 +79,17 @@ def test_residual_preset_starts_as_plain_upsampling():
     torch.testing.assert_close(out, plain, atol=1e-5, rtol=0)
 
 
+def test_detail_head_starts_at_zero_and_learns_from_the_first_step():
+    model = _tiny(unet_size=64, unet_channels=(2, 4, 4, 4, 4), detail_head=True)
+    frames, target = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 64, 64)
+    plain = F.interpolate(frames, size=64, mode=model.cfg.residual_mode, align_corners=False).clamp(0, 1)
+    torch.testing.assert_close(model(frames), plain, atol=1e-5, rtol=0)  # exactly the upsampling at init
+    (model(frames) - target).abs().mean().backward()
+    assert model.detail_rgb.weight.grad.abs().sum() > 0  # the path around the decoder gets a gradient at once
+    with pytest.raises(ValueError, match="detail_head"):
+        SRConfig(unet_size=256, unet_channels=(64, 128, 256, 256, 256, 256, 256), residual=True, detail_head=True)
+
+
 def test_official_layout_matches_the_reference_listing():
     with torch.device("meta"):
         model = TemporalSR(SR_PRESETS["official"])

@@ -375,6 +375,9 @@ class SRConfig:
     temporal_hidden: int = 3  # hidden width of a temporal conv pair in multiples of C (official: 3C -> 3C -> C)
     residual: bool = False  # output = upsampling of the input + decoder image (decoder starts at zero)
     residual_mode: Literal["bilinear", "bicubic"] = "bilinear"  # the upsampling the residual is added to
+    # residual presets: a conv3x3 from the U-Net's finest features straight to RGB, added to the output (zero at
+    # init). A path around the modulated decoder, which in training switched its own residual off.
+    detail_head: bool = False
     noise_buffers: bool = True  # keep StyleGAN2's per-layer noise buffers (official layout; noise itself is zero)
 
     def __post_init__(self):
@@ -395,6 +398,8 @@ class SRConfig:
             _check(2 * unet == decoder,
                    f"sr: at {4 << level} px the U-Net width ({unet}) must be half the decoder width ({decoder})")
         _check(self.temporal_hidden >= 1, "sr.temporal_hidden must be >= 1")
+        _check(not self.detail_head or (self.residual and self.unet_size == self.output_size),
+               "sr.detail_head needs residual=True and unet_size == output_size")
         _check(self.num_mlp >= 0 and self.style_dim >= 1, "sr.num_mlp must be >= 0 and style_dim >= 1")
 
     @property
@@ -418,7 +423,8 @@ _SR_OFFICIAL = SRConfig()
 # The CPU model: a narrow U-Net on the input resized to 512 (as the official one, so its finest skip and SFT
 # condition carry the input's full 256-px detail; a U-Net on the 256 input itself stops its skips at 128 px and
 # did not move from bicubic in training), a narrow decoder that adds a residual to the bicubic upsampling (so it
-# starts as bicubic); temporal conv pairs are 3C -> C -> C. Trained from scratch.
+# starts as bicubic) and a detail head from the U-Net's 512-px features; temporal conv pairs are 3C -> C -> C.
+# Trained from scratch.
 _SR_LITE = SRConfig(
     unet_size=512,
     unet_channels=(4, 8, 16, 32, 32, 32, 32, 32),
@@ -429,12 +435,13 @@ _SR_LITE = SRConfig(
     residual=True,
     residual_mode="bicubic",
     noise_buffers=False,
+    detail_head=True,
 )
 
 # The lite structure at 32 -> 64 with a few channels, for tests.
 _SR_TINY = dataclasses.replace(
     _SR_LITE, input_size=32, output_size=64, unet_size=32, unet_channels=(4, 4, 4, 4),
-    decoder_channels=(8, 8, 8, 8, 4), style_dim=8,
+    decoder_channels=(8, 8, 8, 8, 4), style_dim=8, detail_head=False,
 )
 
 SR_PRESETS: dict[str, SRConfig] = {"tiny": _SR_TINY, "lite": _SR_LITE, "official": _SR_OFFICIAL}

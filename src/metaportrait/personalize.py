@@ -18,7 +18,8 @@ knows what one photo cannot show (teeth, wrinkles, how the hair moves).
    of ``eval_pairs`` fixed pairs at the model's size; this time is not counted in the budget).
 4. **Report** (`tail_report`): the one-shot model and the personalised one, each animating the tail's first
    frame along the rest of the tail as `metaportrait eval self` does (paste-back through the `Animator`),
-   compared with the real frames: PSNR, SSIM, face L1, ST-LPIPS and identity distance.
+   compared with the real frames: PSNR, SSIM, face L1, ST-LPIPS and identity distance; optionally also with
+   the person's training frames as source frames (`metaportrait.source_frames`, `tail_source_frames`).
 
 The default design (`PersonalizeConfig`) was chosen by measurement on people the bundled model never saw
 (docs/experiments.md, 2026-12-06).
@@ -55,6 +56,7 @@ from metaportrait.io.image import frames_to_tensor
 from metaportrait.losses.perceptual import MobileNetV2Features
 from metaportrait.meta.reptile import AdaptResult, adapt
 from metaportrait.models.identity import DLIB_SAME_PERSON_THRESHOLD, IdentityEncoder, identity_distance
+from metaportrait.source_frames import MAX_SOURCE_FRAMES, SourceFrames
 from metaportrait.train.config import PERSONAL_LOSS, LossWeights
 from metaportrait.train.meta import query_metrics
 
@@ -83,6 +85,8 @@ class PersonalizeConfig:
     eval_every: float = 15.0  # training seconds between held-out checks
     eval_pairs: int = 8  # fixed tail pairs of the held-out checks
     report_stride: int = 4  # the final report uses every k-th tail frame
+    # the final report also animates the training frames of the tail's video as source frames (two more rows)
+    report_source_frames: bool = False
     loss: LossWeights = field(default_factory=lambda: PERSONAL_LOSS)
     seed: int = 0
 
@@ -290,12 +294,28 @@ def fine_tune(
 # ---------------------------------------------------------------------------------------------------------
 
 
+def tail_source_frames(train_clips: Sequence[PreparedClip], tail: PreparedClip,
+                       max_frames: int = MAX_SOURCE_FRAMES) -> SourceFrames | None:
+    """Up to ``max_frames`` training frames of the tail's own video, spread evenly: the same crop box as the tail,
+    hence its framing (None when the tail's video has no training part)."""
+    parts = [c for c in train_clips if c.folder == tail.folder and len(c.usable_frames)]
+    if not parts:
+        return None
+    usable = np.concatenate([c.usable_frames for c in parts])
+    picks = usable[np.unique(np.linspace(0, len(usable) - 1, min(max_frames, len(usable))).round().astype(int))]
+    return SourceFrames(np.asarray(parts[0].frames[picks]), np.asarray(parts[0].landmarks[picks], np.float32),
+                        f"{tail.source_video} (training part)")
+
+
 def tail_report(
-    generators: dict[str, torch.nn.Module], model_cfg: ModelConfig, tail: PreparedClip, stride: int, models
+    generators: dict[str, torch.nn.Module], model_cfg: ModelConfig, tail: PreparedClip, stride: int, models,
+    source_frames: SourceFrames | None = None,
 ) -> dict[str, dict[str, float]]:
     """Self-reconstruction of the held-out tail by each generator (as `metaportrait eval self`): the tail's first
     kept frame animated along the smoothed landmarks of every ``stride``-th later frame, pasted back, compared with
-    the real crops. ``models``: `metaportrait.eval.protocols.MetricModels`. Returns name -> metric -> value."""
+    the real crops. ``models``: `metaportrait.eval.protocols.MetricModels`. With ``source_frames`` (of the tail's
+    framing, `tail_source_frames`) each generator is also reported animating them, as ``"<name> + source
+    frames"``. Returns name -> metric -> value."""
     from metaportrait.eval.protocols import reconstruction_metrics, smooth_targets
     from metaportrait.pipeline import Animator
 
@@ -309,10 +329,11 @@ def tail_report(
     report = {}
     for name, generator in generators.items():
         animator = Animator(generator, model_cfg, identity_encoder=models.identity)
-        output = np.stack(list(animator.animate_landmarks(source, targets[1:], paste_back=True,
-                                                          source_landmarks=targets[0])))  # fmt: skip
-        values = reconstruction_metrics(models, output, real, face, source, targets[0], landmarks[1:])
-        report[name] = {k: round(float(v), 5) for k, v in values.items()}
+        for suffix, frames in [("", None)] + ([(" + source frames", source_frames)] if source_frames else []):
+            output = np.stack(list(animator.animate_landmarks(source, targets[1:], paste_back=True,
+                                                              source_landmarks=targets[0], source_frames=frames)))
+            values = reconstruction_metrics(models, output, real, face, source, targets[0], landmarks[1:])
+            report[name + suffix] = {k: round(float(v), 5) for k, v in values.items()}
     return report
 
 
@@ -333,21 +354,27 @@ def budget_curve(
     models,
     marks: Sequence[float],
     unit: str = "seconds",
+    source_frames: SourceFrames | None = None,
 ) -> list[dict]:
     """The tail report (`tail_report`) of ``start`` and of a copy of it fine-tuned for each of ``marks`` training
     seconds, or steps with ``unit="steps"`` (one run up to ``max(marks)``, reported as it passes each mark; the
     reports' time is not counted). Returns ``{"seconds", "steps", "loss", metric: value, ...}`` per point, the
-    first at 0 s; ``seconds`` is the mark (seconds) or the measured training time (steps)."""
+    first at 0 s; ``seconds`` is the mark (seconds) or the measured training time (steps). With ``source_frames``
+    each point also holds ``"with_source_frames"``: the metrics of the same generator animating them."""
     budget = mark_budget(unit, max(marks))
     generator = copy.deepcopy(start)
     encoder = models.identity if model_cfg.use_identity else None
-    first = tail_report({"x": generator}, model_cfg, tail, cfg.report_stride, models)["x"]
-    points = [{"seconds": 0.0, "steps": 0, "loss": None, **first}]
+
+    def measure() -> dict:
+        values = tail_report({"x": generator}, model_cfg, tail, cfg.report_stride, models, source_frames)
+        return {**values["x"], **({"with_source_frames": values["x + source frames"]} if source_frames else {})}
+
+    points = [{"seconds": 0.0, "steps": 0, "loss": None, **measure()}]
     pending = sorted(marks)
 
     def report(step: int, loss: float, seconds: float, check: dict | None) -> None:
         while pending and (seconds if unit == "seconds" else step) >= pending[0]:
-            values = tail_report({"x": generator}, model_cfg, tail, cfg.report_stride, models)["x"]
+            values = measure()
             mark = pending.pop(0)
             if unit == "seconds":
                 at = {"seconds": mark, "steps": step}
@@ -473,7 +500,9 @@ def personalize(
     bar.close()
 
     # 4. Report and checkpoint.
-    table = tail_report({"one-shot": oneshot, "personalised": generator}, model_cfg, tail, cfg.report_stride, models)
+    frames = tail_source_frames(train_clips, tail) if cfg.report_source_frames else None
+    table = tail_report({"one-shot": oneshot, "personalised": generator}, model_cfg, tail, cfg.report_stride, models,
+                        frames)  # fmt: skip
     report = {
         "checkpoint": checkpoint_name,
         "videos": [str(v) for v in videos],

@@ -36,12 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import cv2
 import numpy as np
 import torch
 
 from metaportrait.config import ModelConfig
 from metaportrait.data.drawing import MEDIAPIPE_TOPOLOGIES, draw_landmark_image
-from metaportrait.data.face import BoxSmoother, CropBox, box_region, crop, points_to_crop, uncrop_map
+from metaportrait.data.face import BoxSmoother, CropBox, box_region, crop, points_from_crop, points_to_crop, uncrop_map
 from metaportrait.data.face import paste_back as blend_crop  # the name `paste_back` is our flag
 from metaportrait.data.landmarks import iter_tracked, landmarks_of_image
 from metaportrait.errors import InputError
@@ -49,6 +50,7 @@ from metaportrait.io.image import frames_to_tensor, to_tensor, to_uint8_frames
 from metaportrait.models.blocks import make_coordinate_grid, resize_map
 from metaportrait.motion import Controls, RunningReference, absolute_motion, resolve_reference, retarget_motion
 from metaportrait.prior import build_prior
+from metaportrait.source_frames import FADE_FRAMES, SourceChooser, SourceFrames
 from metaportrait.stages import prefetch
 from metaportrait.upscale import StreamingSR, load_sr
 
@@ -77,6 +79,8 @@ class AnimationStats:
     seconds: float = 0.0  # wall time from the call until the latest frame
     reference_frame: int | None = None  # the driving frame relative motion is measured from (None: absolute)
     reference_changes: int = 0  # with the "running" reference: how often it moved to a more neutral frame
+    source_switches: int = 0  # with source frames: how often the animated source changed
+    sources_used: int = 0  # with source frames: sources prepared so far (the portrait included)
     # Wall seconds per step: "decode" (pulling driving frames), "landmarks" (tracking, smoothing, driver crop),
     # "motion" (transfer onto the source), "model" (line images, mesh prior, generator), "compose" (paste-back).
     # With overlapping stages (`Animator.overlap`) the first three run in background threads while the others run
@@ -247,6 +251,7 @@ class Animator:
         source_name: str | Path = "<source>",
         driving_name: str | Path = "<driving>",
         source_landmarks: np.ndarray | None = None,
+        source_frames: SourceFrames | None = None,
     ) -> Iterator[np.ndarray]:
         """Animate ``source_image`` with the head motion and expressions of ``driving_frames``.
 
@@ -274,6 +279,9 @@ class Animator:
             driving_fps: frame rate of the driving clip (sets the landmark and crop smoothing time constants).
             source_name, driving_name: file names for error messages.
             source_landmarks: ``(478, 2)`` landmarks of ``source_image`` if already measured.
+            source_frames: other frames of the portrait's person in the portrait's framing
+                (`metaportrait.source_frames`): per output frame the one nearest the target in pose and
+                expression is animated instead of the portrait, and the output frame is that frame re-animated.
 
         Returns:
             Iterator of ``uint8`` RGB frames: ``(H, W, 3)`` pasted back; ``(S, S, 3)`` with ``crop_output`` or
@@ -292,6 +300,7 @@ class Animator:
         start = self._start()
         # 1. Source: landmarks, one crop box, the crop at the model's size, identity embedding, line image.
         source = self.prepare_source(source_image, source_name, source_landmarks, paste_back and not crop_output)
+        bank = self._bank(source, source_frames, paste_back and not crop_output)
         # 2. Driving: per frame, tracked + smoothed landmarks (lost face -> last good), mapped into the driver's
         #    own smoothed crop, then transferred onto the source crop from the reference frame. With overlap,
         #    decoding and tracking each run in their own thread, ahead of the generator.
@@ -306,7 +315,7 @@ class Animator:
                                             driving_name)
             targets = prefetch(targets, depth, cancel, "metaportrait-landmarks")
         # 3-4. Controls, model inputs, generator, paste back.
-        return self._render(source, targets, controls, paste_back, crop_output, start)
+        return self._render(source, targets, controls, paste_back, crop_output, start, bank)
 
     def animate_landmarks(
         self,
@@ -318,6 +327,7 @@ class Animator:
         *,
         source_name: str | Path = "<source>",
         source_landmarks: np.ndarray | None = None,
+        source_frames: SourceFrames | None = None,
     ) -> Iterator[np.ndarray]:
         """Animate ``source_image`` along given target landmarks (no driving video), e.g. scripted motion.
 
@@ -326,7 +336,7 @@ class Animator:
             target_landmarks: per output frame a ``(478, 2)`` array of landmarks in pixels of ``source_image``
                 (e.g. the source's own landmarks edited with `metaportrait.motion.edit_landmarks`); a
                 ``(T, 478, 2)`` array works too.
-            paste_back, crop_output, controls, source_name, source_landmarks: as in `__call__`.
+            paste_back, crop_output, controls, source_name, source_landmarks, source_frames: as in `__call__`.
 
         Returns:
             Iterator of ``uint8`` RGB frames, one per target.
@@ -334,9 +344,10 @@ class Animator:
         start = self._start()
         # 1. Source (as in __call__).
         source = self.prepare_source(source_image, source_name, source_landmarks, paste_back and not crop_output)
+        bank = self._bank(source, source_frames, paste_back and not crop_output)
         # 2. Targets are given in portrait pixels: move them into the source crop.
         targets = ((points_to_crop(np.asarray(t, np.float32), source.box, self.size), True) for t in target_landmarks)
-        return self._render(source, targets, controls, paste_back, crop_output, start)
+        return self._render(source, targets, controls, paste_back, crop_output, start, bank)
 
     # --- steps ----------------------------------------------------------------------------------------------
 
@@ -383,6 +394,13 @@ class Animator:
         # What the model loses on the source itself (measured in docs/results.md, "Self-reconstruction").
         reconstruction = self._generator_result(source, [crop_landmarks])["output"]
         return dataclasses.replace(source, detail=detail, residual=tensor - reconstruction)
+
+    def _bank(self, source: PreparedSource, frames: SourceFrames | None, pasted: bool) -> _SourceBank | None:
+        """Step 1b: the chooser over ``frames`` (None without them); their sources are prepared when first used."""
+        if frames is None:
+            return None
+        frames.check_framing(*source.image.shape[:2])
+        return _SourceBank(frames, SourceChooser(frames, source.landmarks), pasted, {-1: source})
 
     def _driving_targets(self, source: PreparedSource, frames: Iterable[np.ndarray], motion: Motion,
                          reference: str | int, expression_scale: float, fps: float,
@@ -458,15 +476,26 @@ class Animator:
             yield item
 
     def _render(self, source: PreparedSource, targets: Iterable[tuple[np.ndarray, bool]], controls: Controls | None,
-                paste_back: bool, crop_output: bool, start: float) -> Iterator[np.ndarray]:
+                paste_back: bool, crop_output: bool, start: float,
+                bank: _SourceBank | None = None) -> Iterator[np.ndarray]:
         """Steps 2b-4, shared by both entry points: controls, model inputs, generator, compositing."""
-        faces = self._faces(source, targets, controls or Controls())
+        if bank is None:
+            faces = ((face, _Face(source, still)) for face, still in self._faces(source, targets, controls or Controls()))
+        else:
+            faces = self._bank_faces(bank, targets, controls or Controls())
         if self.sr is not None:  # 3b. Super-resolution over a sliding window of the generated crops.
             faces = self.sr.stream(faces)
-        # 4. The face crop, or the full portrait with the crop pasted back.
-        for face, still in faces:
+        # 4. The face crop, or the full portrait (or chosen source frame) with the crop pasted back.
+        for face, made in faces:
             begin = time.perf_counter()
-            frame = compose_frame(source, face, paste_back, crop_output, still)
+            frame = compose_frame(made.source, face, paste_back, crop_output, made.still)
+            if made.fade is not None:  # a switch of source frames: blend in the previous source's frame
+                old = made.fade.face
+                if old.shape != face.shape:  # the previous source's crop was not super-resolved
+                    old = cv2.resize(old, face.shape[1::-1], interpolation=cv2.INTER_CUBIC)
+                old = compose_frame(made.fade.source, old, paste_back, crop_output, None)
+                frame = np.clip(np.rint(made.fade.weight * old.astype(np.float32)
+                                        + (1 - made.fade.weight) * frame), 0, 255).astype(np.uint8)
             self.stats.add_time("compose", time.perf_counter() - begin)
             self.stats.frames += 1
             self.stats.seconds = time.perf_counter() - start
@@ -485,6 +514,36 @@ class Animator:
             crops, stillness = self._generate_with_stillness(source, points)
             self.stats.add_time("model", time.perf_counter() - begin)
             yield from zip(crops, stillness if stillness is not None else [None] * len(crops))
+
+    def _bank_faces(self, bank: _SourceBank, targets: Iterable[tuple[np.ndarray, bool]],
+                    controls: Controls) -> Iterator[tuple[np.ndarray, _Face]]:
+        """Steps 2b-3 with source frames: per target, the chosen source (`SourceChooser`) animated to it, and during
+        a switch's fade also the previous source."""
+        portrait = bank.sources[-1]
+        targets = iter(targets)
+        while batch := list(itertools.islice(targets, self.batch_size)):
+            points = [controls.apply(target) for target, _ in batch]
+            self.stats.lost_frames += sum(not present for _, present in batch)
+            begin = time.perf_counter()
+            # Targets in portrait pixels choose the source (same framing), then move into that source's crop.
+            pixels = [points_from_crop(p, portrait.box, self.size) for p in points]
+            plans = [bank.plan(p) for p in pixels]
+            requests = [(index, k) for k, (index, previous, _) in enumerate(plans)]
+            requests += [(previous, k + len(plans)) for k, (_, previous, _) in enumerate(plans) if previous is not None]
+            made: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # request slot -> (crop, stillness)
+            for index in sorted({index for index, _ in requests}):
+                slots = [slot for i, slot in requests if i == index]
+                source = bank.source(index, self)
+                crops, still = self._generate_with_stillness(
+                    source, [points_to_crop(pixels[slot % len(plans)], source.box, self.size) for slot in slots])
+                for j, slot in enumerate(slots):
+                    made[slot] = (crops[j], None if still is None else still[j])
+            self.stats.add_time("model", time.perf_counter() - begin)
+            self.stats.source_switches = bank.chooser.switches
+            self.stats.sources_used = len(bank.sources)
+            for k, (index, previous, weight) in enumerate(plans):
+                fade = None if previous is None else _Fade(made[k + len(plans)][0], bank.sources[previous], weight)
+                yield made[k][0], _Face(bank.sources[index], made[k][1], fade)
 
     def _generate(self, source: PreparedSource, targets: list[np.ndarray]) -> np.ndarray:
         """Step 3: ``uint8`` ``(B, S, S, 3)`` generated crops for ``B`` target landmark sets (source-crop pixels)."""
@@ -532,6 +591,54 @@ class Animator:
                 source_levels=source.levels,
             )
         return result
+
+
+@dataclass(frozen=True)
+class _Fade:
+    """The previous source's crop for the same target, blended in with ``weight`` during a switch."""
+
+    face: np.ndarray  # uint8 (S, S, 3)
+    source: PreparedSource
+    weight: float  # in (0, 1): the previous source's share of the frame
+
+
+@dataclass(frozen=True)
+class _Face:
+    """What step 4 needs besides a generated crop: its source, its stillness map, a fade."""
+
+    source: PreparedSource
+    still: np.ndarray | None = None
+    fade: _Fade | None = None
+
+
+@dataclass
+class _SourceBank:
+    """Per animation: the source frames, the chooser and the frames prepared so far (-1: the portrait)."""
+
+    frames: SourceFrames
+    chooser: SourceChooser
+    pasted: bool
+    sources: dict[int, PreparedSource]
+    fading_from: int | None = None
+    fade_left: int = 0
+
+    def plan(self, target_pixels: np.ndarray) -> tuple[int, int | None, float]:
+        """``(source index, previous source index or None, its weight)`` for one target in portrait pixels."""
+        before = self.chooser.current
+        index = self.chooser(target_pixels)
+        if index != before:
+            self.fading_from, self.fade_left = before, FADE_FRAMES
+        if self.fade_left == 0:
+            return index, None, 0.0
+        weight = self.fade_left / (FADE_FRAMES + 1)
+        self.fade_left -= 1
+        return index, self.fading_from, weight
+
+    def source(self, index: int, animator: Animator) -> PreparedSource:
+        if index not in self.sources:
+            self.sources[index] = animator.prepare_source(self.frames.images[index], f"{self.frames.name}[{index}]",
+                                                          self.frames.landmarks[index], self.pasted)
+        return self.sources[index]
 
 
 def _pulled(items: Iterable, seconds: list[float]) -> Iterator:

@@ -136,12 +136,35 @@ def read_source(path: Path) -> np.ndarray:
     return read_image(path)
 
 
+def read_source_frames(value: Path | bool | None, source: Path, source_image: np.ndarray):
+    """`--source-frames`: None, or the `SourceFrames` of the given video (True: of the ``source`` video), checked to
+    have the portrait's framing."""
+    from metaportrait.errors import InputError
+    from metaportrait.io.image import is_video_path
+    from metaportrait.source_frames import SourceFrames
+
+    if value is None:
+        return None
+    if value is True:
+        if not is_video_path(source):
+            raise InputError(source, "--source-frames without a video needs --source to be a video")
+        value = source
+    frames = SourceFrames.from_video(value)
+    frames.check_framing(*source_image.shape[:2])
+    return frames
+
+
 # --- the subcommand ------------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", "-s", type=Path, required=True, help="portrait image (or video: first frame)")
     parser.add_argument("--driving", "-d", type=Path, required=True, help="driving video")
     parser.add_argument("--output", "-o", type=Path, required=True, help="output video (.mp4 or .mov)")
+    parser.add_argument("--source-frames", nargs="?", const=True, default=None, metavar="VIDEO",
+                        help="other frames of the portrait's person from the same camera (default: the --source "
+                             "video itself): per output frame the one nearest in pose and expression is animated "
+                             "instead of the portrait (sharper teeth, profile and hair; the background is that "
+                             "frame's)")
     add_motion_arguments(parser)
     add_model_arguments(parser)
     parser.add_argument("--max-frames", type=positive_int, default=None, metavar="N", help="stop after N output frames")
@@ -168,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
     output = check_output_path(args.output, VIDEO_OUTPUT_SUFFIXES)
     source_image = read_source(args.source)
     controls = controls_from_args(args)
+    source_frames = read_source_frames(args.source_frames, args.source, source_image)
     with VideoReader(args.driving) as reader:
         fps = args.fps or reader.fps
         expected = round(reader.frame_count * fps / reader.fps)
@@ -187,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
         frames = animator(source_image, driving, motion=args.motion, paste_back=args.paste_back,
                           crop_output=args.crop_output, controls=controls, reference=args.reference,
                           expression_scale=args.expression_scale, driving_fps=fps,
-                          source_name=args.source, driving_name=args.driving)
+                          source_name=args.source, driving_name=args.driving, source_frames=source_frames)
 
         # 3. Stream into the writer; it renames its temporary file only if everything succeeded. With overlap the
         #    encoder runs behind in its own thread (joined before the writer closes or aborts), and the frames'
@@ -208,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
 
     stats = animator.stats
     reference = "" if stats.reference_frame is None else f", motion relative to driving frame {stats.reference_frame}"
+    if source_frames is not None:
+        reference += f", {stats.sources_used} of {len(source_frames) + 1} sources used, {stats.source_switches} switches"
     logger.info(
         "wrote %s: %d frames in %.1f s (%.2f frames/s), %d frames with lost face tracking%s%s",
         output, stats.frames, stats.seconds, stats.fps, stats.lost_frames, reference, ", with audio" if audio else "",

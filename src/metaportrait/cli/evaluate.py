@@ -96,6 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                "whatever the machine's load)")
     personal.add_argument("--holdout-seconds", type=float, default=10.0, help="the held-out tail of the video")
     personal.add_argument("--report-stride", type=positive_int, default=5, help="every k-th tail frame is compared")
+    personal.add_argument("--source-frames", action="store_true",
+                          help="also report each init animating the video's training frames as source frames "
+                               "(curves '<init>+frames')")
     personal.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     personal.add_argument("--cache", type=Path, default=None, metavar="DIR",
                           help="front-end cache (default: $XDG_CACHE_HOME/metaportrait/personalize)")
@@ -208,6 +211,7 @@ def _run_personalize(args: argparse.Namespace) -> int:
         front_end,
         mark_budget,
         split_holdout,
+        tail_source_frames,
     )
 
     torch.set_num_threads(args.threads)
@@ -226,8 +230,14 @@ def _run_personalize(args: argparse.Namespace) -> int:
     frontend = front_end([args.video], image_sizes.pop(), args.cache or default_cache_dir())
     check_one_person(frontend.clips, models.identity)
     train, tail = split_holdout(frontend.clips, cfg)
-    points = {name: budget_curve(generator, model_cfg, train, tail, cfg, models, marks, args.unit)
-              for name, (generator, model_cfg) in starts.items()}  # fmt: skip
+    frames = tail_source_frames(train, tail) if args.source_frames else None
+    points = {}
+    for name, (generator, model_cfg) in starts.items():
+        curve = budget_curve(generator, model_cfg, train, tail, cfg, models, marks, args.unit, frames)
+        points[name] = [{k: v for k, v in p.items() if k != "with_source_frames"} for p in curve]
+        if frames is not None:
+            points[f"{name}+frames"] = [{**{k: p[k] for k in ("seconds", "steps", "loss")}, **p["with_source_frames"]}
+                                        for p in curve]  # fmt: skip
     metrics_shown = (("psnr", "PSNR (dB)", False), ("face_l1", "face L1", True), ("st_lpips", "ST-LPIPS", True),
                      ("id_distance", "identity distance", True))  # fmt: skip
     series = {}
@@ -243,7 +253,8 @@ def _run_personalize(args: argparse.Namespace) -> int:
                           *[f"{n}={p}" for n, p in args.inits], "--at", *map(str, marks), "--unit", args.unit,
                           "--holdout-seconds",
                           str(args.holdout_seconds), "--report-stride", str(args.report_stride), "--threads",
-                          str(args.threads), "--output", str(args.output)])  # fmt: skip
+                          str(args.threads), "--output", str(args.output)]
+                         + (["--source-frames"] if args.source_frames else []))  # fmt: skip
     results = {
         "protocol": "personalize", "command": command,
         "settings": {"video": str(args.video), "holdout_first_frame": tail.first_frame,

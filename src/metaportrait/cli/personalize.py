@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", type=Path, default=None, metavar="DIR",
                         help="front-end cache (default: $XDG_CACHE_HOME/metaportrait/personalize)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--report-source-frames", action="store_true",
+                        help="the final report also animates the person's training frames as source frames "
+                             "(`animate --source-frames`; two more rows, about 20 s more)")
 
 
 def resolve_checkpoint(name: str) -> Path:
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = PersonalizeConfig(
             part=args.part, lr=args.lr, batch_size=args.batch_size, holdout_seconds=args.holdout_seconds,
             seconds=None if args.steps is not None else (args.seconds or PersonalizeConfig().seconds),
-            steps=args.steps,
+            steps=args.steps, report_source_frames=args.report_source_frames,
         )  # fmt: skip
     except ValueError as error:
         raise InputError(args.output, f"invalid settings: {error}") from None

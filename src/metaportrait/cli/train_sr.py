@@ -22,7 +22,8 @@ from metaportrait.config import SR_PRESETS
 from metaportrait.errors import InputError
 
 _FLAGS = ("preset", "frames", "clips", "steps", "lr", "threads", "seed", "log_every", "checkpoint_every", "val_every",
-          "temporal", "ema_decay", "warmup", "rgb_init", "edge", "perceptual", "crop", "clean", "grad_clip", "pyramid")
+          "temporal", "ema_decay", "warmup", "rgb_init", "edge", "perceptual", "crop", "clean", "grad_clip", "pyramid",
+          "shift")
 
 
 def add_parser(sub) -> None:
@@ -48,6 +49,8 @@ def add_parser(sub) -> None:
                     "default scale before training (default 0.01; 0 = zero, the plain upsampling)")
     sr.add_argument("--pyramid", type=float, help="weight of the U-Net's RGB pyramid L1 (default 1; 0 = off)")
     sr.add_argument("--clean", type=float, help="share of clips only downscaled, no other degradation (default 0.3)")
+    sr.add_argument("--shift", type=float,
+                    help="largest per-frame input misalignment in input pixels (default 0.6; 0 = aligned)")
     sr.add_argument("--val-identities", help="held-out identities: a file (one per line) or a comma list")
     sr.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its checkpoint")
     sr.add_argument("--threads", type=int, help="torch CPU threads (default 1)")

@@ -15,7 +15,8 @@ One code path for every `SRConfig` preset (``tiny``, ``lite``, ``official``):
    resolution that has a condition, half of the channels become ``F * scale + shift``; noise inputs are zero
    (official ``randomize_noise: zero``);
 5. ``residual`` presets add the decoder image to the bilinear or bicubic upsampling of the input, and their
-   ``toRGB`` weights start at zero, so the untrained network outputs that upsampling.
+   ``toRGB`` weights start at zero, so the untrained network outputs that upsampling. With ``detail_head`` a
+   zero-initialised conv from the U-Net's finest features also adds its image there (not through the decoder).
 
 Output ``(T, 3, output_size, output_size)`` in [0, 1]. Module names mirror the official
 ``vgfpgan_gfpganv1_clean_unetwindow_arch.py`` so its state dict loads with strict=True (tests compare our keys and
@@ -239,6 +240,10 @@ class TemporalSR(nn.Module):
         if cfg.temporal:
             self.window_down = nn.ModuleList(ConvReLUConv(c, cfg.temporal_hidden * c) for c in unet[1:])
             self.recurrent_forward = nn.ModuleList(ConvReLUConv(c, cfg.temporal_hidden * c) for c in up[1:])
+        if cfg.detail_head:
+            self.detail_rgb = nn.Conv2d(up[-1], 3, 3, 1, 1)
+            nn.init.zeros_(self.detail_rgb.weight)
+            nn.init.zeros_(self.detail_rgb.bias)
         if cfg.residual:  # the decoder image starts at zero: the untrained network is the plain upsampling
             for to_rgb in [self.stylegan_decoder.to_rgb1, *self.stylegan_decoder.to_rgbs]:
                 nn.init.zeros_(to_rgb.modulated_conv.weight)
@@ -278,6 +283,8 @@ class TemporalSR(nn.Module):
             if return_rgb:
                 rgbs.append(self.toRGB[i](feat))
         image = self.stylegan_decoder(latent, conditions)
+        if cfg.detail_head:  # feat: the U-Net's last up block, (T, C, output_size, output_size)
+            image = image + self.detail_rgb(feat)
         if cfg.residual:
             image = image + upsample(frames * 2 - 1, cfg)
         out = ((image + 1) / 2).clamp(0, 1)

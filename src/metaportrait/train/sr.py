@@ -100,6 +100,9 @@ class SRTrainConfig:
     # truth, so the U-Net whose features condition the decoder learns restoration directly (0: off)
     pyramid: float = 1.0
     clean: float = 0.3  # share of clips whose input is only downscaled (area), no blur, shift, noise or JPEG
+    # largest per-frame input misalignment, in input pixels (a clip draws its own bound in [0, shift)). A shift the
+    # network cannot see makes blur the L1-optimal output: runs up to sr_v3 used 0.6 and stayed at bicubic.
+    shift: float = 0.6
     val_identities: tuple[str, ...] = ()  # held out: never trained on; validation windows come from them
     seed: int = 0
     threads: int = 1
@@ -131,7 +134,8 @@ class SRTrainConfig:
 # Data
 
 
-def degrade(frames: np.ndarray, size: int, rng: np.random.Generator, clean: float = 0.0) -> np.ndarray:
+def degrade(frames: np.ndarray, size: int, rng: np.random.Generator, clean: float = 0.0,
+            shift: float = 0.6) -> np.ndarray:
     """``uint8 (T, S, S, 3)`` ground-truth frames -> ``uint8 (T, size, size, 3)`` inputs that look like a blurry,
     slightly misaligned, noisy, compressed render. Strengths are per clip; shifts, noise and JPEG per frame.
     With probability ``clean`` the clip is only downscaled (area)."""
@@ -142,7 +146,7 @@ def degrade(frames: np.ndarray, size: int, rng: np.random.Generator, clean: floa
     kernel = rng.choice([cv2.INTER_AREA, cv2.INTER_LINEAR, cv2.INTER_CUBIC])
     noise = rng.uniform(0, 6) if rng.random() < 0.7 else 0.0  # grey levels
     quality = int(rng.integers(55, 96)) if rng.random() < 0.8 else None
-    max_shift = rng.uniform(0, 0.6) * scale  # per-frame misalignment, in ground-truth pixels
+    max_shift = rng.uniform(0, shift) * scale  # per-frame misalignment, in ground-truth pixels
     out = []
     for frame in frames:
         image = cv2.GaussianBlur(frame, (0, 0), sigma) if sigma > 0.3 else frame
@@ -182,7 +186,7 @@ def make_batch(clips: list[PreparedClip], cfg: SRTrainConfig, model_cfg: SRConfi
                                for f in window])
         if rng.random() < 0.5:
             window = window[:, :, ::-1]
-        lq.append(degrade(window, model_cfg.input_size, rng, cfg.clean))
+        lq.append(degrade(window, model_cfg.input_size, rng, cfg.clean, cfg.shift))
         gt.append(window)
     as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(np.stack(a))).permute(0, 1, 4, 2, 3).float() / 255  # noqa: E731
     return as_tensor(lq), as_tensor(gt)

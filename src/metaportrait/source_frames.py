@@ -1,0 +1,126 @@
+"""Source frames: other frames of the portrait's person, one of which is animated in place of the portrait.
+
+One photo does not hold a person's teeth, profile or the way their hair falls when they turn. When the portrait
+comes from a video (the same person, the same camera), the video's other frames do: for every output frame the
+`Animator` animates the source frame nearest in pose and expression to the target instead of the portrait
+(MetaPortrait's personalisation issue, "the person's video as a bank of sources"; training-free, and it combines
+with a fine-tuned model). Measured in docs/results.md, "Personalization".
+
+The frames must share the portrait's framing (same camera, same size): the output frame is the chosen source
+frame with its face re-animated, so its background is that frame's. The choice is made per target with
+hysteresis (a new frame must be `SWITCH_MARGIN` nearer than the current one) and a minimum stay of
+`MIN_STAY_FRAMES`, and each switch cross-fades over `FADE_FRAMES` frames: switching sources without them
+flickers (warping error 3-5x the portrait's alone, docs/experiments.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from metaportrait.data.landmarks import MAX_FACES_IN_IMAGE, FaceMeshTracker, face_size
+from metaportrait.data.pairs import LEFT_EYE_POINTS, MOUTH_POINTS, RIGHT_EYE_POINTS
+from metaportrait.errors import InputError
+from metaportrait.io.video import VideoReader
+
+MAX_SOURCE_FRAMES = 64  # frames kept from a source video, spread evenly over it
+SWITCH_MARGIN = 0.3  # switch to a frame only when its distance is below (1 - this) x the current one's
+MIN_STAY_FRAMES = 10  # output frames a chosen source is kept at least
+FADE_FRAMES = 4  # output frames a switch cross-fades over (both sources are animated during the fade)
+
+
+def landmark_weights() -> np.ndarray:
+    """``float32`` ``(478,)`` weights of the landmark distance: the mouth x4, the eyes x2 (expression matters most
+    there), every other point x1."""
+    weights = np.ones(478, np.float32)
+    weights[list(RIGHT_EYE_POINTS) + list(LEFT_EYE_POINTS)] = 2.0
+    weights[list(MOUTH_POINTS)] = 4.0
+    return weights
+
+
+@dataclass(frozen=True)
+class SourceFrames:
+    """Frames of the portrait's person, in the portrait's framing.
+
+    images: ``uint8`` ``(N, H, W, 3)`` RGB, the portrait's ``(H, W)``.
+    landmarks: ``float32`` ``(N, 478, 2)`` pixels of ``images``.
+    """
+
+    images: np.ndarray
+    landmarks: np.ndarray
+    name: str = "<source frames>"
+
+    def __post_init__(self):
+        images, points = self.images, self.landmarks
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
+            raise ValueError(f"source frames must be uint8 (N >= 1, H, W, 3), got {images.dtype} {images.shape}")
+        if points.shape != (len(images), 478, 2):
+            raise ValueError(f"source frame landmarks must be ({len(images)}, 478, 2), got {points.shape}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @classmethod
+    def from_video(cls, path: str | Path, max_frames: int = MAX_SOURCE_FRAMES) -> SourceFrames:
+        """Up to ``max_frames`` frames spread evenly over a video, with their landmarks (frames without a face
+        are left out).
+
+        Raises:
+            InputError: unreadable video, or no face in any sampled frame.
+        """
+        if max_frames < 1:
+            raise ValueError(f"max_frames must be at least 1, got {max_frames}")
+        with VideoReader(path) as reader:
+            step = max(1, -(-reader.frame_count // max_frames))  # ceil: at most max_frames picks
+            picked = [frame for index, frame in enumerate(reader) if index % step == 0][:max_frames]
+        images, points = [], []
+        with FaceMeshTracker(static_image_mode=True, max_num_faces=MAX_FACES_IN_IMAGE) as tracker:
+            for frame in picked:
+                faces = tracker.all_faces(frame)
+                if faces:
+                    images.append(frame)
+                    points.append(max(faces, key=face_size))
+        if not images:
+            raise InputError(path, f"no face in any of the {len(picked)} sampled frames")
+        return cls(np.stack(images), np.stack(points).astype(np.float32), str(path))
+
+    def check_framing(self, height: int, width: int) -> None:
+        """Raises `InputError` unless the frames have the portrait's size (the same camera is assumed)."""
+        if self.images.shape[1:3] != (height, width):
+            raise InputError(self.name, f"source frames are {self.images.shape[2]}x{self.images.shape[1]} but the "
+                             f"portrait is {width}x{height}; they must come from the portrait's video (same framing)")
+
+
+class SourceChooser:
+    """Per target, which source to animate: -1 for the portrait, else an index into `SourceFrames`.
+
+    Args:
+        frames: the candidate frames.
+        portrait_landmarks: ``(478, 2)`` pixels of the portrait (the start, and a candidate throughout).
+    """
+
+    def __init__(self, frames: SourceFrames, portrait_landmarks: np.ndarray, margin: float = SWITCH_MARGIN,
+                 min_stay: int = MIN_STAY_FRAMES):
+        self.candidates = np.concatenate([frames.landmarks, np.asarray(portrait_landmarks, np.float32)[None]])
+        self.weights = landmark_weights()
+        self.margin, self.min_stay = margin, min_stay
+        self.current, self.stay = -1, min_stay
+        self.switches = 0
+
+    def distances(self, target: np.ndarray) -> np.ndarray:
+        """``(N + 1,)`` weighted mean point distance (pixels) of every candidate to ``target`` ``(478, 2)`` in
+        portrait pixels; the last entry is the portrait's."""
+        return (np.linalg.norm(self.candidates - target[None], axis=-1) * self.weights).sum(-1) / self.weights.sum()
+
+    def __call__(self, target: np.ndarray) -> int:
+        distance = self.distances(target)
+        best = int(distance.argmin())
+        best = -1 if best == len(distance) - 1 else best
+        self.stay += 1
+        if best != self.current and self.stay >= self.min_stay and \
+                distance[best] < (1 - self.margin) * distance[self.current]:
+            self.current, self.stay = best, 0
+            self.switches += 1
+        return self.current

@@ -1,0 +1,91 @@
+"""Source frames (metaportrait.source_frames): the chooser's hysteresis, the Animator animating the chosen frame with
+a cross-fade at a switch, the framing check, and `eval personalize --source-frames`. A tiny untrained model: these
+check the plumbing; the measured effect is in docs/results.md, "Personalization"."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from metaportrait.config import PRESETS
+from metaportrait.errors import InputError
+from metaportrait.models.generator import Generator
+from metaportrait.pipeline import Animator
+from metaportrait.source_frames import FADE_FRAMES, SourceChooser, SourceFrames
+
+TINY = PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> tuple[np.ndarray, np.ndarray]:
+    from skimage import data
+
+    from metaportrait.data.landmarks import landmarks_of_image
+
+    image = data.astronaut()
+    return image, landmarks_of_image(image, "astronaut")
+
+
+def test_chooser_switches_only_to_a_clearly_nearer_frame_and_stays():
+    portrait = np.random.default_rng(0).uniform(100, 300, (478, 2)).astype(np.float32)
+    frames = SourceFrames(np.zeros((2, 8, 8, 3), np.uint8), np.stack([portrait + 10, portrait + 30]))
+    chooser = SourceChooser(frames, portrait, margin=0.3, min_stay=3)
+    assert chooser(portrait + 1) == -1  # the portrait is nearest
+    assert chooser(portrait + 5.5) == -1  # frame 0 is nearer (4.5 against 5.5) but not 30 % nearer
+    assert chooser(portrait + 9) == 0  # now it is
+    assert chooser(portrait + 30) == 0 and chooser(portrait + 30) == 0  # frame 1 is best, but 3 frames must pass
+    assert chooser(portrait + 30) == 1 and chooser.switches == 2
+    assert chooser(portrait) == 1  # just switched: stays
+    np.testing.assert_allclose(chooser.distances(portrait)[[0, -1]], [10 * np.sqrt(2), 0], rtol=1e-5)
+
+
+def test_animator_animates_the_chosen_frame_and_cross_fades_at_the_switch(astronaut):
+    image, points = astronaut
+    torch.manual_seed(0)
+    animator = Animator(Generator(TINY), TINY, batch_size=3)
+    other = image.copy()
+    other[-40:] = 255 - other[-40:]  # far below the face: what shows there is the source frame's own pixels
+    shift = np.float32([12, 0])
+    frames = SourceFrames(other[None], (points + shift)[None], "other.mp4")
+    targets = [points] * 2 + [points + shift] * 8
+    out = list(animator.animate_landmarks(image, targets, source_landmarks=points, source_frames=frames))
+    assert len(out) == 10 and animator.stats.source_switches == 1 and animator.stats.sources_used == 2
+    bottom = [frame[-40:].astype(np.float32) for frame in out]
+    np.testing.assert_array_equal(bottom[0], image[-40:])  # the portrait until the targets move
+    np.testing.assert_array_equal(bottom[1], image[-40:])
+    for k in range(FADE_FRAMES):  # the switch at frame 2 fades from the portrait to the other frame
+        weight = (FADE_FRAMES - k) / (FADE_FRAMES + 1)
+        expected = np.rint(weight * image[-40:] + (1 - weight) * other[-40:].astype(np.float32))
+        np.testing.assert_allclose(bottom[2 + k], expected, atol=1)
+    for frame in bottom[2 + FADE_FRAMES:]:
+        np.testing.assert_array_equal(frame, other[-40:])
+    # Without source frames the same call is the plain animation, frame for frame.
+    plain = list(animator.animate_landmarks(image, targets[:2], source_landmarks=points))
+    np.testing.assert_array_equal(plain[1], out[1])
+
+
+def test_source_frames_must_share_the_portraits_framing(astronaut):
+    image, points = astronaut
+    frames = SourceFrames(np.zeros((1, 100, 120, 3), np.uint8), points[None], "clip.mp4")
+    animator = Animator(Generator(TINY), TINY)
+    with pytest.raises(InputError, match=r"clip.mp4: source frames are 120x100 but the portrait is 512x512"):
+        animator.animate_landmarks(image, [points], source_landmarks=points, source_frames=frames)
+    with pytest.raises(ValueError, match="landmarks"):
+        SourceFrames(np.zeros((2, 8, 8, 3), np.uint8), points[None])
+
+
+def test_source_frames_from_a_video_keep_the_frames_with_a_face(astronaut, tmp_path):
+    from metaportrait.io.video import write_video
+
+    image, points = astronaut
+    blank = np.zeros_like(image)
+    write_video(tmp_path / "clip.mp4", [image, blank, image, blank, image], 25)
+    frames = SourceFrames.from_video(tmp_path / "clip.mp4", max_frames=3)  # every 2nd frame: 0, 2, 4
+    assert len(frames) == 3 and frames.images.shape == (3, *image.shape)
+    assert np.abs(frames.landmarks - points).mean() < 3  # video coding moves the landmarks a little
+    with pytest.raises(InputError, match="no face in any of the 3 sampled frames"):
+        write_video(tmp_path / "blank.mp4", [blank] * 5, 25)
+        SourceFrames.from_video(tmp_path / "blank.mp4", max_frames=3)
