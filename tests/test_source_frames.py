@@ -14,7 +14,7 @@ from metaportrait.config import PRESETS
 from metaportrait.errors import InputError
 from metaportrait.models.generator import Generator
 from metaportrait.pipeline import Animator
-from metaportrait.source_frames import FADE_FRAMES, SourceChooser, SourceFrames
+from metaportrait.source_frames import FADE_SECONDS, SourceChooser, SourceFrames, frames_at
 
 TINY = PRESETS["tiny"]
 
@@ -51,20 +51,41 @@ def test_animator_animates_the_chosen_frame_and_cross_fades_at_the_switch(astron
     shift = np.float32([12, 0])
     frames = SourceFrames(other[None], (points + shift)[None], "other.mp4")
     targets = [points] * 2 + [points + shift] * 8
-    out = list(animator.animate_landmarks(image, targets, source_landmarks=points, source_frames=frames))
+    out = list(animator.animate_landmarks(image, targets, source_landmarks=points, source_frames=frames, fps=25))
+    fade = frames_at(FADE_SECONDS, 25)
+    assert fade == 4
     assert len(out) == 10 and animator.stats.source_switches == 1 and animator.stats.sources_used == 2
     bottom = [frame[-40:].astype(np.float32) for frame in out]
     np.testing.assert_array_equal(bottom[0], image[-40:])  # the portrait until the targets move
     np.testing.assert_array_equal(bottom[1], image[-40:])
-    for k in range(FADE_FRAMES):  # the switch at frame 2 fades from the portrait to the other frame
-        weight = (FADE_FRAMES - k) / (FADE_FRAMES + 1)
+    for k in range(fade):  # the switch at frame 2 fades from the portrait to the other frame
+        weight = (fade - k) / (fade + 1)
         expected = np.rint(weight * image[-40:] + (1 - weight) * other[-40:].astype(np.float32))
         np.testing.assert_allclose(bottom[2 + k], expected, atol=1)
-    for frame in bottom[2 + FADE_FRAMES:]:
+    for frame in bottom[2 + fade:]:
         np.testing.assert_array_equal(frame, other[-40:])
     # Without source frames the same call is the plain animation, frame for frame.
     plain = list(animator.animate_landmarks(image, targets[:2], source_landmarks=points))
     np.testing.assert_array_equal(plain[1], out[1])
+
+
+def test_only_a_few_prepared_source_frames_are_kept(astronaut, monkeypatch):
+    import metaportrait.pipeline as pipeline
+
+    image, points = astronaut
+    monkeypatch.setattr(pipeline, "PREPARED_SOURCE_FRAMES", 2)
+    torch.manual_seed(0)
+    animator = Animator(Generator(TINY), TINY, batch_size=2)
+    shifts = [np.float32([8 * (k + 1), 0]) for k in range(4)]  # frame k is nearest to the target moved by shift k
+    frames = SourceFrames(np.stack([image] * 4), np.stack([points + d for d in shifts]))
+    targets = [points + d for d in shifts for _ in range(3)] + [points + shifts[0]] * 3
+    prepared = []
+    prepare = animator.prepare_source
+    monkeypatch.setattr(animator, "prepare_source", lambda *a: prepared.append(a[1]) or prepare(*a))
+    out = list(animator.animate_landmarks(image, targets, source_landmarks=points, source_frames=frames, fps=1))
+    assert len(out) == 15 and animator.stats.source_switches == 5 and animator.stats.sources_used == 5
+    # The portrait, frames 0-3, then frame 0 again: it was dropped when frame 2 came in.
+    assert prepared == ["<source>", *[f"<source frames>[{k}]" for k in (0, 1, 2, 3, 0)]]
 
 
 def test_source_frames_must_share_the_portraits_framing(astronaut):

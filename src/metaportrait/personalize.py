@@ -331,7 +331,8 @@ def tail_report(
         animator = Animator(generator, model_cfg, identity_encoder=models.identity)
         for suffix, frames in [("", None)] + ([(" + source frames", source_frames)] if source_frames else []):
             output = np.stack(list(animator.animate_landmarks(source, targets[1:], paste_back=True,
-                                                              source_landmarks=targets[0], source_frames=frames)))
+                                                              source_landmarks=targets[0], source_frames=frames,
+                                                              fps=tail.fps / stride)))  # fmt: skip
             values = reconstruction_metrics(models, output, real, face, source, targets[0], landmarks[1:])
             report[name + suffix] = {k: round(float(v), 5) for k, v in values.items()}
     return report

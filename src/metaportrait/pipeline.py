@@ -50,7 +50,7 @@ from metaportrait.io.image import frames_to_tensor, to_tensor, to_uint8_frames
 from metaportrait.models.blocks import make_coordinate_grid, resize_map
 from metaportrait.motion import Controls, RunningReference, absolute_motion, resolve_reference, retarget_motion
 from metaportrait.prior import build_prior
-from metaportrait.source_frames import FADE_FRAMES, SourceChooser, SourceFrames
+from metaportrait.source_frames import FADE_SECONDS, MIN_STAY_SECONDS, SourceChooser, SourceFrames, frames_at
 from metaportrait.stages import prefetch
 from metaportrait.upscale import StreamingSR, load_sr
 
@@ -66,6 +66,7 @@ DEFAULT_BATCH_SIZE = 4  # frames per generator forward: amortises per-call overh
 # docs/results.md). None: track every frame at full resolution.
 LANDMARK_MAX_SIDE = 640
 PASTE_FEATHER = 0.1  # soft paste-back edge, as a fraction of the crop side
+PREPARED_SOURCE_FRAMES = 8  # with source frames: prepared frames kept besides the portrait (least recently used go)
 # Source detail is kept where the model moves the source by less than this many crop pixels (fading out to it).
 STILL_MOTION_PX = 1.0
 
@@ -80,7 +81,7 @@ class AnimationStats:
     reference_frame: int | None = None  # the driving frame relative motion is measured from (None: absolute)
     reference_changes: int = 0  # with the "running" reference: how often it moved to a more neutral frame
     source_switches: int = 0  # with source frames: how often the animated source changed
-    sources_used: int = 0  # with source frames: sources prepared so far (the portrait included)
+    sources_used: int = 0  # with source frames: different sources animated so far (the portrait included)
     # Wall seconds per step: "decode" (pulling driving frames), "landmarks" (tracking, smoothing, driver crop),
     # "motion" (transfer onto the source), "model" (line images, mesh prior, generator), "compose" (paste-back).
     # With overlapping stages (`Animator.overlap`) the first three run in background threads while the others run
@@ -300,7 +301,7 @@ class Animator:
         start = self._start()
         # 1. Source: landmarks, one crop box, the crop at the model's size, identity embedding, line image.
         source = self.prepare_source(source_image, source_name, source_landmarks, paste_back and not crop_output)
-        bank = self._bank(source, source_frames, paste_back and not crop_output)
+        bank = self._bank(source, source_frames, paste_back and not crop_output, driving_fps)
         # 2. Driving: per frame, tracked + smoothed landmarks (lost face -> last good), mapped into the driver's
         #    own smoothed crop, then transferred onto the source crop from the reference frame. With overlap,
         #    decoding and tracking each run in their own thread, ahead of the generator.
@@ -328,6 +329,7 @@ class Animator:
         source_name: str | Path = "<source>",
         source_landmarks: np.ndarray | None = None,
         source_frames: SourceFrames | None = None,
+        fps: float = 25.0,
     ) -> Iterator[np.ndarray]:
         """Animate ``source_image`` along given target landmarks (no driving video), e.g. scripted motion.
 
@@ -337,6 +339,7 @@ class Animator:
                 (e.g. the source's own landmarks edited with `metaportrait.motion.edit_landmarks`); a
                 ``(T, 478, 2)`` array works too.
             paste_back, crop_output, controls, source_name, source_landmarks, source_frames: as in `__call__`.
+            fps: frame rate of the targets (sets how long a source frame is kept and a switch fades).
 
         Returns:
             Iterator of ``uint8`` RGB frames, one per target.
@@ -344,7 +347,7 @@ class Animator:
         start = self._start()
         # 1. Source (as in __call__).
         source = self.prepare_source(source_image, source_name, source_landmarks, paste_back and not crop_output)
-        bank = self._bank(source, source_frames, paste_back and not crop_output)
+        bank = self._bank(source, source_frames, paste_back and not crop_output, fps)
         # 2. Targets are given in portrait pixels: move them into the source crop.
         targets = ((points_to_crop(np.asarray(t, np.float32), source.box, self.size), True) for t in target_landmarks)
         return self._render(source, targets, controls, paste_back, crop_output, start, bank)
@@ -395,12 +398,14 @@ class Animator:
         reconstruction = self._generator_result(source, [crop_landmarks])["output"]
         return dataclasses.replace(source, detail=detail, residual=tensor - reconstruction)
 
-    def _bank(self, source: PreparedSource, frames: SourceFrames | None, pasted: bool) -> _SourceBank | None:
+    def _bank(self, source: PreparedSource, frames: SourceFrames | None, pasted: bool,
+              fps: float) -> _SourceBank | None:
         """Step 1b: the chooser over ``frames`` (None without them); their sources are prepared when first used."""
         if frames is None:
             return None
         frames.check_framing(*source.image.shape[:2])
-        return _SourceBank(frames, SourceChooser(frames, source.landmarks), pasted, {-1: source})
+        chooser = SourceChooser(frames, source.landmarks, min_stay=frames_at(MIN_STAY_SECONDS, fps))
+        return _SourceBank(frames, chooser, pasted, {-1: source}, frames_at(FADE_SECONDS, fps))
 
     def _driving_targets(self, source: PreparedSource, frames: Iterable[np.ndarray], motion: Motion,
                          reference: str | int, expression_scale: float, fps: float,
@@ -531,19 +536,20 @@ class Animator:
             requests = [(index, k) for k, (index, previous, _) in enumerate(plans)]
             requests += [(previous, k + len(plans)) for k, (_, previous, _) in enumerate(plans) if previous is not None]
             made: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # request slot -> (crop, stillness)
+            sources: dict[int, PreparedSource] = {}  # this batch's sources
             for index in sorted({index for index, _ in requests}):
                 slots = [slot for i, slot in requests if i == index]
-                source = bank.source(index, self)
+                source = sources[index] = bank.source(index, self)
                 crops, still = self._generate_with_stillness(
                     source, [points_to_crop(pixels[slot % len(plans)], source.box, self.size) for slot in slots])
                 for j, slot in enumerate(slots):
                     made[slot] = (crops[j], None if still is None else still[j])
             self.stats.add_time("model", time.perf_counter() - begin)
             self.stats.source_switches = bank.chooser.switches
-            self.stats.sources_used = len(bank.sources)
+            self.stats.sources_used = len(bank.used)
             for k, (index, previous, weight) in enumerate(plans):
-                fade = None if previous is None else _Fade(made[k + len(plans)][0], bank.sources[previous], weight)
-                yield made[k][0], _Face(bank.sources[index], made[k][1], fade)
+                fade = None if previous is None else _Fade(made[k + len(plans)][0], sources[previous], weight)
+                yield made[k][0], _Face(sources[index], made[k][1], fade)
 
     def _generate(self, source: PreparedSource, targets: list[np.ndarray]) -> np.ndarray:
         """Step 3: ``uint8`` ``(B, S, S, 3)`` generated crops for ``B`` target landmark sets (source-crop pixels)."""
@@ -613,31 +619,40 @@ class _Face:
 
 @dataclass
 class _SourceBank:
-    """Per animation: the source frames, the chooser and the frames prepared so far (-1: the portrait)."""
+    """Per animation: the source frames, the chooser and the most recently used prepared frames (-1: the portrait,
+    always kept; at most `PREPARED_SOURCE_FRAMES` others, as each holds full-size images)."""
 
     frames: SourceFrames
     chooser: SourceChooser
     pasted: bool
     sources: dict[int, PreparedSource]
+    fade_frames: int  # output frames a switch fades over
     fading_from: int | None = None
     fade_left: int = 0
+    used: set[int] = dataclasses.field(default_factory=lambda: {-1})
 
     def plan(self, target_pixels: np.ndarray) -> tuple[int, int | None, float]:
         """``(source index, previous source index or None, its weight)`` for one target in portrait pixels."""
         before = self.chooser.current
         index = self.chooser(target_pixels)
         if index != before:
-            self.fading_from, self.fade_left = before, FADE_FRAMES
+            self.fading_from, self.fade_left = before, self.fade_frames
         if self.fade_left == 0:
             return index, None, 0.0
-        weight = self.fade_left / (FADE_FRAMES + 1)
+        weight = self.fade_left / (self.fade_frames + 1)
         self.fade_left -= 1
         return index, self.fading_from, weight
 
     def source(self, index: int, animator: Animator) -> PreparedSource:
-        if index not in self.sources:
+        self.used.add(index)
+        if index in self.sources:
+            self.sources[index] = self.sources.pop(index)  # most recently used last
+        else:
             self.sources[index] = animator.prepare_source(self.frames.images[index], f"{self.frames.name}[{index}]",
                                                           self.frames.landmarks[index], self.pasted)
+            stale = [i for i in self.sources if i != -1][:-PREPARED_SOURCE_FRAMES]
+            for i in stale:
+                del self.sources[i]
         return self.sources[index]
 
 

@@ -9,8 +9,9 @@ with a fine-tuned model). Measured in docs/results.md, "Personalization".
 The frames must share the portrait's framing (same camera, same size): the output frame is the chosen source
 frame with its face re-animated, so its background is that frame's. The choice is made per target with
 hysteresis (a new frame must be `SWITCH_MARGIN` nearer than the current one) and a minimum stay of
-`MIN_STAY_FRAMES`, and each switch cross-fades over `FADE_FRAMES` frames: switching sources without them
-flickers (warping error 3-5x the portrait's alone, docs/experiments.md).
+`MIN_STAY_SECONDS`, and each switch cross-fades over `FADE_SECONDS`: switching sources without them flickers
+(warping error 3-5x the portrait's alone, docs/experiments.md). Both times become frame counts at the
+animation's frame rate (`frames_at`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,15 @@ from metaportrait.io.video import VideoReader
 
 MAX_SOURCE_FRAMES = 64  # frames kept from a source video, spread evenly over it
 SWITCH_MARGIN = 0.3  # switch to a frame only when its distance is below (1 - this) x the current one's
-MIN_STAY_FRAMES = 10  # output frames a chosen source is kept at least
-FADE_FRAMES = 4  # output frames a switch cross-fades over (both sources are animated during the fade)
+MIN_STAY_SECONDS = 0.4  # a chosen source is kept at least this long (10 frames at 25 fps)
+FADE_SECONDS = 0.16  # a switch cross-fades over this long (4 frames at 25 fps; both sources are animated)
+
+
+def frames_at(seconds: float, fps: float) -> int:
+    """``seconds`` as a whole number of frames at ``fps`` (rounded)."""
+    if not (np.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be positive, got {fps}")
+    return int(round(seconds * fps))
 
 
 def landmark_weights() -> np.ndarray:
@@ -75,16 +83,19 @@ class SourceFrames:
         with VideoReader(path) as reader:
             step = max(1, -(-reader.frame_count // max_frames))  # ceil: at most max_frames picks
             picked = [frame for index, frame in enumerate(reader) if index % step == 0][:max_frames]
-        images, points = [], []
+        # Filled in place while the decoded frames are let go: a full-HD video's 64 frames are 400 MB.
+        images = np.empty((len(picked), *picked[0].shape), np.uint8)
+        points = []
         with FaceMeshTracker(static_image_mode=True, max_num_faces=MAX_FACES_IN_IMAGE) as tracker:
-            for frame in picked:
+            for k in range(len(picked)):
+                frame, picked[k] = picked[k], None
                 faces = tracker.all_faces(frame)
                 if faces:
-                    images.append(frame)
+                    images[len(points)] = frame
                     points.append(max(faces, key=face_size))
-        if not images:
+        if not points:
             raise InputError(path, f"no face in any of the {len(picked)} sampled frames")
-        return cls(np.stack(images), np.stack(points).astype(np.float32), str(path))
+        return cls(images[:len(points)], np.stack(points).astype(np.float32), str(path))
 
     def check_framing(self, height: int, width: int) -> None:
         """Raises `InputError` unless the frames have the portrait's size (the same camera is assumed)."""
@@ -99,10 +110,12 @@ class SourceChooser:
     Args:
         frames: the candidate frames.
         portrait_landmarks: ``(478, 2)`` pixels of the portrait (the start, and a candidate throughout).
+        margin: see `SWITCH_MARGIN`.
+        min_stay: calls (output frames) a chosen source is kept at least.
     """
 
     def __init__(self, frames: SourceFrames, portrait_landmarks: np.ndarray, margin: float = SWITCH_MARGIN,
-                 min_stay: int = MIN_STAY_FRAMES):
+                 min_stay: int = 10):
         self.candidates = np.concatenate([frames.landmarks, np.asarray(portrait_landmarks, np.float32)[None]])
         self.weights = landmark_weights()
         self.margin, self.min_stay = margin, min_stay
