@@ -110,3 +110,33 @@ def test_source_frames_from_a_video_keep_the_frames_with_a_face(astronaut, tmp_p
     with pytest.raises(InputError, match="no face in any of the 3 sampled frames"):
         write_video(tmp_path / "blank.mp4", [blank] * 5, 25)
         SourceFrames.from_video(tmp_path / "blank.mp4", max_frames=3)
+
+
+def test_animate_source_frames_without_a_video_is_one_error_line(astronaut, tmp_path, capsys):
+    from metaportrait.cli import main
+    from metaportrait.io.image import write_image
+
+    image, _ = astronaut
+    write_image(tmp_path / "me.png", image)
+    argv = ["animate", "-s", str(tmp_path / "me.png"), "--source-frames", "-d", str(tmp_path / "d.mp4"),
+            "-o", str(tmp_path / "out.mp4")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'me.png'}: --source-frames without a video needs " \
+                                              "--source to be a video"
+    assert not (tmp_path / "out.mp4").exists()
+
+
+@pytest.mark.slow
+def test_animate_with_source_frames_on_a_real_video(shared_data, tmp_path):
+    """The bundled model, a new person's 1080x1920 video as portrait and source frames, another person driving."""
+    from metaportrait.cli import main
+    from metaportrait.io.video import VideoReader
+
+    video = shared_data / "hires" / "latentsync_demo2_video.mp4"
+    driving = shared_data / "personal" / "obama" / "edtalk_uncrop_Obama.mp4"
+    out = tmp_path / "out.mp4"
+    argv = ["animate", "-s", str(video), "--source-frames", "-d", str(driving), "-o", str(out), "--max-frames", "40"]
+    assert main(argv) == 0
+    with VideoReader(out) as result, VideoReader(video) as source:
+        assert (result.width, result.height) == (source.width, source.height)
+        assert sum(1 for _ in result) == 40
