@@ -15,6 +15,8 @@ in threads; `metaportrait.stages`), so the per-step times add up to more than th
   paste-back only;
 * ``clip_256_onnx``: ``clip_256`` with the generator in ONNX Runtime (`metaportrait.onnx_backend`; the export,
   made once per checkpoint and cached, is not timed). Only with the bundled checkpoint.
+* ``clip_256_bf16``: ``clip_256`` with the generator under bfloat16 autocast (``precision="bf16"``; on CPUs
+  without native bfloat16 it is emulated and slower).
 
 The driving clip is ``--driving`` when given, otherwise a built-in one: the astronaut animated by the scripted
 motion (talking, blinks, a head turn, a nod) with the model's face crop as output, made by this benchmark, so
@@ -52,7 +54,7 @@ from metaportrait.stages import WriteBehind
 
 FPS = 25.0
 LARGE = 1024
-CASES = ("clip_256", f"large_{LARGE}", "scripted", "clip_256_onnx")
+CASES = ("clip_256", f"large_{LARGE}", "scripted", "clip_256_onnx", "clip_256_bf16")
 
 
 def _animator() -> tuple[Animator, str]:
@@ -152,6 +154,10 @@ def run(threads: int = 2, frames: int = 60, driving: str | Path | None = None,
         if "clip_256_onnx" in wanted and weights.startswith("bundled"):
             onnx = Animator.from_pretrained(None, batch_size=DEFAULT_BATCH_SIZE, backend="onnx")
             result["clip_256_onnx"] = _case(onnx, portrait, clip, frames, folder)
+        if "clip_256_bf16" in wanted:  # the same clip with the generator under bfloat16 autocast
+            animator.precision = "bf16"
+            result["clip_256_bf16"] = _case(animator, portrait, clip, frames, folder)
+            animator.precision = "fp32"
     # The whole run's: the largest case peak (the per-case resets also reset the process's own peak).
     case_peaks = [value["peak_rss_mb"] for value in result.values() if isinstance(value, dict)]
     result["peak_rss_mb"] = round(max([peak_rss_mb(), *case_peaks]), 1)

@@ -565,3 +565,22 @@ def test_cli_live_bad_camera_is_one_error_line(tmp_path, media, capsys):
     code = main(["live", "-s", str(media["astronaut"]), "-d", "97"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: camera 97: could not be opened"), err
+
+
+def test_bf16_precision_is_close_to_fp32_and_auto_follows_the_cpu(astronaut, monkeypatch):
+    import metaportrait.pipeline as pipeline
+
+    image, points = astronaut
+    targets = scripted_motion(points, 3)
+    torch.manual_seed(0)
+    generator = Generator(TINY)
+    frames = {p: np.stack(list(Animator(generator, TINY, precision=p).animate_landmarks(
+        image, targets, paste_back=False, source_landmarks=points))) for p in ("fp32", "bf16")}
+    difference = np.abs(frames["bf16"].astype(int) - frames["fp32"])
+    assert 0 < difference.mean() < 1.5 and frames["bf16"].dtype == np.uint8
+    monkeypatch.setattr(pipeline, "cpu_has_bf16", lambda: False)
+    assert Animator(generator, TINY, precision="auto").precision == "fp32"
+    monkeypatch.setattr(pipeline, "cpu_has_bf16", lambda: True)
+    assert Animator(generator, TINY, precision="auto").precision == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Animator(generator, TINY, precision="fp16")

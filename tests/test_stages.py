@@ -74,6 +74,9 @@ def test_closing_a_chain_early_stops_every_stage_and_closes_the_source():
     cancel = threading.Event()
     first = prefetch(endless(), 2, cancel, "metaportrait-test-a")
     second = prefetch((n * 10 for n in first), 2, cancel, "metaportrait-test-b")
+    # As in the pipeline, only the chain holds the first stage: closing the second then finalises (and joins) it.
+    # Kept here, it would only stop at its next poll of `cancel`, after close() returned (a race under load).
+    del first
     assert next(second) == 10
     second.close()
     assert closed.is_set() and _stage_threads() == []

@@ -57,6 +57,8 @@ from metaportrait.upscale import StreamingSR, load_sr
 Motion = Literal["relative", "absolute"]
 Backend = Literal["torch", "onnx"]
 BACKENDS: tuple[str, ...] = ("torch", "onnx")
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 REFERENCES: tuple[str, ...] = ("auto", "first", "running")
 MOTIONS: tuple[str, ...] = ("relative", "absolute")
 BUNDLED_CHECKPOINT = "assets/models/lite"  # inside the metaportrait package
@@ -120,6 +122,26 @@ class PreparedSource:
 
 
 @functools.cache
+def cpu_has_bf16() -> bool:
+    """True when the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX; Linux ``/proc/cpuinfo``). Elsewhere
+    bfloat16 is emulated and slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str) -> str:
+    """``"auto"`` -> ``"bf16"`` on CPUs with native bfloat16 (`cpu_has_bf16`), else ``"fp32"``; others as given."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if cpu_has_bf16() else "fp32"
+    return precision
+
+
+@functools.cache
 def dlib_identity_encoder() -> torch.nn.Module:
     """The dlib identity encoder, loaded once per process: parsing its weights takes seconds, and the module is
     frozen (eval mode, no trainable state), so every animator can share it."""
@@ -151,6 +173,9 @@ class Animator:
         queue_frames: with ``overlap``, how many driving frames (and how many targets) each background stage
             may hold ready; default two batches. Bounded, so memory does not grow with the video's length.
         landmark_max_side: see `LANDMARK_MAX_SIDE`.
+        precision: the per-frame generator call in ``"fp32"``, or ``"bf16"`` (CPU autocast: convolutions and
+            matrix products in bfloat16, faster on CPUs that have it; face crops within 57-59 dB PSNR of
+            fp32's, docs/results.md), or ``"auto"`` (bf16 where the CPU has it natively, `cpu_has_bf16`).
 
     Attributes:
         stats: `AnimationStats` of the latest call, filled in while its frames are consumed.
@@ -159,7 +184,7 @@ class Animator:
     def __init__(self, generator: torch.nn.Module, config: ModelConfig, identity_encoder: torch.nn.Module | None = None,
                  batch_size: int = DEFAULT_BATCH_SIZE, keep_source_detail: bool = True, sr: StreamingSR | None = None,
                  overlap: bool = True, queue_frames: int | None = None,
-                 landmark_max_side: int | None = LANDMARK_MAX_SIDE):
+                 landmark_max_side: int | None = LANDMARK_MAX_SIDE, precision: Precision = "fp32"):
         if config.landmark_topology not in MEDIAPIPE_TOPOLOGIES:
             raise ValueError(
                 f"the animator measures MediaPipe landmarks; this model was built for {config.landmark_topology!r} "
@@ -181,13 +206,16 @@ class Animator:
         self.overlap = overlap
         self.queue_frames = queue_frames
         self.landmark_max_side = landmark_max_side
+        # Autocast only applies to a torch module (an ONNX Runtime session computes in float32).
+        self.precision = resolve_precision(precision) if isinstance(generator, torch.nn.Module) else "fp32"
         self.stats = AnimationStats()
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                         keep_source_detail: bool = True, eyelid_fill: bool | None = None,
                         backend: Backend = "torch", onnx_folder: str | Path | None = None,
-                        sr: bool | str | Path | None = None, overlap: bool = True) -> Animator:
+                        sr: bool | str | Path | None = None, overlap: bool = True,
+                        precision: Precision = "fp32") -> Animator:
         """Load a checkpoint folder (``model.safetensors`` + ``config.json``).
 
         Args:
@@ -200,6 +228,7 @@ class Animator:
             sr: super-resolve the generated face crops (`metaportrait.upscale`): True for the bundled SR network,
                 or its folder / official file; None or False: no super-resolution.
             overlap: run the stages side by side (see `Animator`).
+            precision: see `Animator`.
 
         Raises:
             InputError: the folder (or the bundled checkpoint) is missing or not a valid checkpoint.
@@ -233,7 +262,7 @@ class Animator:
             raise InputError(sr if sr is not True else "--sr", f"the super-resolution network takes "
                              f"{upscaler.input_size}² crops, but this model renders {config.image_size}²")
         return cls(generator, config, batch_size=batch_size, keep_source_detail=keep_source_detail, sr=upscaler,
-                   overlap=overlap)
+                   overlap=overlap, precision=precision)
 
     # --- entry points -----------------------------------------------------------------------------------------
 
@@ -585,7 +614,7 @@ class Animator:
             if cfg.prior_masks:
                 masks = torch.from_numpy(np.stack([prior.masks for prior in priors]))  # (B, prior_mask_channels, S, S)
         identity = None if source.identity is None else source.identity.expand(count, -1)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             result = self.generator(
                 source.tensor.expand(count, -1, -1, -1),
                 source.lines.expand(count, -1, -1, -1),
@@ -596,7 +625,7 @@ class Animator:
                 source_flow=None if source.flow is None else source.flow.expand(count, -1, -1, -1),
                 source_levels=source.levels,
             )
-        return result
+        return {k: v.float() if v.is_floating_point() else v for k, v in result.items()}  # bf16 -> fp32
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expression-scale", type=animate_cli._bounded_float(0.0, 3.0), default=1.0,
                         help="strength of the driver's expression change: 1 as the driver, 0 none")
     animate_cli.add_model_arguments(parser)
+    animate_cli.add_precision_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         source = FileSource(args.driving)
     animator = Animator.from_pretrained(args.checkpoint, batch_size=1, keep_source_detail=args.keep_source_detail,
                                         eyelid_fill=args.eyelid_fill, backend=args.backend,
-                                        onnx_folder=args.onnx_folder)
+                                        onnx_folder=args.onnx_folder, precision=args.precision)
 
     # 2. Run; the writer renames its temporary file only if everything succeeded.
     with VideoWriter(output, source.fps) if output is not None else contextlib.nullcontext() as writer:
