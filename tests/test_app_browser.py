@@ -110,15 +110,16 @@ def app(tmp_path_factory):
     assert not Path(folder.group(1)).exists(), "the run folder outlived the app"
 
 
-def write_inputs(folder: Path) -> tuple[Path, Path]:
-    """The astronaut as a JPEG, and a short driving clip of her drifting right and down."""
+def write_inputs(folder: Path, frames: int = CLIP_FRAMES) -> tuple[Path, Path]:
+    """The astronaut as a JPEG, and a driving clip of her drifting right and down (and back, in long clips)."""
     portrait = folder / "astronaut.jpg"
     write_image(portrait, data.astronaut())
     clip = folder / "driving.mp4"
     small = cv2.resize(data.astronaut(), (256, 256), interpolation=cv2.INTER_AREA)
     with VideoWriter(clip, CLIP_FPS) as writer:
-        for index in range(CLIP_FRAMES):
-            shift = np.float32([[1, 0, 2 * index], [0, 1, index]])
+        for index in range(frames):
+            step = 10 - abs(index % 20 - 10)  # 0, 1, ..., 10, 9, ...: within the frame however long the clip
+            shift = np.float32([[1, 0, 2 * step], [0, 1, step]])
             writer.write(cv2.warpAffine(small, shift, (256, 256), borderMode=cv2.BORDER_REFLECT))
     return portrait, clip
 
@@ -225,6 +226,11 @@ def test_edit_preview_follows_the_sliders(browser_context, app, tmp_path):
 def test_cancel_stops_the_job_and_the_next_one_runs(browser_context, app, tmp_path):
     page = open_page(browser_context, app.url)  # first visit: the astronaut and the built-in motion (4 s)
     status = page.locator("#animate-status")
+    # A 15-s driving clip, so that the job is still running when Cancel arrives (the 4-s built-in motion can end
+    # first on a fast machine).
+    _, clip = write_inputs(tmp_path, frames=int(15 * CLIP_FPS))
+    page.locator("#animate-driving input[type=file]").set_input_files(str(clip))
+    status.get_by_text("Driving video ready").wait_for(timeout=60_000)
     before = set(os.listdir(app.folder / "results"))
     page.locator("#animate-button").click()
     status.get_by_text("Animating").wait_for(timeout=60_000)
@@ -238,6 +244,7 @@ def test_cancel_stops_the_job_and_the_next_one_runs(browser_context, app, tmp_pa
     assert page.locator("#animate-files a[href]").count() == 0
 
     # The queue is free again: the next job (here the scripted motion, 100 frames) runs to the end.
+    page.locator("#animate-source").get_by_text("built-in scripted motion").click()
     page.locator("#animate-button").click()
     status.get_by_text("Done:").wait_for(timeout=JOB_SECONDS * 1000)
     assert "100 frames" in status.inner_text()

@@ -337,7 +337,7 @@ class Models:
             if name not in self._paths:
                 raise InputError("model", f"no model named {name!r} in this run")
             if name not in self._animators:
-                self._animators[name] = Animator.from_pretrained(self._paths[name])
+                self._animators[name] = Animator.from_pretrained(self._paths[name], precision="auto")
             return self._animators[name]
 
 

@@ -29,7 +29,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, limits: Limits = Limits(),
             before anything is loaded.
     """
     check_address(host, port)
-    animator = Animator.from_pretrained(checkpoint)  # a bad checkpoint fails before anything is started
+    animator = Animator.from_pretrained(checkpoint, precision="auto")  # a bad checkpoint fails before anything starts
     with RunFolder() as folder:
         os.environ["GRADIO_TEMP_DIR"] = str(folder.uploads)
         os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
