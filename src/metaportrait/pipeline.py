@@ -31,7 +31,7 @@ import importlib.resources
 import itertools
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -513,10 +513,9 @@ class Animator:
                 paste_back: bool, crop_output: bool, start: float,
                 bank: _SourceBank | None = None) -> Iterator[np.ndarray]:
         """Steps 2b-4, shared by both entry points: controls, model inputs, generator, compositing."""
-        if bank is None:
-            faces = ((face, _Face(source, still)) for face, still in self._faces(source, targets, controls or Controls()))
-        else:
-            faces = self._bank_faces(bank, targets, controls or Controls())
+        generate = functools.partial(self._source_faces, source) if bank is None else \
+            functools.partial(self._bank_faces, bank)
+        faces = self._faces(targets, controls or Controls(), generate)
         if self.sr is not None:  # 3b. Super-resolution over a sliding window of the generated crops.
             faces = self.sr.stream(faces)
         # 4. The face crop, or the full portrait (or chosen source frame) with the crop pasted back.
@@ -535,9 +534,11 @@ class Animator:
             self.stats.seconds = time.perf_counter() - start
             yield frame
 
-    def _faces(self, source: PreparedSource, targets: Iterable[tuple[np.ndarray, bool]],
-               controls: Controls) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-        """Steps 2b-3: ``(generated crop, stillness or None)`` per target, generated a batch at a time."""
+    def _faces(self, targets: Iterable[tuple[np.ndarray, bool]], controls: Controls,
+               generate: Callable[[list[np.ndarray]], list[tuple[np.ndarray, _Face]]]
+               ) -> Iterator[tuple[np.ndarray, _Face]]:
+        """Steps 2b-3: ``(generated crop, what step 4 needs)`` per target, generated a batch at a time by
+        ``generate`` (`_source_faces` or `_bank_faces`) from the batch's targets in source-crop pixels."""
         targets = iter(targets)
         while batch := list(itertools.islice(targets, self.batch_size)):
             # 2b. User controls on the target landmarks; count frames whose driver face was lost.
@@ -545,40 +546,40 @@ class Animator:
             self.stats.lost_frames += sum(not present for _, present in batch)
             # 3. Generator on a batch of frames.
             begin = time.perf_counter()
-            crops, stillness = self._generate_with_stillness(source, points)
+            faces = generate(points)
             self.stats.add_time("model", time.perf_counter() - begin)
-            yield from zip(crops, stillness if stillness is not None else [None] * len(crops))
+            yield from faces
 
-    def _bank_faces(self, bank: _SourceBank, targets: Iterable[tuple[np.ndarray, bool]],
-                    controls: Controls) -> Iterator[tuple[np.ndarray, _Face]]:
-        """Steps 2b-3 with source frames: per target, the chosen source (`SourceChooser`) animated to it, and during
-        a switch's fade also the previous source."""
-        portrait = bank.sources[-1]
-        targets = iter(targets)
-        while batch := list(itertools.islice(targets, self.batch_size)):
-            points = [controls.apply(target) for target, _ in batch]
-            self.stats.lost_frames += sum(not present for _, present in batch)
-            begin = time.perf_counter()
-            # Targets in portrait pixels choose the source (same framing), then move into that source's crop.
-            pixels = [points_from_crop(p, portrait.box, self.size) for p in points]
-            plans = [bank.plan(p) for p in pixels]
-            requests = [(index, k) for k, (index, previous, _) in enumerate(plans)]
-            requests += [(previous, k + len(plans)) for k, (_, previous, _) in enumerate(plans) if previous is not None]
-            made: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # request slot -> (crop, stillness)
-            sources: dict[int, PreparedSource] = {}  # this batch's sources
-            for index in sorted({index for index, _ in requests}):
-                slots = [slot for i, slot in requests if i == index]
-                source = sources[index] = bank.source(index, self)
-                crops, still = self._generate_with_stillness(
-                    source, [points_to_crop(pixels[slot % len(plans)], source.box, self.size) for slot in slots])
-                for j, slot in enumerate(slots):
-                    made[slot] = (crops[j], None if still is None else still[j])
-            self.stats.add_time("model", time.perf_counter() - begin)
-            self.stats.source_switches = bank.chooser.switches
-            self.stats.sources_used = len(bank.used)
-            for k, (index, previous, weight) in enumerate(plans):
-                fade = None if previous is None else _Fade(made[k + len(plans)][0], sources[previous], weight)
-                yield made[k][0], _Face(sources[index], made[k][1], fade)
+    def _source_faces(self, source: PreparedSource, points: list[np.ndarray]) -> list[tuple[np.ndarray, _Face]]:
+        """Step 3 for one batch from the portrait alone."""
+        crops, stillness = self._generate_with_stillness(source, points)
+        stills = stillness if stillness is not None else [None] * len(crops)
+        return [(crop, _Face(source, still)) for crop, still in zip(crops, stills)]
+
+    def _bank_faces(self, bank: _SourceBank, points: list[np.ndarray]) -> list[tuple[np.ndarray, _Face]]:
+        """Step 3 for one batch with source frames: per target, the chosen source (`SourceChooser`) animated to it,
+        and during a switch's fade also the previous source."""
+        # Targets in portrait pixels choose the source (same framing), then move into that source's crop.
+        pixels = [points_from_crop(p, bank.sources[-1].box, self.size) for p in points]
+        plans = [bank.plan(p) for p in pixels]
+        requests = [(index, k) for k, (index, previous, _) in enumerate(plans)]
+        requests += [(previous, k + len(plans)) for k, (_, previous, _) in enumerate(plans) if previous is not None]
+        made: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # request slot -> (crop, stillness)
+        sources: dict[int, PreparedSource] = {}  # this batch's sources
+        for index in sorted({index for index, _ in requests}):
+            slots = [slot for i, slot in requests if i == index]
+            source = sources[index] = bank.source(index, self)
+            crops, still = self._generate_with_stillness(
+                source, [points_to_crop(pixels[slot % len(plans)], source.box, self.size) for slot in slots])
+            for j, slot in enumerate(slots):
+                made[slot] = (crops[j], None if still is None else still[j])
+        self.stats.source_switches = bank.chooser.switches
+        self.stats.sources_used = len(bank.used)
+        faces = []
+        for k, (index, previous, weight) in enumerate(plans):
+            fade = None if previous is None else _Fade(made[k + len(plans)][0], sources[previous], weight)
+            faces.append((made[k][0], _Face(sources[index], made[k][1], fade)))
+        return faces
 
     def _generate(self, source: PreparedSource, targets: list[np.ndarray]) -> np.ndarray:
         """Step 3: ``uint8`` ``(B, S, S, 3)`` generated crops for ``B`` target landmark sets (source-crop pixels)."""
