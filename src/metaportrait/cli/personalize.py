@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--report-source-frames", action="store_true",
                         help="the final report also animates the person's training frames as source frames "
-                             "(`animate --source-frames`; two more rows, about 20 s more)")
+                             "(`animate --source-frames`; two more rows, so the report takes about twice as long)")
 
 
 def resolve_checkpoint(name: str) -> Path:
