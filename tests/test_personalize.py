@@ -78,7 +78,8 @@ def test_personalize_writes_a_checkpoint_that_animate_loads(videos, tiny_checkpo
     # The held-out tail is the last second: 25 frames, and training never saw them (`split_holdout` test below).
     assert report["heldout"]["first_frame"] == 3 * FPS and report["heldout"]["frames"] == FPS
     for method in ("one-shot", "personalised"):
-        assert {"psnr", "face_l1", "st_lpips", "id_distance"} <= set(report["methods"][method])
+        assert {"psnr", "face_l1", "st_lpips", "id_distance", "e_warp"} <= set(report["methods"][method])
+    assert report["methods"]["real"]["e_warp"] >= 0  # the flicker reference: the real tail's own warping error
     assert [p["step"] for p in report["curve"]][0] == 0 and report["curve"][-1]["step"] == 3
     # The checkpoint is the tiny model with changed refinement weights and the same warping network.
     tuned, cfg = load_model(out)

@@ -79,15 +79,18 @@ def test_residual_preset_starts_as_plain_upsampling():
     torch.testing.assert_close(out, plain, atol=1e-5, rtol=0)
 
 
-def test_detail_head_starts_at_zero_and_learns_from_the_first_step():
-    model = _tiny(unet_size=64, unet_channels=(2, 4, 4, 4, 4), detail_head=True)
-    frames, target = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 64, 64)
+def test_detail_body_starts_at_zero_and_learns_from_the_first_step():
+    model = _tiny()
+    assert model.cfg.detail_channels and model.cfg.decoder_side < model.cfg.output_size  # both lite features
+    frames, target = torch.rand(3, 3, 32, 32), torch.rand(3, 3, 64, 64)
     plain = F.interpolate(frames, size=64, mode=model.cfg.residual_mode, align_corners=False).clamp(0, 1)
     torch.testing.assert_close(model(frames), plain, atol=1e-5, rtol=0)  # exactly the upsampling at init
     (model(frames) - target).abs().mean().backward()
-    assert model.detail_rgb.weight.grad.abs().sum() > 0  # the path around the decoder gets a gradient at once
-    with pytest.raises(ValueError, match="detail_head"):
-        SRConfig(unet_size=256, unet_channels=(64, 128, 256, 256, 256, 256, 256), residual=True, detail_head=True)
+    assert model.detail_body.tail.weight.grad.abs().sum() > 0  # the path around the decoder gets a gradient at once
+    with pytest.raises(ValueError, match="detail_channels"):
+        SRConfig(unet_size=512, residual=True, detail_channels=8)
+    with pytest.raises(ValueError, match="decoder_size"):
+        SRConfig(decoder_size=128)
 
 
 def test_official_layout_matches_the_reference_listing():
@@ -110,7 +113,7 @@ def test_config_round_trip_and_checks():
     for cfg in SR_PRESETS.values():
         assert SRConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="half the decoder"):
-        SR_PRESETS["tiny"].replace(decoder_channels=(8, 8, 8, 16, 4))
+        SR_PRESETS["tiny"].replace(decoder_channels=(8, 8, 8, 16))
     with pytest.raises(ValueError, match="unknown keys"):
         SRConfig.from_dict({**SR_PRESETS["tiny"].to_dict(), "extra": 1})
 

@@ -142,3 +142,23 @@ def test_pyramid_loss_is_zero_for_the_resized_ground_truth():
     rgbs = [levels + [gt[0] * 2 - 1]]
     assert float(pyramid_loss(rgbs, gt)) < 1e-6
     assert float(pyramid_loss([[r + 0.5 for r in rgbs[0]]], gt)) == pytest.approx(0.5, abs=1e-5)
+
+
+def test_eval_sr_reports_table_2_on_held_out_clips(sr_dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    train_sr(_cfg(steps=2), sr_dataset, run)
+    output = tmp_path / "sr.json"
+    argv = ["eval", "sr", "--data", str(sr_dataset), "--identities", "b", "--sr", str(run / "model"),
+            "--frames", "5", "--lpips-every", "2", "--grid-clips", "0", "--threads", "1", "--output", str(output)]
+    assert main(argv) == 0
+    results = json.loads(output.read_text())
+    assert results["clips"] == ["b"] and results["inputs"] == "downscaled"
+    methods = results["methods"]
+    assert set(methods) == {"bicubic", "per_frame", "temporal", "real"}
+    for row in ("bicubic", "per_frame", "temporal"):
+        assert {"e_warp", "psnr", "st_lpips", "sharpness", "fd_mobilenetv2"} <= set(methods[row])
+        assert 15 < methods[row]["psnr"]["mean"] < 60
+    assert methods["real"]["sharpness"]["mean"] == 1.0 and methods["real"]["st_lpips"]["mean"] < 1e-6
+    assert "| temporal |" in output.with_suffix(".md").read_text() and output.with_suffix(".jpg").is_file()
+    assert main([*argv[:3], str(tmp_path / "nothing"), *argv[4:]]) == 2
+    assert "not a prepared dataset" in capsys.readouterr().err

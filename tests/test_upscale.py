@@ -16,7 +16,7 @@ from metaportrait.upscale import StreamingSR
 
 # The tiny SR structure at 64 -> 128: the input size of the tiny base model's crops.
 SR64 = SR_PRESETS["tiny"].replace(input_size=64, output_size=128, unet_size=64, unet_channels=(4, 4, 4, 4, 4),
-                                  decoder_channels=(8, 8, 8, 8, 8, 4))
+                                  decoder_size=64, decoder_channels=(8, 8, 8, 8, 8))
 
 
 def _trained_like(cfg) -> TemporalSR:

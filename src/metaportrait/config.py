@@ -360,12 +360,14 @@ class SRConfig:
     """Temporal face super-resolution: a U-Net with temporal layers modulating a StyleGAN2-style decoder (CS-SFT).
 
     Channel tuples are per resolution: ``unet_channels`` from ``unet_size`` down to 4, ``decoder_channels`` from 4
-    up to ``output_size``. At every decoder resolution the U-Net also has (8 to ``unet_size``), the U-Net's width
+    up to ``decoder_size`` (``output_size`` unless a preset stops its decoder lower). At every decoder resolution the U-Net also has (8 to ``unet_size``), the U-Net's width
     must be half the decoder's (channel-split SFT modulates one half of the decoder features).
     """
 
     input_size: int = 256  # side of the input frames
     output_size: int = 512  # side of the output frames
+    # side of the decoder's image (0 = output_size); a smaller one is upsampled (bilinear) before it is added
+    decoder_size: int = 0
     unet_size: int = 512  # the input is resized (bilinear) to this before the U-Net (official: x2 to 512)
     unet_channels: tuple[int, ...] = (32, 64, 128, 256, 256, 256, 256, 256)
     decoder_channels: tuple[int, ...] = (512, 512, 512, 512, 512, 256, 128, 64)
@@ -375,9 +377,11 @@ class SRConfig:
     temporal_hidden: int = 3  # hidden width of a temporal conv pair in multiples of C (official: 3C -> 3C -> C)
     residual: bool = False  # output = upsampling of the input + decoder image (decoder starts at zero)
     residual_mode: Literal["bilinear", "bicubic"] = "bilinear"  # the upsampling the residual is added to
-    # residual presets: a conv3x3 from the U-Net's finest features straight to RGB, added to the output (zero at
-    # init). A path around the modulated decoder, which in training switched its own residual off.
-    detail_head: bool = False
+    # residual presets: a detail body at the input resolution, around the modulated decoder: the window of frames
+    # t-1, t, t+1 (9 channels) and the U-Net's finest features (1x1) -> detail_channels -> detail_blocks residual
+    # conv pairs -> 12 channels -> pixel shuffle x2, added to the output (zero at init). 0 = none.
+    detail_channels: int = 0
+    detail_blocks: int = 2
     noise_buffers: bool = True  # keep StyleGAN2's per-layer noise buffers (official layout; noise itself is zero)
 
     def __post_init__(self):
@@ -385,12 +389,15 @@ class SRConfig:
             value = getattr(self, name)
             _check(value >= 8 and value & (value - 1) == 0, f"sr.{name} must be a power of two >= 8, got {value}")
         _check(self.unet_size <= self.output_size, "sr.unet_size must be at most output_size")
+        _check(self.decoder_size == 0 or (self.unet_size <= self.decoder_size <= self.output_size
+                                          and self.decoder_size & (self.decoder_size - 1) == 0),
+               "sr.decoder_size must be 0 or a power of two from unet_size to output_size")
         levels_unet = self.unet_size.bit_length() - 2  # 4, 8, ..., unet_size
-        levels_decoder = self.output_size.bit_length() - 2
+        levels_decoder = self.decoder_side.bit_length() - 2
         _check(len(self.unet_channels) == levels_unet,
                f"sr.unet_channels needs {levels_unet} entries ({self.unet_size} down to 4), got {len(self.unet_channels)}")
         _check(len(self.decoder_channels) == levels_decoder,
-               f"sr.decoder_channels needs {levels_decoder} entries (4 up to {self.output_size}), "
+               f"sr.decoder_channels needs {levels_decoder} entries (4 up to {self.decoder_side}), "
                f"got {len(self.decoder_channels)}")
         for level in range(1, levels_unet):  # resolutions 8 .. unet_size carry SFT conditions
             unet = self.unet_channels[levels_unet - 1 - level]
@@ -398,13 +405,20 @@ class SRConfig:
             _check(2 * unet == decoder,
                    f"sr: at {4 << level} px the U-Net width ({unet}) must be half the decoder width ({decoder})")
         _check(self.temporal_hidden >= 1, "sr.temporal_hidden must be >= 1")
-        _check(not self.detail_head or (self.residual and self.unet_size == self.output_size),
-               "sr.detail_head needs residual=True and unet_size == output_size")
+        _check(not self.detail_channels or (self.residual and self.unet_size == self.input_size
+                                            and self.output_size == 2 * self.input_size),
+               "sr.detail_channels needs residual=True, unet_size == input_size and output_size == 2 * input_size")
+        _check(self.detail_channels >= 0 and self.detail_blocks >= 0, "sr.detail_channels and detail_blocks must be >= 0")
         _check(self.num_mlp >= 0 and self.style_dim >= 1, "sr.num_mlp must be >= 0 and style_dim >= 1")
 
     @property
     def scale(self) -> int:
         return self.output_size // self.input_size
+
+    @property
+    def decoder_side(self) -> int:
+        """Side of the decoder's image."""
+        return self.decoder_size or self.output_size
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -420,28 +434,31 @@ class SRConfig:
 # GFPGAN v1 clean + temporal window, exactly (sr_temporal_gfpgan.tsv): U-Net at 512 after a bilinear x2.
 _SR_OFFICIAL = SRConfig()
 
-# The CPU model: a narrow U-Net on the input resized to 512 (as the official one, so its finest skip and SFT
-# condition carry the input's full 256-px detail; a U-Net on the 256 input itself stops its skips at 128 px and
-# did not move from bicubic in training), a narrow decoder that adds a residual to the bicubic upsampling (so it
-# starts as bicubic) and a detail head from the U-Net's 512-px features; temporal conv pairs are 3C -> C -> C.
-# Trained from scratch.
+# The CPU model: a narrow U-Net on the 256 input (temporal conv pairs 3C -> C -> C) whose features condition a
+# narrow decoder that stops at 256, plus a detail body at 256 px (24 channels, two residual conv pairs, pixel
+# shuffle to 512) that sees the window of frames and the U-Net's finest features. Decoder and body add to the bicubic upsampling, so
+# the untrained network is bicubic. Earlier lite forms, all trained from scratch, stayed at bicubic: the U-Net on
+# the input resized to 512 with 4 channels there, and a single conv from those 512-px features (experiments,
+# 2026-12-07). Trained from scratch.
 _SR_LITE = SRConfig(
-    unet_size=512,
-    unet_channels=(4, 8, 16, 32, 32, 32, 32, 32),
-    decoder_channels=(64, 64, 64, 64, 64, 32, 16, 8),
+    unet_size=256,
+    unet_channels=(4, 8, 16, 16, 16, 16, 16),
+    decoder_size=256,
+    decoder_channels=(32, 32, 32, 32, 32, 16, 8),
     style_dim=64,
     num_mlp=0,
     temporal_hidden=1,
     residual=True,
     residual_mode="bicubic",
     noise_buffers=False,
-    detail_head=True,
+    detail_channels=24,
+    detail_blocks=2,
 )
 
 # The lite structure at 32 -> 64 with a few channels, for tests.
 _SR_TINY = dataclasses.replace(
     _SR_LITE, input_size=32, output_size=64, unet_size=32, unet_channels=(4, 4, 4, 4),
-    decoder_channels=(8, 8, 8, 8, 4), style_dim=8, detail_head=False,
+    decoder_size=32, decoder_channels=(8, 8, 8, 8), style_dim=8, detail_channels=4, detail_blocks=1,
 )
 
 SR_PRESETS: dict[str, SRConfig] = {"tiny": _SR_TINY, "lite": _SR_LITE, "official": _SR_OFFICIAL}

@@ -315,7 +315,9 @@ def tail_report(
     kept frame animated along the smoothed landmarks of every ``stride``-th later frame, pasted back, compared with
     the real crops. ``models``: `metaportrait.eval.protocols.MetricModels`. With ``source_frames`` (of the tail's
     framing, `tail_source_frames`) each generator is also reported animating them, as ``"<name> + source
-    frames"``. Returns name -> metric -> value."""
+    frames"``. Flicker is the warping error ``e_warp`` of the outputs along the real crops' optical flow (frames
+    ``stride`` apart; the real crops' own value is in the row ``"real"``). Returns name -> metric -> value."""
+    from metaportrait.eval.metrics import temporal_flow, warping_error
     from metaportrait.eval.protocols import reconstruction_metrics, smooth_targets
     from metaportrait.pipeline import Animator
 
@@ -326,7 +328,8 @@ def tail_report(
     source, real = crops[0], crops[1:]
     size = crops.shape[1]
     face = np.stack([face_mask(points, size, size, 0.0, 0.0) for points in landmarks[1:]])
-    report = {}
+    flow = temporal_flow(real) if len(real) >= 2 else None
+    report = {"real": {"e_warp": round(warping_error(real, flow), 6)}} if flow is not None else {}
     for name, generator in generators.items():
         animator = Animator(generator, model_cfg, identity_encoder=models.identity)
         for suffix, frames in [("", None)] + ([(" + source frames", source_frames)] if source_frames else []):
@@ -334,7 +337,9 @@ def tail_report(
                                                               source_landmarks=targets[0], source_frames=frames,
                                                               fps=tail.fps / stride)))  # fmt: skip
             values = reconstruction_metrics(models, output, real, face, source, targets[0], landmarks[1:])
-            report[name + suffix] = {k: round(float(v), 5) for k, v in values.items()}
+            if flow is not None:
+                values["e_warp"] = warping_error(output, flow)
+            report[name + suffix] = {k: round(float(v), 6 if k == "e_warp" else 5) for k, v in values.items()}
     return report
 
 

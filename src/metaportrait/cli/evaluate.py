@@ -104,6 +104,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="front-end cache (default: $XDG_CACHE_HOME/metaportrait/personalize)")
     personal.add_argument("--output", "-o", type=Path, required=True,
                           help="results file (.json); the plot goes beside it as <name>_series.png")
+    sr = protocols.add_parser("sr", help="super-resolution on held-out 512 clips against bicubic, per frame and "
+                              "temporal: warping error, PSNR, ST-LPIPS, sharpness (the paper's Table 2)")  # fmt: skip
+    sr.add_argument("--data", type=Path, required=True, help="a `metaportrait prepare --size 512` dataset folder")
+    sr.add_argument("--identities", required=True, help="the held-out identities (file or comma list)")
+    sr.add_argument("--sr", default="default", help="SR weights: 'default' (bundled), a folder or an official .pth")
+    sr.add_argument("--inputs", choices=("downscaled", "generated"), default="downscaled",
+                    help="256 inputs: the real frames downscaled, or the base model's self-reconstruction of them")
+    sr.add_argument("--checkpoint", default="default", help="base model for --inputs generated")
+    sr.add_argument("--frames", type=positive_int, default=40, help="frames per clip, from its start")
+    sr.add_argument("--lpips-every", type=positive_int, default=4, help="ST-LPIPS on every k-th frame")
+    sr.add_argument("--grid-clips", type=int, nargs="*", default=[0, 2, 5], metavar="INDEX",
+                    help="clips shown in the picture grid (<output>.jpg: bicubic | per frame | temporal | real)")
+    sr.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    sr.add_argument("--output", "-o", type=Path, required=True, help="results file (.json; a .md table beside it)")
     curve = protocols.add_parser("curve", help="validation PSNR / face L1 vs step of training runs, as a plot")
     curve.add_argument("--runs", type=Path, nargs="+", required=True, metavar="RUN_DIR",
                        help="training run folders (each with val.jsonl); curves are named by folder")
@@ -119,6 +133,10 @@ def _check_inputs(args: argparse.Namespace) -> None:
     if args.protocol == "personalize":
         if not args.video.is_file():
             raise InputError(args.video, "file not found")
+        return
+    if args.protocol == "sr":
+        if not (args.data / "manifest.jsonl").is_file():
+            raise InputError(args.data, "not a prepared dataset (no manifest.jsonl); run `metaportrait prepare`")
         return
     if args.protocol == "curve":
         for run_dir in args.runs:
@@ -239,7 +257,7 @@ def _run_personalize(args: argparse.Namespace) -> int:
             points[f"{name}+frames"] = [{**{k: p[k] for k in ("seconds", "steps", "loss")}, **p["with_source_frames"]}
                                         for p in curve]  # fmt: skip
     metrics_shown = (("psnr", "PSNR (dB)", False), ("face_l1", "face L1", True), ("st_lpips", "ST-LPIPS", True),
-                     ("id_distance", "identity distance", True))  # fmt: skip
+                     ("id_distance", "identity distance", True), ("e_warp", "warping error", True))  # fmt: skip
     series = {}
     for metric, label, lower in metrics_shown:
         for axis in ("seconds", "steps"):
@@ -272,6 +290,48 @@ def _run_personalize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_sr(args: argparse.Namespace) -> int:
+    """Table 2 on the held-out clips of a 512 dataset."""
+    import torch
+
+    from metaportrait.data.dataset import PreparedDataset, parse_identities
+    from metaportrait.eval import report
+    from metaportrait.eval.sr import evaluate_sr
+    from metaportrait.io.image import write_image
+    from metaportrait.upscale import load_sr
+
+    torch.set_num_threads(args.threads)
+    model = load_sr(args.sr)
+    held_out = set(parse_identities(args.identities))
+    clips = [c for c in PreparedDataset(args.data) if c.identity in held_out and c.frame_count >= 2]
+    if not clips:
+        raise InputError(args.data, "no clip of the given identities (check --identities)")
+    animator = None
+    if args.inputs == "generated":
+        from metaportrait.pipeline import Animator
+
+        animator = Animator.from_pretrained(args.checkpoint)
+        if animator.config.image_size != model.cfg.input_size:
+            raise InputError(args.checkpoint, f"the base model renders {animator.config.image_size} px faces; the "
+                                              f"SR network takes {model.cfg.input_size} px")  # fmt: skip
+    results, grid = evaluate_sr(model, clips, frames=args.frames, inputs=args.inputs, animator=animator,
+                                lpips_every=args.lpips_every, grid_clips=args.grid_clips,
+                                progress=lambda name: logger.info("%s done", name))  # fmt: skip
+    command = shlex.join(["metaportrait", "eval", "sr", "--data", str(args.data), "--identities", args.identities,
+                          "--sr", str(args.sr), "--inputs", args.inputs, "--checkpoint", args.checkpoint,
+                          "--frames", str(args.frames), "--lpips-every", str(args.lpips_every), "--grid-clips",
+                          *map(str, args.grid_clips), "--threads", str(args.threads), "--output", str(args.output)])
+    results = {"command": command, **results}
+    table = report.markdown_table(results)
+    write_text_atomic(args.output, json.dumps(results, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(args.output.with_suffix(".md"), f"# sr evaluation ({args.inputs} inputs)\n\n`{command}`\n\n{table}")
+    if grid is not None:
+        write_image(args.output.with_suffix(".jpg"), grid)
+    print(table, end="")
+    logger.info("wrote %s (+ .md%s)", args.output, ", .jpg" if grid is not None else "")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from metaportrait.eval import protocols, report
     from metaportrait.io.image import write_image
@@ -282,6 +342,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_curve(args)
     if args.protocol == "personalize":
         return _run_personalize(args)
+    if args.protocol == "sr":
+        return _run_sr(args)
     checkpoints = _checkpoints(args)
     hashes = {}
     for name, path in checkpoints.items():

@@ -13,10 +13,12 @@ One code path for every `SRConfig` preset (``tiny``, ``lite``, ``official``):
    each up level also gives SFT maps (``condition_scale`` / ``condition_shift``);
 4. StyleGAN2 decoder (``stylegan_decoder``) with channel-split SFT: after the first modulated conv of each
    resolution that has a condition, half of the channels become ``F * scale + shift``; noise inputs are zero
-   (official ``randomize_noise: zero``);
+   (official ``randomize_noise: zero``); a decoder that stops below ``output_size`` is resized (bilinear) to it;
 5. ``residual`` presets add the decoder image to the bilinear or bicubic upsampling of the input, and their
-   ``toRGB`` weights start at zero, so the untrained network outputs that upsampling. With ``detail_head`` a
-   zero-initialised conv from the U-Net's finest features also adds its image there (not through the decoder).
+   ``toRGB`` weights start at zero, so the untrained network outputs that upsampling;
+6. with ``detail_channels`` a `DetailBody` at the input resolution (the frame window and the U-Net's finest
+   features -> residual conv pairs -> pixel shuffle x2, last conv zero-initialised) adds its image there too, on a
+   path around the decoder.
 
 Output ``(T, 3, output_size, output_size)`` in [0, 1]. Module names mirror the official
 ``vgfpgan_gfpganv1_clean_unetwindow_arch.py`` so its state dict loads with strict=True (tests compare our keys and
@@ -178,7 +180,7 @@ class StyleGAN2GeneratorCSFT(nn.Module):
     def __init__(self, cfg: SRConfig):
         super().__init__()
         channels = cfg.decoder_channels
-        self.num_levels = len(channels)  # 4 .. output_size
+        self.num_levels = len(channels)  # 4 .. decoder_side
         self.style_mlp = nn.Sequential(
             NormStyleCode(), *[m for _ in range(cfg.num_mlp) for m in (nn.Linear(cfg.style_dim, cfg.style_dim),
                                                                       nn.LeakyReLU(0.2))]
@@ -187,7 +189,7 @@ class StyleGAN2GeneratorCSFT(nn.Module):
         self.style_conv1 = StyleConv(channels[0], channels[0], cfg.style_dim, upsample=False)
         self.to_rgb1 = ToRGB(channels[0], cfg.style_dim, upsample=False)
         self.num_layers = 2 * (self.num_levels - 1) + 1
-        self.num_latent = 2 * self.num_levels  # = 2 * log2(output_size) - 2
+        self.num_latent = 2 * self.num_levels  # = 2 * log2(decoder_side) - 2
         self.style_convs = nn.ModuleList()
         self.to_rgbs = nn.ModuleList()
         for level in range(1, self.num_levels):
@@ -207,13 +209,37 @@ class StyleGAN2GeneratorCSFT(nn.Module):
         i = 1
         for conv1, conv2, to_rgb in zip(self.style_convs[::2], self.style_convs[1::2], self.to_rgbs):
             out = conv1(out, latent[:, i])
-            if i < len(conditions):  # the U-Net may stop below output_size: the top levels are unconditioned
+            if i < len(conditions):  # the U-Net may stop below decoder_side: the top levels are unconditioned
                 same, modulated = torch.split(out, out.shape[1] // 2, dim=1)
                 out = torch.cat([same, modulated * conditions[i - 1] + conditions[i]], dim=1)
             out = conv2(out, latent[:, i + 1])
             skip = to_rgb(out, latent[:, i + 2], skip)
             i += 2
         return skip
+
+
+class DetailBody(nn.Module):
+    """Detail at the input resolution: frames t-1, t, t+1 ``(T, 9, S, S)`` in [-1, 1] plus the U-Net's features at
+    S (a 1x1 projection) -> ``channels`` -> ``blocks`` residual conv3x3 pairs -> 12 channels -> pixel shuffle ->
+    ``(T, 3, 2S, 2S)``, an image residual in [-1, 1] units that is zero at initialisation."""
+
+    def __init__(self, unet_channels: int, channels: int, blocks: int):
+        super().__init__()
+        self.head = nn.Conv2d(9, channels, 3, 1, 1)
+        self.unet_projection = nn.Conv2d(unet_channels, channels, 1)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1), nn.LeakyReLU(0.2), nn.Conv2d(channels, channels, 3, 1, 1))
+            for _ in range(blocks)
+        )
+        self.tail = nn.Conv2d(channels, 12, 3, 1, 1)
+        nn.init.zeros_(self.tail.weight)
+        nn.init.zeros_(self.tail.bias)
+
+    def forward(self, window: torch.Tensor, unet_features: torch.Tensor) -> torch.Tensor:
+        features = _lrelu(self.head(window) + self.unet_projection(unet_features))
+        for block in self.blocks:
+            features = features + block(features)
+        return F.pixel_shuffle(self.tail(_lrelu(features)), 2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,10 +266,8 @@ class TemporalSR(nn.Module):
         if cfg.temporal:
             self.window_down = nn.ModuleList(ConvReLUConv(c, cfg.temporal_hidden * c) for c in unet[1:])
             self.recurrent_forward = nn.ModuleList(ConvReLUConv(c, cfg.temporal_hidden * c) for c in up[1:])
-        if cfg.detail_head:
-            self.detail_rgb = nn.Conv2d(up[-1], 3, 3, 1, 1)
-            nn.init.zeros_(self.detail_rgb.weight)
-            nn.init.zeros_(self.detail_rgb.bias)
+        if cfg.detail_channels:
+            self.detail_body = DetailBody(up[-1], cfg.detail_channels, cfg.detail_blocks)
         if cfg.residual:  # the decoder image starts at zero: the untrained network is the plain upsampling
             for to_rgb in [self.stylegan_decoder.to_rgb1, *self.stylegan_decoder.to_rgbs]:
                 nn.init.zeros_(to_rgb.modulated_conv.weight)
@@ -282,9 +306,9 @@ class TemporalSR(nn.Module):
             conditions.append(self.condition_shift[i](feat))
             if return_rgb:
                 rgbs.append(self.toRGB[i](feat))
-        image = self.stylegan_decoder(latent, conditions)
-        if cfg.detail_head:  # feat: the U-Net's last up block, (T, C, output_size, output_size)
-            image = image + self.detail_rgb(feat)
+        image = _resize(self.stylegan_decoder(latent, conditions), cfg.output_size)
+        if cfg.detail_channels:  # feat: the U-Net's last up block, (T, C, input_size, input_size)
+            image = image + self.detail_body(temporal_window(frames * 2 - 1), feat)
         if cfg.residual:
             image = image + upsample(frames * 2 - 1, cfg)
         out = ((image + 1) / 2).clamp(0, 1)
