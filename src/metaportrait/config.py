@@ -21,6 +21,9 @@ from typing import Any, Literal, get_args, get_type_hints
 Norm = Literal["instance", "none"]
 LandmarkTopology = Literal["mediapipe478", "sparse68", "official669"]
 MouthFill = Literal["stretch", "upper_lip"]  # `metaportrait.prior.mouth.MouthFill`
+# Arithmetic of the per-frame generator call (`metaportrait.pipeline.Animator`); here so that the CLI can list the
+# choices without importing torch.
+Precision = Literal["auto", "fp32", "bf16"]
 
 
 @dataclass(frozen=True)

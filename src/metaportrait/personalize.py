@@ -56,7 +56,7 @@ from metaportrait.io.image import frames_to_tensor
 from metaportrait.losses.perceptual import MobileNetV2Features
 from metaportrait.meta.reptile import AdaptResult, adapt
 from metaportrait.models.identity import DLIB_SAME_PERSON_THRESHOLD, IdentityEncoder, identity_distance
-from metaportrait.source_frames import MAX_SOURCE_FRAMES, SourceFrames
+from metaportrait.source_frames import MAX_SOURCE_FRAMES, SourceFrames, spread_indices
 from metaportrait.train.config import PERSONAL_LOSS, LossWeights
 from metaportrait.train.meta import query_metrics
 
@@ -302,7 +302,7 @@ def tail_source_frames(train_clips: Sequence[PreparedClip], tail: PreparedClip,
     if not parts:
         return None
     usable = np.concatenate([c.usable_frames for c in parts])
-    picks = usable[np.unique(np.linspace(0, len(usable) - 1, min(max_frames, len(usable))).round().astype(int))]
+    picks = usable[spread_indices(len(usable), max_frames)]
     return SourceFrames(np.asarray(parts[0].frames[picks]), np.asarray(parts[0].landmarks[picks], np.float32),
                         f"{tail.source_video} (training part)")
 

@@ -34,13 +34,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import cv2
 import numpy as np
 import torch
 
-from metaportrait.config import ModelConfig
+from metaportrait.config import ModelConfig, Precision
 from metaportrait.data.drawing import MEDIAPIPE_TOPOLOGIES, draw_landmark_image
 from metaportrait.data.face import BoxSmoother, CropBox, box_region, crop, points_from_crop, points_to_crop, uncrop_map
 from metaportrait.data.face import paste_back as blend_crop  # the name `paste_back` is our flag
@@ -57,8 +57,7 @@ from metaportrait.upscale import StreamingSR, load_sr
 Motion = Literal["relative", "absolute"]
 Backend = Literal["torch", "onnx"]
 BACKENDS: tuple[str, ...] = ("torch", "onnx")
-Precision = Literal["auto", "fp32", "bf16"]
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 REFERENCES: tuple[str, ...] = ("auto", "first", "running")
 MOTIONS: tuple[str, ...] = ("relative", "absolute")
 BUNDLED_CHECKPOINT = "assets/models/lite"  # inside the metaportrait package

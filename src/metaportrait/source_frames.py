@@ -48,6 +48,11 @@ def landmark_weights() -> np.ndarray:
     return weights
 
 
+def spread_indices(count: int, max_frames: int) -> np.ndarray:
+    """Up to ``max_frames`` indices into ``count`` items, spread evenly from the first to the last."""
+    return np.unique(np.linspace(0, count - 1, min(max_frames, count)).round().astype(int))
+
+
 @dataclass(frozen=True)
 class SourceFrames:
     """Frames of the portrait's person, in the portrait's framing.
@@ -81,8 +86,10 @@ class SourceFrames:
         if max_frames < 1:
             raise ValueError(f"max_frames must be at least 1, got {max_frames}")
         with VideoReader(path) as reader:
-            step = max(1, -(-reader.frame_count // max_frames))  # ceil: at most max_frames picks
-            picked = [frame for index, frame in enumerate(reader) if index % step == 0][:max_frames]
+            wanted = set(spread_indices(reader.frame_count, max_frames).tolist())
+            picked = [frame for index, frame in enumerate(reader) if index in wanted]
+        if not picked:
+            raise InputError(path, "no frame could be read")
         # Filled in place while the decoded frames are let go: a full-HD video's 64 frames are 400 MB.
         images = np.empty((len(picked), *picked[0].shape), np.uint8)
         points = []

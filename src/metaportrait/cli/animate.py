@@ -22,10 +22,12 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 
 from metaportrait.cli.arguments import positive_int, reference_frame
+from metaportrait.config import Precision
 from metaportrait.errors import InputError
 from metaportrait.motion import MAX_YAW_PITCH_DEGREES, REFERENCES_HELP, Controls
 
@@ -99,7 +101,7 @@ def add_control_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+    parser.add_argument("--precision", choices=get_args(Precision), default="auto",
                         help="the generator's arithmetic: bf16 (bfloat16 autocast: faster, face crops within 57 dB "
                              "PSNR of fp32's) or fp32; auto (default): bf16 where the CPU has it natively")
 

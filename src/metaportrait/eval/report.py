@@ -26,7 +26,7 @@ TABLE_COLUMNS: dict[str, tuple[str, bool, int]] = {
     "apd": ("APD °", True, 3),
     "aed_driver": ("AED drv", True, 4),
     "apd_driver": ("APD drv °", True, 3),
-    "e_warp": ("E_warp", True, 5),
+    "e_warp": ("E_warp", True, 6),
     "l1": ("L1", True, 4),
     "psnr": ("PSNR", False, 2),
     "ssim": ("SSIM", False, 4),
