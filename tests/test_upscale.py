@@ -28,6 +28,8 @@ def _trained_like(cfg) -> TemporalSR:
             layer.conv2.weight.normal_(0, 0.1)
         for to_rgb in [model.stylegan_decoder.to_rgb1, *model.stylegan_decoder.to_rgbs]:
             to_rgb.modulated_conv.weight.normal_(0, 0.1)
+        if cfg.detail_channels:
+            model.detail_body.tail.weight.normal_(0, 0.1)
     return model
 
 
@@ -49,6 +51,16 @@ def test_streaming_with_full_context_equals_one_clip(chunk):
     # Equal up to float rounding (conv kernels differ with the batch size): at most 1 grey level, rarely.
     difference = np.abs(streamed.astype(int) - whole)
     assert difference.max() <= 1 and difference.mean() < 1e-3
+
+
+def test_bf16_streaming_stays_near_fp32():
+    model = _trained_like(SR64)
+    frames = [np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8) for i in range(5)]
+    exact = np.stack(list(StreamingSR(model, chunk=2, context=1).upscale(frames))).astype(int)
+    fast = np.stack(list(StreamingSR(model, chunk=2, context=1, precision="bf16").upscale(frames))).astype(int)
+    assert np.abs(exact - fast).mean() < 1.0 and np.abs(exact - fast).max() <= 16
+    with pytest.raises(ValueError, match="precision"):
+        StreamingSR(model, precision="auto")  # resolved by the caller (`metaportrait.pipeline.resolve_precision`)
 
 
 def test_streaming_memory_is_flat_and_order_is_kept():

@@ -256,7 +256,7 @@ class Animator:
                 raise InputError(path, str(error)) from None
         elif backend != "torch":
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        upscaler = StreamingSR(load_sr(sr)) if sr else None
+        upscaler = StreamingSR(load_sr(sr), precision=resolve_precision(precision)) if sr else None
         if upscaler is not None and upscaler.input_size != config.image_size:
             raise InputError(sr if sr is not True else "--sr", f"the super-resolution network takes "
                              f"{upscaler.input_size}² crops, but this model renders {config.image_size}²")

@@ -66,15 +66,21 @@ def load_sr(path: str | Path | bool):
 class StreamingSR:
     """Sliding-window super-resolution of a stream of ``uint8 (S, S, 3)`` crops (``S`` = the network's input)."""
 
-    def __init__(self, model: torch.nn.Module, chunk: int = DEFAULT_CHUNK, context: int | None = DEFAULT_CONTEXT):
+    def __init__(self, model: torch.nn.Module, chunk: int = DEFAULT_CHUNK, context: int | None = DEFAULT_CONTEXT,
+                 precision: str = "fp32"):
         """Args:
             model: a `metaportrait.models.sr.TemporalSR`.
             chunk: output frames per network call.
             context: frames of context on each side of a chunk; ``None``: the network's full temporal reach
                 (exactly the result of one clip, at a higher cost).
+            precision: ``"fp32"``, or ``"bf16"``: the network under CPU bfloat16 autocast (the convolutions in
+                bfloat16; the bicubic base image the residual is added to stays float32).
         """
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        self.precision = precision
         self.model = model.eval()
         self.chunk = chunk
         self.context = model.num_temporal_layers() if context is None else context
@@ -117,8 +123,8 @@ class StreamingSR:
         end = min(offset + len(buffer), stop + self.context)
         window = [buffer[i - offset] for i in range(start, end)]
         clip = torch.from_numpy(np.stack([f for f, _ in window])).permute(0, 3, 1, 2).float() / 255
-        with torch.no_grad():
-            out = self.model(clip)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            out = self.model(clip).float()
         out = (out.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
         for index in range(first, stop):
             yield out[index - start], window[index - start][1]

@@ -102,8 +102,9 @@ def add_control_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=get_args(Precision), default="auto",
-                        help="the generator's arithmetic: bf16 (bfloat16 autocast: faster, face crops within 57 dB "
-                             "PSNR of fp32's) or fp32; auto (default): bf16 where the CPU has it natively")
+                        help="the networks' arithmetic (generator, super-resolution): bf16 (bfloat16 autocast: "
+                             "faster; generated face crops within 57 dB PSNR of fp32's) or fp32; auto (default): bf16 "
+                             "where the CPU has it natively")
 
 
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:

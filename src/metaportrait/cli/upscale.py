@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from metaportrait.cli.animate import VIDEO_OUTPUT_SUFFIXES, check_output_path
+from metaportrait.cli.animate import VIDEO_OUTPUT_SUFFIXES, add_precision_argument, check_output_path
 from metaportrait.cli.arguments import positive_int
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk", type=positive_int, default=16, help="frames per network call")
     parser.add_argument("--context", type=int, default=4, help="frames of context on each side of a chunk")
     parser.add_argument("--max-frames", type=positive_int, default=None, metavar="N", help="stop after N frames")
+    add_precision_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,10 +42,12 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from metaportrait.io.video import VideoReader, VideoWriter, even_size
+    from metaportrait.pipeline import resolve_precision
     from metaportrait.upscale import StreamingSR, load_sr, upscale_video
 
     output = check_output_path(args.output, VIDEO_OUTPUT_SUFFIXES)
-    sr = StreamingSR(load_sr(args.sr), chunk=args.chunk, context=args.context)
+    sr = StreamingSR(load_sr(args.sr), chunk=args.chunk, context=args.context,
+                     precision=resolve_precision(args.precision))
     start, count = time.perf_counter(), 0
     with VideoReader(args.video) as reader:
         frames = itertools.islice(iter(reader), args.max_frames)
