@@ -17,6 +17,8 @@ in threads; `metaportrait.stages`), so the per-step times add up to more than th
   made once per checkpoint and cached, is not timed). Only with the bundled checkpoint.
 * ``clip_256_bf16``: ``clip_256`` with the generator under bfloat16 autocast (``precision="bf16"``; on CPUs
   without native bfloat16 it is emulated and slower).
+* ``clip_256_sr``: ``clip_256`` with the bundled super-resolution network (`animate --sr`: 512 face crops pasted
+  back), both networks in the CLI's default precision (``auto``). Only when SR weights are bundled.
 
 The driving clip is ``--driving`` when given, otherwise a built-in one: the astronaut animated by the scripted
 motion (talking, blinks, a head turn, a nod) with the model's face crop as output, made by this benchmark, so
@@ -51,10 +53,11 @@ from metaportrait.models.generator import Generator
 from metaportrait.cli.bench import peak_rss_mb, reset_peak_rss
 from metaportrait.pipeline import DEFAULT_BATCH_SIZE, Animator, bundled_checkpoint
 from metaportrait.stages import WriteBehind
+from metaportrait.upscale import bundled_sr
 
 FPS = 25.0
 LARGE = 1024
-CASES = ("clip_256", f"large_{LARGE}", "scripted", "clip_256_onnx", "clip_256_bf16")
+CASES = ("clip_256", f"large_{LARGE}", "scripted", "clip_256_onnx", "clip_256_bf16", "clip_256_sr")
 
 
 def _animator() -> tuple[Animator, str]:
@@ -158,6 +161,10 @@ def run(threads: int = 2, frames: int = 60, driving: str | Path | None = None,
             animator.precision = "bf16"
             result["clip_256_bf16"] = _case(animator, portrait, clip, frames, folder)
             animator.precision = "fp32"
+        if "clip_256_sr" in wanted and (bundled_sr() / "model.safetensors").is_file():
+            upscaling = Animator.from_pretrained(None, batch_size=DEFAULT_BATCH_SIZE, sr=True, precision="auto")
+            result["clip_256_sr"] = {**_case(upscaling, portrait, clip, frames, folder),
+                                     "precision": upscaling.precision}
     # The whole run's: the largest case peak (the per-case resets also reset the process's own peak).
     case_peaks = [value["peak_rss_mb"] for value in result.values() if isinstance(value, dict)]
     result["peak_rss_mb"] = round(max([peak_rss_mb(), *case_peaks]), 1)

@@ -4,7 +4,8 @@
 
 Prints one JSON object: parameters, forward GFLOPs per 512 output frame (`metaportrait.models.sr.count_flops`),
 wall time per frame when streaming a clip (`metaportrait.upscale.StreamingSR`, chunk 16, context 4: 1.5 network
-frames per output frame) and per frame of one 16-frame clip, and process CPU time per frame on one thread (the
+frames per output frame), in float32 and under bfloat16 autocast (``stream_bf16``: `animate --sr`'s default on
+CPUs with native bfloat16), and per frame of one 16-frame clip, and process CPU time per frame on one thread (the
 number to compare on a busy machine; check ``load_average``).
 """
 
@@ -42,11 +43,12 @@ def run(threads: int = 2, preset: str = "lite", frames: int = 32) -> dict:
         model(clip)
         result["clip16_ms_per_frame"] = (time.perf_counter() - start) * 1000 / 16
     crops = [np.zeros((size, size, 3), np.uint8)] * frames
-    with torch.inference_mode():
-        start = time.perf_counter()
-        list(StreamingSR(model).upscale(crops))
-        result["stream_ms_per_frame"] = (time.perf_counter() - start) * 1000 / frames
-    result["stream_fps"] = 1000 / result["stream_ms_per_frame"]
+    for precision, key in (("fp32", "stream"), ("bf16", "stream_bf16")):
+        with torch.inference_mode():
+            start = time.perf_counter()
+            list(StreamingSR(model, precision=precision).upscale(crops))
+            result[f"{key}_ms_per_frame"] = (time.perf_counter() - start) * 1000 / frames
+        result[f"{key}_fps"] = 1000 / result[f"{key}_ms_per_frame"]
     torch.set_num_threads(1)
     with torch.inference_mode():
         start = time.process_time()

@@ -84,7 +84,8 @@ class AnimationStats:
     source_switches: int = 0  # with source frames: how often the animated source changed
     sources_used: int = 0  # with source frames: different sources animated so far (the portrait included)
     # Wall seconds per step: "decode" (pulling driving frames), "landmarks" (tracking, smoothing, driver crop),
-    # "motion" (transfer onto the source), "model" (line images, mesh prior, generator), "compose" (paste-back).
+    # "motion" (transfer onto the source), "model" (line images, mesh prior, generator), "sr" (the
+    # super-resolution network, with `sr`), "compose" (paste-back).
     # With overlapping stages (`Animator.overlap`) the first three run in background threads while the others run
     # in the caller's: each is still that step's own time, but together they add up to more than `seconds`.
     stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -517,8 +518,12 @@ class Animator:
         faces = self._faces(targets, controls or Controls(), generate)
         if self.sr is not None:  # 3b. Super-resolution over a sliding window of the generated crops.
             faces = self.sr.stream(faces)
+        sr_seconds = self.sr.seconds if self.sr is not None else 0.0
         # 4. The face crop, or the full portrait (or chosen source frame) with the crop pasted back.
         for face, made in faces:
+            if self.sr is not None:  # the network time of the window this frame came out of
+                self.stats.add_time("sr", self.sr.seconds - sr_seconds)
+                sr_seconds = self.sr.seconds
             begin = time.perf_counter()
             frame = compose_frame(made.source, face, paste_back, crop_output, made.still)
             if made.fade is not None:  # a switch of source frames: blend in the previous source's frame

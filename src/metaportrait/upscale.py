@@ -21,6 +21,7 @@ does, each crop super-resolved and pasted back at the frame's resolution.
 from __future__ import annotations
 
 import importlib.resources
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -81,6 +82,7 @@ class StreamingSR:
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self.precision = precision
+        self.seconds = 0.0  # time spent in the network so far (for the pipeline's per-stage times)
         self.model = model.eval()
         self.chunk = chunk
         self.context = model.num_temporal_layers() if context is None else context
@@ -123,8 +125,10 @@ class StreamingSR:
         end = min(offset + len(buffer), stop + self.context)
         window = [buffer[i - offset] for i in range(start, end)]
         clip = torch.from_numpy(np.stack([f for f, _ in window])).permute(0, 3, 1, 2).float() / 255
+        begin = time.perf_counter()
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             out = self.model(clip).float()
+        self.seconds += time.perf_counter() - begin
         out = (out.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
         for index in range(first, stop):
             yield out[index - start], window[index - start][1]
