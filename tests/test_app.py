@@ -360,7 +360,7 @@ def test_personalize_job_makes_a_model_animate_can_use(animator, portrait, folde
     progress = list(job.run())
     assert progress and job.result is not None
     assert (job.result.model / "model.safetensors").is_file() and job.result.model.parent.parent == folder.path
-    assert set(job.result.report["methods"]) == {"one-shot", "personalised"}
+    assert set(job.result.report["methods"]) == {"one-shot", "personalised", "real"}  # real: the flicker reference
     assert "| personalised |" in job.result.table()
     models = Models(animator)
     models.add("personalised #1", job.result.model)
