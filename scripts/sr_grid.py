@@ -44,13 +44,12 @@ def main() -> None:
     model = load_sr(args.sr)
     size = model.cfg.output_size
     temporal = list(StreamingSR(model).upscale(crops))
+    per_frame = list(StreamingSR(model, chunk=1, context=0).upscale(crops[index] for index in args.frames))
     rows = []
-    for index in args.frames:
-        with torch.no_grad():
-            single = model(torch.from_numpy(crops[index]).permute(2, 0, 1)[None].float() / 255)
+    for index, single in zip(args.frames, per_frame):
         tiles = {
             "bicubic": cv2.resize(crops[index], (size, size), interpolation=cv2.INTER_CUBIC),
-            "per frame": (single[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy(),
+            "per frame": single,
             "temporal": temporal[index],
         }
         top = (size - args.crop) // 2

@@ -363,8 +363,8 @@ class SRConfig:
     """Temporal face super-resolution: a U-Net with temporal layers modulating a StyleGAN2-style decoder (CS-SFT).
 
     Channel tuples are per resolution: ``unet_channels`` from ``unet_size`` down to 4, ``decoder_channels`` from 4
-    up to ``decoder_size`` (``output_size`` unless a preset stops its decoder lower). At every decoder resolution the U-Net also has (8 to ``unet_size``), the U-Net's width
-    must be half the decoder's (channel-split SFT modulates one half of the decoder features).
+    up to ``decoder_size`` (``output_size`` unless a preset stops its decoder lower). At every decoder resolution
+    the U-Net also has (8 to ``unet_size``), the U-Net's width must be half the decoder's (channel-split SFT modulates one half of the decoder features).
     """
 
     input_size: int = 256  # side of the input frames
@@ -411,7 +411,8 @@ class SRConfig:
         _check(not self.detail_channels or (self.residual and self.unet_size == self.input_size
                                             and self.output_size == 2 * self.input_size),
                "sr.detail_channels needs residual=True, unet_size == input_size and output_size == 2 * input_size")
-        _check(self.detail_channels >= 0 and self.detail_blocks >= 0, "sr.detail_channels and detail_blocks must be >= 0")
+        _check(self.detail_channels >= 0 and self.detail_blocks >= 0,
+               "sr.detail_channels and detail_blocks must be >= 0")
         _check(self.num_mlp >= 0 and self.style_dim >= 1, "sr.num_mlp must be >= 0 and style_dim >= 1")
 
     @property
@@ -439,10 +440,10 @@ _SR_OFFICIAL = SRConfig()
 
 # The CPU model: a narrow U-Net on the 256 input (temporal conv pairs 3C -> C -> C) whose features condition a
 # narrow decoder that stops at 256, plus a detail body at 256 px (24 channels, two residual conv pairs, pixel
-# shuffle to 512) that sees the window of frames and the U-Net's finest features. Decoder and body add to the bicubic upsampling, so
-# the untrained network is bicubic. Earlier lite forms, all trained from scratch, stayed at bicubic: the U-Net on
-# the input resized to 512 with 4 channels there, and a single conv from those 512-px features (experiments,
-# 2026-12-07). Trained from scratch.
+# shuffle to 512) that sees the window of frames and the U-Net's finest features. Decoder and body add to the
+# bicubic upsampling, so the untrained network is bicubic. Earlier lite forms, all trained from scratch, stayed at
+# bicubic: the U-Net on the input resized to 512 with 4 channels there, and a single conv from those 512-px
+# features (experiments, 2026-12-07). Trained from scratch.
 _SR_LITE = SRConfig(
     unet_size=256,
     unet_channels=(4, 8, 16, 16, 16, 16, 16),

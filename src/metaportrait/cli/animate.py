@@ -243,7 +243,8 @@ def run(args: argparse.Namespace) -> int:
     stats = animator.stats
     reference = "" if stats.reference_frame is None else f", motion relative to driving frame {stats.reference_frame}"
     if source_frames is not None:
-        reference += f", {stats.sources_used} of {len(source_frames) + 1} sources used, {stats.source_switches} switches"
+        reference += (f", {stats.sources_used} of {len(source_frames) + 1} sources used, "
+                      f"{stats.source_switches} switches")
     logger.info(
         "wrote %s: %d frames in %.1f s (%.2f frames/s), %d frames with lost face tracking%s%s",
         output, stats.frames, stats.seconds, stats.fps, stats.lost_frames, reference, ", with audio" if audio else "",

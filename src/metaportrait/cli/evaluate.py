@@ -324,7 +324,8 @@ def _run_sr(args: argparse.Namespace) -> int:
     results = {"command": command, **results}
     table = report.markdown_table(results)
     write_text_atomic(args.output, json.dumps(results, indent=2, allow_nan=False) + "\n")
-    write_text_atomic(args.output.with_suffix(".md"), f"# sr evaluation ({args.inputs} inputs)\n\n`{command}`\n\n{table}")
+    write_text_atomic(args.output.with_suffix(".md"),
+                      f"# sr evaluation ({args.inputs} inputs)\n\n`{command}`\n\n{table}")
     if grid is not None:
         write_image(args.output.with_suffix(".jpg"), grid)
     print(table, end="")

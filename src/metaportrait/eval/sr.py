@@ -25,6 +25,7 @@ import torch
 
 from metaportrait.data.dataset import PreparedClip
 from metaportrait.eval import metrics
+from metaportrait.io.image import frames_to_tensor
 
 ROWS = ("bicubic", "per_frame", "temporal")
 INPUTS = ("downscaled", "generated")
@@ -33,10 +34,6 @@ INPUTS = ("downscaled", "generated")
 def sharpness(frames: np.ndarray) -> float:
     """Mean variance of the Laplacian of the grey ``uint8 (T, H, W, 3)`` frames."""
     return float(np.mean([cv2.Laplacian(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var() for f in frames]))
-
-
-def _tensor(frames: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255
 
 
 def _resize_all(frames: np.ndarray, size: int, interpolation: int) -> np.ndarray:
@@ -108,11 +105,8 @@ def evaluate_sr(
         real = _resize_all(real, size_out, cv2.INTER_AREA)
         if low is None:
             low = _resize_all(real, size_in, cv2.INTER_AREA)
-        outputs = {"bicubic": _resize_all(low, size_out, cv2.INTER_CUBIC)}
-        with torch.no_grad():
-            outputs["per_frame"] = np.stack([
-                (model(_tensor(f[None])).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()[0] for f in low
-            ])
+        outputs = {"bicubic": _resize_all(low, size_out, cv2.INTER_CUBIC),
+                   "per_frame": np.stack(list(StreamingSR(model, chunk=1, context=0).upscale(list(low))))}
         outputs["temporal"] = np.stack(list(StreamingSR(model, chunk, context).upscale(list(low))))
         outputs["real"] = real
         if index in grid_clips:
@@ -125,7 +119,7 @@ def evaluate_sr(
         picked = slice(None, None, lpips_every)
         for row, out in outputs.items():
             with torch.no_grad():
-                distance = float(lpips(_tensor(out[picked]), _tensor(real[picked])).mean())
+                distance = float(lpips(frames_to_tensor(out[picked]), frames_to_tensor(real[picked])).mean())
             values = {
                 "e_warp": metrics.warping_error(out, flow),
                 "st_lpips": distance,
@@ -139,14 +133,14 @@ def evaluate_sr(
         if progress is not None:
             progress(clip.clip)
 
-    real_pool = _tensor(np.concatenate(pooled["real"]))
+    real_pool = frames_to_tensor(np.concatenate(pooled["real"]))
     names = [c.clip for c in clips]
     methods = {}
     for row in (*ROWS, "real"):
         methods[row] = {metric: {"mean": float(np.mean(values)), "per_clip": dict(zip(names, values))}
                         for metric, values in per_clip[row].items()}  # fmt: skip
         if row != "real":
-            methods[row]["fd_mobilenetv2"] = {"mean": fd_mobilenetv2(_tensor(np.concatenate(pooled[row])), real_pool),
+            methods[row]["fd_mobilenetv2"] = {"mean": fd_mobilenetv2(frames_to_tensor(np.concatenate(pooled[row])), real_pool),
                                               "per_clip": {}}  # fmt: skip
     grid = np.concatenate(grid_rows) if grid_rows else None
     return {"protocol": "sr", "inputs": inputs, "clips": names, "frames_per_clip": frames, "methods": methods}, grid

@@ -228,7 +228,8 @@ class DetailBody(nn.Module):
         self.head = nn.Conv2d(9, channels, 3, 1, 1)
         self.unet_projection = nn.Conv2d(unet_channels, channels, 1)
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1), nn.LeakyReLU(0.2), nn.Conv2d(channels, channels, 3, 1, 1))
+            nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1), nn.LeakyReLU(0.2),
+                          nn.Conv2d(channels, channels, 3, 1, 1))
             for _ in range(blocks)
         )
         self.tail = nn.Conv2d(channels, 12, 3, 1, 1)
