@@ -162,3 +162,69 @@ def test_eval_sr_reports_table_2_on_held_out_clips(sr_dataset, tmp_path, capsys)
     assert "| temporal |" in output.with_suffix(".md").read_text() and output.with_suffix(".jpg").is_file()
     assert main([*argv[:3], str(tmp_path / "nothing"), *argv[4:]]) == 2
     assert "not a prepared dataset" in capsys.readouterr().err
+
+
+def test_critic_run_resumes_exactly_and_checkpoints_the_critic(sr_dataset, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_sr(_cfg(gan=0.1, crop=0), sr_dataset, straight)
+    train_sr(_cfg(gan=0.1, crop=0, steps=2), sr_dataset, resumed)
+    train_sr(_cfg(gan=0.1, crop=0), sr_dataset, resumed, resume=True)
+    state = torch.load(straight / "checkpoint.pt", weights_only=True)
+    assert {"critic", "critic_optimizer"} <= set(state)
+    log = json.loads((straight / "log.jsonl").read_text().splitlines()[-1])
+    assert log["gan"] > 0 and log["critic"] > 0
+    other = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    for name, value in state["critic"].items():
+        torch.testing.assert_close(value, other["critic"][name], rtol=0, atol=0, msg=name)
+    for name, value in state["model"].items():
+        torch.testing.assert_close(value, other["model"][name], rtol=0, atol=0, msg=name)
+
+
+def test_init_starts_from_a_model_and_refuses_another_preset(sr_dataset, tmp_path):
+    from metaportrait.errors import InputError
+    from metaportrait.train.sr import initial_model
+
+    train_sr(_cfg(steps=2), sr_dataset, tmp_path / "first")
+    cfg = _cfg(init=str(tmp_path / "first" / "model"))
+    model = initial_model(cfg, cfg.model_config())
+    saved, _, _ = load_sr_model(tmp_path / "first" / "model")
+    for (name, x), y in zip(model.state_dict().items(), saved.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+    lite = _cfg(preset="lite", init=str(tmp_path / "first" / "model"))
+    with pytest.raises(InputError, match="not a 'lite' SR model"):
+        initial_model(lite, lite.model_config())
+
+
+def test_generated_inputs_come_from_the_animator_and_flip_with_the_ground_truth(sr_dataset):
+    """With ``generated=1`` every input is the animator's render of the window (here a stand-in that records
+    the call and returns the source frame it was given), flipped together with the ground truth."""
+    from metaportrait.data.dataset import PreparedDataset
+    from metaportrait.train.sr import make_batch
+
+    clips = [c for c in PreparedDataset(sr_dataset) if c.identity == "a"]
+    frames = np.asarray(clips[0].frames)
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def animate_landmarks(self, source, landmarks, paste_back, source_landmarks, fps):
+            self.calls.append((source, landmarks.shape, paste_back))
+            return iter([source] * len(landmarks))
+
+    cfg = _cfg(generated=1.0)
+    recorder = Recorder()
+    flips = set()
+    for step in range(1, 9):
+        lq, gt = make_batch(clips, cfg, cfg.model_config(), step, recorder)
+        assert lq.shape == (1, 3, 3, 32, 32) and gt.shape == (1, 3, 3, 64, 64)
+        first = (gt[0, 0].permute(1, 2, 0) * 255).round().numpy().astype(np.uint8)
+        flipped = not any(np.array_equal(first, f) for f in frames)
+        assert not flipped or any(np.array_equal(first, f[:, ::-1]) for f in frames)
+        source = recorder.calls[-1][0]
+        expected = source[:, ::-1] if flipped else source
+        np.testing.assert_array_equal((lq[0, 0].permute(1, 2, 0) * 255).round().numpy().astype(np.uint8), expected)
+        flips.add(flipped)
+    assert flips == {False, True}  # both orientations were drawn
+    assert len(recorder.calls) == 8
+    assert all(src.shape == (32, 32, 3) and shape == (3, 478, 2) and paste for src, shape, paste in recorder.calls)

@@ -6,6 +6,9 @@ Examples::
     metaportrait train sr --data datasets/sr512 --out runs/sr --preset lite --frames 3 \\
         --val-identities docs/splits/sr_val_identities.txt --threads 1
     metaportrait train sr --data datasets/sr512 --out runs/sr --resume --steps 40000
+    # fine-tune the bundled network on the base model's own output, with the patch critic
+    metaportrait train sr --data datasets/sr512 --out runs/sr_ft --init default --generated 0.5 --gan 0.05 \
+        --val-identities docs/splits/sr_val_identities.txt --threads 1
 
 Inputs are made on the fly from the 512 frames (`metaportrait.train.sr.degrade`). With ``--resume`` the run's
 saved settings are used; only ``--steps``, ``--lr``, ``--ema-decay`` and the runtime flags may change (the lr
@@ -23,7 +26,7 @@ from metaportrait.errors import InputError
 
 _FLAGS = ("preset", "frames", "clips", "steps", "lr", "threads", "seed", "log_every", "checkpoint_every", "val_every",
           "temporal", "ema_decay", "warmup", "rgb_init", "edge", "perceptual", "crop", "clean", "grad_clip", "pyramid",
-          "shift")
+          "shift", "generated", "generator", "init", "gan", "critic_lr")
 
 
 def add_parser(sub) -> None:
@@ -51,6 +54,14 @@ def add_parser(sub) -> None:
     sr.add_argument("--clean", type=float, help="share of clips only downscaled, no other degradation (default 0.3)")
     sr.add_argument("--shift", type=float,
                     help="largest per-frame input misalignment in input pixels (default 0.6; 0 = aligned)")
+    sr.add_argument("--generated", type=float, help="share of clips whose input is the base model's own 256 "
+                    "reconstruction of the window (default 0)")
+    sr.add_argument("--generator", metavar="CHECKPOINT", help="the base model that makes those inputs: default "
+                    "(bundled) or a model folder")
+    sr.add_argument("--init", metavar="SR_MODEL", help="start from this SR model folder (\"default\": the bundled "
+                    "sr_lite) instead of from scratch")
+    sr.add_argument("--gan", type=float, help="weight of the patch critic's LSGAN term (default 0 = no critic)")
+    sr.add_argument("--critic-lr", type=float, help="the critic's Adam learning rate (default 1e-4)")
     sr.add_argument("--val-identities", help="held-out identities: a file (one per line) or a comma list")
     sr.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its checkpoint")
     sr.add_argument("--threads", type=int, help="torch CPU threads (default 1)")

@@ -6,14 +6,19 @@ consecutive 512 frames (horizontally flipped at random) as ground truth and make
 clip-level strengths and per-frame noise and shifts, so the inputs look like the base model's output. Every
 random choice is drawn from a generator seeded by ``(seed, step)``, so a resumed run sees the same batches.
 
-A share of the clips (``clean``) is only downscaled (area), as the evaluation's inputs.
+A share of the clips (``clean``) is only downscaled (area), as the evaluation's inputs. Another share
+(``generated``) gets as input what ``animate --sr`` will feed the network: the base model's own 256 reconstruction
+of the window (another frame of the same clip animated along the window's landmarks and pasted back), so a
+fine-tune (``init``: start from a trained SR model) sees the generator's real artefacts.
 
 Losses: L1 + L1 of the image gradients (``edge``: rewards the detail plain L1 averages away) + the project's
 perceptual pyramid (`metaportrait.losses.perceptual`, MobileNetV2) on a random ``crop``-sized patch of every output
 frame (the same patch of the ground truth; a quarter of the cost of the whole 512 frame) + GFPGAN's pyramid
 loss (``pyramid``: L1 of the U-Net's intermediate RGB outputs against the resized ground truth, which gives the
 U-Net that conditions the decoder a direct restoration signal) + a temporal term
-``|(O_t - O_t-1) - (G_t - G_t-1)|`` that penalises flicker the ground truth does not have. Adam (global gradient
+``|(O_t - O_t-1) - (G_t - G_t-1)|`` that penalises flicker the ground truth does not have + (``gan``) an LSGAN
+term from a two-scale patch critic that sees the same patch as the perceptual term (the critic is trained in the
+same step, after the network, on that patch of the output and of the ground truth). Adam (global gradient
 norm clipped at ``grad_clip``; a step with a non-finite loss or gradient is skipped) with a linear warm-up over
 ``warmup`` steps, then a cosine decay to ``lr / 10`` at ``steps``; an exponential moving average of the weights is
 what gets exported.
@@ -28,7 +33,8 @@ Run folder (the same conventions as `metaportrait.train.base`):
 ``train_config.json``  the `SRTrainConfig` (``--resume`` rebuilds the run from it)
 ``log.jsonl``          one line per ``log_every`` steps: step, losses, seconds per step
 ``val.jsonl``          one line per validation: PSNR of the network and of bilinear upsampling on held-out clips
-``checkpoint.pt``      network, average, optimiser, step (weights-only loadable; written atomically)
+``checkpoint.pt``      network, average, optimiser, step, critic and its optimiser when ``gan`` > 0
+                       (weights-only loadable; written atomically)
 ``model/``             the averaged network (`metaportrait.io.checkpoint.save_sr_model`), what `animate --sr` loads
 """
 
@@ -46,17 +52,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metaportrait.config import SR_PRESETS, SRConfig, _from_dict
+from metaportrait.config import SR_PRESETS, DiscriminatorConfig, SRConfig, _from_dict
 from metaportrait.data.dataset import PreparedClip, PreparedDataset, parse_identities
 from metaportrait.errors import InputError
 from metaportrait.io.atomic import atomic_path, write_text_atomic
 from metaportrait.io.checkpoint import save_sr_model
 from metaportrait.losses.perceptual import MobileNetV2Features, PerceptualPyramidLoss
+from metaportrait.models.discriminator import MultiScaleDiscriminator
 from metaportrait.models.sr import TemporalSR, upsample
 from metaportrait.train.base import _update_average, append_jsonl, export_model, truncate_jsonl
+from metaportrait.train.losses import critic_loss, generator_adversarial
+from metaportrait.upscale import bundled_sr, load_sr
 
 # Settings a resumed run may change (the rest must equal the run's train_config.json).
 RESUMABLE_CHANGES = ("steps", "threads", "log_every", "checkpoint_every", "val_every", "ema_decay", "lr")
+# The patch critic of the adversarial term: small, as the SR network it judges (two scales of a 256² patch;
+# three blocks see texture, 25-px patches at full scale, and fit patches down to 64 px).
+SR_CRITIC = DiscriminatorConfig(scales=(1.0, 0.5), block_expansion=16, max_features=128, num_blocks=3, norm="none")
 
 
 def learning_rate(cfg: SRTrainConfig, step: int) -> float:
@@ -103,6 +115,13 @@ class SRTrainConfig:
     # largest per-frame input misalignment, in input pixels (a clip draws its own bound in [0, shift)). A shift the
     # network cannot see makes blur the L1-optimal output: runs up to sr_v3 used 0.6 and stayed at bicubic.
     shift: float = 0.6
+    # share of clips whose input is the base model's 256 reconstruction of the window (`render_window`), made
+    # with the generator checkpoint ``generator`` ("default": the bundled one); no other degradation on those
+    generated: float = 0.0
+    generator: str = "default"
+    init: str | None = None  # start from this SR model folder ("default": the bundled sr_lite) instead of scratch
+    gan: float = 0.0  # weight of the LSGAN term of the patch critic (0: no critic)
+    critic_lr: float = 1e-4
     val_identities: tuple[str, ...] = ()  # held out: never trained on; validation windows come from them
     seed: int = 0
     threads: int = 1
@@ -115,6 +134,8 @@ class SRTrainConfig:
             raise ValueError(f"unknown preset {self.preset!r} (choose from {sorted(SR_PRESETS)})")
         if self.frames < 1 or self.clips < 1 or self.steps < 0:
             raise ValueError("frames and clips must be >= 1 and steps >= 0")
+        if not 0 <= self.generated <= 1 or not 0 <= self.clean <= 1:
+            raise ValueError("generated and clean are shares in [0, 1]")
 
     def model_config(self) -> SRConfig:
         return SR_PRESETS[self.preset]
@@ -166,27 +187,50 @@ def degrade(frames: np.ndarray, size: int, rng: np.random.Generator, clean: floa
     return np.stack(out)
 
 
-def sample_window(clip: PreparedClip, frames: int, rng: np.random.Generator) -> np.ndarray:
-    """``frames`` consecutive frames of ``clip`` starting at a random frame with a face (``uint8 (T, S, S, 3)``)."""
+def sample_window(clip: PreparedClip, frames: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """``frames`` consecutive frames of ``clip`` starting at a random frame with a face: ``uint8 (T, S, S, 3)``
+    and the first frame's index."""
     usable = clip.usable_frames
     starts = usable[usable <= clip.frame_count - frames]
     start = int(rng.choice(starts)) if len(starts) else 0
-    return np.ascontiguousarray(clip.frames[start:start + frames])
+    return np.ascontiguousarray(clip.frames[start:start + frames]), start
 
 
-def make_batch(clips: list[PreparedClip], cfg: SRTrainConfig, model_cfg: SRConfig, step: int):
-    """The step's ``(lq, gt)``: ``(clips, T, 3, in, in)`` and ``(clips, T, 3, out, out)`` float in [0, 1]."""
+def render_window(animator, clip: PreparedClip, start: int, frames: int, size: int,
+                  rng: np.random.Generator) -> np.ndarray:
+    """The base model's reconstruction of ``clip``'s frames ``start .. start + frames - 1``: a random other usable
+    frame of the clip, resized to ``size``, animated along the window's landmarks and pasted back into itself,
+    as `metaportrait.eval.sr.generated_inputs` does for the evaluation. ``uint8 (T, size, size, 3)``."""
+    usable = clip.usable_frames
+    others = usable[(usable < start) | (usable >= start + frames)]
+    source_index = int(rng.choice(others)) if len(others) else start
+    scale = size / clip.frames.shape[1]
+    landmarks = np.asarray(clip.landmarks[start:start + frames], np.float32) * scale
+    source = cv2.resize(clip.frames[source_index], (size, size), interpolation=cv2.INTER_AREA)
+    source_landmarks = np.asarray(clip.landmarks[source_index], np.float32) * scale
+    return np.stack(list(animator.animate_landmarks(source, landmarks, paste_back=True,
+                                                    source_landmarks=source_landmarks, fps=clip.fps)))
+
+
+def make_batch(clips: list[PreparedClip], cfg: SRTrainConfig, model_cfg: SRConfig, step: int, animator=None):
+    """The step's ``(lq, gt)``: ``(clips, T, 3, in, in)`` and ``(clips, T, 3, out, out)`` float in [0, 1].
+    ``animator`` (a `metaportrait.pipeline.Animator`) is needed when ``cfg.generated`` > 0."""
     rng = np.random.default_rng([cfg.seed, step])
     lq, gt = [], []
     for _ in range(cfg.clips):
         clip = clips[int(rng.integers(len(clips)))]
-        window = sample_window(clip, cfg.frames, rng)
+        window, start = sample_window(clip, cfg.frames, rng)
+        # drawn only when asked, so runs without generated inputs keep the batches they always had
+        rendered = (render_window(animator, clip, start, cfg.frames, model_cfg.input_size, rng)
+                    if cfg.generated > 0 and rng.random() < cfg.generated else None)
         if window.shape[1] != model_cfg.output_size:
             window = np.stack([cv2.resize(f, (model_cfg.output_size,) * 2, interpolation=cv2.INTER_AREA)
                                for f in window])
         if rng.random() < 0.5:
             window = window[:, :, ::-1]
-        lq.append(degrade(window, model_cfg.input_size, rng, cfg.clean, cfg.shift))
+            rendered = rendered[:, :, ::-1] if rendered is not None else None
+        lq.append(rendered if rendered is not None else degrade(window, model_cfg.input_size, rng, cfg.clean,
+                                                                 cfg.shift))
         gt.append(window)
     as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(np.stack(a))).permute(0, 1, 4, 2, 3).float() / 255  # noqa: E731
     return as_tensor(lq), as_tensor(gt)
@@ -226,19 +270,28 @@ def train_sr(cfg: SRTrainConfig, data_dir: str | Path, out_dir: str | Path, resu
     train_clips, val_clips = split_clips(data_dir, cfg.val_identities)
 
     torch.manual_seed(cfg.seed)
-    model = TemporalSR(model_cfg)
-    init_rgb_heads(model, cfg.rgb_init, torch.Generator().manual_seed(cfg.seed))
+    model = initial_model(cfg, model_cfg)
     averaged = TemporalSR(model_cfg)
     averaged.load_state_dict(model.state_dict())
     averaged.requires_grad_(False).eval()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
     perceptual = PerceptualPyramidLoss(MobileNetV2Features(), scales=(1.0, 0.5), layer_weights=(1.0,) * 5)
+    critic = MultiScaleDiscriminator(SR_CRITIC) if cfg.gan > 0 else None
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr, betas=(0.5, 0.999)) if critic else None
+    animator = None
+    if cfg.generated > 0:
+        from metaportrait.pipeline import Animator  # the whole inference pipeline, only for generated inputs
+
+        animator = Animator.from_pretrained(cfg.generator)
     start_step = 0
     if resume:
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         averaged.load_state_dict(state["averaged"])
         optimizer.load_state_dict(state["optimizer"])
+        if critic is not None:
+            critic.load_state_dict(state["critic"])
+            critic_optimizer.load_state_dict(state["critic_optimizer"])
         start_step = state["step"]
         if saved.ema_decay != cfg.ema_decay:  # a new decay restarts the average from the current weights
             averaged.load_state_dict(model.state_dict())
@@ -246,24 +299,24 @@ def train_sr(cfg: SRTrainConfig, data_dir: str | Path, out_dir: str | Path, resu
     write_text_atomic(out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     for name in ("log.jsonl", "val.jsonl"):
         truncate_jsonl(out_dir / name, start_step)
-    val_batches = [make_batch(val_clips, cfg.replace(clips=1, seed=10_000 + i), model_cfg, 0)
+    val_batches = [make_batch(val_clips, cfg.replace(clips=1, seed=10_000 + i), model_cfg, 0, animator)
                    for i in range(4)] if val_clips else []
 
     sums: dict[str, float] = {}
     count, last_time, record = 0, time.time(), {}
     try:
         for step in range(start_step + 1, cfg.steps + 1):
-            lq, gt = make_batch(train_clips, cfg, model_cfg, step)
+            lq, gt = make_batch(train_clips, cfg, model_cfg, step, animator)
             for group in optimizer.param_groups:  # the schedule is a function of the step: exact on --resume
                 group["lr"] = learning_rate(cfg, step)
             model.train()
             results = [model(clip, return_rgb=cfg.pyramid > 0) for clip in lq]  # each clip is one temporal window
             out = torch.stack([r[0] for r in results]) if cfg.pyramid > 0 else torch.stack(results)
-            losses = sr_losses(out, gt, cfg, perceptual, step)
+            losses = sr_losses(out, gt, cfg, perceptual, step, critic)
             if cfg.pyramid > 0:
                 losses["pyramid"] = pyramid_loss([r[1] for r in results], gt)
             weights = {"l1": cfg.l1, "edge": cfg.edge, "perceptual": cfg.perceptual, "temporal": cfg.temporal,
-                       "pyramid": cfg.pyramid}
+                       "pyramid": cfg.pyramid, "gan": cfg.gan}
             total = sum(weights[k] * v for k, v in losses.items())
             optimizer.zero_grad(set_to_none=True)
             if not torch.isfinite(total):  # skip the step, keep the weights (logged as a NaN loss)
@@ -274,8 +327,10 @@ def train_sr(cfg: SRTrainConfig, data_dir: str | Path, out_dir: str | Path, resu
                 losses["grad_norm"] = norm
                 if torch.isfinite(norm):
                     optimizer.step()
+            if critic is not None:
+                losses["critic"] = critic_step(critic, critic_optimizer, out.detach(), gt, cfg, step)
             _update_average(averaged, model, cfg.ema_decay)
-            for k, v in {**losses, "total": total}.items():
+            for k, v in {**losses, "total": total}.items():  # "critic" is logged, not part of the total
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             count += 1
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -290,6 +345,8 @@ def train_sr(cfg: SRTrainConfig, data_dir: str | Path, out_dir: str | Path, resu
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 state = {"model": model.state_dict(), "averaged": averaged.state_dict(),
                          "optimizer": optimizer.state_dict(), "step": step}
+                if critic is not None:
+                    state |= {"critic": critic.state_dict(), "critic_optimizer": critic_optimizer.state_dict()}
                 with atomic_path(checkpoint_path) as tmp:
                     torch.save(state, tmp)
                 export_model(out_dir / "model", averaged, model_cfg,
@@ -300,21 +357,66 @@ def train_sr(cfg: SRTrainConfig, data_dir: str | Path, out_dir: str | Path, resu
     return record
 
 
-def sr_losses(out: torch.Tensor, gt: torch.Tensor, cfg: SRTrainConfig, perceptual, step: int) -> dict:
-    """The step's loss terms for outputs and ground truth ``(clips, T, 3, S, S)`` (weights not applied)."""
+def step_patch(frames: torch.Tensor, cfg: SRTrainConfig, step: int) -> torch.Tensor:
+    """``(clips, T, 3, S, S)`` -> ``(clips * T, 3, crop, crop)``: the step's random patch of every frame (the same
+    place in each, drawn from the step's seed, so exact on --resume); the whole frames when ``crop`` is 0."""
+    frames = frames.flatten(0, 1)
+    size = frames.shape[-1]
+    if not 0 < cfg.crop < size:
+        return frames
+    y, x = (int(v) for v in np.random.default_rng([cfg.seed, step, 1]).integers(0, size - cfg.crop + 1, 2))
+    return frames[..., y:y + cfg.crop, x:x + cfg.crop]
+
+
+def sr_losses(out: torch.Tensor, gt: torch.Tensor, cfg: SRTrainConfig, perceptual, step: int,
+              critic: MultiScaleDiscriminator | None = None) -> dict:
+    """The step's loss terms for outputs and ground truth ``(clips, T, 3, S, S)`` in [0, 1] (weights not
+    applied). The perceptual and adversarial terms see the step's patch (`step_patch`)."""
     losses = {"l1": (out - gt).abs().mean()}
     if cfg.edge > 0:
         losses["edge"] = sum((out.diff(dim=d) - gt.diff(dim=d)).abs().mean() for d in (-1, -2))
-    frames_out, frames_gt = out.flatten(0, 1), gt.flatten(0, 1)
-    size = frames_out.shape[-1]
-    if 0 < cfg.crop < size:  # one random patch per step, drawn from the step's seed (exact on --resume)
-        y, x = (int(v) for v in np.random.default_rng([cfg.seed, step, 1]).integers(0, size - cfg.crop + 1, 2))
-        frames_out = frames_out[..., y:y + cfg.crop, x:x + cfg.crop]
-        frames_gt = frames_gt[..., y:y + cfg.crop, x:x + cfg.crop]
-    losses["perceptual"] = perceptual(frames_out, frames_gt)
+    patch_out, patch_gt = step_patch(out, cfg, step), step_patch(gt, cfg, step)
+    losses["perceptual"] = perceptual(patch_out, patch_gt)
     if cfg.temporal > 0 and out.shape[1] > 1:
         losses["temporal"] = ((out[:, 1:] - out[:, :-1]) - (gt[:, 1:] - gt[:, :-1])).abs().mean()
+    if critic is not None:
+        critic.requires_grad_(False)  # the generator's term must not move the critic
+        with torch.no_grad():
+            real_scales = critic(patch_gt)
+        losses["gan"] = generator_adversarial(critic(patch_out), real_scales)[0]
+        critic.requires_grad_(True)
     return losses
+
+
+def critic_step(critic: MultiScaleDiscriminator, optimizer: torch.optim.Optimizer, out: torch.Tensor,
+                gt: torch.Tensor, cfg: SRTrainConfig, step: int) -> torch.Tensor:
+    """One LSGAN update of the patch critic on the step's patch of the (detached) output and the ground truth;
+    returns its loss. A non-finite loss skips the update."""
+    loss = critic_loss(critic(step_patch(gt, cfg, step)), critic(step_patch(out, cfg, step)))
+    optimizer.zero_grad(set_to_none=True)
+    if torch.isfinite(loss):
+        loss.backward()
+        optimizer.step()
+    return loss.detach()
+
+
+def initial_model(cfg: SRTrainConfig, model_cfg: SRConfig) -> TemporalSR:
+    """The network a run starts from: ``cfg.init``'s weights (a fine-tune), or the preset from scratch with its
+    RGB heads re-drawn (`init_rgb_heads`).
+
+    Raises:
+        InputError: ``init`` is not an SR model of ``cfg.preset``'s shape.
+    """
+    model = TemporalSR(model_cfg)
+    if cfg.init is None:
+        init_rgb_heads(model, cfg.rgb_init, torch.Generator().manual_seed(cfg.seed))
+        return model
+    path = bundled_sr() if cfg.init == "default" else Path(cfg.init)
+    loaded = load_sr(path)
+    if loaded.cfg != model_cfg:
+        raise InputError(path, f"is not a {cfg.preset!r} SR model (its config differs from the preset's)")
+    model.load_state_dict(loaded.state_dict())
+    return model
 
 
 def pyramid_loss(rgbs: list[list[torch.Tensor]], gt: torch.Tensor) -> torch.Tensor:
