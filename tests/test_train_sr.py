@@ -64,7 +64,9 @@ def test_run_folder_and_exact_resume(sr_dataset, tmp_path):
 
     resumed = tmp_path / "resumed"
     train_sr(_cfg(steps=2), sr_dataset, resumed)
+    (resumed / ".checkpoint.pt.killed.tmp").write_bytes(b"half")  # as a run killed while writing leaves it
     train_sr(_cfg(steps=4), sr_dataset, resumed, resume=True)
+    assert not list(resumed.glob("*.tmp")), "the killed run's temporary file was not removed"
     a, _, meta = load_sr_model(straight / "model")
     b, _, _ = load_sr_model(resumed / "model")
     assert meta["step"] == 4

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -307,38 +308,61 @@ def tail_source_frames(train_clips: Sequence[PreparedClip], tail: PreparedClip,
                         f"{tail.source_video} (training part)")
 
 
+@dataclass(frozen=True)
+class HeldOutTail:
+    """What every report of one held-out tail compares with, computed once (the optical flow is the slow part):
+    its first kept frame and the real crops of every ``stride``-th later frame, ``uint8 (S, S, 3)`` and
+    ``(T, S, S, 3)``; their landmarks ``(T + 1, 478, 2)`` and smoothed targets in crop pixels; face masks
+    ``(T, S, S)``; the real crops' optical flow (None for fewer than 2); the reports' frame rate."""
+
+    source: np.ndarray
+    real: np.ndarray
+    landmarks: np.ndarray
+    targets: np.ndarray
+    face: np.ndarray
+    flow: Any  # metaportrait.eval.metrics.TemporalFlow (eval is imported lazily here)
+    fps: float
+
+    @classmethod
+    def of(cls, tail: PreparedClip, stride: int) -> HeldOutTail:
+        from metaportrait.eval.metrics import temporal_flow
+        from metaportrait.eval.protocols import smooth_targets
+
+        kept = tail.usable_frames[::stride]
+        crops = np.asarray(tail.frames[kept])
+        landmarks = np.asarray(tail.landmarks[kept], dtype=np.float32)
+        size = crops.shape[1]
+        face = np.stack([face_mask(points, size, size, 0.0, 0.0) for points in landmarks[1:]])
+        flow = temporal_flow(crops[1:]) if len(crops) >= 3 else None
+        return cls(crops[0], crops[1:], landmarks, smooth_targets(landmarks, tail.fps / stride), face, flow,
+                   tail.fps / stride)
+
+
 def tail_report(
-    generators: dict[str, torch.nn.Module], model_cfg: ModelConfig, tail: PreparedClip, stride: int, models,
+    generators: dict[str, torch.nn.Module], model_cfg: ModelConfig, tail: HeldOutTail, models,
     source_frames: SourceFrames | None = None,
 ) -> dict[str, dict[str, float]]:
     """Self-reconstruction of the held-out tail by each generator (as `metaportrait eval self`): the tail's first
-    kept frame animated along the smoothed landmarks of every ``stride``-th later frame, pasted back, compared with
-    the real crops. ``models``: `metaportrait.eval.protocols.MetricModels`. With ``source_frames`` (of the tail's
+    kept frame animated along the smoothed landmarks of the later kept frames, pasted back, compared with the
+    real crops. ``models``: `metaportrait.eval.protocols.MetricModels`. With ``source_frames`` (of the tail's
     framing, `tail_source_frames`) each generator is also reported animating them, as ``"<name> + source
     frames"``. Flicker is the warping error ``e_warp`` of the outputs along the real crops' optical flow (frames
     ``stride`` apart; the real crops' own value is in the row ``"real"``). Returns name -> metric -> value."""
-    from metaportrait.eval.metrics import temporal_flow, warping_error
-    from metaportrait.eval.protocols import reconstruction_metrics, smooth_targets
+    from metaportrait.eval.metrics import warping_error
+    from metaportrait.eval.protocols import reconstruction_metrics
     from metaportrait.pipeline import Animator
 
-    kept = tail.usable_frames[::stride]
-    crops = np.asarray(tail.frames[kept])
-    landmarks = np.asarray(tail.landmarks[kept], dtype=np.float32)
-    targets = smooth_targets(landmarks, tail.fps / stride)
-    source, real = crops[0], crops[1:]
-    size = crops.shape[1]
-    face = np.stack([face_mask(points, size, size, 0.0, 0.0) for points in landmarks[1:]])
-    flow = temporal_flow(real) if len(real) >= 2 else None
-    report = {"real": {"e_warp": round(warping_error(real, flow), 6)}} if flow is not None else {}
+    report = {"real": {"e_warp": round(warping_error(tail.real, tail.flow), 6)}} if tail.flow is not None else {}
     for name, generator in generators.items():
         animator = Animator(generator, model_cfg, identity_encoder=models.identity)
         for suffix, frames in [("", None)] + ([(" + source frames", source_frames)] if source_frames else []):
-            output = np.stack(list(animator.animate_landmarks(source, targets[1:], paste_back=True,
-                                                              source_landmarks=targets[0], source_frames=frames,
-                                                              fps=tail.fps / stride)))  # fmt: skip
-            values = reconstruction_metrics(models, output, real, face, source, targets[0], landmarks[1:])
-            if flow is not None:
-                values["e_warp"] = warping_error(output, flow)
+            output = np.stack(list(animator.animate_landmarks(tail.source, tail.targets[1:], paste_back=True,
+                                                              source_landmarks=tail.targets[0],
+                                                              source_frames=frames, fps=tail.fps)))  # fmt: skip
+            values = reconstruction_metrics(models, output, tail.real, tail.face, tail.source, tail.targets[0],
+                                            tail.landmarks[1:])
+            if tail.flow is not None:
+                values["e_warp"] = warping_error(output, tail.flow)
             report[name + suffix] = {k: round(float(v), 6 if k == "e_warp" else 5) for k, v in values.items()}
     return report
 
@@ -371,8 +395,10 @@ def budget_curve(
     generator = copy.deepcopy(start)
     encoder = models.identity if model_cfg.use_identity else None
 
+    held_out = HeldOutTail.of(tail, cfg.report_stride)
+
     def measure() -> dict:
-        values = tail_report({"x": generator}, model_cfg, tail, cfg.report_stride, models, source_frames)
+        values = tail_report({"x": generator}, model_cfg, held_out, models, source_frames)
         return {**values["x"], **({"with_source_frames": values["x + source frames"]} if source_frames else {})}
 
     points = [{"seconds": 0.0, "steps": 0, "loss": None, **measure()}]
@@ -507,8 +533,8 @@ def personalize(
 
     # 4. Report and checkpoint.
     frames = tail_source_frames(train_clips, tail) if cfg.report_source_frames else None
-    table = tail_report({"one-shot": oneshot, "personalised": generator}, model_cfg, tail, cfg.report_stride, models,
-                        frames)  # fmt: skip
+    table = tail_report({"one-shot": oneshot, "personalised": generator}, model_cfg,
+                        HeldOutTail.of(tail, cfg.report_stride), models, frames)
     report = {
         "checkpoint": checkpoint_name,
         "videos": [str(v) for v in videos],

@@ -50,7 +50,7 @@ from metaportrait.data.drawing import MEDIAPIPE_TOPOLOGIES
 from metaportrait.data.pairs import NO_AUGMENT, FixedPairs, PairOptions, RandomPairs
 from metaportrait.errors import InputError
 from metaportrait.eval.metrics import face_region_l1, psnr
-from metaportrait.io.atomic import atomic_path, write_text_atomic
+from metaportrait.io.atomic import atomic_path, remove_temporaries, write_text_atomic
 from metaportrait.io.checkpoint import load_model
 from metaportrait.losses.perceptual import MobileNetV2Features
 from metaportrait.meta.reptile import adapt, reptile_update, restore, snapshot
@@ -177,6 +177,8 @@ def train_meta(cfg: MetaConfig, data_dir: str | Path, out_dir: str | Path, resum
     if cfg.tasks_per_step % procs.world_size:
         raise InputError(out_dir, f"tasks_per_step {cfg.tasks_per_step} is not a multiple of the "
                                   f"{procs.world_size} processes")  # fmt: skip
+    if procs.is_main and out_dir.is_dir():
+        remove_temporaries(out_dir)  # left by a run killed while writing its checkpoint (SIGKILL, power cut)
     if procs.distributed:
         dist.barrier()  # every rank has checked the run folder before rank 0 writes into it
     progress = progress and procs.is_main

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from metaportrait.config import SR_PRESETS, DiscriminatorConfig, SRConfig, _from_dict
 from metaportrait.data.dataset import PreparedClip, PreparedDataset, parse_identities
 from metaportrait.errors import InputError
-from metaportrait.io.atomic import atomic_path, write_text_atomic
+from metaportrait.io.atomic import atomic_path, remove_temporaries, write_text_atomic
 from metaportrait.io.checkpoint import save_sr_model
 from metaportrait.losses.perceptual import MobileNetV2Features, PerceptualPyramidLoss
 from metaportrait.models.discriminator import MultiScaleDiscriminator
@@ -263,6 +263,8 @@ def train_sr(cfg: SRTrainConfig, data_dir: str | Path, out_dir: str | Path, resu
             raise InputError(out_dir, f"--resume cannot change {sorted(changed)} of the saved run")
     elif (out_dir / "train_config.json").exists():
         raise InputError(out_dir, "already holds a training run; pass --resume to continue it or choose a new folder")
+    if out_dir.is_dir():
+        remove_temporaries(out_dir)  # left by a run killed while writing its checkpoint (SIGKILL, power cut)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     cv2.setNumThreads(1)
