@@ -566,23 +566,25 @@ class Animator:
         # Targets in portrait pixels choose the source (same framing), then move into that source's crop.
         pixels = [points_from_crop(p, bank.sources[-1].box, self.size) for p in points]
         plans = [bank.plan(p) for p in pixels]
-        requests = [(index, k) for k, (index, previous, _) in enumerate(plans)]
-        requests += [(previous, k + len(plans)) for k, (_, previous, _) in enumerate(plans) if previous is not None]
-        made: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # request slot -> (crop, stillness)
+        # One request per (source, target k, role): the chosen source, and during a fade also the previous one.
+        requests = [(index, k, "chosen") for k, (index, _, _) in enumerate(plans)]
+        requests += [(previous, k, "fading") for k, (_, previous, _) in enumerate(plans) if previous is not None]
+        made: dict[tuple[int, str], tuple[np.ndarray, np.ndarray | None]] = {}  # (k, role) -> (crop, stillness)
         sources: dict[int, PreparedSource] = {}  # this batch's sources
-        for index in sorted({index for index, _ in requests}):
-            slots = [slot for i, slot in requests if i == index]
+        for index in sorted({index for index, _, _ in requests}):  # each source prepared and run once
+            wanted = [(k, role) for i, k, role in requests if i == index]
             source = sources[index] = bank.source(index, self)
             crops, still = self._generate_with_stillness(
-                source, [points_to_crop(pixels[slot % len(plans)], source.box, self.size) for slot in slots])
-            for j, slot in enumerate(slots):
-                made[slot] = (crops[j], None if still is None else still[j])
+                source, [points_to_crop(pixels[k], source.box, self.size) for k, _ in wanted])
+            for j, key in enumerate(wanted):
+                made[key] = (crops[j], None if still is None else still[j])
         self.stats.source_switches = bank.chooser.switches
         self.stats.sources_used = len(bank.used)
         faces = []
         for k, (index, previous, weight) in enumerate(plans):
-            fade = None if previous is None else _Fade(made[k + len(plans)][0], sources[previous], weight)
-            faces.append((made[k][0], _Face(sources[index], made[k][1], fade)))
+            fade = None if previous is None else _Fade(made[k, "fading"][0], sources[previous], weight)
+            crop, still = made[k, "chosen"]
+            faces.append((crop, _Face(sources[index], still, fade)))
         return faces
 
     def _generate(self, source: PreparedSource, targets: list[np.ndarray]) -> np.ndarray:
