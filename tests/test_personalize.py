@@ -207,3 +207,16 @@ def test_personalize_on_a_real_video_of_a_new_person(shared_data, tmp_path, caps
     animator = Animator.from_pretrained(out)
     output = next(iter(animator.animate_landmarks(frame, [animator.prepare_source(frame).landmarks])))
     assert output.shape == frame.shape
+
+
+def test_the_shipped_meta_start_loads_with_the_bundled_models_architecture():
+    """`--checkpoint meta` is the `train meta` result shipped in the package: same config as the bundled model
+    (so `personalize` and `animate` take it as they are), different weights."""
+    from metaportrait.cli.personalize import resolve_checkpoint
+    from metaportrait.io.checkpoint import load_config, load_model
+
+    meta, meta_cfg = load_model(resolve_checkpoint("meta"))
+    base, base_cfg = load_model(resolve_checkpoint("default"))
+    assert meta_cfg == base_cfg and load_config(resolve_checkpoint("meta"))[1]["meta_step"] > 0
+    differs = [name for name, value in meta.state_dict().items() if not torch.equal(value, base.state_dict()[name])]
+    assert differs, "the meta-learned start has the bundled model's weights"

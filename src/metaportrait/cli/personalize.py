@@ -4,6 +4,7 @@ Examples::
 
     metaportrait personalize me1.mp4 me2.mp4 --output models/me
     metaportrait personalize me.mp4 --output models/me --seconds 120 --holdout-seconds 10 --threads 2
+    metaportrait personalize me.mp4 --output models/me --checkpoint meta --steps 10   # a quick one
     metaportrait animate -s me.jpg -d talk.mp4 -o out.mp4 --checkpoint models/me
 
 The videos (any resolution and frame rate) go through the front-end first (face crops and landmarks at the
@@ -27,7 +28,9 @@ from metaportrait.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-BUNDLED_META = "assets/models/lite_meta"  # the meta-learned starting point, inside the package (not shipped yet)
+# The meta-learned starting point (`train meta`, run meta_v4), inside the package: better than the bundled model
+# over the first ~10 fine-tuning steps, not at the default 60 s (docs/results.md, Figure 7), so not the default.
+BUNDLED_META = "assets/models/lite_meta"
 
 
 def _positive_float(text: str) -> float:
@@ -82,8 +85,8 @@ def resolve_checkpoint(name: str) -> Path:
     if name == "meta":
         path = Path(str(importlib.resources.files("metaportrait") / BUNDLED_META))
         if not (path / "config.json").is_file():
-            raise InputError(path, "the meta-learned checkpoint is not shipped yet; use --checkpoint default or a "
-                                   "`train meta` run folder")  # fmt: skip
+            raise InputError(path, "the meta-learned checkpoint is missing from this install; use --checkpoint "
+                                   "default or a `train meta` run folder")  # fmt: skip
         return path
     path = Path(name)
     if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
