@@ -230,3 +230,38 @@ def test_generated_inputs_come_from_the_animator_and_flip_with_the_ground_truth(
     assert flips == {False, True}  # both orientations were drawn
     assert len(recorder.calls) == 8
     assert all(src.shape == (32, 32, 3) and shape == (3, 478, 2) and paste for src, shape, paste in recorder.calls)
+
+
+def test_two_process_training_matches_one_process_with_both_clips(sr_dataset, tmp_path):
+    """torchrun with 2 CPU processes (gloo), one clip each, gradients of the network and the critic averaged:
+    the weights of 1 process with 2 clips a step (to float rounding of the summation order)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from test_train import _free_port
+
+    from metaportrait.train.sr import initial_model
+
+    settings = dict(steps=3, warmup=0, log_every=1, checkpoint_every=3, val_every=3, gan=0.1, crop=0)
+    train_sr(_cfg(clips=2, **settings), sr_dataset, tmp_path / "single")
+    worker = tmp_path / "worker.py"
+    worker.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_train_sr import _cfg
+        from metaportrait.train.sr import train_sr
+        train_sr(_cfg(clips=1, **{settings!r}), {str(sr_dataset)!r}, {str(tmp_path / "ddp")!r})
+    """))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), str(worker)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=True)
+    ddp = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
+    for part in ("model", "critic"):
+        for name, value in single[part].items():
+            torch.testing.assert_close(ddp[part][name], value, rtol=1e-4, atol=1e-5, msg=f"{part}.{name}")
+    torch.manual_seed(_cfg().seed)  # as train_sr does before building the network
+    start = initial_model(_cfg(), _cfg().model_config()).state_dict()
+    assert any(not torch.allclose(start[k], v) for k, v in single["model"].items())  # the weights moved

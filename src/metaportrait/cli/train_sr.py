@@ -10,6 +10,9 @@ Examples::
     metaportrait train sr --data datasets/sr512 --out runs/sr_ft --init default --generated 0.5 --gan 0.05 \
         --val-identities docs/splits/sr_val_identities.txt --threads 1
 
+Under ``torchrun --nproc_per_node N "$(which metaportrait)" train sr ...`` (gloo on CPU) every process trains on
+``--clips`` clips of its own a step and the gradients are averaged (N processes = one with N times the clips).
+
 Inputs are made on the fly from the 512 frames (`metaportrait.train.sr.degrade`). With ``--resume`` the run's
 saved settings are used; only ``--steps``, ``--lr``, ``--ema-decay`` and the runtime flags may change (the lr
 schedule is a function of the step, ``--lr`` and ``--steps``: a new ``--steps`` moves the end of its cosine decay).

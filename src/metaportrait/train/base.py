@@ -146,7 +146,7 @@ def train_base(
         _set_learning_rates(run, cfg)
         with _autocast(cfg, procs.device):
             result = run.generator_loss(run.generator, batch)
-        if _finite_on_every_rank(result.total, procs.distributed):
+        if finite_on_every_rank(result.total, procs.distributed):
             run.skipped_in_a_row = 0
             losses = _generator_step(run, result, cfg, procs.world_size)
             losses |= _critic_steps(run, result, batch["driving"], cfg, procs)
@@ -459,7 +459,7 @@ def _set_learning_rates(run: _Run, cfg: TrainConfig) -> None:
         run.optimizer_g.param_groups[0]["lr"] = 0.0  # R frozen (Adam with lr 0 leaves the weights exactly as they are)
 
 
-def _finite_on_every_rank(total: torch.Tensor, distributed: bool) -> bool:
+def finite_on_every_rank(total: torch.Tensor, distributed: bool) -> bool:
     """Whether the loss is finite on every rank (if not, every rank skips the step)."""
     finite = torch.tensor(float(torch.isfinite(total.detach()).item()))
     if distributed:
@@ -693,11 +693,9 @@ def _critic_step(loss, optimizer, critic: torch.nn.Module, scaler, cfg: TrainCon
     return norm
 
 
-def _finish_gradients(parameters, cfg: TrainConfig, world_size: int) -> torch.Tensor:
-    """Average gradients over ranks, replace NaN/inf (official ``nan_to_num``) and clip.
-
-    Returns the global gradient norm before clipping.
-    """
+def average_gradients(parameters, world_size: int) -> list[torch.Tensor]:
+    """Average the parameters' gradients over the ``world_size`` processes in place (one all-reduce of them
+    flattened; nothing to do alone). Returns the gradients."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if world_size > 1:
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -707,6 +705,15 @@ def _finish_gradients(parameters, cfg: TrainConfig, world_size: int) -> torch.Te
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
+    return grads
+
+
+def _finish_gradients(parameters, cfg: TrainConfig, world_size: int) -> torch.Tensor:
+    """Average gradients over ranks, replace NaN/inf (official ``nan_to_num``) and clip.
+
+    Returns the global gradient norm before clipping.
+    """
+    grads = average_gradients(parameters, world_size)
     bound = cfg.grad_nan_bound
     for g in grads:
         torch.nan_to_num_(g, nan=0.0, posinf=bound, neginf=-bound)

@@ -36,6 +36,11 @@ Run folder (the same conventions as `metaportrait.train.base`):
 ``checkpoint.pt``      network, average, optimiser, step, critic and its optimiser when ``gan`` > 0
                        (weights-only loadable; written atomically)
 ``model/``             the averaged network (`metaportrait.io.checkpoint.save_sr_model`), what `animate --sr` loads
+
+Under ``torchrun`` (``python -m torch.distributed.run --nproc_per_node N``, gloo on CPU) every process trains on
+``clips`` clips of its own a step (process r gets the clips r*clips .. (r+1)*clips - 1 of the step's draw, so N
+processes see what one process with ``N * clips`` clips sees) and the gradients of the network and of the critic
+are averaged before clipping; process 0 writes the run folder (its losses are the logged ones).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from metaportrait.config import SR_PRESETS, DiscriminatorConfig, SRConfig, _from_dict
@@ -60,7 +66,16 @@ from metaportrait.io.checkpoint import save_sr_model
 from metaportrait.losses.perceptual import MobileNetV2Features, PerceptualPyramidLoss
 from metaportrait.models.discriminator import MultiScaleDiscriminator
 from metaportrait.models.sr import TemporalSR, upsample
-from metaportrait.train.base import _update_average, append_jsonl, export_model, truncate_jsonl
+from metaportrait.train.base import (
+    _update_average,
+    append_jsonl,
+    average_gradients,
+    export_model,
+    finite_on_every_rank,
+    start_processes,
+    stop_processes,
+    truncate_jsonl,
+)
 from metaportrait.train.losses import critic_loss, generator_adversarial
 from metaportrait.upscale import bundled_sr, load_sr
 
@@ -212,12 +227,15 @@ def render_window(animator, clip: PreparedClip, start: int, frames: int, size: i
                                                     source_landmarks=source_landmarks, fps=clip.fps)))
 
 
-def make_batch(clips: list[PreparedClip], cfg: SRTrainConfig, model_cfg: SRConfig, step: int, animator=None):
-    """The step's ``(lq, gt)``: ``(clips, T, 3, in, in)`` and ``(clips, T, 3, out, out)`` float in [0, 1].
-    ``animator`` (a `metaportrait.pipeline.Animator`) is needed when ``cfg.generated`` > 0."""
+def make_batch(clips: list[PreparedClip], cfg: SRTrainConfig, model_cfg: SRConfig, step: int, animator=None,
+               rank: int = 0, world_size: int = 1):
+    """The step's ``(lq, gt)`` for process ``rank`` of ``world_size``: ``(clips, T, 3, in, in)`` and
+    ``(clips, T, 3, out, out)`` float in [0, 1], the ``rank``-th share of ``cfg.clips * world_size`` clips drawn
+    in order (so the processes together see what one process with all of them sees). ``animator`` (a
+    `metaportrait.pipeline.Animator`) is needed when ``cfg.generated`` > 0."""
     rng = np.random.default_rng([cfg.seed, step])
     lq, gt = [], []
-    for _ in range(cfg.clips):
+    for _ in range(cfg.clips * (rank + 1)):  # the earlier processes' clips are drawn too, to advance the draw
         clip = clips[int(rng.integers(len(clips)))]
         window, start = sample_window(clip, cfg.frames, rng)
         # drawn only when asked, so runs without generated inputs keep the batches they always had
@@ -232,6 +250,7 @@ def make_batch(clips: list[PreparedClip], cfg: SRTrainConfig, model_cfg: SRConfi
         lq.append(rendered if rendered is not None else degrade(window, model_cfg.input_size, rng, cfg.clean,
                                                                  cfg.shift))
         gt.append(window)
+    lq, gt = lq[cfg.clips * rank:], gt[cfg.clips * rank:]
     as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(np.stack(a))).permute(0, 1, 4, 2, 3).float() / 255  # noqa: E731
     return as_tensor(lq), as_tensor(gt)
 
@@ -263,8 +282,11 @@ def train_sr(cfg: SRTrainConfig, data_dir: str | Path, out_dir: str | Path, resu
             raise InputError(out_dir, f"--resume cannot change {sorted(changed)} of the saved run")
     elif (out_dir / "train_config.json").exists():
         raise InputError(out_dir, "already holds a training run; pass --resume to continue it or choose a new folder")
-    if out_dir.is_dir():
+    procs = start_processes()
+    if procs.is_main and out_dir.is_dir():
         remove_temporaries(out_dir)  # left by a run killed while writing its checkpoint (SIGKILL, power cut)
+    if procs.distributed:
+        dist.barrier()  # every process has checked the run folder before process 0 writes into it
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     cv2.setNumThreads(1)
@@ -297,18 +319,19 @@ def train_sr(cfg: SRTrainConfig, data_dir: str | Path, out_dir: str | Path, resu
         start_step = state["step"]
         if saved.ema_decay != cfg.ema_decay:  # a new decay restarts the average from the current weights
             averaged.load_state_dict(model.state_dict())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-    for name in ("log.jsonl", "val.jsonl"):
-        truncate_jsonl(out_dir / name, start_step)
+    if procs.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        for name in ("log.jsonl", "val.jsonl"):
+            truncate_jsonl(out_dir / name, start_step)
     val_batches = [make_batch(val_clips, cfg.replace(clips=1, seed=10_000 + i), model_cfg, 0, animator)
-                   for i in range(4)] if val_clips else []
+                   for i in range(4)] if val_clips and procs.is_main else []
 
     sums: dict[str, float] = {}
     count, last_time, record = 0, time.time(), {}
     try:
         for step in range(start_step + 1, cfg.steps + 1):
-            lq, gt = make_batch(train_clips, cfg, model_cfg, step, animator)
+            lq, gt = make_batch(train_clips, cfg, model_cfg, step, animator, procs.rank, procs.world_size)
             for group in optimizer.param_groups:  # the schedule is a function of the step: exact on --resume
                 group["lr"] = learning_rate(cfg, step)
             model.train()
@@ -321,20 +344,24 @@ def train_sr(cfg: SRTrainConfig, data_dir: str | Path, out_dir: str | Path, resu
                        "pyramid": cfg.pyramid, "gan": cfg.gan}
             total = sum(weights[k] * v for k, v in losses.items())
             optimizer.zero_grad(set_to_none=True)
-            if not torch.isfinite(total):  # skip the step, keep the weights (logged as a NaN loss)
+            if not finite_on_every_rank(total, procs.distributed):  # skip the step everywhere, keep the weights
                 losses["grad_norm"] = total.detach() * 0
             else:
                 total.backward()
+                average_gradients(model.parameters(), procs.world_size)
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
                 losses["grad_norm"] = norm
-                if torch.isfinite(norm):
+                if torch.isfinite(norm):  # the same on every process: the gradients are averaged
                     optimizer.step()
             if critic is not None:
-                losses["critic"] = critic_step(critic, critic_optimizer, out.detach(), gt, cfg, step)
+                losses["critic"] = critic_step(critic, critic_optimizer, out.detach(), gt, cfg, step,
+                                               procs.world_size)
             _update_average(averaged, model, cfg.ema_decay)
             for k, v in {**losses, "total": total}.items():  # "critic" is logged, not part of the total
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             count += 1
+            if not procs.is_main:
+                continue
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.time()
                 record = {"step": step, **{k: v / count for k, v in sums.items()},
@@ -356,6 +383,7 @@ def train_sr(cfg: SRTrainConfig, data_dir: str | Path, out_dir: str | Path, resu
                               save=save_sr_model)
     finally:
         torch.set_num_threads(previous_threads)
+    stop_processes(procs)
     return record
 
 
@@ -391,13 +419,14 @@ def sr_losses(out: torch.Tensor, gt: torch.Tensor, cfg: SRTrainConfig, perceptua
 
 
 def critic_step(critic: MultiScaleDiscriminator, optimizer: torch.optim.Optimizer, out: torch.Tensor,
-                gt: torch.Tensor, cfg: SRTrainConfig, step: int) -> torch.Tensor:
-    """One LSGAN update of the patch critic on the step's patch of the (detached) output and the ground truth;
-    returns its loss. A non-finite loss skips the update."""
+                gt: torch.Tensor, cfg: SRTrainConfig, step: int, world_size: int = 1) -> torch.Tensor:
+    """One LSGAN update of the patch critic on the step's patch of the (detached) output and the ground truth,
+    its gradients averaged over the processes; returns its loss. A non-finite loss on any process skips it."""
     loss = critic_loss(critic(step_patch(gt, cfg, step)), critic(step_patch(out, cfg, step)))
     optimizer.zero_grad(set_to_none=True)
-    if torch.isfinite(loss):
+    if finite_on_every_rank(loss, world_size > 1):
         loss.backward()
+        average_gradients(critic.parameters(), world_size)
         optimizer.step()
     return loss.detach()
 
