@@ -376,15 +376,20 @@ def train_sr(cfg: SRTrainConfig, data_dir: str | Path, out_dir: str | Path, resu
                          "optimizer": optimizer.state_dict(), "step": step}
                 if critic is not None:
                     state |= {"critic": critic.state_dict(), "critic_optimizer": critic_optimizer.state_dict()}
-                with atomic_path(checkpoint_path) as tmp:
-                    torch.save(state, tmp)
-                export_model(out_dir / "model", averaged, model_cfg,
-                              {"step": step, "data": str(data_dir), "val_identities": list(cfg.val_identities)},
-                              save=save_sr_model)
+                save_run(out_dir, state, averaged, cfg, data_dir)
     finally:
         torch.set_num_threads(previous_threads)
     stop_processes(procs)
     return record
+
+
+def save_run(out_dir: Path, state: dict, averaged: TemporalSR, cfg: SRTrainConfig, data_dir: Path) -> None:
+    """Write ``checkpoint.pt`` (``state``) and export the averaged network to ``model/``, both atomically."""
+    with atomic_path(out_dir / "checkpoint.pt") as tmp:
+        torch.save(state, tmp)
+    export_model(out_dir / "model", averaged, averaged.cfg,
+                 {"step": state["step"], "data": str(data_dir), "val_identities": list(cfg.val_identities)},
+                 save=save_sr_model)
 
 
 def step_patch(frames: torch.Tensor, cfg: SRTrainConfig, step: int) -> torch.Tensor:
