@@ -364,7 +364,8 @@ class SRConfig:
 
     Channel tuples are per resolution: ``unet_channels`` from ``unet_size`` down to 4, ``decoder_channels`` from 4
     up to ``decoder_size`` (``output_size`` unless a preset stops its decoder lower). At every decoder resolution
-    the U-Net also has (8 to ``unet_size``), the U-Net's width must be half the decoder's (channel-split SFT modulates one half of the decoder features).
+    that the U-Net also has (8 to ``unet_size``), the U-Net's width must be half the decoder's (channel-split SFT
+    modulates one half of the decoder features).
     """
 
     input_size: int = 256  # side of the input frames

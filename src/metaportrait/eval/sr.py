@@ -42,19 +42,25 @@ def _resize_all(frames: np.ndarray, size: int, interpolation: int) -> np.ndarray
     return np.stack([cv2.resize(f, (size, size), interpolation=interpolation) for f in frames])
 
 
+def reconstruct(animator, clip: PreparedClip, source_index: int, source_landmarks: np.ndarray,
+                targets: np.ndarray, size: int) -> np.ndarray:
+    """The base model's reconstruction at ``size``: ``clip``'s frame ``source_index`` area-downscaled to ``size``
+    and animated by ``animator`` (a `metaportrait.pipeline.Animator`) along ``targets`` ``(T, 478, 2)``, pasted back
+    into itself; landmarks in ``size`` pixels. ``uint8 (T, size, size, 3)``: what `animate --sr` upscales."""
+    source = cv2.resize(clip.frames[source_index], (size, size), interpolation=cv2.INTER_AREA)
+    return np.stack(list(animator.animate_landmarks(source, targets, paste_back=True,
+                                                    source_landmarks=source_landmarks, fps=clip.fps)))
+
+
 def generated_inputs(clip: PreparedClip, frames: int, animator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """The base model's 256 self-reconstruction of a clip's frames 1..``frames - 1`` and the real frames they
     stand for: ``uint8 (T-1, size, size, 3)`` and ``uint8 (T-1, S, S, 3)`` (S = the clip's size)."""
     from metaportrait.eval.protocols import smooth_targets
 
     real = np.ascontiguousarray(clip.frames[:frames])
-    scale = size / real.shape[1]
-    landmarks = np.asarray(clip.landmarks[:frames], np.float32) * scale
+    landmarks = np.asarray(clip.landmarks[:frames], np.float32) * (size / real.shape[1])
     targets = smooth_targets(landmarks, clip.fps)
-    source = cv2.resize(real[0], (size, size), interpolation=cv2.INTER_AREA)
-    output = np.stack(list(animator.animate_landmarks(source, targets[1:], paste_back=True,
-                                                      source_landmarks=targets[0], fps=clip.fps)))  # fmt: skip
-    return output, real[1:]
+    return reconstruct(animator, clip, 0, targets[0], targets[1:], size), real[1:]
 
 
 def evaluate_sr(
@@ -140,7 +146,7 @@ def evaluate_sr(
         methods[row] = {metric: {"mean": float(np.mean(values)), "per_clip": dict(zip(names, values))}
                         for metric, values in per_clip[row].items()}  # fmt: skip
         if row != "real":
-            methods[row]["fd_mobilenetv2"] = {"mean": fd_mobilenetv2(frames_to_tensor(np.concatenate(pooled[row])), real_pool),
-                                              "per_clip": {}}  # fmt: skip
+            pool = frames_to_tensor(np.concatenate(pooled[row]))
+            methods[row]["fd_mobilenetv2"] = {"mean": fd_mobilenetv2(pool, real_pool), "per_clip": {}}
     grid = np.concatenate(grid_rows) if grid_rows else None
     return {"protocol": "sr", "inputs": inputs, "clips": names, "frames_per_clip": frames, "methods": methods}, grid

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from metaportrait.config import SR_PRESETS, DiscriminatorConfig, SRConfig, _from_dict
 from metaportrait.data.dataset import PreparedClip, PreparedDataset, parse_identities
 from metaportrait.errors import InputError
+from metaportrait.eval.sr import reconstruct
 from metaportrait.io.atomic import atomic_path, remove_temporaries, write_text_atomic
 from metaportrait.io.checkpoint import save_sr_model
 from metaportrait.losses.perceptual import MobileNetV2Features, PerceptualPyramidLoss
@@ -211,20 +212,22 @@ def sample_window(clip: PreparedClip, frames: int, rng: np.random.Generator) -> 
     return np.ascontiguousarray(clip.frames[start:start + frames]), start
 
 
-def render_window(animator, clip: PreparedClip, start: int, frames: int, size: int,
-                  rng: np.random.Generator) -> np.ndarray:
-    """The base model's reconstruction of ``clip``'s frames ``start .. start + frames - 1``: a random other usable
-    frame of the clip, resized to ``size``, animated along the window's landmarks and pasted back into itself,
-    as `metaportrait.eval.sr.generated_inputs` does for the evaluation. ``uint8 (T, size, size, 3)``."""
+def render_source(clip: PreparedClip, start: int, frames: int, rng: np.random.Generator) -> int:
+    """The frame a generated input of the window ``start .. start + frames - 1`` is animated from: a random other
+    usable frame of the clip (the window's first when there is none)."""
     usable = clip.usable_frames
     others = usable[(usable < start) | (usable >= start + frames)]
-    source_index = int(rng.choice(others)) if len(others) else start
+    return int(rng.choice(others)) if len(others) else start
+
+
+def render_window(animator, clip: PreparedClip, start: int, frames: int, size: int, source_index: int) -> np.ndarray:
+    """The base model's reconstruction of ``clip``'s frames ``start .. start + frames - 1`` from frame
+    ``source_index`` along the window's landmarks (`metaportrait.eval.sr.reconstruct`, as the evaluation's
+    generated inputs). ``uint8 (T, size, size, 3)``."""
     scale = size / clip.frames.shape[1]
     landmarks = np.asarray(clip.landmarks[start:start + frames], np.float32) * scale
-    source = cv2.resize(clip.frames[source_index], (size, size), interpolation=cv2.INTER_AREA)
-    source_landmarks = np.asarray(clip.landmarks[source_index], np.float32) * scale
-    return np.stack(list(animator.animate_landmarks(source, landmarks, paste_back=True,
-                                                    source_landmarks=source_landmarks, fps=clip.fps)))
+    return reconstruct(animator, clip, source_index, np.asarray(clip.landmarks[source_index], np.float32) * scale,
+                       landmarks, size)
 
 
 def make_batch(clips: list[PreparedClip], cfg: SRTrainConfig, model_cfg: SRConfig, step: int, animator=None,
@@ -235,22 +238,27 @@ def make_batch(clips: list[PreparedClip], cfg: SRTrainConfig, model_cfg: SRConfi
     `metaportrait.pipeline.Animator`) is needed when ``cfg.generated`` > 0."""
     rng = np.random.default_rng([cfg.seed, step])
     lq, gt = [], []
-    for _ in range(cfg.clips * (rank + 1)):  # the earlier processes' clips are drawn too, to advance the draw
+    for slot in range(cfg.clips * (rank + 1)):  # the earlier processes' clips are drawn too, to advance the draw
+        kept = slot >= cfg.clips * rank
         clip = clips[int(rng.integers(len(clips)))]
         window, start = sample_window(clip, cfg.frames, rng)
-        # drawn only when asked, so runs without generated inputs keep the batches they always had
-        rendered = (render_window(animator, clip, start, cfg.frames, model_cfg.input_size, rng)
-                    if cfg.generated > 0 and rng.random() < cfg.generated else None)
+        # drawn only when asked, so runs without generated inputs keep the batches they always had. The other
+        # processes' clips make every draw this process's would (degrade draws too) but are not rendered.
+        generated = cfg.generated > 0 and rng.random() < cfg.generated
+        source_index = render_source(clip, start, cfg.frames, rng) if generated else None
         if window.shape[1] != model_cfg.output_size:
             window = np.stack([cv2.resize(f, (model_cfg.output_size,) * 2, interpolation=cv2.INTER_AREA)
                                for f in window])
-        if rng.random() < 0.5:
-            window = window[:, :, ::-1]
-            rendered = rendered[:, :, ::-1] if rendered is not None else None
-        lq.append(rendered if rendered is not None else degrade(window, model_cfg.input_size, rng, cfg.clean,
-                                                                 cfg.shift))
-        gt.append(window)
-    lq, gt = lq[cfg.clips * rank:], gt[cfg.clips * rank:]
+        flip = rng.random() < 0.5
+        if generated:
+            if not kept:
+                continue
+            low = render_window(animator, clip, start, cfg.frames, model_cfg.input_size, source_index)
+        else:
+            low = degrade(window[:, :, ::-1] if flip else window, model_cfg.input_size, rng, cfg.clean, cfg.shift)
+        if kept:
+            lq.append(low[:, :, ::-1] if generated and flip else low)
+            gt.append(window[:, :, ::-1] if flip else window)
     as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(np.stack(a))).permute(0, 1, 4, 2, 3).float() / 255  # noqa: E731
     return as_tensor(lq), as_tensor(gt)
 
