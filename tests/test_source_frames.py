@@ -14,7 +14,7 @@ from metaportrait.config import PRESETS
 from metaportrait.errors import InputError
 from metaportrait.models.generator import Generator
 from metaportrait.pipeline import Animator
-from metaportrait.source_frames import FADE_SECONDS, SourceChooser, SourceFrames, frames_at
+from metaportrait.source_frames import FADE_SECONDS, SourceChooser, SourceFrames, appearance_differences, frames_at
 
 TINY = PRESETS["tiny"]
 
@@ -42,12 +42,39 @@ def test_chooser_switches_only_to_a_clearly_nearer_frame_and_stays():
     np.testing.assert_allclose(chooser.distances(portrait)[[0, -1]], [10 * np.sqrt(2), 0], rtol=1e-5)
 
 
+def test_chooser_counts_a_frame_unlike_the_portrait_as_farther():
+    portrait = np.random.default_rng(0).uniform(100, 300, (478, 2)).astype(np.float32)
+    frames = SourceFrames(np.zeros((2, 8, 8, 3), np.uint8), np.stack([portrait + 10, portrait + 30]))
+    chooser = SourceChooser(frames, portrait, margin=0.3, min_stay=1, appearance=np.float32([0, 40]),
+                            appearance_scale=20)
+    np.testing.assert_allclose(chooser.distances(portrait + 24), np.sqrt(2) * np.array([14, 6 * 3, 24]), rtol=1e-5)
+    assert chooser(portrait + 24) == 0  # frame 1 is nearer in landmarks, but looks unlike the portrait
+    assert chooser(portrait + 29) == 1  # 1 x 3 against 19: now it is nearer all the same
+    with pytest.raises(ValueError, match="appearance"):
+        SourceChooser(frames, portrait, appearance=np.zeros(3))
+
+
+def test_appearance_difference_looks_outside_the_faces_only(astronaut):
+    image, points = astronaut
+    face_changed = image.copy()
+    (x0, y0), (x1, y1) = points[:468].min(0) + 40, points[:468].max(0) - 40  # well inside the face
+    face_changed[int(y0):int(y1), int(x0):int(x1)] = 0
+    background_changed = image.copy()
+    background_changed[:, :100] = 255 - background_changed[:, :100]  # the left fifth, far from the face
+    frames = SourceFrames(np.stack([image, face_changed, background_changed]), np.stack([points] * 3))
+    same, face, background = appearance_differences(frames, image, points)
+    assert same == 0 and face == 0
+    assert background > 20  # about a fifth of the pixels, inverted
+
+
 def test_animator_animates_the_chosen_frame_and_cross_fades_at_the_switch(astronaut):
     image, points = astronaut
     torch.manual_seed(0)
     animator = Animator(Generator(TINY), TINY, batch_size=3)
     other = image.copy()
-    other[-40:] = 255 - other[-40:]  # far below the face: what shows there is the source frame's own pixels
+    # Far below the face: what shows there is the source frame's own pixels (a small patch, so that the frame
+    # still looks like the portrait: `appearance_differences`).
+    other[-40:, :64] = 255 - other[-40:, :64]
     shift = np.float32([12, 0])
     frames = SourceFrames(other[None], (points + shift)[None], "other.mp4")
     targets = [points] * 2 + [points + shift] * 8

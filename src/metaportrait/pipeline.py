@@ -50,7 +50,14 @@ from metaportrait.io.image import frames_to_tensor, to_tensor, to_uint8_frames
 from metaportrait.models.blocks import make_coordinate_grid, resize_map
 from metaportrait.motion import Controls, RunningReference, absolute_motion, resolve_reference, retarget_motion
 from metaportrait.prior import build_prior
-from metaportrait.source_frames import FADE_SECONDS, MIN_STAY_SECONDS, SourceChooser, SourceFrames, frames_at
+from metaportrait.source_frames import (
+    FADE_SECONDS,
+    MIN_STAY_SECONDS,
+    SourceChooser,
+    SourceFrames,
+    appearance_differences,
+    frames_at,
+)
 from metaportrait.stages import prefetch
 from metaportrait.upscale import StreamingSR, load_sr
 
@@ -433,7 +440,9 @@ class Animator:
         if frames is None:
             return None
         frames.check_framing(*source.image.shape[:2])
-        chooser = SourceChooser(frames, source.landmarks, min_stay=frames_at(MIN_STAY_SECONDS, fps))
+        appearance = appearance_differences(frames, source.image, source.landmarks)
+        chooser = SourceChooser(frames, source.landmarks, min_stay=frames_at(MIN_STAY_SECONDS, fps),
+                                appearance=appearance)
         return _SourceBank(frames, chooser, pasted, {-1: source}, frames_at(FADE_SECONDS, fps))
 
     def _driving_targets(self, source: PreparedSource, frames: Iterable[np.ndarray], motion: Motion,

@@ -76,6 +76,8 @@ def resize_map(x: torch.Tensor, size: tuple[int, int] | torch.Size, antialias: b
     """Bilinear resize of a ``(B, C, H, W)`` map; ``antialias`` low-pass filters when shrinking (thin lines)."""
     if tuple(x.shape[2:]) == tuple(size):
         return x
+    if x.shape[0] > 1 and x.stride(0) == 0:  # one map expanded over the batch (a source's): resize it once
+        return resize_map(x[:1], size, antialias).expand(x.shape[0], -1, -1, -1)
     shrinking = size[0] < x.shape[2] or size[1] < x.shape[3]
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=antialias and shrinking)
 

@@ -124,7 +124,8 @@ def condition_maps(
         if cfg.gaze_heatmap:
             parts.append(gaze_heatmap(driving_keypoints, size))
         if cfg.landmark_lines:
-            parts.append(resize_map(torch.cat([source_lines, driving_lines], dim=1), size, cfg.antialias))
+            # Resized apart (the same maps as resizing them stacked): the source's lines are resized once.
+            parts += [resize_map(source_lines, size, cfg.antialias), resize_map(driving_lines, size, cfg.antialias)]
         if cfg.mouth_line:
             parts.append(resize_map(mouth_lines, size, cfg.antialias))
         if channels:

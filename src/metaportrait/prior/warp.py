@@ -70,7 +70,23 @@ def _ring(landmarks: np.ndarray, oval: np.ndarray, height: int, width: int) -> n
     return centre + offset * shrink
 
 
+_OUTER_BANDS: dict[bytes, np.ndarray] = {}  # source points -> their outer band; one source drives many frames
+_OUTER_BANDS_KEPT = 8
+
+
 def _outer_band(points: np.ndarray, oval: np.ndarray, num_face_points: int) -> np.ndarray:
+    """`_outer_band_of` ``points``, remembered for the last few sources (it depends on the source alone)."""
+    key = np.ascontiguousarray(points, np.float64).tobytes() + oval.tobytes() + num_face_points.to_bytes(4, "little")
+    band = _OUTER_BANDS.get(key)
+    if band is None:
+        band = _outer_band_of(points, oval, num_face_points)
+        if len(_OUTER_BANDS) >= _OUTER_BANDS_KEPT:
+            _OUTER_BANDS.pop(next(iter(_OUTER_BANDS)), None)
+        _OUTER_BANDS[key] = band
+    return band
+
+
+def _outer_band_of(points: np.ndarray, oval: np.ndarray, num_face_points: int) -> np.ndarray:
     """Delaunay triangles of oval + ring + border points that lie outside the face oval (indices into points)."""
     outer_indices = np.concatenate([oval, np.arange(num_face_points, len(points))])
     triangles = outer_indices[Delaunay(points[outer_indices]).simplices]
@@ -93,13 +109,20 @@ def _rasterise(points: np.ndarray, triangles: np.ndarray, index: np.ndarray, fir
 def _affine_maps(source: np.ndarray, driving: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     """``(N, 6)`` per-triangle affine maps from driving to source pixels: ``x_s = m0 x + m1 y + m2``, etc."""
     n = len(triangles)
-    homogeneous = np.ones((n, 3, 3))
-    homogeneous[:, :2, :] = driving[triangles].transpose(0, 2, 1)  # columns = vertices
+    x, y = np.moveaxis(driving[triangles].astype(np.float64), 2, 0)  # (N, 3) each: the driving vertices
     target = source[triangles].transpose(0, 2, 1)  # (N, 2, 3)
-    det = np.linalg.det(homogeneous)
+    # The inverse of [[x0 x1 x2], [y0 y1 y2], [1 1 1]] in closed form (its adjugate over its determinant, twice
+    # the signed area): much faster than np.linalg.inv on a thousand 3x3 matrices.
+    x0, x1, x2, y0, y1, y2 = x[:, 0], x[:, 1], x[:, 2], y[:, 0], y[:, 1], y[:, 2]
+    det = x0 * (y1 - y2) + x1 * (y2 - y0) + x2 * (y0 - y1)
     ok = np.abs(det) > 2 * _MIN_AREA
+    adjugate = np.stack([
+        np.stack([y1 - y2, x2 - x1, x1 * y2 - x2 * y1], -1),
+        np.stack([y2 - y0, x0 - x2, x2 * y0 - x0 * y2], -1),
+        np.stack([y0 - y1, x1 - x0, x0 * y1 - x1 * y0], -1),
+    ], 1)  # (N, 3, 3): row k = cofactors of vertex k
     maps = np.zeros((n, 2, 3))
-    maps[ok] = target[ok] @ np.linalg.inv(homogeneous[ok])
+    maps[ok] = target[ok] @ (adjugate[ok] / det[ok, None, None])
     # Slivers are never drawn; give them the identity so the table holds no garbage.
     maps[~ok] = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
     return maps.reshape(n, 6)
@@ -186,7 +209,7 @@ def mesh_warp_grid(
 
     # 4. Per pixel: apply its triangle's affine map to the pixel centre (vectorised gather).
     maps = np.concatenate([maps, [[1.0, 0.0, 0.0, 0.0, 1.0, 0.0]]]).astype(np.float32)  # id -1 -> identity
-    coefficients = maps[index]  # (H, W, 6)
+    coefficients = np.take(maps, index, axis=0)  # (H, W, 6); id -1 takes the last row (faster than maps[index])
     xs = np.arange(width, dtype=np.float32) + 0.5
     ys = np.arange(height, dtype=np.float32)[:, None] + 0.5
     source_x = coefficients[..., 0] * xs + coefficients[..., 1] * ys + coefficients[..., 2]
