@@ -17,6 +17,9 @@ in threads; `metaportrait.stages`), so the per-step times add up to more than th
   made once per checkpoint and cached, is not timed). Only with the bundled checkpoint.
 * ``clip_256_bf16``: ``clip_256`` with the generator under bfloat16 autocast (``precision="bf16"``; on CPUs
   without native bfloat16 it is emulated and slower).
+* ``clip_256_compiled``: ``clip_256`` with the generator compiled ahead of time (``backend="compiled"``,
+  `metaportrait.compiled_backend`) in the CLI's default precision (``auto``); the build, made once per
+  checkpoint and cached, is not timed. Only with the bundled checkpoint.
 * ``clip_256_sr``: ``clip_256`` with the bundled super-resolution network (`animate --sr`: 512 face crops pasted
   back), both networks in the CLI's default precision (``auto``). Only when SR weights are bundled.
 
@@ -57,7 +60,8 @@ from metaportrait.upscale import bundled_sr
 
 FPS = 25.0
 LARGE = 1024
-CASES = ("clip_256", f"large_{LARGE}", "scripted", "clip_256_onnx", "clip_256_bf16", "clip_256_sr")
+CASES = ("clip_256", f"large_{LARGE}", "scripted", "clip_256_onnx", "clip_256_bf16", "clip_256_compiled",
+         "clip_256_sr")
 
 
 def _animator() -> tuple[Animator, str]:
@@ -161,6 +165,11 @@ def run(threads: int = 2, frames: int = 60, driving: str | Path | None = None,
             animator.precision = "bf16"
             result["clip_256_bf16"] = _case(animator, portrait, clip, frames, folder)
             animator.precision = "fp32"
+        if "clip_256_compiled" in wanted and weights.startswith("bundled"):
+            compiled = Animator.from_pretrained(None, batch_size=DEFAULT_BATCH_SIZE, backend="compiled",
+                                                precision="auto")
+            result["clip_256_compiled"] = {**_case(compiled, portrait, clip, frames, folder),
+                                           "precision": compiled.precision}
         if "clip_256_sr" in wanted and (bundled_sr() / "model.safetensors").is_file():
             upscaling = Animator.from_pretrained(None, batch_size=DEFAULT_BATCH_SIZE, sr=True, precision="auto")
             result["clip_256_sr"] = {**_case(upscaling, portrait, clip, frames, folder),

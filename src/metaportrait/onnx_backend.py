@@ -60,15 +60,16 @@ class _PerFrame(torch.nn.Module):
         return tuple(result[name] for name in OUTPUTS)
 
 
-def _supported(config: ModelConfig) -> None:
+def check_exportable(config: ModelConfig) -> None:
+    """Raises ValueError unless ``config`` is a model the export backends cover (ONNX, compiled)."""
     if config.warp.subtract_source_flow or config.refine.gaze_heatmap or config.refine.mouth_line:
-        raise ValueError("the ONNX backend covers MediaPipe-landmark models without source-flow subtraction "
-                         "(the official preset's keypoint inputs are not exported)")
+        raise ValueError("the ONNX and compiled backends cover MediaPipe-landmark models without source-flow "
+                         "subtraction (the official preset's keypoint inputs are not exported)")
 
 
 def export(generator: Generator, config: ModelConfig, folder: str | Path, checkpoint_sha256: str) -> Path:
     """Export ``generator``'s per-frame step to ``folder`` (written whole or not at all); returns the folder."""
-    _supported(config)
+    check_exportable(config)
     generator = generator.eval()
     inputs = example_inputs(config, batch=2)
     with torch.no_grad():
@@ -154,7 +155,7 @@ def onnx_generator(generator: Generator, config: ModelConfig, checkpoint_sha256:
                    folder: str | Path | None = None) -> OnnxGenerator:
     """The ONNX backend for a loaded checkpoint: its export in ``folder`` (default: `default_cache`), made first if
     the folder does not exist."""
-    _supported(config)
+    check_exportable(config)
     folder = Path(folder) if folder is not None else default_cache(checkpoint_sha256)
     if not folder.exists():
         export(generator, config, folder, checkpoint_sha256)

@@ -62,8 +62,8 @@ from metaportrait.stages import prefetch
 from metaportrait.upscale import StreamingSR, load_sr
 
 Motion = Literal["relative", "absolute"]
-Backend = Literal["torch", "onnx"]
-BACKENDS: tuple[str, ...] = ("torch", "onnx")
+Backend = Literal["torch", "onnx", "compiled"]
+BACKENDS: tuple[str, ...] = ("torch", "onnx", "compiled")
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 REFERENCES: tuple[str, ...] = ("auto", "first", "running")
 MOTIONS: tuple[str, ...] = ("relative", "absolute")
@@ -213,8 +213,12 @@ class Animator:
         self.overlap = overlap
         self.queue_frames = queue_frames
         self.landmark_max_side = landmark_max_side
-        # Autocast only applies to a torch module (an ONNX Runtime session computes in float32).
-        self.precision = resolve_precision(precision) if isinstance(generator, torch.nn.Module) else "fp32"
+        # Autocast only applies to a torch module (an ONNX Runtime session computes in float32, a compiled
+        # generator in the precision it was built for).
+        self.precision = resolve_precision(precision) if isinstance(generator, torch.nn.Module) else \
+            getattr(generator, "precision", "fp32")
+        # A compiled generator is built for one batch size (`metaportrait.compiled_backend`): pad to it.
+        self.fixed_batch: int | None = getattr(generator, "fixed_batch", None)
         self.stats = AnimationStats()
 
     @classmethod
@@ -231,7 +235,8 @@ class Animator:
                 mesh prior; no weights depend on it). None: as the checkpoint says.
             backend: ``"torch"``, or ``"onnx"``: the per-frame generator step in ONNX Runtime
                 (`metaportrait.onnx_backend`), exported on first use into ``onnx_folder`` (default: a cache
-                folder per checkpoint).
+                folder per checkpoint), or ``"compiled"``: compiled ahead of time for ``batch_size`` and
+                ``precision`` on first use, cached per checkpoint (`metaportrait.compiled_backend`).
             sr: super-resolve the generated face crops (`metaportrait.upscale`): True for the bundled SR network,
                 or its folder / official file; None or False: no super-resolution.
             overlap: run the stages side by side (see `Animator`).
@@ -260,6 +265,15 @@ class Animator:
 
             try:
                 generator = onnx_generator(generator, config, checkpoint_sha256(path), onnx_folder)
+            except ValueError as error:
+                raise InputError(path, str(error)) from None
+        elif backend == "compiled":
+            from metaportrait.compiled_backend import compiled_generator
+            from metaportrait.io.checkpoint import checkpoint_sha256
+
+            try:
+                generator = compiled_generator(generator, config, checkpoint_sha256(path), batch_size,
+                                               resolve_precision(precision))
             except ValueError as error:
                 raise InputError(path, str(error)) from None
         elif backend != "torch":
@@ -617,6 +631,12 @@ class Animator:
 
     def _generator_result(self, source: PreparedSource, targets: list[np.ndarray]) -> dict[str, torch.Tensor]:
         """The generator's outputs (`Generator.forward`) for ``B`` target landmark sets in source-crop pixels."""
+        fixed = self.fixed_batch
+        if fixed is not None and len(targets) != fixed:  # chunks of the compiled batch, the last one padded
+            chunks = [list(targets[i:i + fixed]) for i in range(0, len(targets), fixed)]
+            results = [self._generator_result(source, chunk + [chunk[-1]] * (fixed - len(chunk))) for chunk in chunks]
+            return {key: torch.cat([result[key][:len(chunk)] for result, chunk in zip(results, chunks)])
+                    for key in results[0]}  # fmt: skip
         size, count = self.size, len(targets)
         thickness = self.config.line_thickness(size)
         lines = frames_to_tensor(

@@ -79,8 +79,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "the model leaves the source still (sharper hair and background)")  # fmt: skip
     parser.add_argument("--crop-output", action="store_true",
                         help="write just the generated face crop (the model's size, 256 for the bundled model)")
-    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
-                        help="run the generator in torch, or in ONNX Runtime (exported on first use and cached)")
+    parser.add_argument("--backend", choices=("torch", "onnx", "compiled"), default="torch",
+                        help="run the generator in torch, in ONNX Runtime (exported on first use and cached), or "
+                             "compiled to C++ (fastest; built on first use in about a minute and cached; needs a "
+                             "C++ compiler)")
     parser.add_argument("--onnx-folder", type=Path, default=None,
                         help="with --backend onnx: the export's folder (default: a cache folder per checkpoint)")
 

@@ -1,0 +1,187 @@
+"""The ``compiled`` backend: the generator's per-frame step compiled ahead of time by AOT Inductor (C++).
+
+::
+
+    animator = Animator.from_pretrained(backend="compiled")   # compiled on first use, cached per checkpoint
+
+In eager mode about half of the lite generator's time at 256² goes to the element-wise work between its
+convolutions (resizes, casts, products, sums, concatenations); Inductor fuses it into generated C++. The per-frame
+part of `Generator.forward` (as the ONNX backend's, `metaportrait.onnx_backend`) is exported with
+``torch.export`` for one batch size and one precision (bf16 autocast is compiled in) and built with
+``torch._inductor.aoti_compile_and_package`` into ``<folder>/generator.pt2`` beside ``<folder>/compiled.json``
+(checkpoint SHA-256, batch, precision, torch version). Building takes about a minute on a 2-core machine and
+needs a C++ compiler (``g++``); loading it afterwards takes milliseconds. Every call has the compiled batch,
+`CompiledGenerator.fixed_batch`: `Animator` pads short batches. Source-only work (feature pyramid) stays in
+eager torch, once per portrait. Measured in docs/results.md ("Compiled generator").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from metaportrait.config import ModelConfig, Precision
+from metaportrait.errors import InputError
+from metaportrait.io.atomic import atomic_folder
+from metaportrait.models.generator import Generator, example_inputs
+from metaportrait.onnx_backend import OUTPUTS, check_exportable
+
+PACKAGE_FILE, META_FILE = "generator.pt2", "compiled.json"
+
+logger = logging.getLogger(__name__)
+
+
+def default_cache(checkpoint_sha256: str, batch: int, precision: Precision) -> Path:
+    """``$XDG_CACHE_HOME/metaportrait/compiled/<first 16 hex of the SHA-256>-b<batch>-<precision>-torch<version>``
+    (``~/.cache`` by default): a build serves one checkpoint, batch, precision and torch version."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    version = torch.__version__.replace("+", "_")
+    return root / "metaportrait" / "compiled" / f"{checkpoint_sha256[:16]}-b{batch}-{precision}-torch{version}"
+
+
+class _PerFrame(torch.nn.Module):
+    """`Generator.forward` with batch-1 source inputs, batch-B driving inputs and the feature pyramid as inputs,
+    under bf16 autocast when ``precision`` is "bf16"; returns `OUTPUTS` in float32."""
+
+    def __init__(self, generator: Generator, precision: Precision):
+        super().__init__()
+        self.generator = generator
+        self.bf16 = precision == "bf16"
+
+    def forward(self, source, source_lines, driving_lines, identity, prior_grid, prior_masks, *levels):
+        count = driving_lines.shape[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            result = self.generator(
+                source.expand(count, -1, -1, -1), source_lines.expand(count, -1, -1, -1), driving_lines,
+                identity=None if identity is None else identity.expand(count, -1), prior_grid=prior_grid,
+                prior_masks=prior_masks, source_levels=list(levels),
+            )
+        return tuple(result[name].float() for name in OUTPUTS)
+
+
+def build(generator: Generator, config: ModelConfig, folder: str | Path, checkpoint_sha256: str, batch: int,
+          precision: Precision) -> Path:
+    """Compile ``generator``'s per-frame step for ``batch`` frames into ``folder`` (written whole or not at all).
+
+    Raises:
+        InputError: AOT Inductor could not build it (no C++ compiler, for example).
+    """
+    check_exportable(config)
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16' here, got {precision!r}")
+    generator = generator.eval()
+    inputs = example_inputs(config, batch=batch)
+    with torch.no_grad():
+        levels = generator.encode_source(inputs["source"][:1])
+    identity = inputs["identity"][:1] if config.use_identity else None
+    args = (inputs["source"][:1], inputs["source_lines"][:1], inputs["driving_lines"], identity,
+            inputs.get("prior_grid"), inputs.get("prior_masks"), *levels)
+    folder = Path(folder)
+    with atomic_folder(folder) as staging, torch.no_grad():
+        try:
+            with _quiet_inductor():
+                program = torch.export.export(_PerFrame(generator, precision), args)
+                torch._inductor.aoti_compile_and_package(program, package_path=str(staging / PACKAGE_FILE))
+        except Exception as error:  # noqa: BLE001 - Inductor fails with many types; one line for the user
+            text = str(error).strip()
+            problem = text.splitlines()[0][:200] if text else type(error).__name__
+            raise InputError("--backend compiled", f"the generator could not be compiled ({problem}); it needs a "
+                             "C++ compiler (g++), or use --backend torch") from None
+        meta = {"checkpoint_sha256": checkpoint_sha256, "batch": batch, "precision": precision,
+                "torch": torch.__version__, "levels": len(levels)}
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+@contextlib.contextmanager
+def _quiet_inductor() -> Iterator[None]:
+    """Inductor's notes while building (an operator it calls through a fallback, deprecations) are for torch's
+    developers, not for a user waiting for the build: keep them out of the log."""
+    inductor = logging.getLogger("torch._inductor")
+    level = inductor.level
+    inductor.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        inductor.setLevel(level)
+
+
+class CompiledGenerator:
+    """Runs the compiled per-frame step on batches of `fixed_batch`; source-only methods delegate to torch.
+
+    Raises:
+        InputError: the folder is incomplete or corrupt, or was built from another checkpoint, batch, precision
+            or torch version.
+    """
+
+    def __init__(self, generator: Generator, folder: str | Path, checkpoint_sha256: str, batch: int,
+                 precision: Precision):
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / META_FILE).read_text())
+            built = (meta["checkpoint_sha256"], meta["batch"], meta["precision"], meta["torch"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise InputError(folder, f"not a compiled generator of this project ({META_FILE}: {error})") from None
+        wanted = (checkpoint_sha256, batch, precision, torch.__version__)
+        if built != wanted:
+            names = ("checkpoint", "batch", "precision", "torch version")
+            differs = [name for name, a, b in zip(names, built, wanted) if a != b]
+            raise InputError(folder, f"compiled for another {' and '.join(differs)}; remove the folder to rebuild")
+        try:
+            self._run = torch._inductor.aoti_load_package(str(folder / PACKAGE_FILE))
+        except Exception as error:  # noqa: BLE001 - the loader raises its own types for a bad file
+            raise InputError(folder / PACKAGE_FILE, f"cannot be loaded ({str(error).strip()[:200]})") from None
+        self.torch_generator = generator.eval()
+        self.cfg = generator.cfg
+        self.fixed_batch = batch
+        self.precision = precision
+
+    def eval(self) -> CompiledGenerator:
+        return self
+
+    def encode_source(self, source: torch.Tensor) -> list[torch.Tensor]:
+        return self.torch_generator.encode_source(source)
+
+    def source_flow(self, source: torch.Tensor, source_lines: torch.Tensor) -> torch.Tensor:
+        return self.torch_generator.source_flow(source, source_lines)
+
+    def __call__(self, source, source_lines, driving_lines, identity=None, prior_grid=None, prior_masks=None,
+                 source_flow=None, source_levels=None) -> dict[str, torch.Tensor]:
+        """As `Generator.forward` with ``fixed_batch`` driving frames (batch-1 or batch-B source inputs); returns
+        ``output``, ``occlusion``, ``deformation``."""
+        if source_flow is not None:
+            raise ValueError("the compiled backend does not take a source flow")
+        if driving_lines.shape[0] != self.fixed_batch:
+            raise ValueError(f"compiled for batches of {self.fixed_batch}, got {driving_lines.shape[0]}")
+        if source_levels is None:
+            source_levels = self.encode_source(source[:1])
+        with torch.no_grad():
+            outputs = self._run(
+                source[:1].contiguous(), source_lines[:1].contiguous(), driving_lines.contiguous(),
+                None if identity is None else identity[:1].contiguous(), prior_grid, prior_masks,
+                *[level[:1].contiguous() for level in source_levels],
+            )
+        return dict(zip(OUTPUTS, outputs))
+
+
+def compiled_generator(generator: Generator, config: ModelConfig, checkpoint_sha256: str, batch: int,
+                       precision: Precision, folder: str | Path | None = None) -> CompiledGenerator:
+    """The compiled backend for a loaded checkpoint: its build in ``folder`` (default: `default_cache`), made first
+    if the folder does not exist."""
+    check_exportable(config)
+    folder = Path(folder) if folder is not None else default_cache(checkpoint_sha256, batch, precision)
+    if not folder.exists():
+        logger.info("compiling the generator for batches of %d in %s (once per checkpoint, about a minute) into %s",
+                    batch, precision, folder)
+        build(generator, config, folder, checkpoint_sha256, batch, precision)
+    return CompiledGenerator(generator, folder, checkpoint_sha256, batch, precision)

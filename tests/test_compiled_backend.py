@@ -1,0 +1,78 @@
+"""The ``compiled`` backend (metaportrait.compiled_backend): the eager generator's frames, one compiled batch size,
+and clear errors for bad folders and failed builds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from metaportrait.compiled_backend import META_FILE, PACKAGE_FILE, CompiledGenerator, build
+from metaportrait.config import PRESETS
+from metaportrait.errors import InputError
+from metaportrait.models.generator import Generator
+from metaportrait.pipeline import Animator
+
+TINY = PRESETS["tiny"]
+SHA = "0" * 64
+
+
+@pytest.fixture(scope="module")
+def tiny_generator() -> Generator:
+    torch.manual_seed(0)
+    return Generator(TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> tuple[np.ndarray, np.ndarray]:
+    from skimage import data
+
+    from metaportrait.data.landmarks import landmarks_of_image
+
+    image = data.astronaut()
+    return image, landmarks_of_image(image, "astronaut")
+
+
+def test_compiled_frames_match_eager_ones_with_padded_batches(tiny_generator, astronaut, tmp_path):
+    image, points = astronaut
+    folder = build(tiny_generator, TINY, tmp_path / "compiled", SHA, batch=2, precision="fp32")
+    compiled = CompiledGenerator(tiny_generator, folder, SHA, batch=2, precision="fp32")
+    rng = np.random.default_rng(0)
+    targets = [points + rng.normal(0, 1.5, points.shape).astype(np.float32) for _ in range(5)]
+    eager = Animator(tiny_generator, TINY, batch_size=2)
+    fast = Animator(compiled, TINY, batch_size=2)
+    assert fast.fixed_batch == 2 and fast.precision == "fp32"
+    expected = np.stack(list(eager.animate_landmarks(image, targets, source_landmarks=points)))
+    got = np.stack(list(fast.animate_landmarks(image, targets, source_landmarks=points)))  # 1 and 5 targets padded
+    assert got.shape == expected.shape == (5, *image.shape)
+    assert np.abs(got.astype(int) - expected).max() <= 1  # fused arithmetic: at most a rounding step apart
+    with pytest.raises(ValueError, match="batches of 2"):
+        compiled(*[torch.zeros(3, 3, 64, 64)] * 3)
+    # Another checkpoint, batch or precision than the build's is refused.
+    with pytest.raises(InputError, match="compiled for another checkpoint"):
+        CompiledGenerator(tiny_generator, folder, "1" * 64, batch=2, precision="fp32")
+    with pytest.raises(InputError, match="compiled for another batch and precision"):
+        CompiledGenerator(tiny_generator, folder, SHA, batch=4, precision="bf16")
+
+
+def test_a_folder_without_a_build_or_with_a_corrupt_one_is_refused(tiny_generator, tmp_path):
+    with pytest.raises(InputError, match="not a compiled generator of this project"):
+        CompiledGenerator(tiny_generator, tmp_path, SHA, batch=2, precision="fp32")
+    (tmp_path / META_FILE).write_text(json.dumps({"checkpoint_sha256": SHA, "batch": 2, "precision": "fp32",
+                                                  "torch": torch.__version__}))
+    (tmp_path / PACKAGE_FILE).write_bytes(b"not a package")
+    with pytest.raises(InputError, match=f"{PACKAGE_FILE}: cannot be loaded"):
+        CompiledGenerator(tiny_generator, tmp_path, SHA, batch=2, precision="fp32")
+
+
+def test_a_failed_build_is_one_input_error_and_leaves_no_folder(tiny_generator, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nlong traceback")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)
+    with pytest.raises(InputError, match=r"--backend compiled: the generator could not be compiled "
+                                         r"\(InvalidCxxCompiler: No working C\+\+ compiler found\)"):
+        build(tiny_generator, TINY, tmp_path / "compiled", SHA, batch=2, precision="fp32")
+    assert list(tmp_path.iterdir()) == []
