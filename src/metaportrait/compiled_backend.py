@@ -31,7 +31,7 @@ from metaportrait.config import ModelConfig, Precision
 from metaportrait.errors import InputError
 from metaportrait.io.atomic import atomic_folder
 from metaportrait.models.generator import Generator, example_inputs
-from metaportrait.onnx_backend import OUTPUTS, check_exportable
+from metaportrait.onnx_backend import OUTPUTS, SourceInTorch, check_exportable
 
 PACKAGE_FILE, META_FILE = "generator.pt2", "compiled.json"
 
@@ -116,7 +116,7 @@ def _quiet_inductor() -> Iterator[None]:
         inductor.setLevel(level)
 
 
-class CompiledGenerator:
+class CompiledGenerator(SourceInTorch):
     """Runs the compiled per-frame step on batches of `fixed_batch`; source-only methods delegate to torch.
 
     Raises:
@@ -145,15 +145,6 @@ class CompiledGenerator:
         self.cfg = generator.cfg
         self.fixed_batch = batch
         self.precision = precision
-
-    def eval(self) -> CompiledGenerator:
-        return self
-
-    def encode_source(self, source: torch.Tensor) -> list[torch.Tensor]:
-        return self.torch_generator.encode_source(source)
-
-    def source_flow(self, source: torch.Tensor, source_lines: torch.Tensor) -> torch.Tensor:
-        return self.torch_generator.source_flow(source, source_lines)
 
     def __call__(self, source, source_lines, driving_lines, identity=None, prior_grid=None, prior_masks=None,
                  source_flow=None, source_levels=None) -> dict[str, torch.Tensor]:

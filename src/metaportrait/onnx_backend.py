@@ -96,7 +96,24 @@ def export(generator: Generator, config: ModelConfig, folder: str | Path, checkp
     return folder
 
 
-class OnnxGenerator:
+class SourceInTorch:
+    """What an exported generator keeps in torch: the source-only methods, run once per portrait by the generator
+    it was made from (``torch_generator``), and its config (``cfg``)."""
+
+    torch_generator: Generator
+    cfg: ModelConfig
+
+    def eval(self):
+        return self
+
+    def encode_source(self, source: torch.Tensor) -> list[torch.Tensor]:
+        return self.torch_generator.encode_source(source)
+
+    def source_flow(self, source: torch.Tensor, source_lines: torch.Tensor) -> torch.Tensor:
+        return self.torch_generator.source_flow(source, source_lines)
+
+
+class OnnxGenerator(SourceInTorch):
     """Runs the exported per-frame step with ONNX Runtime; source-only methods delegate to the torch generator.
 
     Raises:
@@ -125,15 +142,6 @@ class OnnxGenerator:
             raise InputError(folder / ONNX_FILE, f"cannot be loaded by ONNX Runtime ({error})") from None
         self.torch_generator = generator.eval()
         self.cfg = generator.cfg
-
-    def eval(self) -> OnnxGenerator:
-        return self
-
-    def encode_source(self, source: torch.Tensor) -> list[torch.Tensor]:
-        return self.torch_generator.encode_source(source)
-
-    def source_flow(self, source: torch.Tensor, source_lines: torch.Tensor) -> torch.Tensor:
-        return self.torch_generator.source_flow(source, source_lines)
 
     def __call__(self, source, source_lines, driving_lines, identity=None, prior_grid=None, prior_masks=None,
                  source_flow=None, source_levels=None) -> dict[str, torch.Tensor]:
