@@ -17,12 +17,9 @@ eager torch, once per portrait. Measured in docs/results.md ("Compiled generator
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,7 +28,7 @@ from metaportrait.config import ModelConfig, Precision
 from metaportrait.errors import InputError
 from metaportrait.io.atomic import atomic_folder
 from metaportrait.models.generator import Generator, example_inputs
-from metaportrait.onnx_backend import OUTPUTS, SourceInTorch, check_exportable
+from metaportrait.onnx_backend import OUTPUTS, SourceInTorch, check_exportable, quiet_export
 
 PACKAGE_FILE, META_FILE = "generator.pt2", "compiled.json"
 
@@ -86,8 +83,8 @@ def build(generator: Generator, config: ModelConfig, folder: str | Path, checkpo
     folder = Path(folder)
     with atomic_folder(folder) as staging, torch.no_grad():
         try:
-            with _quiet_inductor():
-                program = torch.export.export(_PerFrame(generator, precision), args)
+            with quiet_export():
+                program = torch.export.export(_PerFrame(generator, precision).eval(), args)
                 torch._inductor.aoti_compile_and_package(program, package_path=str(staging / PACKAGE_FILE))
         except Exception as error:  # noqa: BLE001 - Inductor fails with many types; one line for the user
             text = str(error).strip()
@@ -98,22 +95,6 @@ def build(generator: Generator, config: ModelConfig, folder: str | Path, checkpo
                 "torch": torch.__version__, "levels": len(levels)}
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
-
-
-@contextlib.contextmanager
-def _quiet_inductor() -> Iterator[None]:
-    """Inductor's notes while building (an operator it calls through a fallback, deprecations) are for torch's
-    developers, not for a user waiting for the build: keep them out of the log."""
-    inductor = logging.getLogger("torch._inductor")
-    level = inductor.level
-    inductor.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", UserWarning)
-            yield
-    finally:
-        inductor.setLevel(level)
 
 
 class CompiledGenerator(SourceInTorch):

@@ -278,7 +278,11 @@ class Animator:
                 raise InputError(path, str(error)) from None
         elif backend != "torch":
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        upscaler = StreamingSR(load_sr(sr), precision=resolve_precision(precision)) if sr else None
+        upscaler = None
+        if sr and backend == "onnx":  # both networks in ONNX Runtime
+            upscaler = StreamingSR(_onnx_sr(sr, onnx_folder))
+        elif sr:
+            upscaler = StreamingSR(load_sr(sr), precision=resolve_precision(precision))
         if upscaler is not None and upscaler.input_size != config.image_size:
             raise InputError(sr if sr is not True else "--sr", f"the super-resolution network takes "
                              f"{upscaler.input_size}² crops, but this model renders {config.image_size}²")
@@ -719,6 +723,19 @@ class _SourceBank:
             for i in stale:
                 del self.sources[i]
         return self.sources[index]
+
+
+def _onnx_sr(sr: bool | str | Path, onnx_folder: str | Path | None):
+    """`--sr` with `--backend onnx`: the SR network's ONNX export, from ``onnx_folder``'s ``sr/`` when an
+    `export-onnx` folder has one, else from (or made into) the cache folder of its weights."""
+    from metaportrait.io.checkpoint import checkpoint_sha256
+    from metaportrait.onnx_backend import SR_FOLDER, onnx_sr
+    from metaportrait.upscale import bundled_sr
+
+    weights = bundled_sr() if sr is True or str(sr) == "default" else Path(sr)
+    model = load_sr(sr)
+    given = Path(onnx_folder) / SR_FOLDER if onnx_folder is not None else None
+    return onnx_sr(model, checkpoint_sha256(weights), given if given is not None and given.exists() else None)
 
 
 def _pulled(items: Iterable, seconds: list[float]) -> Iterator:

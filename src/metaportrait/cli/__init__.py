@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "animate": ("animate", "animate a portrait with a driving video"),
     "edit": ("edit", "change expression or head pose of a single portrait"),
     "live": ("live", "animate a portrait live from a camera or a file played in real time"),
+    "export-onnx": ("export_onnx", "export the generator (and the SR network) for ONNX Runtime"),
     "upscale": ("upscale", "super-resolve the face of a video to 512 (temporal SR), pasted back at full resolution"),
     "eval": ("evaluate", "evaluation protocols (self-reconstruction, cross-reenactment) and training curves"),
     "bench": ("bench", "speed benchmarks (landmarks, rendering, identity, model, end to end)"),
