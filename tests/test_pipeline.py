@@ -532,6 +532,17 @@ def test_running_reference_streams_and_matches_auto_on_a_still_driver(animator, 
     assert len(rest) == len(clip) - 1 and animator.stats.reference_frame is None
 
 
+def test_motion_transferred_in_chunks_gives_the_whole_clips_frames(animator, astronaut, monkeypatch):
+    import metaportrait.pipeline as pipeline
+
+    image, points = astronaut
+    clip = driving_frames(image, 7)
+    whole = np.stack(list(animator(image, iter(clip), driving_fps=10, source_landmarks=points)))
+    monkeypatch.setattr(pipeline, "RETARGET_CHUNK", 3)  # chunks of 3, 3 and 1 frames
+    chunked = np.stack(list(animator(image, iter(clip), driving_fps=10, source_landmarks=points)))
+    np.testing.assert_array_equal(chunked, whole)
+
+
 def test_running_reference_moves_only_to_a_clearly_more_neutral_frame(astronaut):
     from metaportrait.motion import RunningReference, edit_landmarks
 

@@ -68,6 +68,7 @@ PRECISIONS: tuple[str, ...] = get_args(Precision)
 REFERENCES: tuple[str, ...] = ("auto", "first", "running")
 MOTIONS: tuple[str, ...] = ("relative", "absolute")
 BUNDLED_CHECKPOINT = "assets/models/lite"  # inside the metaportrait package
+RETARGET_CHUNK = 256  # driving frames whose motion is transferred at once (memory stays flat in clip length)
 DEFAULT_BATCH_SIZE = 4  # frames per generator forward: amortises per-call overhead, keeps latency and memory low
 # Driving frames with a longer side than this are tracked on a downscaled copy and refined on a face crop (the
 # landmark cost stops growing with the video's resolution; accuracy against full-resolution tracking in
@@ -495,9 +496,14 @@ class Animator:
         except ValueError as error:
             raise InputError(name, str(error)) from None
         self.stats.reference_frame = index
-        targets = retarget_motion(source.crop_landmarks, driving, index, expression_scale)
         self.stats.add_time("motion", time.perf_counter() - begin)
-        yield from zip(targets, found)
+        # A chunk at a time: the transfer's float64 intermediates for a whole 10-minute clip took 440 MB.
+        for start in range(0, len(driving), RETARGET_CHUNK):
+            begin = time.perf_counter()
+            part = np.concatenate([driving[index:index + 1], driving[start:start + RETARGET_CHUNK]])
+            targets = retarget_motion(source.crop_landmarks, part, 0, expression_scale)[1:]  # frame by frame
+            self.stats.add_time("motion", time.perf_counter() - begin)
+            yield from zip(targets, found[start:start + RETARGET_CHUNK])
 
     def _streamed_targets(self, source: PreparedSource, frames: Iterable[np.ndarray], motion: Motion,
                           expression_scale: float, fps: float, name: str | Path) -> Iterator[tuple[np.ndarray, bool]]:
