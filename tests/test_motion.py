@@ -146,3 +146,12 @@ def test_bad_shapes_fail(face):
         motion.relative_motion(face[:468], face, face)
     with pytest.raises(ValueError, match="non-finite"):
         motion.edit_landmarks(np.full((478, 2), np.nan))
+
+
+def test_neutral_scores_measured_in_chunks_are_the_same(monkeypatch):
+    rng = np.random.default_rng(0)
+    face = rng.uniform(100, 300, (478, 2))
+    driving = face[None] + rng.normal(0, 2, (10, 478, 2))
+    whole = motion.neutral_scores(driving)
+    monkeypatch.setattr(motion, "SCORE_CHUNK", 3)  # chunks of 3, 3, 3 and 1 frames
+    np.testing.assert_array_equal(motion.neutral_scores(driving), whole)

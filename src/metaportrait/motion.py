@@ -54,6 +54,7 @@ NOSE_BUMP_HEIGHT = 0.3
 NOSE_BUMP_WIDTH = 0.3
 # Orthographic rotation of a generic depth is a fair approximation only for moderate angles.
 MAX_YAW_PITCH_DEGREES = 45.0
+SCORE_CHUNK = 1024  # driving frames measured at once by `neutral_scores` (memory flat in clip length)
 
 
 def _check_landmarks(lmk: np.ndarray, name: str) -> np.ndarray:
@@ -432,24 +433,32 @@ def neutral_scores(driving_lmk: np.ndarray) -> np.ndarray:
     level, mouth widening over its lower quartile, yaw from the nose offset and roll from the eye line. The clip
     statistics make the score relative to this driver (every measure is a ratio: any pixel frame works).
     """
-    points = _check_landmarks(driving_lmk, "driving_lmk")
-    if points.ndim != 3 or len(points) == 0:
-        raise ValueError(f"driving_lmk must be (T, 478, 2) with T >= 1, got {points.shape}")
-    mouth = mouth_openness(points)
-    eyes = eye_openness_per_eye(points).mean(axis=-1)
+    driving_lmk = np.asarray(driving_lmk)
+    if driving_lmk.ndim != 3 or len(driving_lmk) == 0:
+        raise ValueError(f"driving_lmk must be (T, 478, 2) with T >= 1, got {driving_lmk.shape}")
+    # Per-frame measures a chunk at a time: a float64 copy of a 10-minute clip's landmarks would take 115 MB.
+    measures = np.concatenate([_frame_measures(_check_landmarks(driving_lmk[start:start + SCORE_CHUNK],
+                                                                "driving_lmk"))
+                               for start in range(0, len(driving_lmk), SCORE_CHUNK)])  # fmt: skip
+    mouth, eyes, width, yaw, roll = measures.T
     open_level = np.percentile(eyes, 80)  # most frames of a clip have open eyes; blinks are the low tail
-    width = mouth_width_ratio(points)
     narrow = np.percentile(width, 25)  # not the minimum: an "oo" purses the lips narrower than at rest
+    return ((mouth - mouth.min()) / MOUTH_OPEN_UNIT
+            + np.clip(open_level - eyes, 0.0, None) / (EYE_CLOSING_UNIT * open_level)
+            + np.clip(width / narrow - 1.0, 0.0, None) / SMILE_UNIT
+            + yaw / YAW_UNIT + roll / ROLL_UNIT)
+
+
+def _frame_measures(points: np.ndarray) -> np.ndarray:
+    """``(T, 478, 2)`` -> ``(T, 5)``: mouth openness, eye openness (mean of both), mouth width ratio, yaw, roll."""
     corners = points[:, [RIGHT_EYE_OUTER, LEFT_EYE_OUTER]]
     eye_line = corners[:, 1] - corners[:, 0]
     ocular = np.linalg.norm(eye_line, axis=-1)
     across = eye_line / ocular[:, None]
     yaw = np.abs(((points[:, NOSE_TIP] - corners.mean(axis=1)) * across).sum(-1)) / ocular
     roll = np.abs(np.arctan2(eye_line[:, 1], eye_line[:, 0]))
-    return ((mouth - mouth.min()) / MOUTH_OPEN_UNIT
-            + np.clip(open_level - eyes, 0.0, None) / (EYE_CLOSING_UNIT * open_level)
-            + np.clip(width / narrow - 1.0, 0.0, None) / SMILE_UNIT
-            + yaw / YAW_UNIT + roll / ROLL_UNIT)
+    eyes = eye_openness_per_eye(points).mean(axis=-1)
+    return np.stack([mouth_openness(points), eyes, mouth_width_ratio(points), yaw, roll], axis=-1)
 
 
 def neutral_frame(driving_lmk: np.ndarray) -> int:
