@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from metaportrait.config import PRESETS
-from metaportrait.models.generator import Generator
 from metaportrait.data.drawing import draw_landmark_image
+from metaportrait.models.generator import Generator
 from metaportrait.pipeline import DEFAULT_BATCH_SIZE, Animator, bundled_checkpoint, build_prior, resolve_precision
 
 ROUNDS = 3
@@ -48,13 +48,13 @@ def run(threads: int = 2, frames: int = 96) -> dict:
     torch.set_num_threads(threads)
     animators, weights = _animators()
     portrait = data.astronaut()
-    first = next(iter(animators.values()))
-    source = first.prepare_source(portrait)
+    prepared = {name: animator.prepare_source(portrait) for name, animator in animators.items()}
+    first_name = next(iter(animators))
+    first, source = animators[first_name], prepared[first_name]
     rng = np.random.default_rng(0)
     targets = [source.crop_landmarks + rng.normal(0, 0.5, source.crop_landmarks.shape).astype(np.float32)
                for _ in range(frames)]
     batches = [targets[i:i + DEFAULT_BATCH_SIZE] for i in range(0, frames, DEFAULT_BATCH_SIZE)]
-    prepared = {name: animator.prepare_source(portrait) for name, animator in animators.items()}
     times: dict[str, list[float]] = {name: [] for name in animators}
     inputs = []
     cfg, size = first.config, first.size

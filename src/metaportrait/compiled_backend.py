@@ -28,7 +28,7 @@ from metaportrait.config import ModelConfig, Precision
 from metaportrait.errors import InputError
 from metaportrait.io.atomic import atomic_folder
 from metaportrait.models.generator import Generator, example_inputs
-from metaportrait.onnx_backend import OUTPUTS, SourceInTorch, check_exportable, quiet_export
+from metaportrait.onnx_backend import OUTPUTS, PerFrame, SourceInTorch, check_exportable, quiet_export
 
 PACKAGE_FILE, META_FILE = "generator.pt2", "compiled.json"
 
@@ -41,26 +41,6 @@ def default_cache(checkpoint_sha256: str, batch: int, precision: Precision) -> P
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     version = torch.__version__.replace("+", "_")
     return root / "metaportrait" / "compiled" / f"{checkpoint_sha256[:16]}-b{batch}-{precision}-torch{version}"
-
-
-class _PerFrame(torch.nn.Module):
-    """`Generator.forward` with batch-1 source inputs, batch-B driving inputs and the feature pyramid as inputs,
-    under bf16 autocast when ``precision`` is "bf16"; returns `OUTPUTS` in float32."""
-
-    def __init__(self, generator: Generator, precision: Precision):
-        super().__init__()
-        self.generator = generator
-        self.bf16 = precision == "bf16"
-
-    def forward(self, source, source_lines, driving_lines, identity, prior_grid, prior_masks, *levels):
-        count = driving_lines.shape[0]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            result = self.generator(
-                source.expand(count, -1, -1, -1), source_lines.expand(count, -1, -1, -1), driving_lines,
-                identity=None if identity is None else identity.expand(count, -1), prior_grid=prior_grid,
-                prior_masks=prior_masks, source_levels=list(levels),
-            )
-        return tuple(result[name].float() for name in OUTPUTS)
 
 
 def build(generator: Generator, config: ModelConfig, folder: str | Path, checkpoint_sha256: str, batch: int,
@@ -84,7 +64,7 @@ def build(generator: Generator, config: ModelConfig, folder: str | Path, checkpo
     with atomic_folder(folder) as staging, torch.no_grad():
         try:
             with quiet_export():
-                program = torch.export.export(_PerFrame(generator, precision).eval(), args)
+                program = torch.export.export(PerFrame(generator, precision).eval(), args)
                 torch._inductor.aoti_compile_and_package(program, package_path=str(staging / PACKAGE_FILE))
         except Exception as error:  # noqa: BLE001 - Inductor fails with many types; one line for the user
             text = str(error).strip()

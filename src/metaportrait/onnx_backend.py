@@ -50,26 +50,29 @@ def default_cache(checkpoint_sha256: str) -> Path:
     return root / "metaportrait" / "onnx" / checkpoint_sha256[:16]
 
 
-class _PerFrame(torch.nn.Module):
-    """`Generator.forward` with batch-1 source inputs, batch-B driving inputs and the feature pyramid as inputs.
+class PerFrame(torch.nn.Module):
+    """`Generator.forward` with batch-1 source inputs, batch-B driving inputs and the feature pyramid as inputs,
+    returning `OUTPUTS` in float32; under bf16 autocast with ``precision="bf16"`` (the compiled backend's).
 
     Named level arguments, not a list: the exporter's dynamic shapes do not take a variable number of tensors.
     """
 
-    def __init__(self, generator: Generator):
+    def __init__(self, generator: Generator, precision: str = "fp32"):
         super().__init__()
         self.generator = generator
+        self.bf16 = precision == "bf16"
 
     def forward(self, source, source_lines, driving_lines, identity, prior_grid, prior_masks,
                 level0, level1=None, level2=None, level3=None, level4=None, level5=None, level6=None, level7=None):
         levels = [x for x in (level0, level1, level2, level3, level4, level5, level6, level7) if x is not None]
         count = driving_lines.shape[0]
-        result = self.generator(
-            source.expand(count, -1, -1, -1), source_lines.expand(count, -1, -1, -1), driving_lines,
-            identity=None if identity is None else identity.expand(count, -1), prior_grid=prior_grid,
-            prior_masks=prior_masks, source_levels=levels,
-        )
-        return tuple(result[name] for name in OUTPUTS)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            result = self.generator(
+                source.expand(count, -1, -1, -1), source_lines.expand(count, -1, -1, -1), driving_lines,
+                identity=None if identity is None else identity.expand(count, -1), prior_grid=prior_grid,
+                prior_masks=prior_masks, source_levels=levels,
+            )
+        return tuple(result[name].float() for name in OUTPUTS)
 
 
 class _SourceEncoder(torch.nn.Module):
@@ -128,7 +131,7 @@ def export(generator: Generator, config: ModelConfig, folder: str | Path, checkp
     dynamic = {name: ({0: batch} if name in per_frame and value is not None else None) for name, value in args.items()}
     folder = Path(folder)
     with atomic_folder(folder) as staging, torch.no_grad(), quiet_export():
-        torch.onnx.export(_PerFrame(generator).eval(), (), str(staging / ONNX_FILE), kwargs=args, dynamo=True,
+        torch.onnx.export(PerFrame(generator).eval(), (), str(staging / ONNX_FILE), kwargs=args, dynamo=True,
                           dynamic_shapes=dynamic, opset_version=OPSET, verbose=False,
                           output_names=list(OUTPUTS))
         torch.onnx.export(_SourceEncoder(generator).eval(), (args["source"],), str(staging / SOURCE_FILE), dynamo=True,
@@ -168,14 +171,8 @@ class OnnxGenerator(SourceInTorch):
 
     def __init__(self, generator: Generator, folder: str | Path, checkpoint_sha256: str, threads: int | None = None):
         folder = Path(folder)
-        try:
-            meta = json.loads((folder / META_FILE).read_text())
-            exported_from = meta["checkpoint_sha256"]
-            self._inputs = list(meta["inputs"])
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise InputError(folder, f"not an ONNX export of this project ({META_FILE}: {error})") from None
-        if exported_from != checkpoint_sha256:
-            raise InputError(folder, "ONNX export of another checkpoint (its weights' SHA-256 differs); re-export")
+        meta = _export_meta(folder, checkpoint_sha256, "checkpoint", ("inputs",))
+        self._inputs = list(meta["inputs"])
         self._session = _session(folder / ONNX_FILE, threads)
         # The source-only part: in ONNX Runtime when exported (since 2026-12-07), else in torch.
         self._source_session = _session(folder / SOURCE_FILE, threads) if meta.get("source_encoder") else None
@@ -202,6 +199,25 @@ class OnnxGenerator(SourceInTorch):
         feed = {name: np.ascontiguousarray(given[name].detach().numpy(), dtype=np.float32) for name in self._inputs}
         outputs = self._session.run(list(OUTPUTS), feed)
         return {name: torch.from_numpy(value) for name, value in zip(OUTPUTS, outputs)}
+
+
+def _export_meta(folder: Path, checkpoint_sha256: str, what: str, keys: tuple[str, ...] = ()) -> dict:
+    """The ``onnx.json`` of an export folder, checked to hold ``keys`` and to come from ``checkpoint_sha256``.
+
+    Raises:
+        InputError: no readable metadata there, or an export of another ``what`` (e.g. "checkpoint").
+    """
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+        exported_from = meta["checkpoint_sha256"]
+        missing = [key for key in keys if key not in meta]
+        if missing:
+            raise KeyError(missing[0])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise InputError(folder, f"not an ONNX export of this project ({META_FILE}: {error})") from None
+    if exported_from != checkpoint_sha256:
+        raise InputError(folder, f"ONNX export of another {what} (its weights' SHA-256 differs); re-export")
+    return meta
 
 
 def _session(path: Path, threads: int | None):
@@ -249,13 +265,7 @@ class OnnxSR:
 
     def __init__(self, model: torch.nn.Module, folder: str | Path, checkpoint_sha256: str, threads: int | None = None):
         folder = Path(folder)
-        try:
-            meta = json.loads((folder / META_FILE).read_text())
-            exported_from = meta["checkpoint_sha256"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise InputError(folder, f"not an ONNX export of this project ({META_FILE}: {error})") from None
-        if exported_from != checkpoint_sha256:
-            raise InputError(folder, "ONNX export of another SR checkpoint (its weights' SHA-256 differs); re-export")
+        _export_meta(folder, checkpoint_sha256, "SR checkpoint")
         self._session = _session(folder / SR_FILE, threads)
         self.torch_model = model.eval()  # for clips shorter than SR_MIN_FRAMES (a video of one or two frames)
         self.cfg = model.cfg

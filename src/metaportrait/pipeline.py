@@ -736,12 +736,11 @@ def _onnx_sr(sr: bool | str | Path, onnx_folder: str | Path | None):
     `export-onnx` folder has one, else from (or made into) the cache folder of its weights."""
     from metaportrait.io.checkpoint import checkpoint_sha256
     from metaportrait.onnx_backend import SR_FOLDER, onnx_sr
-    from metaportrait.upscale import bundled_sr
+    from metaportrait.upscale import sr_weights
 
-    weights = bundled_sr() if sr is True or str(sr) == "default" else Path(sr)
     model = load_sr(sr)
     given = Path(onnx_folder) / SR_FOLDER if onnx_folder is not None else None
-    return onnx_sr(model, checkpoint_sha256(weights), given if given is not None and given.exists() else None)
+    return onnx_sr(model, checkpoint_sha256(sr_weights(sr)), given if given is not None and given.exists() else None)
 
 
 def _pulled(items: Iterable, seconds: list[float]) -> Iterator:

@@ -41,6 +41,11 @@ def bundled_sr() -> Path:
     return Path(str(importlib.resources.files("metaportrait") / BUNDLED_SR))
 
 
+def sr_weights(path: str | Path | bool) -> Path:
+    """Where the SR weights of ``--sr PATH`` are: ``True`` / ``"default"`` the bundled folder, else ``path``."""
+    return bundled_sr() if path is True or str(path) == "default" else Path(path)
+
+
 def load_sr(path: str | Path | bool):
     """The SR network: ``True`` / ``"default"`` the bundled lite one, a `save_sr_model` folder, or an official
     BasicSR-style ``.pth`` file (`metaportrait.io.convert_official.load_official_sr`).
@@ -50,11 +55,10 @@ def load_sr(path: str | Path | bool):
     """
     from metaportrait.io.checkpoint import load_sr_model
 
-    if path is True or str(path) == "default":
-        path = bundled_sr()
-        if not (path / "model.safetensors").is_file():
-            raise InputError(path, "no super-resolution weights are bundled with this install; pass --sr FOLDER")
-    path = Path(path)
+    bundled = path is True or str(path) == "default"
+    path = sr_weights(path)
+    if bundled and not (path / "model.safetensors").is_file():
+        raise InputError(path, "no super-resolution weights are bundled with this install; pass --sr FOLDER")
     if path.is_file():
         from metaportrait.io.convert_official import load_official_sr
 

@@ -23,25 +23,26 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default="default",
-                        help="checkpoint folder (model.safetensors + config.json); default: the bundled lite model")
+                        help="default (the bundled lite model), meta (the meta-learned start), a checkpoint folder "
+                             "(model.safetensors + config.json) or a training run folder")
     parser.add_argument("--sr", default=None, metavar="default|PATH",
                         help="also export a super-resolution network: the bundled one (default) or a folder / file")
     parser.add_argument("--output", "-o", type=Path, required=True, help="the folder to write (must not exist)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from metaportrait.cli.personalize import resolve_checkpoint
     from metaportrait.errors import InputError
     from metaportrait.io.atomic import atomic_folder
     from metaportrait.io.checkpoint import checkpoint_sha256, load_model
     from metaportrait.onnx_backend import SR_FOLDER, check_exportable, export, export_sr
-    from metaportrait.pipeline import bundled_checkpoint
-    from metaportrait.upscale import bundled_sr, load_sr
+    from metaportrait.upscale import load_sr, sr_weights
 
     if args.output.exists():
         raise InputError(args.output, "already exists; choose a new folder")
     if not args.output.parent.is_dir():
         raise InputError(args.output, "its parent folder does not exist")
-    checkpoint = bundled_checkpoint() if str(args.checkpoint) == "default" else Path(args.checkpoint)
+    checkpoint = resolve_checkpoint(str(args.checkpoint))
     if not checkpoint.is_dir():
         raise InputError(checkpoint, "checkpoint folder not found")
     generator, config = load_model(checkpoint)
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     sr_model = sr_sha = None
     if args.sr is not None:  # loaded (and checked) before the long export starts
         sr_model = load_sr(args.sr)
-        sr_sha = checkpoint_sha256(bundled_sr() if args.sr == "default" else Path(args.sr))
+        sr_sha = checkpoint_sha256(sr_weights(args.sr))
     logger.info("exporting %s (about a minute) ...", checkpoint)
     with atomic_folder(args.output) as staging:
         part = export(generator, config, staging / "generator", checkpoint_sha256(checkpoint))

@@ -78,7 +78,7 @@ from metaportrait.train.base import (
     truncate_jsonl,
 )
 from metaportrait.train.losses import critic_loss, generator_adversarial
-from metaportrait.upscale import bundled_sr, load_sr
+from metaportrait.upscale import load_sr, sr_weights
 
 # Settings a resumed run may change (the rest must equal the run's train_config.json).
 RESUMABLE_CHANGES = ("steps", "threads", "log_every", "checkpoint_every", "val_every", "ema_decay", "lr")
@@ -455,7 +455,7 @@ def initial_model(cfg: SRTrainConfig, model_cfg: SRConfig) -> TemporalSR:
     if cfg.init is None:
         init_rgb_heads(model, cfg.rgb_init, torch.Generator().manual_seed(cfg.seed))
         return model
-    path = bundled_sr() if cfg.init == "default" else Path(cfg.init)
+    path = sr_weights(cfg.init)
     loaded = load_sr(path)
     if loaded.cfg != model_cfg:
         raise InputError(path, f"is not a {cfg.preset!r} SR model (its config differs from the preset's)")
