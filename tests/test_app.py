@@ -198,7 +198,9 @@ def test_a_closed_job_leaves_no_file(animator, portrait, folder):
     job = AnimateJob(animator, portrait, None, AnimateOptions(), folder, Limits(max_seconds=0.4))
     frames = job.run()
     assert next(frames) == 1
+    assert not job.wait_stopped(0.0)
     frames.close()  # what Gradio's cancel does: the job is not iterated any further
+    assert job.wait_stopped(0.0)  # what the Cancel button waits for before it answers
     assert job.result is None
     assert list(folder.results.iterdir()) == []
 
@@ -208,8 +210,10 @@ def test_cancel_stops_a_job_while_it_writes(animator, portrait, folder):
     frames = job.run()
     assert next(frames) == 1
     job.cancel()
+    assert not job.wait_stopped(0.0)  # it stops at its next frame
     with pytest.raises(Cancelled):
         next(frames)
+    assert job.wait_stopped(0.0)
     assert job.result is None
     assert list(folder.results.iterdir()) == []
 
@@ -378,4 +382,5 @@ def test_personalize_job_can_be_cancelled(folder, tmp_path):
     job.cancel()
     with pytest.raises(Cancelled):
         list(steps)
+    assert job.wait_stopped(0.0)
     assert job.result is None and not (job.output / "model.safetensors").exists()

@@ -42,6 +42,7 @@ UPLOADED_MOTION = "uploaded driving video"
 MAX_EYES = 2.0  # eye-openness factor slider range [0, MAX_EYES]
 MAX_MOUTH = 1.5  # mouth-openness slider range [0, MAX_MOUTH] (inner-lip gap / mouth width)
 MAX_ROLL_DEGREES = 45.0
+STOP_SECONDS = 5.0  # Cancel waits at most this long for the job to stop before it says so
 STATUS_SECONDS = 0.5  # an animation's status line changes at most this often (so Cancel acts within about that)
 
 
@@ -133,6 +134,8 @@ def cancel_button(button: gr.Button, event: gr.events.Dependency, running: dict,
     def stop(request: gr.Request) -> str:
         if (job := running.get(request.session_hash)) is not None:
             job.cancel()
+            # Answer once the job has stopped, so that no progress message it sent before can arrive after this one.
+            job.wait_stopped(STOP_SECONDS)
         return "Cancelled."
 
     button.click(stop, outputs=status, cancels=[event], queue=False)
