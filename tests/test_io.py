@@ -174,6 +174,20 @@ def test_video_round_trip(tmp_path):
     assert read_video(tmp_path / "clip.mp4", max_frames=4)[0].shape[0] == 4
 
 
+def test_colours_survive_a_round_trip_without_a_shift(tmp_path):
+    # A smooth gradient, nearly lossless (crf 0): what remains is the colour conversion both ways, which must not
+    # darken or tint (swscale's default YUV -> RGB came out 1 grey level darker on average).
+    rows, cols = np.mgrid[0:64, 0:96]
+    frame = np.stack([40 + rows * 2, 60 + cols, 200 - rows * 2], axis=-1).astype(np.uint8)
+    with VideoWriter(tmp_path / "gradient.mp4", fps=25, crf=0) as writer:
+        for _ in range(3):
+            writer.write(frame)
+    decoded, _ = read_video(tmp_path / "gradient.mp4")
+    shift = decoded.astype(np.float64).mean(axis=(0, 1, 2)) - frame.astype(np.float64).mean(axis=(0, 1))
+    assert np.abs(shift).max() < 0.3, shift
+    assert np.abs(decoded.astype(np.int16) - frame.astype(np.int16)).mean() < 0.8
+
+
 def test_non_integer_fps_round_trip(tmp_path):
     write_video(tmp_path / "ntsc.mp4", _frames(10), fps=30000 / 1001)
     assert probe(tmp_path / "ntsc.mp4").fps == pytest.approx(29.97, abs=0.01)

