@@ -10,7 +10,7 @@ from metaportrait.cli import main
 from metaportrait.config import PRESETS, SR_PRESETS
 from metaportrait.io.checkpoint import save_sr_model
 from metaportrait.models.generator import Generator
-from metaportrait.models.sr import TemporalSR
+from metaportrait.models.sr import SRStream, TemporalSR
 from metaportrait.pipeline import Animator
 from metaportrait.upscale import StreamingSR
 
@@ -24,7 +24,7 @@ def _trained_like(cfg) -> TemporalSR:
     torch.manual_seed(0)
     model = TemporalSR(cfg).eval()
     with torch.no_grad():
-        for layer in [*model.window_down, *model.recurrent_forward]:
+        for layer in [*model.window_down, *model.recurrent_forward] if cfg.temporal else []:
             layer.conv2.weight.normal_(0, 0.1)
         for to_rgb in [model.stylegan_decoder.to_rgb1, *model.stylegan_decoder.to_rgbs]:
             to_rgb.modulated_conv.weight.normal_(0, 0.1)
@@ -40,14 +40,47 @@ def sr_folder(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 40])
-def test_streaming_with_full_context_equals_one_clip(chunk):
+TINY_VARIANTS = [SR_PRESETS["tiny"], SR_PRESETS["tiny"].replace(temporal=False),
+                 SR_PRESETS["tiny"].replace(detail_channels=0)]
+
+
+@pytest.mark.parametrize("cfg", TINY_VARIANTS, ids=["tiny", "no-temporal", "no-detail"])
+@pytest.mark.parametrize("frames", [1, 2, 15])
+def test_sr_stream_equals_the_whole_clip_however_it_is_pushed(cfg, frames):
+    model = _trained_like(cfg)
+    clip = torch.rand(frames, 3, 32, 32, generator=torch.Generator().manual_seed(frames))
+    rng = np.random.default_rng(frames)
+    with torch.no_grad():
+        whole = model(clip)
+        for sizes in ([frames], [1] * frames, None):
+            if sizes is None:  # random sizes, empty pushes included
+                sizes = [int(k) for k in rng.multinomial(frames, np.ones(5) / 5)]
+            stream, outputs, start = SRStream(model), [], 0
+            for size in sizes:
+                outputs.append(stream.push(clip[start:start + size]))
+                start += size
+            outputs.append(stream.push(clip[:0], final=True))
+            streamed = torch.cat(outputs)
+            assert streamed.shape == whole.shape, sizes
+            assert (streamed - whole).abs().max() < 1e-5, sizes
+            # Each frame is out once frame t + L is in (L = temporal layers; at least 1 with a detail body).
+            reach = max(model.num_temporal_layers(), 1 if cfg.detail_channels else 0)
+            assert len(torch.cat(outputs[:-1])) == max(0, frames - reach)
+        with pytest.raises(RuntimeError, match="after the final"):
+            stream.push(clip[:1])
+
+
+@pytest.mark.parametrize(("chunk", "context"), [(1, None), (7, None), (40, None), (7, "reach")])
+def test_streaming_equals_one_clip(chunk, context):
     model = _trained_like(SR_PRESETS["tiny"])
     frames = [np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8) for i in range(17)]
     clip = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
         whole = (model(clip).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
-    streamed = np.stack(list(StreamingSR(model, chunk=chunk, context=None).upscale(frames)))
+    context = model.num_temporal_layers() if context == "reach" else context  # windows as wide as the reach
+    sr = StreamingSR(model, chunk=chunk, context=context)
+    assert sr.exact_stream == (context is None)
+    streamed = np.stack(list(sr.upscale(frames)))
     # Equal up to float rounding (conv kernels differ with the batch size): at most 1 grey level, rarely.
     difference = np.abs(streamed.astype(int) - whole)
     assert difference.max() <= 1 and difference.mean() < 1e-3
@@ -63,8 +96,11 @@ def test_bf16_streaming_stays_near_fp32():
         StreamingSR(model, precision="auto")  # resolved by the caller (`metaportrait.pipeline.resolve_precision`)
 
 
-def test_streaming_memory_is_flat_and_order_is_kept():
-    sr = StreamingSR(TemporalSR(SR_PRESETS["tiny"]), chunk=3, context=2)
+@pytest.mark.parametrize("context", [None, 2])
+def test_streaming_memory_is_flat_and_order_is_kept(context):
+    model = TemporalSR(SR_PRESETS["tiny"])
+    sr = StreamingSR(model, chunk=3, context=context)
+    ahead = sr.chunk + (model.num_temporal_layers() if context is None else context)
     read = []
 
     def frames():
@@ -72,10 +108,14 @@ def test_streaming_memory_is_flat_and_order_is_kept():
             read.append(index)
             yield np.zeros((32, 32, 3), np.uint8), index
 
+    outputs = 0
     for out, index in sr.stream(frames()):
-        assert out.shape == (64, 64, 3)
-        assert len(read) - index <= sr.chunk + sr.context  # never more than one chunk + context read ahead
+        assert out.shape == (64, 64, 3) and index == outputs
+        assert len(read) - index <= ahead  # never more than a chunk and the temporal reach read ahead
+        outputs += 1
+    assert outputs == 30
     assert [i for _, i in sr.stream((np.zeros((32, 32, 3), np.uint8), i) for i in range(5))] == list(range(5))
+    assert list(sr.stream(iter(()))) == []
 
 
 def test_animator_with_sr_pastes_a_larger_face(sr_folder, tmp_path):

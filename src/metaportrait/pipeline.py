@@ -59,7 +59,7 @@ from metaportrait.source_frames import (
     frames_at,
 )
 from metaportrait.stages import prefetch
-from metaportrait.upscale import StreamingSR, load_sr
+from metaportrait.upscale import ONNX_SR_CHUNK, ONNX_SR_CONTEXT, StreamingSR, load_sr
 
 Motion = Literal["relative", "absolute"]
 Backend = Literal["torch", "onnx", "compiled"]
@@ -281,7 +281,7 @@ class Animator:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         upscaler = None
         if sr and backend == "onnx":  # both networks in ONNX Runtime
-            upscaler = StreamingSR(_onnx_sr(sr, onnx_folder))
+            upscaler = StreamingSR(_onnx_sr(sr, onnx_folder), chunk=ONNX_SR_CHUNK, context=ONNX_SR_CONTEXT)
         elif sr:
             upscaler = StreamingSR(load_sr(sr), precision=resolve_precision(precision))
         if upscaler is not None and upscaler.input_size != config.image_size:

@@ -8,11 +8,14 @@
     for face512, payload in sr.stream((face256, payload) for ...):
         ...
 
-`StreamingSR.stream` runs the network on chunks of ``chunk`` frames with ``context`` extra frames on each side
-(edge frames replicated only at the true ends of the video, as the network does inside a clip), keeps the middle
-outputs, and holds at most ``chunk + 2 * context`` frames: memory is flat in video length. With ``context`` at
-least the network's number of temporal layers the result equals running the whole video in one clip; smaller
-contexts trade that exactness for speed (docs/results.md, "Super-resolution", measures the difference).
+`StreamingSR.stream` gives each frame the output the network gives on the whole video in one clip, with memory
+flat in video length. By default (``context=None``) a `TemporalSR` streams through `SRStream`: ``chunk`` frames
+per call, each frame computed once, each output ready ``num_temporal_layers()`` frames after its input. With an
+integer ``context`` (and for drop-ins such as the ONNX network, which run whole clips) it runs windows instead:
+chunks of ``chunk`` frames with ``context`` extra frames on each side (edge frames replicated only at the true
+ends of the video, as the network does inside a clip), keeping the middle outputs. That costs ``(chunk + 2 *
+context) / chunk`` times as much and equals the whole clip only with a context of the number of temporal layers;
+smaller contexts trade exactness for speed (docs/results.md, "Super-resolution", measures the difference).
 
 `upscale_video` is `metaportrait upscale`: any face video, the face tracked and cropped as `metaportrait animate`
 does, each crop super-resolved and pasted back at the frame's resolution.
@@ -31,10 +34,13 @@ import numpy as np
 import torch
 
 from metaportrait.errors import InputError
+from metaportrait.models.sr import SRStream, TemporalSR
 
 BUNDLED_SR = "assets/models/sr_lite"  # inside the metaportrait package
-DEFAULT_CHUNK = 16
-DEFAULT_CONTEXT = 4
+DEFAULT_CHUNK = 4  # streamed: smaller chunks run as fast (caches) in less memory (bundled network: 0.7 vs 1 GB at 16)
+DEFAULT_CONTEXT = None  # exact streaming
+# The ONNX network runs whole clips: windows of 16 frames with 4 frames of context, near the exact result.
+ONNX_SR_CHUNK, ONNX_SR_CONTEXT = 16, 4
 
 
 def bundled_sr() -> Path:
@@ -76,8 +82,9 @@ class StreamingSR:
         """Args:
             model: a `metaportrait.models.sr.TemporalSR`.
             chunk: output frames per network call.
-            context: frames of context on each side of a chunk; ``None``: the network's full temporal reach
-                (exactly the result of one clip, at a higher cost).
+            context: ``None``: exactly the result of one clip (a `TemporalSR` streams through `SRStream`, each
+                frame once; another model gets its full temporal reach as context); an integer: windows with
+                that many frames of context on each side of a chunk.
             precision: ``"fp32"``, or ``"bf16"``: the network under CPU bfloat16 autocast (the convolutions in
                 bfloat16; the bicubic base image the residual is added to stays float32).
         """
@@ -89,6 +96,7 @@ class StreamingSR:
         self.seconds = 0.0  # time spent in the network so far (for the pipeline's per-stage times)
         self.model = model.eval()
         self.chunk = chunk
+        self.exact_stream = context is None and isinstance(model, TemporalSR)
         self.context = model.num_temporal_layers() if context is None else context
         if self.context < 0:
             raise ValueError(f"context must be >= 0, got {context}")
@@ -97,14 +105,14 @@ class StreamingSR:
 
     def stream(self, items: Iterable[tuple[np.ndarray, Any]]) -> Iterator[tuple[np.ndarray, Any]]:
         """``(crop, payload)`` pairs in video order -> ``(upscaled crop, payload)`` pairs in the same order."""
+        if self.exact_stream:
+            yield from self._stream_exact(items)
+            return
         buffer: deque[tuple[np.ndarray, Any]] = deque()  # frames first - context .. first + chunk + context
         first = 0  # video index of the next frame to output
         offset = 0  # video index of buffer[0]
         for item in items:
-            frame = item[0]
-            if frame.shape != (self.input_size, self.input_size, 3) or frame.dtype != np.uint8:
-                raise ValueError(f"expected uint8 ({self.input_size}, {self.input_size}, 3) crops, got "
-                                 f"{frame.dtype} {frame.shape}")
+            self._check(item[0])
             buffer.append(item)
             if offset + len(buffer) >= first + self.chunk + self.context:
                 yield from self._emit(buffer, offset, first, first + self.chunk)
@@ -117,6 +125,37 @@ class StreamingSR:
             yield from self._emit(buffer, offset, first, min(end, first + self.chunk))
             first += self.chunk
 
+    def _stream_exact(self, items: Iterable[tuple[np.ndarray, Any]]) -> Iterator[tuple[np.ndarray, Any]]:
+        stream = SRStream(self.model)
+        crops: list[np.ndarray] = []
+        payloads: deque[Any] = deque()  # of the frames pushed and not yet out
+        for crop, payload in items:
+            self._check(crop)
+            crops.append(crop)
+            payloads.append(payload)
+            if len(crops) == self.chunk:
+                for out in self._run(stream.push, crops, final=False):
+                    yield out, payloads.popleft()
+                crops = []
+        for out in self._run(stream.push, crops, final=True):
+            yield out, payloads.popleft()
+
+    def _check(self, crop: np.ndarray) -> None:
+        if crop.shape != (self.input_size, self.input_size, 3) or crop.dtype != np.uint8:
+            raise ValueError(f"expected uint8 ({self.input_size}, {self.input_size}, 3) crops, got "
+                             f"{crop.dtype} {crop.shape}")
+
+    def _run(self, network, crops: list[np.ndarray], **kwargs) -> np.ndarray:
+        """``network`` on ``uint8 (n, S, S, 3)`` crops, timed, under the precision -> ``uint8`` outputs."""
+        size = self.input_size
+        clip = torch.from_numpy(np.stack(crops)) if crops else torch.zeros(0, size, size, 3, dtype=torch.uint8)
+        clip = clip.permute(0, 3, 1, 2).float() / 255
+        begin = time.perf_counter()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            out = network(clip, **kwargs).float()
+        self.seconds += time.perf_counter() - begin
+        return (out.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+
     def upscale(self, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """Just the upscaled crops of a stream of crops."""
         for out, _ in self.stream((f, None) for f in frames):
@@ -128,12 +167,7 @@ class StreamingSR:
         start = max(offset, first - self.context)
         end = min(offset + len(buffer), stop + self.context)
         window = [buffer[i - offset] for i in range(start, end)]
-        clip = torch.from_numpy(np.stack([f for f, _ in window])).permute(0, 3, 1, 2).float() / 255
-        begin = time.perf_counter()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            out = self.model(clip).float()
-        self.seconds += time.perf_counter() - begin
-        out = (out.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+        out = self._run(self.model, [f for f, _ in window])
         for index in range(first, stop):
             yield out[index - start], window[index - start][1]
 

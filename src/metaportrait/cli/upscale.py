@@ -30,8 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sr", default="default", metavar="WEIGHTS",
                         help="SR network: a `train sr` model folder or an official .pth file (default: bundled)")
     parser.add_argument("--crop-output", action="store_true", help="write the 512 face crops instead")
-    parser.add_argument("--chunk", type=positive_int, default=16, help="frames per network call")
-    parser.add_argument("--context", type=int, default=4, help="frames of context on each side of a chunk")
+    parser.add_argument("--chunk", type=positive_int, default=None,
+                        help="frames per network call (default: metaportrait.upscale.DEFAULT_CHUNK, 4)")
+    parser.add_argument("--context", type=int, default=None,
+                        help="windows instead of the default exact streaming: chunks with this many frames of "
+                             "context on each side, computed again for each chunk (0: none across chunks)")
     parser.add_argument("--max-frames", type=positive_int, default=None, metavar="N", help="stop after N frames")
     add_precision_argument(parser)
 
@@ -43,11 +46,11 @@ def run(args: argparse.Namespace) -> int:
 
     from metaportrait.io.video import VideoReader, VideoWriter, even_size
     from metaportrait.pipeline import resolve_precision
-    from metaportrait.upscale import StreamingSR, load_sr, upscale_video
+    from metaportrait.upscale import DEFAULT_CHUNK, StreamingSR, load_sr, upscale_video
 
     output = check_output_path(args.output, VIDEO_OUTPUT_SUFFIXES)
-    sr = StreamingSR(load_sr(args.sr), chunk=args.chunk, context=args.context,
-                     precision=resolve_precision(args.precision))
+    chunk = DEFAULT_CHUNK if args.chunk is None else args.chunk
+    sr = StreamingSR(load_sr(args.sr), chunk=chunk, context=args.context, precision=resolve_precision(args.precision))
     start, count = time.perf_counter(), 0
     with VideoReader(args.video) as reader:
         frames = itertools.islice(iter(reader), args.max_frames)

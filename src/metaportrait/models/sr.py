@@ -29,6 +29,7 @@ shared conv, demodulate the output), which is the same function as StyleGAN2's g
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -324,3 +325,130 @@ def count_flops(model: TemporalSR, frames: int = 1) -> float:
     with FlopCounterMode(display=False) as counter:  # (under no_grad its module tracker fails on expand)
         model(torch.zeros(frames, 3, size, size))
     return counter.get_total_flops() / frames
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streaming inference
+
+
+class _Window:
+    """One temporal layer over a stream: inputs go in as they come, and frame t's output comes out once frame t+1
+    is in (or the stream has ended), with the clip-end frames replicated as in `temporal_window`."""
+
+    def __init__(self, layer: Callable[[torch.Tensor], torch.Tensor]):
+        self.layer = layer  # (T, 3C, H, W) frames t-1, t, t+1 side by side -> frame t's output
+        self.held: torch.Tensor | None = None  # the last two inputs (frame 0 twice at the start)
+
+    def push(self, inputs: torch.Tensor, final: bool) -> torch.Tensor:
+        """``(n, C, H, W)`` new inputs (n may be 0) -> the outputs now computable, in order."""
+        if self.held is None:
+            if len(inputs) == 0:
+                return inputs
+            self.held = inputs[:1]  # frame -1 := frame 0
+        frames = torch.cat([self.held, inputs]) if len(inputs) else self.held  # (an empty input may have any shape)
+        if final:
+            frames = torch.cat([frames, frames[-1:]])  # frame T := frame T - 1
+        self.held = frames[-2:]
+        if len(frames) < 3:
+            return frames[:0]
+        return self.layer(torch.cat([frames[:-2], frames[1:-1], frames[2:]], dim=1))
+
+
+class SRStream:
+    """Exact streaming inference of a `TemporalSR`: frames pushed in chunks of any size give, in order, the
+    outputs the network gives on the whole clip at once (to float rounding), each frame computed once.
+
+    Every temporal layer delays its stream by one frame, so frame t comes out once frame t + L is in, L =
+    ``num_temporal_layers()`` (at least 1 with a detail body, whose frame window needs frame t + 1), or at the
+    `push` with ``final``. Per frame the cost is the per-frame network's; the windowed alternative (chunks with
+    context on both sides, `metaportrait.upscale.StreamingSR` with an integer context) computes the context frames
+    again and is exact only with a context of L. Inputs ``(n, 3, input_size, input_size)`` in [0, 1]; outputs
+    ``(k, 3, output_size, output_size)`` in [0, 1]. Call it under ``torch.no_grad()`` (and autocast, if wanted).
+    """
+
+    def __init__(self, model: TemporalSR):
+        self.model = model
+        temporal = model.cfg.temporal
+        self._down = [_Window(_centre_layer(layer)) if temporal else None
+                      for layer in (model.window_down if temporal else model.conv_body_down)]
+        self._up = [_Window(_centre_layer(layer)) if temporal else None
+                    for layer in (model.recurrent_forward if temporal else model.conv_body_up)]
+        self._frame_window = _Window(lambda window: window)  # the detail body's frames t-1, t, t+1
+        # Results waiting for the slower streams they are combined with; every queue starts at frame 0.
+        self._skips: list[list[torch.Tensor]] = [[] for _ in model.conv_body_down]  # per down level
+        self._latents: list[torch.Tensor] = []
+        self._conditions: list[list[torch.Tensor]] = [[] for _ in range(2 * len(model.conv_body_up))]
+        self._finest: list[torch.Tensor] = []  # the last up level's features
+        self._frames: list[torch.Tensor] = []  # the inputs, in [-1, 1]
+        self._windows: list[torch.Tensor] = []  # their frame windows
+        self.ended = False
+
+    def push(self, frames: torch.Tensor, final: bool = False) -> torch.Tensor:
+        """Add ``frames`` (``final``: the clip's last ones, possibly none) and return the outputs now complete."""
+        model, cfg = self.model, self.model.cfg
+        if self.ended:
+            raise RuntimeError("SRStream.push after the final frames")
+        assert frames.ndim == 4 and frames.shape[1:] == (3, cfg.input_size, cfg.input_size), frames.shape
+        self.ended = final
+        frames = frames * 2 - 1
+        _put(self._frames, frames)
+        _put(self._windows, self._frame_window.push(frames, final))
+        feat = frames
+        if len(frames):
+            feat = _lrelu(model.conv_body_first(_resize(frames, cfg.unet_size)))
+        for i, block in enumerate(model.conv_body_down):
+            feat = block(feat) if len(feat) else feat
+            if self._down[i] is not None:
+                feat = self._down[i].push(feat, final)
+            _put(self._skips[i], feat)
+        if len(feat):
+            feat = _lrelu(model.final_conv(feat))
+            self._latents.append(model.final_linear(feat.flatten(1)).view(len(feat), -1, cfg.style_dim))
+        for i, block in enumerate(model.conv_body_up):
+            if len(feat):
+                feat = block(feat + _take(self._skips[-1 - i], len(feat)))
+            if self._up[i] is not None:
+                feat = self._up[i].push(feat, final)
+            if len(feat):
+                self._conditions[2 * i].append(model.condition_scale[i](feat))
+                self._conditions[2 * i + 1].append(model.condition_shift[i](feat))
+        _put(self._finest, feat)
+        count = _queued(self._finest)
+        if cfg.detail_channels:
+            count = min(count, _queued(self._windows))
+        if count == 0:
+            return torch.zeros(0, 3, cfg.output_size, cfg.output_size)
+        conditions = [_take(queue, count) for queue in self._conditions]
+        image = _resize(model.stylegan_decoder(_take(self._latents, count), conditions), cfg.output_size)
+        finest, frames = _take(self._finest, count), _take(self._frames, count)
+        if cfg.detail_channels:
+            image = image + model.detail_body(_take(self._windows, count), finest)
+        if cfg.residual:
+            image = image + upsample(frames, cfg)
+        return ((image + 1) / 2).clamp(0, 1)
+
+
+def _centre_layer(layer: ConvReLUConv) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A `ConvReLUConv` on a ready-made window ``(T, 3C, H, W)``: its residual goes to the centre frame."""
+
+    def apply(window: torch.Tensor) -> torch.Tensor:
+        channels = window.shape[1] // 3
+        return window[:, channels:2 * channels] + layer.conv2(_lrelu(layer.conv1(window)))
+
+    return apply
+
+
+def _put(queue: list[torch.Tensor], frames: torch.Tensor) -> None:
+    if len(frames):  # (an empty batch may have any shape)
+        queue.append(frames)
+
+
+def _queued(queue: list[torch.Tensor]) -> int:
+    return sum(len(part) for part in queue)
+
+
+def _take(queue: list[torch.Tensor], count: int) -> torch.Tensor:
+    """The first ``count`` (> 0) frames of a queue of frame batches, removed from it."""
+    joined = torch.cat(queue) if len(queue) > 1 else queue[0]
+    queue[:] = [joined[count:]] if len(joined) > count else []
+    return joined[:count]
