@@ -22,6 +22,9 @@ in threads; `metaportrait.stages`), so the per-step times add up to more than th
   checkpoint and cached, is not timed. Only with the bundled checkpoint.
 * ``clip_256_sr``: ``clip_256`` with the bundled super-resolution network (`animate --sr`: 512 face crops pasted
   back), both networks in the CLI's default precision (``auto``). Only when SR weights are bundled.
+* ``clip_256_sr_compiled``: ``clip_256_sr`` with ``backend="compiled"``: the generator's step and the SR
+  network's finish compiled ahead of time (builds, made once and cached, not timed). Only with the bundled
+  checkpoint and SR weights.
 
 The driving clip is ``--driving`` when given, otherwise a built-in one: the astronaut animated by the scripted
 motion (talking, blinks, a head turn, a nod) with the model's face crop as output, made by this benchmark, so
@@ -61,7 +64,7 @@ from metaportrait.upscale import bundled_sr
 FPS = 25.0
 LARGE = 1024
 CASES = ("clip_256", f"large_{LARGE}", "scripted", "clip_256_onnx", "clip_256_bf16", "clip_256_compiled",
-         "clip_256_sr")
+         "clip_256_sr", "clip_256_sr_compiled")
 
 
 def _animator() -> tuple[Animator, str]:
@@ -174,6 +177,12 @@ def run(threads: int = 2, frames: int = 60, driving: str | Path | None = None,
             upscaling = Animator.from_pretrained(None, batch_size=DEFAULT_BATCH_SIZE, sr=True, precision="auto")
             result["clip_256_sr"] = {**_case(upscaling, portrait, clip, frames, folder),
                                      "precision": upscaling.precision}
+        if "clip_256_sr_compiled" in wanted and (bundled_sr() / "model.safetensors").is_file() \
+                and weights.startswith("bundled"):
+            upscaling = Animator.from_pretrained(None, batch_size=DEFAULT_BATCH_SIZE, sr=True, precision="auto",
+                                                 backend="compiled")
+            result["clip_256_sr_compiled"] = {**_case(upscaling, portrait, clip, frames, folder),
+                                              "precision": upscaling.precision}
     # The whole run's: the largest case peak (the per-case resets also reset the process's own peak).
     case_peaks = [value["peak_rss_mb"] for value in result.values() if isinstance(value, dict)]
     result["peak_rss_mb"] = round(max([peak_rss_mb(), *case_peaks]), 1)

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from metaportrait.compiled_backend import META_FILE, PACKAGE_FILE, CompiledGenerator, build
+from metaportrait.compiled_backend import (
+    META_FILE,
+    PACKAGE_FILE,
+    SR_PACKAGE_FILE,
+    CompiledGenerator,
+    build,
+    compiled_sr_finish,
+)
 from metaportrait.config import PRESETS
 from metaportrait.errors import InputError
 from metaportrait.models.generator import Generator
@@ -58,7 +65,7 @@ def test_compiled_frames_match_eager_ones_with_padded_batches(tiny_generator, as
 
 
 def test_a_folder_without_a_build_or_with_a_corrupt_one_is_refused(tiny_generator, tmp_path):
-    with pytest.raises(InputError, match="not a compiled generator of this project"):
+    with pytest.raises(InputError, match="not a compiled network of this project"):
         CompiledGenerator(tiny_generator, tmp_path, SHA, batch=2, precision="fp32")
     (tmp_path / META_FILE).write_text(json.dumps({"checkpoint_sha256": SHA, "batch": 2, "precision": "fp32",
                                                   "torch": torch.__version__}))
@@ -76,3 +83,32 @@ def test_a_failed_build_is_one_input_error_and_leaves_no_folder(tiny_generator, 
                                          r"\(InvalidCxxCompiler: No working C\+\+ compiler found\)"):
         build(tiny_generator, TINY, tmp_path / "compiled", SHA, batch=2, precision="fp32")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_compiled_sr_finish_gives_the_eager_stream_and_other_batches_stay_eager(tmp_path):
+    from metaportrait.config import SR_PRESETS
+    from metaportrait.models.sr import TemporalSR
+    from metaportrait.upscale import StreamingSR
+
+    torch.manual_seed(0)
+    model = TemporalSR(SR_PRESETS["tiny"]).eval()
+    with torch.no_grad():  # non-zero heads, as after training
+        model.detail_body.tail.weight.normal_(0, 0.1)
+        for to_rgb in [model.stylegan_decoder.to_rgb1, *model.stylegan_decoder.to_rgbs]:
+            to_rgb.modulated_conv.weight.normal_(0, 0.1)
+    finish = compiled_sr_finish(model, SHA, batch=2, precision="fp32", folder=tmp_path / "sr")
+    assert finish.fixed_batch == 2 and (tmp_path / "sr" / SR_PACKAGE_FILE).is_file()
+    calls = []
+    counted = lambda *args: calls.append(len(args[0])) or finish(*args)  # noqa: E731
+    counted.fixed_batch = 2
+    frames = [np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8) for i in range(13)]
+    eager = np.stack(list(StreamingSR(model, chunk=2).upscale(frames)))
+    fast = np.stack(list(StreamingSR(model, chunk=2, finish=counted).upscale(frames)))
+    assert fast.shape == eager.shape == (13, 64, 64, 3)
+    assert np.abs(fast.astype(int) - eager).max() <= 1
+    # Steady-state calls (2 frames) ran compiled; the last frames, released together at the end, ran eager.
+    assert calls and set(calls) == {2} and sum(calls) < 13
+    # The cached build is reused; one for another checkpoint is refused.
+    assert compiled_sr_finish(model, SHA, batch=2, precision="fp32", folder=tmp_path / "sr").fixed_batch == 2
+    with pytest.raises(InputError, match="compiled for another checkpoint"):
+        compiled_sr_finish(model, "1" * 64, batch=2, precision="fp32", folder=tmp_path / "sr")

@@ -283,7 +283,9 @@ class Animator:
         if sr and backend == "onnx":  # both networks in ONNX Runtime
             upscaler = StreamingSR(_onnx_sr(sr, onnx_folder), chunk=ONNX_SR_CHUNK, context=ONNX_SR_CONTEXT)
         elif sr:
-            upscaler = StreamingSR(load_sr(sr), precision=resolve_precision(precision))
+            sr_model, sr_precision = load_sr(sr), resolve_precision(precision)
+            finish = _compiled_sr_finish(sr, sr_model, sr_precision) if backend == "compiled" else None
+            upscaler = StreamingSR(sr_model, precision=sr_precision, finish=finish)
         if upscaler is not None and upscaler.input_size != config.image_size:
             raise InputError(sr if sr is not True else "--sr", f"the super-resolution network takes "
                              f"{upscaler.input_size}² crops, but this model renders {config.image_size}²")
@@ -741,6 +743,19 @@ def _onnx_sr(sr: bool | str | Path, onnx_folder: str | Path | None):
     model = load_sr(sr)
     given = Path(onnx_folder) / SR_FOLDER if onnx_folder is not None else None
     return onnx_sr(model, checkpoint_sha256(sr_weights(sr)), given if given is not None and given.exists() else None)
+
+
+def _compiled_sr_finish(sr: bool | str | Path, model, precision: str):
+    """`--sr` with `--backend compiled`: the SR network's finish compiled for `StreamingSR`'s calls (built on first
+    use and cached per SR checkpoint), or None when it has nothing worth compiling."""
+    from metaportrait.compiled_backend import compiled_sr_finish
+    from metaportrait.io.checkpoint import checkpoint_sha256
+    from metaportrait.models.sr import TemporalSR
+    from metaportrait.upscale import DEFAULT_CHUNK, sr_weights
+
+    if not isinstance(model, TemporalSR):
+        return None
+    return compiled_sr_finish(model, checkpoint_sha256(sr_weights(sr)), DEFAULT_CHUNK, precision)
 
 
 def _pulled(items: Iterable, seconds: list[float]) -> Iterator:

@@ -78,7 +78,7 @@ class StreamingSR:
     """Sliding-window super-resolution of a stream of ``uint8 (S, S, 3)`` crops (``S`` = the network's input)."""
 
     def __init__(self, model: torch.nn.Module, chunk: int = DEFAULT_CHUNK, context: int | None = DEFAULT_CONTEXT,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", finish=None):
         """Args:
             model: a `metaportrait.models.sr.TemporalSR`.
             chunk: output frames per network call.
@@ -87,6 +87,9 @@ class StreamingSR:
                 that many frames of context on each side of a chunk.
             precision: ``"fp32"``, or ``"bf16"``: the network under CPU bfloat16 autocast (the convolutions in
                 bfloat16; the bicubic base image the residual is added to stays float32).
+            finish: with exact streaming, a faster `TemporalSR.finish` for calls of ``finish.fixed_batch`` frames
+                (`metaportrait.compiled_backend.compiled_sr_finish`, built for this ``precision``; best with
+                ``chunk`` equal to that batch).
         """
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -97,6 +100,7 @@ class StreamingSR:
         self.model = model.eval()
         self.chunk = chunk
         self.exact_stream = context is None and isinstance(model, TemporalSR)
+        self.finish = finish
         self.context = model.num_temporal_layers() if context is None else context
         if self.context < 0:
             raise ValueError(f"context must be >= 0, got {context}")
@@ -126,7 +130,7 @@ class StreamingSR:
             first += self.chunk
 
     def _stream_exact(self, items: Iterable[tuple[np.ndarray, Any]]) -> Iterator[tuple[np.ndarray, Any]]:
-        stream = SRStream(self.model)
+        stream = SRStream(self.model, finish=self.finish)
         crops: list[np.ndarray] = []
         payloads: deque[Any] = deque()  # of the frames pushed and not yet out
         for crop, payload in items:

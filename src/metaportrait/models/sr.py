@@ -308,13 +308,24 @@ class TemporalSR(nn.Module):
             conditions.append(self.condition_shift[i](feat))
             if return_rgb:
                 rgbs.append(self.toRGB[i](feat))
-        image = _resize(self.stylegan_decoder(latent, conditions), cfg.output_size)
-        if cfg.detail_channels:  # feat: the U-Net's last up block, (T, C, input_size, input_size)
-            image = image + self.detail_body(temporal_window(frames * 2 - 1), feat)
-        if cfg.residual:
-            image = image + upsample(frames * 2 - 1, cfg)
-        out = ((image + 1) / 2).clamp(0, 1)
+        # feat: the U-Net's last up block, (T, C, input_size, input_size)
+        windows = temporal_window(frames * 2 - 1) if cfg.detail_channels else None
+        out = self.finish(latent, conditions, feat, windows, frames * 2 - 1)
         return (out, rgbs) if return_rgb else out
+
+    def finish(self, latent: torch.Tensor, conditions: list[torch.Tensor], finest: torch.Tensor,
+               windows: torch.Tensor | None, frames: torch.Tensor) -> torch.Tensor:
+        """Everything after the U-Net, frame by frame: the decoder's image from the latents ``(T, num_latent,
+        style_dim)`` and SFT ``conditions``, the detail body's from the frame ``windows`` ``(T, 9, S, S)`` (None
+        without a detail body) and the U-Net's ``finest`` features ``(T, C, S, S)``, the upsampled ``frames``
+        ``(T, 3, S, S)``; inputs in [-1, 1] units -> ``(T, 3, output_size, output_size)`` in [0, 1]."""
+        cfg = self.cfg
+        image = _resize(self.stylegan_decoder(latent, conditions), cfg.output_size)
+        if cfg.detail_channels:
+            image = image + self.detail_body(windows, finest)
+        if cfg.residual:
+            image = image + upsample(frames, cfg)
+        return ((image + 1) / 2).clamp(0, 1)
 
 
 def count_flops(model: TemporalSR, frames: int = 1) -> float:
@@ -366,8 +377,11 @@ class SRStream:
     ``(k, 3, output_size, output_size)`` in [0, 1]. Call it under ``torch.no_grad()`` (and autocast, if wanted).
     """
 
-    def __init__(self, model: TemporalSR):
+    def __init__(self, model: TemporalSR, finish: Callable[..., torch.Tensor] | None = None):
+        """``finish``: a faster `TemporalSR.finish` for batches of ``finish.fixed_batch`` frames (the compiled
+        one, `metaportrait.compiled_backend.CompiledSRFinish`); other batches use the model's."""
         self.model = model
+        self.finish = finish
         temporal = model.cfg.temporal
         self._down = [_Window(_centre_layer(layer)) if temporal else None
                       for layer in (model.window_down if temporal else model.conv_body_down)]
@@ -418,14 +432,11 @@ class SRStream:
             count = min(count, _queued(self._windows))
         if count == 0:
             return torch.zeros(0, 3, cfg.output_size, cfg.output_size)
+        finish = self.finish if self.finish is not None and count == self.finish.fixed_batch else model.finish
         conditions = [_take(queue, count) for queue in self._conditions]
-        image = _resize(model.stylegan_decoder(_take(self._latents, count), conditions), cfg.output_size)
-        finest, frames = _take(self._finest, count), _take(self._frames, count)
-        if cfg.detail_channels:
-            image = image + model.detail_body(_take(self._windows, count), finest)
-        if cfg.residual:
-            image = image + upsample(frames, cfg)
-        return ((image + 1) / 2).clamp(0, 1)
+        windows = _take(self._windows, count) if cfg.detail_channels else None
+        return finish(_take(self._latents, count), conditions, _take(self._finest, count), windows,
+                      _take(self._frames, count))
 
 
 def _centre_layer(layer: ConvReLUConv) -> Callable[[torch.Tensor], torch.Tensor]:
