@@ -221,15 +221,10 @@ class AnimateJob:
         self.side_by_side_path = folder.result_path(job, "side_by_side.mp4")
         self.result: AnimateResult | None = None
         self._cancelled = threading.Event()
-        self._stopped = threading.Event()  # set once `run` has ended, however it ended
 
     def cancel(self) -> None:
         """Ask the job to stop; `run` then raises `Cancelled`. Safe from any thread, at any time."""
         self._cancelled.set()
-
-    def wait_stopped(self, timeout: float) -> bool:
-        """Wait until `run` has ended (True) or ``timeout`` seconds have passed (False)."""
-        return self._stopped.wait(timeout)
 
     def run(self, on_read: Callable[[int], None] | None = None) -> Iterator[int]:
         """Animate and write both videos; yields the frames done so far after each frame.
@@ -241,12 +236,6 @@ class AnimateJob:
         Raises:
             Cancelled: `cancel` was called.
         """
-        try:
-            yield from self._run(on_read)
-        finally:
-            self._stopped.set()
-
-    def _run(self, on_read: Callable[[int], None] | None) -> Iterator[int]:
         portrait, options = self.portrait, self.options
         if self.driving is None:
             targets = scripted_motion(portrait.landmarks, self.total, self.fps)  # (T, 478, 2) portrait pixels
@@ -396,7 +385,6 @@ class PersonalizeJob:
         self.result: PersonalizeResult | None = None
         self._process: subprocess.Popen | None = None
         self._cancelled = threading.Event()
-        self._stopped = threading.Event()  # set once `run` has ended, however it ended
 
     def cancel(self) -> None:
         """Stop the job; `run` then raises `Cancelled`. Safe from any thread, at any time."""
@@ -404,18 +392,8 @@ class PersonalizeJob:
         if self._process is not None and self._process.poll() is None:
             self._process.terminate()
 
-    def wait_stopped(self, timeout: float) -> bool:
-        """Wait until `run` has ended (True) or ``timeout`` seconds have passed (False)."""
-        return self._stopped.wait(timeout)
-
     def run(self, poll_seconds: float = 0.5) -> Iterator[float | None]:
         """Run it; yields every ``poll_seconds`` the training seconds so far (None before training starts)."""
-        try:
-            yield from self._run(poll_seconds)
-        finally:
-            self._stopped.set()
-
-    def _run(self, poll_seconds: float) -> Iterator[float | None]:
         self.output.parent.mkdir(exist_ok=True)
         self.log.parent.mkdir(exist_ok=True)
         command = [sys.executable, "-c", "import sys; from metaportrait.cli import main; sys.exit(main())",

@@ -9,6 +9,7 @@ Gradio's temporary folder into the run folder.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,6 @@ UPLOADED_MOTION = "uploaded driving video"
 MAX_EYES = 2.0  # eye-openness factor slider range [0, MAX_EYES]
 MAX_MOUTH = 1.5  # mouth-openness slider range [0, MAX_MOUTH] (inner-lip gap / mouth width)
 MAX_ROLL_DEGREES = 45.0
-STOP_SECONDS = 5.0  # Cancel waits at most this long for the job to stop before it says so
 STATUS_SECONDS = 0.5  # an animation's status line changes at most this often (so Cancel acts within about that)
 
 
@@ -127,18 +127,39 @@ def control_sliders(prefix: str, mouth_default: float | None) -> tuple[gr.Slider
     return tuple(sliders)
 
 
-def cancel_button(button: gr.Button, event: gr.events.Dependency, running: dict, status: gr.Markdown) -> None:
-    """Wire ``button`` to cancel ``event``: Gradio stops waiting for it, and the browser tab's job in ``running``
-    (Gradio's per-tab hash -> job with a ``cancel()``) stops at once, also in the middle of a step."""
+class TabJobs:
+    """Each browser tab's job (Gradio's per-tab session hash -> job with a ``cancel()``), for its Cancel button.
 
-    def stop(request: gr.Request) -> str:
-        if (job := running.get(request.session_hash)) is not None:
+    Every status message of a job, "Cancelled." included, comes from the job's own event, so they arrive in order:
+    Cancel only asks the job to stop, and the job's event ends with "Cancelled." A click still waiting in Gradio's
+    queue is marked (`submit`, a step before it) and gives up when it starts (`cancelled_before_start`).
+    """
+
+    def __init__(self):
+        self.running: dict[str, object] = {}
+        self.waiting: dict[str, float] = {}  # tab -> when its click was queued
+        self.cancelled: dict[str, float] = {}  # tab -> when its Cancel was last clicked
+
+    def submit(self, request: gr.Request) -> None:
+        self.waiting[request.session_hash] = time.monotonic()
+
+    def cancelled_before_start(self, request: gr.Request) -> bool:
+        queued = self.waiting.pop(request.session_hash, math.inf)
+        return self.cancelled.get(request.session_hash, -math.inf) >= queued
+
+    def stop(self, request: gr.Request):
+        """Cancel's handler: stop the tab's running job (its event then says "Cancelled."), or the queued one."""
+        self.cancelled[request.session_hash] = time.monotonic()
+        if (job := self.running.get(request.session_hash)) is not None:
             job.cancel()
-            # Answer once the job has stopped, so that no progress message it sent before can arrive after this one.
-            job.wait_stopped(STOP_SECONDS)
-        return "Cancelled."
+            return gr.skip()
+        return "Cancelled." if request.session_hash in self.waiting else gr.skip()
 
-    button.click(stop, outputs=status, cancels=[event], queue=False)
+
+def wire_job(start: gr.Button, cancel: gr.Button, run, jobs: TabJobs, status: gr.Markdown, **click) -> None:
+    """``start`` runs ``run`` (a generator of status updates; see `TabJobs`), ``cancel`` stops it."""
+    start.click(jobs.submit, queue=False).then(run, **click)
+    cancel.click(jobs.stop, outputs=status, queue=False)
 
 
 # --- Animate ---------------------------------------------------------------------------------------------------
@@ -180,13 +201,16 @@ def animate_tab(context: AppContext) -> gr.Dropdown:
             return UPLOADED_MOTION, error_message(error)
         return UPLOADED_MOTION, f"Driving video ready: {info.duration:.1f} s at {info.fps:g} frames/s."
 
-    running: dict[str, AnimateJob] = {}  # browser tab -> its job, for Cancel
+    jobs = TabJobs()
 
     def run(portrait: Portrait | None, model: str, source: str, driving: str | None, motion: str,
             paste_back: bool, eyes: float, yaw: float, pitch: float, roll: float, fix_mouth: bool, mouth: float,
             request: gr.Request, progress: gr.Progress = gr.Progress()):  # noqa: B008 (Gradio's progress bar)
         """A generator: each yield is a message to the page and a point where Gradio's cancel can close it;
         `AnimateJob.cancel` also stops it mid-step."""
+        if jobs.cancelled_before_start(request):
+            yield gr.skip(), gr.skip(), gr.skip(), "Cancelled."
+            return
         controls = Controls(eyes=eyes, mouth=mouth if fix_mouth else None, yaw=yaw, pitch=pitch, roll=roll)
         options = AnimateOptions(motion=motion, paste_back=paste_back, controls=controls)
         try:
@@ -196,7 +220,7 @@ def animate_tab(context: AppContext) -> gr.Dropdown:
                 raise InputError(DRIVING, "upload one, or choose the built-in motion")
             job = AnimateJob(context.models.animator(model), portrait, driving if source == UPLOADED_MOTION else None,
                              options, context.folder, context.limits)  # fmt: skip
-            running[request.session_hash] = job
+            jobs.running[request.session_hash] = job
             progress(0.0, desc="starting")
 
             def on_read(count: int) -> None:
@@ -212,18 +236,18 @@ def animate_tab(context: AppContext) -> gr.Dropdown:
             yield None, None, None, error_message(error)
             return
         except Cancelled:
-            return  # the page already says so
+            yield gr.skip(), gr.skip(), gr.skip(), "Cancelled."
+            return
         finally:
-            running.pop(request.session_hash, None)
+            jobs.running.pop(request.session_hash, None)
         finished = job.result
         paths = [str(finished.video), str(finished.side_by_side)]
         yield paths[0], paths[1], paths, f"Done: {finished.summary()}."
 
     driving.change(on_driving, inputs=driving, outputs=[source, status])
     inputs = [portrait, model, source, driving, motion, paste_back, eyes, yaw, pitch, roll, fix_mouth, mouth]
-    event = start.click(run, inputs=inputs, outputs=[result, side, files, status], show_progress_on=[result],
-                        concurrency_id=MODEL_QUEUE, concurrency_limit=1)  # fmt: skip
-    cancel_button(cancel, event, running, status)
+    wire_job(start, cancel, run, jobs, status, inputs=inputs, outputs=[result, side, files, status],
+             show_progress_on=[result], concurrency_id=MODEL_QUEUE, concurrency_limit=1)  # fmt: skip
     return model
 
 
@@ -283,13 +307,16 @@ def personalize_tab(context: AppContext, model: gr.Dropdown) -> None:
             status = gr.Markdown(elem_id="personalize-status")
             table = gr.Markdown(elem_id="personalize-table")
 
-    running: dict[str, PersonalizeJob] = {}  # browser tab -> its job, for Cancel
+    jobs = TabJobs()
 
     def run(videos: list[str] | None, seconds: float, request: gr.Request,
             progress: gr.Progress = gr.Progress()):  # noqa: B008 (Gradio's progress bar)
+        if jobs.cancelled_before_start(request):
+            yield gr.skip(), gr.skip(), "Cancelled."
+            return
         try:
             job = PersonalizeJob(videos or [], seconds, context.folder, context.limits)
-            running[request.session_hash] = job
+            jobs.running[request.session_hash] = job
             progress(0.0, desc="finding the face in every frame")
             for trained in job.run():
                 if trained is not None:
@@ -299,14 +326,14 @@ def personalize_tab(context: AppContext, model: gr.Dropdown) -> None:
             yield gr.skip(), "", error_message(error)
             return
         except Cancelled:
-            return  # the page already says so
+            yield gr.skip(), gr.skip(), "Cancelled."
+            return
         finally:
-            running.pop(request.session_hash, None)
+            jobs.running.pop(request.session_hash, None)
         name = f"personalised #{job.number}"
         context.models.add(name, job.result.model)
         yield (gr.Dropdown(choices=context.models.names(), value=name), job.result.table(),
                f"Done: **{name}** is now a model in Animate.")
 
-    event = start.click(run, inputs=[videos, seconds], outputs=[model, table, status], show_progress_on=[table],
-                        concurrency_id=MODEL_QUEUE, concurrency_limit=1)  # fmt: skip
-    cancel_button(cancel, event, running, status)
+    wire_job(start, cancel, run, jobs, status, inputs=[videos, seconds], outputs=[model, table, status],
+             show_progress_on=[table], concurrency_id=MODEL_QUEUE, concurrency_limit=1)  # fmt: skip
