@@ -1,6 +1,6 @@
 """Personalisation designs against fine-tuning time: the measurement behind docs/experiments.md (2026-12-06).
 
-For each video and each design (``PART:LR[:nopercep]``), runs `metaportrait.personalize` steps 1-3 from the
+For each video and each design (``PART:LR[:FLAG...]``, flags ``nopercep``, ``percepN``, ``l1xF``), runs `metaportrait.personalize` steps 1-3 from the
 given checkpoint and, at 0 s and at every ``--at`` seconds of fine-tuning, the report of step 4 on the held-out
 tail (the time of the reports is not counted). Prints one JSON line per (video, design, seconds)::
 
@@ -39,6 +39,14 @@ def design_config(text: str, seconds: float, holdout: float, stride: int) -> Per
                             eval_every=1e9)  # fmt: skip
     if "nopercep" in flags:
         cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, perceptual_output=(0.0,) * 5))
+    for flag in flags:  # percepN: the perceptual term N times stronger; l1xF: the pixel L1 terms times F
+        if flag.startswith("percep") and flag != "nopercep":
+            weights = tuple(w * float(flag[len("percep"):]) for w in cfg.loss.perceptual_output)
+            cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, perceptual_output=weights))
+        elif flag.startswith("l1x"):
+            factor = float(flag[len("l1x"):])
+            cfg = dataclasses.replace(cfg, loss=dataclasses.replace(
+                cfg.loss, l1_output=cfg.loss.l1_output * factor, face=cfg.loss.face * factor))
     return cfg
 
 
@@ -46,7 +54,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--videos", type=Path, nargs="+", required=True, help="one person per video")
     parser.add_argument("--checkpoint", default="default")
-    parser.add_argument("--designs", nargs="+", default=["refine:1e-3"], metavar="PART:LR[:nopercep]")
+    parser.add_argument("--designs", nargs="+", default=["refine:1e-3"], metavar="PART:LR[:FLAG...]")
     parser.add_argument("--at", type=float, nargs="+", default=[30.0, 60.0, 120.0], metavar="SECONDS")
     parser.add_argument("--holdout-seconds", type=float, default=10.0)
     parser.add_argument("--report-stride", type=int, default=5)

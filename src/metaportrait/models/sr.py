@@ -382,11 +382,11 @@ class SRStream:
         one, `metaportrait.compiled_backend.CompiledSRFinish`); other batches use the model's."""
         self.model = model
         self.finish = finish
-        temporal = model.cfg.temporal
-        self._down = [_Window(_centre_layer(layer)) if temporal else None
-                      for layer in (model.window_down if temporal else model.conv_body_down)]
-        self._up = [_Window(_centre_layer(layer)) if temporal else None
-                    for layer in (model.recurrent_forward if temporal else model.conv_body_up)]
+        if model.cfg.temporal:
+            self._down = [_Window(_centre_layer(layer)) for layer in model.window_down]
+            self._up = [_Window(_centre_layer(layer)) for layer in model.recurrent_forward]
+        else:
+            self._down, self._up = [None] * len(model.conv_body_down), [None] * len(model.conv_body_up)
         self._frame_window = _Window(lambda window: window)  # the detail body's frames t-1, t, t+1
         # Results waiting for the slower streams they are combined with; every queue starts at frame 0.
         self._skips: list[list[torch.Tensor]] = [[] for _ in model.conv_body_down]  # per down level
@@ -406,7 +406,8 @@ class SRStream:
         self.ended = final
         frames = frames * 2 - 1
         _put(self._frames, frames)
-        _put(self._windows, self._frame_window.push(frames, final))
+        if cfg.detail_channels:
+            _put(self._windows, self._frame_window.push(frames, final))
         feat = frames
         if len(frames):
             feat = _lrelu(model.conv_body_first(_resize(frames, cfg.unet_size)))
