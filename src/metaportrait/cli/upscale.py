@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="SR network: a `train sr` model folder or an official .pth file (default: bundled)")
     parser.add_argument("--crop-output", action="store_true", help="write the 512 face crops instead")
     parser.add_argument("--chunk", type=positive_int, default=None,
-                        help="frames per network call (default: metaportrait.upscale.DEFAULT_CHUNK, 4)")
+                        help="frames per network call (default 4)")
     parser.add_argument("--context", type=int, default=None,
                         help="windows instead of the default exact streaming: chunks with this many frames of "
                              "context on each side, computed again for each chunk (0: none across chunks)")
