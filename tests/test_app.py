@@ -386,6 +386,11 @@ def test_cancel_reaches_a_queued_click_and_a_running_job_but_not_a_later_click()
 
     from metaportrait.app.ui import TabJobs
 
+    def fake_job():
+        job = types.SimpleNamespace(cancelled=False)
+        job.cancel = lambda: setattr(job, "cancelled", True)
+        return job
+
     tab, other = types.SimpleNamespace(session_hash="a"), types.SimpleNamespace(session_hash="b")
     jobs = TabJobs()
     # A click still in the queue when Cancel comes: it gives up when it starts; the other tab's does not.
@@ -393,13 +398,23 @@ def test_cancel_reaches_a_queued_click_and_a_running_job_but_not_a_later_click()
     jobs.submit(other)
     assert jobs.stop(tab) == "Cancelled."
     assert jobs.cancelled_before_start(tab) and not jobs.cancelled_before_start(other)
-    # A later click runs; Cancel then stops its job, and the job's own event reports it.
+    jobs.finish(tab)
+    # A later click runs; Cancel while its job is being set up stops the job as it registers.
     jobs.submit(tab)
     assert not jobs.cancelled_before_start(tab)
-    job = types.SimpleNamespace(cancelled=False)
-    job.cancel = lambda: setattr(job, "cancelled", True)
-    jobs.running["a"] = job
+    jobs.stop(tab)
+    early = fake_job()
+    jobs.start(tab, early)
+    assert early.cancelled
+    jobs.finish(tab)
+    # Cancel while the job runs stops it; the job's own event reports it.
+    jobs.submit(tab)
+    job = fake_job()
+    jobs.start(tab, job)
+    assert not job.cancelled
     assert jobs.stop(tab) != "Cancelled." and job.cancelled  # gr.skip(): the job's event says it
-    # Cancel with nothing queued or running changes nothing.
-    del jobs.running["a"]
+    jobs.finish(tab)
+    # Cancel with nothing queued or running changes nothing, and does not reach the next click.
     assert jobs.stop(tab) != "Cancelled."
+    jobs.submit(tab)
+    assert not jobs.cancelled_before_start(tab)

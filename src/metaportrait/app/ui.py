@@ -131,21 +131,32 @@ class TabJobs:
     """Each browser tab's job (Gradio's per-tab session hash -> job with a ``cancel()``), for its Cancel button.
 
     Every status message of a job, "Cancelled." included, comes from the job's own event, so they arrive in order:
-    Cancel only asks the job to stop, and the job's event ends with "Cancelled." A click still waiting in Gradio's
-    queue is marked (`submit`, a step before it) and gives up when it starts (`cancelled_before_start`).
+    Cancel only asks the job to stop, and the job's event ends with "Cancelled." A click is marked when it enters
+    Gradio's queue (`submit`, a step before the job's event); a Cancel after that mark stops the job whenever it
+    comes: before the job starts (`cancelled_before_start`), while it is being set up (`start`), or while it runs.
     """
 
     def __init__(self):
         self.running: dict[str, object] = {}
-        self.waiting: dict[str, float] = {}  # tab -> when its click was queued
+        self.waiting: dict[str, float] = {}  # tab -> when its click was queued, until its job ends
         self.cancelled: dict[str, float] = {}  # tab -> when its Cancel was last clicked
 
     def submit(self, request: gr.Request) -> None:
         self.waiting[request.session_hash] = time.monotonic()
 
     def cancelled_before_start(self, request: gr.Request) -> bool:
-        queued = self.waiting.pop(request.session_hash, math.inf)
-        return self.cancelled.get(request.session_hash, -math.inf) >= queued
+        tab = request.session_hash
+        return self.cancelled.get(tab, -math.inf) > self.waiting.get(tab, math.inf)
+
+    def start(self, request: gr.Request, job) -> None:
+        """Register the tab's job; a Cancel that came while it was set up stops it at once."""
+        self.running[request.session_hash] = job
+        if self.cancelled_before_start(request):
+            job.cancel()
+
+    def finish(self, request: gr.Request) -> None:
+        self.running.pop(request.session_hash, None)
+        self.waiting.pop(request.session_hash, None)
 
     def stop(self, request: gr.Request):
         """Cancel's handler: stop the tab's running job (its event then says "Cancelled."), or the queued one."""
@@ -206,9 +217,10 @@ def animate_tab(context: AppContext) -> gr.Dropdown:
     def run(portrait: Portrait | None, model: str, source: str, driving: str | None, motion: str,
             paste_back: bool, eyes: float, yaw: float, pitch: float, roll: float, fix_mouth: bool, mouth: float,
             request: gr.Request, progress: gr.Progress = gr.Progress()):  # noqa: B008 (Gradio's progress bar)
-        """A generator: each yield is a message to the page and a point where Gradio's cancel can close it;
-        `AnimateJob.cancel` also stops it mid-step."""
+        """A generator: each yield is a message to the page. Cancel (`TabJobs.stop`) makes `AnimateJob.run` raise
+        `Cancelled` at its next frame, and the last message says so."""
         if jobs.cancelled_before_start(request):
+            jobs.finish(request)
             yield gr.skip(), gr.skip(), gr.skip(), "Cancelled."
             return
         controls = Controls(eyes=eyes, mouth=mouth if fix_mouth else None, yaw=yaw, pitch=pitch, roll=roll)
@@ -220,7 +232,7 @@ def animate_tab(context: AppContext) -> gr.Dropdown:
                 raise InputError(DRIVING, "upload one, or choose the built-in motion")
             job = AnimateJob(context.models.animator(model), portrait, driving if source == UPLOADED_MOTION else None,
                              options, context.folder, context.limits)  # fmt: skip
-            jobs.running[request.session_hash] = job
+            jobs.start(request, job)
             progress(0.0, desc="starting")
 
             def on_read(count: int) -> None:
@@ -239,7 +251,7 @@ def animate_tab(context: AppContext) -> gr.Dropdown:
             yield gr.skip(), gr.skip(), gr.skip(), "Cancelled."
             return
         finally:
-            jobs.running.pop(request.session_hash, None)
+            jobs.finish(request)
         finished = job.result
         paths = [str(finished.video), str(finished.side_by_side)]
         yield paths[0], paths[1], paths, f"Done: {finished.summary()}."
@@ -312,11 +324,12 @@ def personalize_tab(context: AppContext, model: gr.Dropdown) -> None:
     def run(videos: list[str] | None, seconds: float, request: gr.Request,
             progress: gr.Progress = gr.Progress()):  # noqa: B008 (Gradio's progress bar)
         if jobs.cancelled_before_start(request):
+            jobs.finish(request)
             yield gr.skip(), gr.skip(), "Cancelled."
             return
         try:
             job = PersonalizeJob(videos or [], seconds, context.folder, context.limits)
-            jobs.running[request.session_hash] = job
+            jobs.start(request, job)
             progress(0.0, desc="finding the face in every frame")
             for trained in job.run():
                 if trained is not None:
@@ -329,7 +342,7 @@ def personalize_tab(context: AppContext, model: gr.Dropdown) -> None:
             yield gr.skip(), gr.skip(), "Cancelled."
             return
         finally:
-            jobs.running.pop(request.session_hash, None)
+            jobs.finish(request)
         name = f"personalised #{job.number}"
         context.models.add(name, job.result.model)
         yield (gr.Dropdown(choices=context.models.names(), value=name), job.result.table(),
