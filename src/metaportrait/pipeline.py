@@ -750,11 +750,8 @@ def _compiled_sr_finish(sr: bool | str | Path, model, precision: str):
     use and cached per SR checkpoint), or None when it has nothing worth compiling."""
     from metaportrait.compiled_backend import compiled_sr_finish
     from metaportrait.io.checkpoint import checkpoint_sha256
-    from metaportrait.models.sr import TemporalSR
     from metaportrait.upscale import DEFAULT_CHUNK, sr_weights
 
-    if not isinstance(model, TemporalSR):
-        return None
     return compiled_sr_finish(model, checkpoint_sha256(sr_weights(sr)), DEFAULT_CHUNK, precision)
 
 

@@ -75,7 +75,8 @@ def load_sr(path: str | Path | bool):
 
 
 class StreamingSR:
-    """Sliding-window super-resolution of a stream of ``uint8 (S, S, 3)`` crops (``S`` = the network's input)."""
+    """Super-resolution of a stream of ``uint8 (S, S, 3)`` crops (``S`` = the network's input): exact streaming
+    by default, sliding windows with an integer ``context`` (see the module's docstring)."""
 
     def __init__(self, model: torch.nn.Module, chunk: int = DEFAULT_CHUNK, context: int | None = DEFAULT_CONTEXT,
                  precision: str = "fp32", finish=None):
