@@ -9,7 +9,8 @@ metric, plus a Markdown table (docs/results.md, "Personalization")::
     done
     python scripts/figure7.py results/fig7_*.json --png docs/images/figure7_personalize.png
 
-Results of the same video given in several files (e.g. one init per run) are merged by init name.
+With ``--axis seconds`` (for results whose marks are in seconds, `eval personalize`'s default unit) the x axis and
+the table's columns are fine-tuning seconds instead. Results of the same video given in several files (e.g. one init per run) are merged by init name.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, nargs="+", help="eval personalize JSON files")
     parser.add_argument("--png", type=Path, required=True, help="the merged figure")
+    parser.add_argument("--axis", choices=("steps", "seconds"), default="steps", help="x axis and table columns")
     args = parser.parse_args()
 
     videos: dict[str, dict[str, list[dict]]] = {}  # video name -> init -> points
@@ -41,21 +43,22 @@ def main() -> None:
     for video, inits in videos.items():
         for metric, label, lower in METRICS[:2]:
             series[f"{video}_{metric}"] = {
-                "x_label": f"fine-tuning steps ({video})", "y_label": f"held-out {label}", "lower_is_better": lower,
-                "curves": {init: {"x": [p["steps"] for p in points], "y": [p[metric] for p in points]}
+                "x_label": f"fine-tuning {args.axis} ({video})", "y_label": f"held-out {label}",
+                "lower_is_better": lower,
+                "curves": {init: {"x": [p[args.axis] for p in points], "y": [p[metric] for p in points]}
                            for init, points in inits.items()},
             }  # fmt: skip
     plot_series({"series": series}, args.png)
 
-    steps = sorted({int(p["steps"]) for inits in videos.values() for points in inits.values() for p in points})
-    print("| video | init | metric | " + " | ".join(f"{s} steps" for s in steps) + " |")
-    print("| --- | --- | --- |" + " ---: |" * len(steps))
+    marks = sorted({p[args.axis] for inits in videos.values() for points in inits.values() for p in points})
+    print("| video | init | metric | " + " | ".join(f"{m:g} {args.axis}" for m in marks) + " |")
+    print("| --- | --- | --- |" + " ---: |" * len(marks))
     for video, inits in videos.items():
         for init, points in inits.items():
-            by_step = {p["steps"]: p for p in points}
+            by_mark = {p[args.axis]: p for p in points}
             for metric, label, _ in METRICS:
                 digits = 2 if metric == "psnr" else 4 if metric == "st_lpips" else 3
-                cells = [f"{by_step[s][metric]:.{digits}f}" if s in by_step else "" for s in steps]
+                cells = [f"{by_mark[m][metric]:.{digits}f}" if m in by_mark else "" for m in marks]
                 print(f"| {video} | {init} | {label} | " + " | ".join(cells) + " |")
     print(f"wrote {args.png}")
 

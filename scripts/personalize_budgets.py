@@ -1,6 +1,8 @@
 """Personalisation designs against fine-tuning time: the measurement behind docs/experiments.md (2026-12-06).
 
-For each video and each design (``PART:LR[:FLAG...]``, flags ``nopercep``, ``percepN``, ``l1xF``), runs `metaportrait.personalize` steps 1-3 from the
+For each video and each design (``PART:LR[:FLAG...]``, flags ``nopercep``, ``percepN``, ``l1xF``,
+``emaD`` (weight average with decay D), ``aug`` / ``augc`` (zoom
+and shift / and colour augmentation), ``bN`` (batch size N)), runs `metaportrait.personalize` steps 1-3 from the
 given checkpoint and, at 0 s and at every ``--at`` seconds of fine-tuning, the report of step 4 on the held-out
 tail (the time of the reports is not counted). Prints one JSON line per (video, design, seconds)::
 
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from metaportrait.cli.personalize import resolve_checkpoint
+from metaportrait.data.pairs import AugmentConfig
 from metaportrait.eval.protocols import MetricModels
 from metaportrait.io.checkpoint import load_model
 from metaportrait.personalize import (
@@ -43,6 +46,14 @@ def design_config(text: str, seconds: float, holdout: float, stride: int) -> Per
         if flag.startswith("percep") and flag != "nopercep":
             weights = tuple(w * float(flag[len("percep"):]) for w in cfg.loss.perceptual_output)
             cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, perceptual_output=weights))
+        elif flag in ("aug", "augc"):  # base training's zoom and shift, no flip; augc: and its colour changes
+            colour = 0.15 if flag == "augc" else 0.0
+            cfg = dataclasses.replace(cfg, augment=AugmentConfig(flip=0.0, brightness=colour, contrast=colour,
+                                                                 saturation=colour))
+        elif flag.startswith("ema"):  # emaD: keep an average of the weights with decay D
+            cfg = dataclasses.replace(cfg, average_decay=float(flag[len("ema"):]))
+        elif flag.startswith("b") and flag[1:].isdigit():  # bN: batches of N pairs
+            cfg = dataclasses.replace(cfg, batch_size=int(flag[1:]))
         elif flag.startswith("l1x"):
             factor = float(flag[len("l1x"):])
             cfg = dataclasses.replace(cfg, loss=dataclasses.replace(

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from metaportrait.meta.reptile import adapt, reptile_update, restore, snapshot
+from metaportrait.meta.reptile import WeightAverage, adapt, reptile_update, restore, snapshot
 from test_train import astronaut_face, dataset_dir  # noqa: F401  (fixtures: a tiny prepared dataset)
 
 
@@ -74,6 +74,31 @@ def test_adapt_uses_a_fresh_optimiser_per_call():
     assert all(torch.equal(once[n], again[n]) for n in names)
 
 
+def test_weight_average_follows_the_steps_and_swaps_in_and_out():
+    """The average is the warm-started EMA of the weights after every step; `swap` exchanges it with the
+    parameters, and swapping twice restores both."""
+    model = _model()
+    parameters = list(model.parameters())
+    start = [p.detach().clone() for p in parameters]
+    average = WeightAverage(parameters, decay=0.9)
+    trajectory = []
+    adapt(model, _regression_task(3), _mse, parameters, lr=0.05, steps=20, average=average,
+          on_step=lambda *_: trajectory.append([p.detach().clone() for p in parameters]))
+    expected = [s.clone() for s in start]
+    for n, weights in enumerate(trajectory):
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = [d * e + (1 - d) * w for e, w in zip(expected, weights)]
+    assert all(torch.allclose(a, e, atol=1e-6) for a, e in zip(average.values, expected))
+    last = [p.detach().clone() for p in parameters]
+    assert not all(torch.allclose(a, w) for a, w in zip(average.values, last))
+    average.swap()
+    assert all(torch.allclose(p, e, atol=1e-6) for p, e in zip(parameters, expected))
+    average.swap()
+    assert all(torch.equal(p, w) for p, w in zip(parameters, last))
+    with pytest.raises(ValueError, match="decay"):
+        WeightAverage(parameters, decay=1.0)
+
+
 def test_reptile_update_moves_theta_toward_the_mean_adapted_weights():
     model = _model()
     names = [n for n, _ in model.named_parameters()]
@@ -88,10 +113,10 @@ def test_reptile_update_moves_theta_toward_the_mean_adapted_weights():
         mean = (adapted[0][name] + adapted[1][name]) / 2
         assert torch.allclose(value, theta[name] + 0.25 * (mean - theta[name]), atol=1e-7)
     assert stats["step_norm"] == pytest.approx(0.25 * stats["delta_norm"]) and stats["delta_norm"] > 0
-    # epsilon = 1 with one task lands on the adapted weights.
+    # epsilon = 1 with one task lands on the adapted weights (theta + (phi - theta): up to one rounding).
     restore(model, theta)
     reptile_update(model, theta, adapted[:1], epsilon=1.0)
-    assert all(torch.equal(p, adapted[0][n]) for n, p in model.named_parameters())
+    assert all(torch.allclose(p, adapted[0][n], rtol=0, atol=1e-7) for n, p in model.named_parameters())
     with pytest.raises(ValueError, match="epsilon"):
         reptile_update(model, theta, adapted, epsilon=1.5)
 

@@ -141,6 +141,42 @@ def test_split_holdout_keeps_the_tail_out_of_training(videos, tmp_path):
     assert front_end([videos["astronaut"]], 64, tmp_path / "cache").cached == 1
 
 
+def test_fine_tune_keeps_the_weight_average_and_augments(videos, tiny_checkpoint, tmp_path):
+    """With ``average_decay`` the generator ends at the average of its steps (not the last step), which the
+    held-out checks also saw; ``augment`` draws augmented pairs (a different run from the same seed)."""
+    import dataclasses
+
+    from metaportrait.data.pairs import AugmentConfig
+    from metaportrait.io.checkpoint import load_model
+    from metaportrait.models.identity import IdentityEncoder
+    from metaportrait.personalize import PersonalizeConfig, fine_tune, front_end, split_holdout
+
+    encoder = IdentityEncoder.from_dlib()
+    frontend = front_end([videos["astronaut"]], 64, tmp_path / "cache")
+    cfg = PersonalizeConfig(steps=4, seconds=None, holdout_seconds=1, eval_every=1e-9, eval_pairs=2)
+    train, tail = split_holdout(frontend.clips, cfg)
+    finals = {}
+    for name, design in [("plain", cfg), ("averaged", dataclasses.replace(cfg, average_decay=0.9)),
+                         ("augmented", dataclasses.replace(cfg, augment=AugmentConfig(flip=0.0)))]:
+        torch.manual_seed(0)
+        generator, model_cfg = load_model(tiny_checkpoint)
+        start = [p.detach().clone() for p in generator.parameters()]
+        seen = []
+        result = fine_tune(generator, model_cfg, train, tail, design, encoder,
+                           on_step=lambda *_: seen.append([p.detach().clone() for p in generator.parameters()]))
+        assert result.adapt.steps == 4 and len(result.curve) == 5
+        finals[name] = [p.detach().clone() for p in generator.parameters()]
+        if name == "averaged":  # the same steps as "plain"; what on_step saw and what is kept is their average
+            expected = start
+            for n, weights in enumerate(plain_steps):
+                d = min(0.9, (1 + n) / (10 + n))
+                expected = [d * e + (1 - d) * w for e, w in zip(expected, weights)]
+            assert all(torch.allclose(f, e, atol=1e-6) for f, e in zip(finals[name], expected))
+            assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(seen[-1], expected))
+        plain_steps = seen if name == "plain" else plain_steps
+    assert not all(torch.equal(a, b) for a, b in zip(finals["plain"], finals["augmented"]))
+
+
 def test_eval_personalize_writes_curves_per_init(videos, tiny_checkpoint, tmp_path):
     output = tmp_path / "curves.json"
     argv = ["eval", "personalize", "--video", str(videos["astronaut"]), "--inits", f"a={tiny_checkpoint}",

@@ -48,14 +48,14 @@ from metaportrait.config import ModelConfig
 from metaportrait.data.dataset import PreparedClip
 from metaportrait.data.drawing import MEDIAPIPE_TOPOLOGIES
 from metaportrait.prior.masks import face_mask
-from metaportrait.data.pairs import NO_AUGMENT, FixedPairs, PairOptions, RandomPairs, StepSampler
+from metaportrait.data.pairs import NO_AUGMENT, AugmentConfig, FixedPairs, PairOptions, RandomPairs, StepSampler
 from metaportrait.data.prepare import ClipSkipped, PrepareConfig, VideoJob, prepare_clip
 from metaportrait.errors import InputError
 from metaportrait.io.atomic import write_text_atomic
 from metaportrait.io.checkpoint import save_model
 from metaportrait.io.image import frames_to_tensor
 from metaportrait.losses.perceptual import MobileNetV2Features
-from metaportrait.meta.reptile import AdaptResult, adapt
+from metaportrait.meta.reptile import AdaptResult, WeightAverage, adapt
 from metaportrait.models.identity import DLIB_SAME_PERSON_THRESHOLD, IdentityEncoder, identity_distance
 from metaportrait.source_frames import MAX_SOURCE_FRAMES, SourceFrames, spread_indices
 from metaportrait.train.config import PERSONAL_LOSS, LossWeights
@@ -79,6 +79,10 @@ class PersonalizeConfig:
     betas: tuple[float, float] = (0.5, 0.999)
     grad_clip: float = 1.0
     batch_size: int = 2  # pairs per step
+    # The weights kept and reported are an exponential moving average of the fine-tuning's (`WeightAverage`) with
+    # this decay; None: the last step's weights.
+    average_decay: float | None = None
+    augment: AugmentConfig = NO_AUGMENT  # paired augmentation of the training pairs
     seconds: float | None = 60.0  # training budget in wall seconds (held-out checks not counted); None: steps only
     steps: int | None = None  # step budget; None: seconds only
     holdout_seconds: float = 10.0  # the last this-many seconds of the last video are never trained on
@@ -102,6 +106,8 @@ class PersonalizeConfig:
             raise ValueError(f"seconds must be > 0 and steps >= 1, got {self.seconds}, {self.steps}")
         if self.lr <= 0 or self.batch_size < 1 or self.holdout_seconds <= 0 or self.min_train_seconds <= 0:
             raise ValueError("lr, batch_size, holdout_seconds and min_train_seconds must be positive")
+        if self.average_decay is not None and not 0.0 <= self.average_decay < 1.0:
+            raise ValueError(f"average_decay must be in [0, 1), got {self.average_decay}")
         if self.eval_every <= 0 or self.eval_pairs < 1 or self.report_stride < 1:
             raise ValueError("eval_every, eval_pairs and report_stride must be positive")
         if self.loss.gan > 0 or self.loss.feature_matching > 0 or self.loss.mouth_gan > 0:
@@ -252,7 +258,8 @@ def fine_tune(
     encoder: IdentityEncoder | None,
     on_step: Callable[[int, float, float, dict | None], None] | None = None,
 ) -> FineTuneResult:
-    """Fine-tune ``generator`` in place on pairs of ``train_clips`` (module docstring, step 3).
+    """Fine-tune ``generator`` in place on pairs of ``train_clips`` (module docstring, step 3). With
+    ``cfg.average_decay`` the held-out checks, ``on_step`` and the result see the averaged weights.
 
     Args:
         on_step: called after every step with ``(step, loss, training seconds, held-out check or None)``.
@@ -261,16 +268,19 @@ def fine_tune(
 
     size = model_cfg.image_size
     options = PairOptions.for_model(model_cfg, size)
-    pairs = RandomPairs(train_clips, options, NO_AUGMENT, cfg.seed)
+    pairs = RandomPairs(train_clips, options, cfg.augment, cfg.seed)
     max_steps = cfg.steps if cfg.steps is not None else 10**9
     loader = DataLoader(pairs, batch_size=cfg.batch_size, sampler=StepSampler(0, max_steps, cfg.batch_size))
     held_out = next(iter(DataLoader(FixedPairs([tail], options, cfg.eval_pairs), batch_size=cfg.eval_pairs)))
     generator_loss = GeneratorLoss(cfg.loss, model_cfg, "full", size, MobileNetV2Features(), encoder)
     parameters = [p for _, p in generator.part_parameters(cfg.part)]
+    average = WeightAverage(parameters, cfg.average_decay) if cfg.average_decay is not None else None
     result = FineTuneResult(adapt=AdaptResult(0, 0.0))
     result.curve.append({"seconds": 0.0, "step": 0, **query_metrics(generator, model_cfg, held_out, encoder)})
 
     def after_step(step: int, loss: float, seconds: float) -> None:
+        if average is not None:
+            average.swap()  # the callers see the averaged weights
         check = None
         if seconds >= result.curve[-1]["seconds"] + cfg.eval_every:
             check = query_metrics(generator, model_cfg, held_out, encoder)
@@ -278,11 +288,16 @@ def fine_tune(
             result.curve.append(check)
         if on_step is not None:
             on_step(step, loss, seconds, check)
+        if average is not None:
+            average.swap()
 
     result.adapt = adapt(
         generator, loader, lambda model, batch: generator_loss(model, batch).total, parameters, cfg.lr,
         steps=cfg.steps, seconds=cfg.seconds, betas=cfg.betas, grad_clip=cfg.grad_clip, on_step=after_step,
+        average=average,
     )  # fmt: skip
+    if average is not None:
+        average.swap()  # keep the average
     if result.curve[-1]["step"] != result.adapt.steps:
         final = query_metrics(generator, model_cfg, held_out, encoder)
         result.curve.append({"seconds": round(result.adapt.seconds, 2), "step": result.adapt.steps, **final})
