@@ -595,3 +595,29 @@ def test_bf16_precision_is_close_to_fp32_and_auto_follows_the_cpu(astronaut, mon
     assert Animator(generator, TINY, precision="auto").precision == "bf16"
     with pytest.raises(ValueError, match="precision must be one of"):
         Animator(generator, TINY, precision="fp16")
+
+
+@pytest.mark.parametrize("height, width, box", [(300, 500, (10.2, 20.1, 240.0)), (256, 256, (128.0, 128.0, 256.0)),
+                                                (400, 400, (200.5, 180.25, 420.0)), (200, 200, (900.0, 900.0, 100.0))])
+def test_compose_frame_equals_pasting_back_then_adding_the_detail(height, width, box):
+    """Step 4 in one pass over the box's region gives the frame of the two steps it fuses, bit for bit: the crop
+    pasted back (rounded to 8 bits), then the portrait's detail weighted by the stillness map, rounded again."""
+    from types import SimpleNamespace
+
+    from metaportrait.data.face import box_region, paste_back, uncrop_map
+    from metaportrait.pipeline import PASTE_FEATHER, compose_frame
+
+    rng = np.random.default_rng(height + width)
+    source = SimpleNamespace(image=rng.integers(0, 256, (height, width, 3), dtype=np.uint8), box=CropBox(*box),
+                             detail=rng.integers(-200, 200, (height, width, 3)).astype(np.int16))
+    face = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    still = rng.random((64, 64), dtype=np.float32)
+    expected = paste_back(source.image, face, source.box, feather=PASTE_FEATHER)
+    region = box_region(source.box, height, width)
+    if region is not None:
+        left, top, right, bottom = region
+        weight = uncrop_map(still, source.box, height, width)[top:bottom, left:right, None]
+        kept = expected[top:bottom, left:right] + weight * source.detail[top:bottom, left:right]
+        expected[top:bottom, left:right] = np.clip(np.rint(kept), 0, 255).astype(np.uint8)
+    assert np.array_equal(compose_frame(source, face, still=still), expected)
+    assert np.array_equal(compose_frame(source, face), paste_back(source.image, face, source.box, PASTE_FEATHER))

@@ -42,7 +42,16 @@ import torch
 
 from metaportrait.config import ModelConfig, Precision
 from metaportrait.data.drawing import MEDIAPIPE_TOPOLOGIES, draw_landmark_image
-from metaportrait.data.face import BoxSmoother, CropBox, box_region, crop, points_from_crop, points_to_crop, uncrop_map
+from metaportrait.data.face import (
+    BoxSmoother,
+    CropBox,
+    blend_region,
+    box_region,
+    crop,
+    points_from_crop,
+    points_to_crop,
+    warp_into_region,
+)
 from metaportrait.data.face import paste_back as blend_crop  # the name `paste_back` is our flag
 from metaportrait.data.landmarks import iter_tracked, landmarks_of_image
 from metaportrait.errors import InputError
@@ -793,15 +802,19 @@ def compose_frame(source: PreparedSource, face: np.ndarray, paste_back: bool = T
     """
     if crop_output or not paste_back:
         return face
-    frame = blend_crop(source.image, face, source.box, feather=PASTE_FEATHER)
     if still is None or source.detail is None:
-        return frame
-    height, width = frame.shape[:2]
-    region = box_region(source.box, height, width)
+        return blend_crop(source.image, face, source.box, feather=PASTE_FEATHER)
+    frame = source.image.copy()
+    region = box_region(source.box, *frame.shape[:2])
     if region is None:
         return frame
     left, top, right, bottom = region  # outside the box the weight is 0: only its region changes
-    weight = uncrop_map(still, source.box, height, width)[top:bottom, left:right, None]
-    kept = frame[top:bottom, left:right] + weight * source.detail[top:bottom, left:right]
-    frame[top:bottom, left:right] = np.clip(np.rint(kept), 0, 255).astype(np.uint8)
+    # The pasted region (rounded as `blend_crop` rounds it) plus the still-weighted detail, rounded once more: the
+    # same frame as pasting back and then adding the detail, in one pass over the region.
+    values = blend_region(source.image, face, source.box, region, PASTE_FEATHER)
+    detail = source.detail[top:bottom, left:right].astype(np.float32)
+    detail *= warp_into_region(still, source.box, region)[..., None]
+    values += detail
+    np.rint(values, out=values)
+    frame[top:bottom, left:right] = np.clip(values, 0, 255, out=values)
     return frame

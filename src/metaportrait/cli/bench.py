@@ -110,8 +110,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append", default=None,
                         help=f"run only this benchmark (repeatable); {', '.join(ON_REQUEST)} runs only when named")
     parser.add_argument("--cases", nargs="+", default=None, metavar="CASE",
-                        help="the animate benchmark's cases to run (default all: clip_256 large_1024 scripted "
-                             "clip_256_onnx clip_256_bf16 clip_256_compiled clip_256_sr clip_256_sr_compiled)")
+                        help="the animate benchmark's cases to run (default all: clip_256 large_1024 "
+                             "large_1024_compiled scripted clip_256_onnx clip_256_bf16 clip_256_compiled clip_256_sr "
+                             "clip_256_sr_compiled)")
     parser.add_argument("--frames", type=positive_int, default=None,
                         help="frames per case of the benchmarks that take a frame count (default: each one's own)")
     parser.add_argument("--driving", type=Path, default=None,

@@ -280,7 +280,7 @@ def uncrop_map(values: np.ndarray, box: CropBox, height: int, width: int) -> np.
     region = box_region(box, height, width)
     if region is not None:
         left, top, right, bottom = region
-        out[top:bottom, left:right] = _warp_into_region(values.astype(np.float32), box, region, cv2.BORDER_CONSTANT)
+        out[top:bottom, left:right] = warp_into_region(values, box, region)
     return out
 
 
@@ -313,7 +313,17 @@ def paste_back(full_image: np.ndarray, crop_image: np.ndarray, box: CropBox, fea
     if region is None:
         return out  # the box lies entirely outside the frame
     left, top, right, bottom = region
-    pasted = _warp_into_region(crop_image, box, region, cv2.BORDER_REPLICATE)
+    out[top:bottom, left:right] = blend_region(full_image, crop_image, box, region, feather)
+    return out
+
+
+def blend_region(full_image: np.ndarray, crop_image: np.ndarray, box: CropBox, region: tuple[int, int, int, int],
+                 feather: float) -> np.ndarray:
+    """`paste_back`'s work on ``region`` (`box_region`) only: ``float32`` ``(h, w, 3)`` values, already rounded and
+    clipped to [0, 255], so a caller can add more to them before the one conversion to ``uint8``."""
+    size = crop_image.shape[0]
+    left, top, right, bottom = region
+    blended = _warp_into_region(crop_image, box, region, cv2.BORDER_REPLICATE).astype(np.float32)
     # Weight of every region pixel from its position in crop coordinates (separable in x and y).
     scale = size / box.side
     u = (np.arange(left, right) + 0.5 - box.x0) * scale  # crop x of each column centre
@@ -322,7 +332,16 @@ def paste_back(full_image: np.ndarray, crop_image: np.ndarray, box: CropBox, fea
     weight_x = _smoothstep(np.minimum(u, size - u) / ramp)
     weight_y = _smoothstep(np.minimum(v, size - v) / ramp)
     weight = (weight_y[:, None] * weight_x[None, :])[..., None].astype(np.float32)  # (h, w, 1)
-    background = out[top:bottom, left:right].astype(np.float32)
-    blended = background + weight * (pasted.astype(np.float32) - background)
-    out[top:bottom, left:right] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-    return out
+    background = full_image[top:bottom, left:right].astype(np.float32)
+    # background + weight * (pasted - background), in place: at 1024 px the temporaries cost more than the sums
+    blended -= background
+    blended *= weight
+    blended += background
+    np.rint(blended, out=blended)
+    return np.clip(blended, 0, 255, out=blended)
+
+
+def warp_into_region(crop_values: np.ndarray, box: CropBox, region: tuple[int, int, int, int]) -> np.ndarray:
+    """A crop-aligned ``float32`` ``(S, S)`` map resampled onto the frame pixels of ``region`` (bilinear, 0 outside
+    the box): `uncrop_map` without the rest of the frame."""
+    return _warp_into_region(crop_values.astype(np.float32), box, region, cv2.BORDER_CONSTANT)
