@@ -289,29 +289,44 @@ class TemporalSR(nn.Module):
         """
         cfg = self.cfg
         assert frames.ndim == 4 and frames.shape[1:] == (3, cfg.input_size, cfg.input_size), frames.shape
-        x = _resize(frames * 2 - 1, cfg.unet_size)
-        feat = _lrelu(self.conv_body_first(x))
+        feat = self.stem(frames * 2 - 1)
         skips = []
         for i, block in enumerate(self.conv_body_down):
             feat = block(feat)
             if cfg.temporal:
                 feat = self.window_down[i](feat)
             skips.insert(0, feat)
-        feat = _lrelu(self.final_conv(feat))
-        latent = self.final_linear(feat.flatten(1)).view(feat.shape[0], -1, cfg.style_dim)
+        feat, latent = self.bottom(feat)
         conditions, rgbs = [], []
         for i, block in enumerate(self.conv_body_up):
             feat = block(feat + skips[i])
             if cfg.temporal:
                 feat = self.recurrent_forward[i](feat)
-            conditions.append(self.condition_scale[i](feat))
-            conditions.append(self.condition_shift[i](feat))
+            conditions.extend(self.condition_pair(i, feat))
             if return_rgb:
                 rgbs.append(self.toRGB[i](feat))
         # feat: the U-Net's last up block, (T, C, input_size, input_size)
         windows = temporal_window(frames * 2 - 1) if cfg.detail_channels else None
         out = self.finish(latent, conditions, feat, windows, frames * 2 - 1)
         return (out, rgbs) if return_rgb else out
+
+    # The U-Net's per-frame pieces, shared by `forward` (whole clips) and `SRStream` (streams); the temporal layers
+    # between them are what the two run differently.
+
+    def stem(self, frames: torch.Tensor) -> torch.Tensor:
+        """``(T, 3, input_size, input_size)`` in [-1, 1] -> the first U-Net features at ``unet_size``."""
+        return _lrelu(self.conv_body_first(_resize(frames, self.cfg.unet_size)))
+
+    def bottom(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The deepest down features -> (the features the up path starts from, the decoder's latents ``(T,
+        num_latent, style_dim)``)."""
+        feat = _lrelu(self.final_conv(feat))
+        # (shape[0], not len(): the ONNX export traces this with a dynamic frame count)
+        return feat, self.final_linear(feat.flatten(1)).view(feat.shape[0], -1, self.cfg.style_dim)
+
+    def condition_pair(self, level: int, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's SFT scale and shift from up level ``level``'s features."""
+        return self.condition_scale[level](feat), self.condition_shift[level](feat)
 
     def finish(self, latent: torch.Tensor, conditions: list[torch.Tensor], finest: torch.Tensor,
                windows: torch.Tensor | None, frames: torch.Tensor) -> torch.Tensor:
@@ -408,25 +423,24 @@ class SRStream:
         _put(self._frames, frames)
         if cfg.detail_channels:
             _put(self._windows, self._frame_window.push(frames, final))
-        feat = frames
-        if len(frames):
-            feat = _lrelu(model.conv_body_first(_resize(frames, cfg.unet_size)))
+        feat = model.stem(frames) if len(frames) else frames
         for i, block in enumerate(model.conv_body_down):
             feat = block(feat) if len(feat) else feat
             if self._down[i] is not None:
                 feat = self._down[i].push(feat, final)
             _put(self._skips[i], feat)
         if len(feat):
-            feat = _lrelu(model.final_conv(feat))
-            self._latents.append(model.final_linear(feat.flatten(1)).view(len(feat), -1, cfg.style_dim))
+            feat, latent = model.bottom(feat)
+            self._latents.append(latent)
         for i, block in enumerate(model.conv_body_up):
             if len(feat):
                 feat = block(feat + _take(self._skips[-1 - i], len(feat)))
             if self._up[i] is not None:
                 feat = self._up[i].push(feat, final)
             if len(feat):
-                self._conditions[2 * i].append(model.condition_scale[i](feat))
-                self._conditions[2 * i + 1].append(model.condition_shift[i](feat))
+                scale, shift = model.condition_pair(i, feat)
+                self._conditions[2 * i].append(scale)
+                self._conditions[2 * i + 1].append(shift)
         _put(self._finest, feat)
         count = _queued(self._finest)
         if cfg.detail_channels:
