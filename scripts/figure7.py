@@ -10,7 +10,8 @@ metric, plus a Markdown table (docs/results.md, "Personalization")::
     python scripts/figure7.py results/fig7_*.json --png docs/images/figure7_personalize.png
 
 With ``--axis seconds`` (for results whose marks are in seconds, `eval personalize`'s default unit) the x axis and
-the table's columns are fine-tuning seconds instead. Results of the same video given in several files (e.g. one init per run) are merged by init name.
+the table's columns are fine-tuning seconds instead. Results of the same video given in several files (e.g. one
+init per run) are merged by init name.
 """
 
 from __future__ import annotations

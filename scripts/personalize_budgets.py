@@ -1,9 +1,8 @@
 """Personalisation designs against fine-tuning time: the measurement behind docs/experiments.md (2026-12-06).
 
-For each video and each design (``PART:LR[:FLAG...]``, flags ``nopercep``, ``percepN``, ``l1xF``,
-``emaD`` (weight average with decay D), ``aug`` / ``augc`` (zoom
-and shift / and colour augmentation), ``bN`` (batch size N)), runs `metaportrait.personalize` steps 1-3 from the
-given checkpoint and, at 0 s and at every ``--at`` seconds of fine-tuning, the report of step 4 on the held-out
+For each video and each design (``PART:LR[:FLAG...]``; flags: ``nopercep``, ``percepN``, ``l1xF``, ``emaD`` (weight
+average with decay D), ``aug`` / ``augc`` (zoom and shift / and colour augmentation), ``bN`` (batch size N)),
+runs `metaportrait.personalize` steps 1-3 from the given checkpoint and, at 0 s and at every ``--at`` seconds of fine-tuning, the report of step 4 on the held-out
 tail (the time of the reports is not counted). Prints one JSON line per (video, design, seconds)::
 
     H=../shared/data/hires
@@ -36,14 +35,14 @@ from metaportrait.personalize import (
 
 
 def design_config(text: str, seconds: float, holdout: float, stride: int) -> PersonalizeConfig:
-    """``PART:LR[:nopercep]`` -> the `PersonalizeConfig` of that design."""
+    """``PART:LR[:FLAG...]`` -> the `PersonalizeConfig` of that design (flags: the module docstring)."""
     part, lr, *flags = text.split(":")
     cfg = PersonalizeConfig(part=part, lr=float(lr), seconds=seconds, holdout_seconds=holdout, report_stride=stride,
                             eval_every=1e9)  # fmt: skip
-    if "nopercep" in flags:
-        cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, perceptual_output=(0.0,) * 5))
     for flag in flags:  # percepN: the perceptual term N times stronger; l1xF: the pixel L1 terms times F
-        if flag.startswith("percep") and flag != "nopercep":
+        if flag == "nopercep":
+            cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, perceptual_output=(0.0,) * 5))
+        elif flag.startswith("percep"):
             weights = tuple(w * float(flag[len("percep"):]) for w in cfg.loss.perceptual_output)
             cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, perceptual_output=weights))
         elif flag in ("aug", "augc"):  # base training's zoom and shift, no flip; augc: and its colour changes
@@ -58,6 +57,8 @@ def design_config(text: str, seconds: float, holdout: float, stride: int) -> Per
             factor = float(flag[len("l1x"):])
             cfg = dataclasses.replace(cfg, loss=dataclasses.replace(
                 cfg.loss, l1_output=cfg.loss.l1_output * factor, face=cfg.loss.face * factor))
+        else:
+            raise SystemExit(f"error: design {text!r}: unknown flag {flag!r}")
     return cfg
 
 
