@@ -3,7 +3,8 @@
 For each video and each design (``PART:LR[:FLAG...]``; flags: ``nopercep``, ``percepN``, ``l1xF``, ``emaD`` (weight
 average with decay D), ``aug`` / ``augc`` (zoom and shift / and colour augmentation), ``bN`` (batch size N)),
 runs `metaportrait.personalize` steps 1-3 from the given checkpoint and, at 0 s and at every ``--at`` seconds of
-fine-tuning, the report of step 4 on the held-out tail (the time of the reports is not counted). Prints one JSON line per (video, design, seconds)::
+fine-tuning, the report of step 4 on the held-out tail (the time of the reports is not counted). Prints one JSON
+line per (video, design, seconds)::
 
     H=../shared/data/hires
     python scripts/personalize_budgets.py --checkpoint default --videos $H/mimictalk_German_20s.mp4 \\
