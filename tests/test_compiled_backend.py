@@ -13,6 +13,7 @@ from metaportrait.compiled_backend import (
     META_FILE,
     PACKAGE_FILE,
     SR_PACKAGE_FILE,
+    RECIPE,
     CompiledGenerator,
     build,
     compiled_sr_finish,
@@ -67,8 +68,11 @@ def test_compiled_frames_match_eager_ones_with_padded_batches(tiny_generator, as
 def test_a_folder_without_a_build_or_with_a_corrupt_one_is_refused(tiny_generator, tmp_path):
     with pytest.raises(InputError, match="not a compiled network of this project"):
         CompiledGenerator(tiny_generator, tmp_path, SHA, batch=2, precision="fp32")
-    (tmp_path / META_FILE).write_text(json.dumps({"checkpoint_sha256": SHA, "batch": 2, "precision": "fp32",
-                                                  "torch": torch.__version__}))
+    meta = {"checkpoint_sha256": SHA, "batch": 2, "precision": "fp32", "torch": torch.__version__}
+    (tmp_path / META_FILE).write_text(json.dumps(meta))  # a build of the first recipe: made before RECIPE existed
+    with pytest.raises(InputError, match="compiled for another build recipe"):
+        CompiledGenerator(tiny_generator, tmp_path, SHA, batch=2, precision="fp32")
+    (tmp_path / META_FILE).write_text(json.dumps({**meta, "recipe": RECIPE}))
     (tmp_path / PACKAGE_FILE).write_bytes(b"not a package")
     with pytest.raises(InputError, match=f"{PACKAGE_FILE}: cannot be loaded"):
         CompiledGenerator(tiny_generator, tmp_path, SHA, batch=2, precision="fp32")
@@ -83,6 +87,7 @@ def test_a_failed_build_is_one_input_error_and_leaves_no_folder(tiny_generator, 
                                          r"\(InvalidCxxCompiler: No working C\+\+ compiler found\)"):
         build(tiny_generator, TINY, tmp_path / "compiled", SHA, batch=2, precision="fp32")
     assert list(tmp_path.iterdir()) == []
+    assert torch.ops.aten.grid_sampler_2d.default in torch._inductor.decomposition.decompositions  # put back
 
 
 def test_compiled_sr_finish_gives_the_eager_stream_and_other_batches_stay_eager(tmp_path):

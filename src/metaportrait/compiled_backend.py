@@ -22,12 +22,15 @@ between calls, stays eager (docs/results.md, "Super-resolution").
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch._inductor.decomposition
 
 from metaportrait.config import ModelConfig, Precision
 from metaportrait.errors import InputError
@@ -37,17 +40,19 @@ from metaportrait.models.sr import SRStream, TemporalSR
 from metaportrait.onnx_backend import OUTPUTS, PerFrame, SourceInTorch, check_exportable, quiet_export
 
 PACKAGE_FILE, SR_PACKAGE_FILE, META_FILE = "generator.pt2", "sr_finish.pt2", "compiled.json"
+# How builds are made; a build of another recipe is rebuilt. 2 (2026-12-07): `grid_sample` calls ATen's kernel.
+RECIPE = 2
 
 logger = logging.getLogger(__name__)
 
 
 def default_cache(checkpoint_sha256: str, batch: int, precision: Precision, kind: str = "") -> Path:
     """``$XDG_CACHE_HOME/metaportrait/compiled/<kind><first 16 hex of the SHA-256>-b<batch>-<precision>-torch<version>``
-    (``~/.cache`` by default): a build serves one checkpoint, batch, precision and torch version (``kind``:
-    ``""`` the generator, ``"sr-"`` the SR network's finish)."""
+    ``-r<RECIPE>`` (``~/.cache`` by default): a build serves one checkpoint, batch, precision, torch version and
+    build recipe (``kind``: ``""`` the generator, ``"sr-"`` the SR network's finish)."""
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     version = torch.__version__.replace("+", "_")
-    name = f"{kind}{checkpoint_sha256[:16]}-b{batch}-{precision}-torch{version}"
+    name = f"{kind}{checkpoint_sha256[:16]}-b{batch}-{precision}-torch{version}-r{RECIPE}"
     return root / "metaportrait" / "compiled" / name
 
 
@@ -69,7 +74,7 @@ def build(generator: Generator, config: ModelConfig, folder: str | Path, checkpo
     args = (inputs["source"][:1], inputs["source_lines"][:1], inputs["driving_lines"], identity,
             inputs.get("prior_grid"), inputs.get("prior_masks"), *levels)
     meta = {"checkpoint_sha256": checkpoint_sha256, "batch": batch, "precision": precision,
-            "torch": torch.__version__, "levels": len(levels)}
+            "torch": torch.__version__, "recipe": RECIPE, "levels": len(levels)}
     return _compile(PerFrame(generator, precision), args, folder, PACKAGE_FILE, meta, "generator")
 
 
@@ -83,7 +88,7 @@ def _compile(module: torch.nn.Module, args: tuple, folder: str | Path, package: 
     folder = Path(folder)
     with atomic_folder(folder) as staging, torch.no_grad():
         try:
-            with quiet_export():
+            with quiet_export(), _aten_grid_sample():
                 program = torch.export.export(module.eval(), args)
                 torch._inductor.aoti_compile_and_package(program, package_path=str(staging / package))
         except Exception as error:  # noqa: BLE001 - Inductor fails with many types; one line for the user
@@ -93,6 +98,21 @@ def _compile(module: torch.nn.Module, args: tuple, folder: str | Path, package: 
                              "C++ compiler (g++), or use --backend torch") from None
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
+
+
+@contextlib.contextmanager
+def _aten_grid_sample() -> Iterator[None]:
+    """Inductor rewrites `grid_sample` into generated loops, and when the sampling grid is itself resized it
+    fuses the resize in, recomputed for every channel: 8 of the lite generator's 20 ms a frame (batch 4, bf16).
+    ATen's kernel does the same sampling in 0.6 ms: while this is active, the op is left to it."""
+    table = torch._inductor.decomposition.decompositions
+    op = torch.ops.aten.grid_sampler_2d.default
+    saved = table.pop(op, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            table[op] = saved
 
 
 def _load(folder: str | Path, package: str, checkpoint_sha256: str, batch: int, precision: Precision):
@@ -105,12 +125,12 @@ def _load(folder: str | Path, package: str, checkpoint_sha256: str, batch: int, 
     folder = Path(folder)
     try:
         meta = json.loads((folder / META_FILE).read_text())
-        built = (meta["checkpoint_sha256"], meta["batch"], meta["precision"], meta["torch"])
+        built = (meta["checkpoint_sha256"], meta["batch"], meta["precision"], meta["torch"], meta.get("recipe", 1))
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise InputError(folder, f"not a compiled network of this project ({META_FILE}: {error})") from None
-    wanted = (checkpoint_sha256, batch, precision, torch.__version__)
+    wanted = (checkpoint_sha256, batch, precision, torch.__version__, RECIPE)
     if built != wanted:
-        names = ("checkpoint", "batch", "precision", "torch version")
+        names = ("checkpoint", "batch", "precision", "torch version", "build recipe")
         differs = [name for name, a, b in zip(names, built, wanted) if a != b]
         raise InputError(folder, f"compiled for another {' and '.join(differs)}; remove the folder to rebuild")
     try:
@@ -226,7 +246,7 @@ def compiled_sr_finish(model: TemporalSR, checkpoint_sha256: str, batch: int, pr
         logger.info("compiling the SR network's finish for batches of %d in %s (once per checkpoint) into %s",
                     batch, precision, folder)
         meta = {"checkpoint_sha256": checkpoint_sha256, "batch": batch, "precision": precision,
-                "torch": torch.__version__}
+                "torch": torch.__version__, "recipe": RECIPE}
         _compile(_Finish(model.eval(), precision), _finish_arguments(model.eval(), batch, precision), folder,
                  SR_PACKAGE_FILE, meta, "SR network")
     return CompiledSRFinish(folder, checkpoint_sha256, batch, precision)
