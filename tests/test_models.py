@@ -478,3 +478,24 @@ def test_cached_source_features_give_the_same_output():
         plain = generator(**inputs)["output"]
         cached = generator(**inputs, source_levels=generator.encode_source(inputs["source"][:1]))["output"]
     torch.testing.assert_close(cached, plain, rtol=0, atol=1e-6)
+
+
+def test_condition_maps_reuse_the_lines_the_warping_input_resized():
+    # `Generator.forward` hands the warping input's line images to `condition_maps` instead of resizing them again.
+    from metaportrait.models.blocks import resize_map
+    from metaportrait.models.refine import condition_maps
+
+    cfg = PRESETS["lite"].refine
+    assert cfg.antialias
+    torch.manual_seed(0)
+    levels = [torch.rand(2, 4, size, size) for size in (32, 64, 128)]
+    occlusion = torch.rand(2, 1, 256, 256)
+    source_lines, driving_lines = torch.rand(2, 3, 256, 256), torch.rand(2, 3, 256, 256)
+    resized = {(128, 128): (resize_map(source_lines, (128, 128), True), resize_map(driving_lines, (128, 128), True))}
+    plain = condition_maps(levels, occlusion, source_lines, driving_lines, None, cfg)
+    reused = condition_maps(levels, occlusion, source_lines, driving_lines, None, cfg, None, resized)
+    for a, b in zip(plain, reused, strict=True):
+        assert torch.equal(a, b)
+    marked = {(64, 64): (torch.zeros(2, 3, 64, 64), torch.ones(2, 3, 64, 64))}  # and they are used as given
+    level_64 = condition_maps(levels, occlusion, source_lines, driving_lines, None, cfg, None, marked)[1]
+    assert torch.equal(level_64[:, 5:8], torch.zeros(2, 3, 64, 64))  # after 4 feature channels and the occlusion

@@ -160,8 +160,11 @@ class Generator(nn.Module):
         # 3. Decoder conditioned on warped features, occlusion and landmarks, modulated by the identity.
         # The channels after face and synthesis band: mouth template [2] and eyelid band [1], as configured.
         extra = prior_masks[:, 2:] if prior_masks is not None and prior_masks.shape[1] > 2 else None
+        # The warping network's input holds the line images resized (anti-aliased) to its size: not done twice.
+        size = (cfg.warp.input_size, cfg.warp.input_size)
+        resized = {size: (motion_input[:, 3:6], motion_input[:, 6:9])} if cfg.refine.antialias else None
         conditions = condition_maps(
-            warped_levels, out["occlusion"], source_lines, driving_lines, driving_keypoints, cfg.refine, extra
+            warped_levels, out["occlusion"], source_lines, driving_lines, driving_keypoints, cfg.refine, extra, resized
         )
         logits, gain = self.SPDAE_G(conditions, identity, warped_levels[0])
 

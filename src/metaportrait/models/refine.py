@@ -103,6 +103,7 @@ def condition_maps(
     driving_keypoints: torch.Tensor | None,
     cfg: RefineConfig,
     prior_conditions: torch.Tensor | None = None,
+    resized_lines: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> list[torch.Tensor]:
     """Concatenate, per pyramid level, [warped features, occlusion, gaze, source+driving lines, mouth line,
     mouth template, eyelid band].
@@ -110,7 +111,8 @@ def condition_maps(
     The order is the official one (checkpoint compatibility), then ``prior_conditions`` (``(B, C, H', W')``,
     ``C = prior_condition_channels(cfg)``, required iff ``C > 0``): the mouth template, then the eyelid band. Each
     is appended last when it is added, so zero weights on it leave a model trained without it unchanged. Each map
-    has the level's resolution.
+    has the level's resolution. ``resized_lines`` maps a size to the (source, driving) line images already resized
+    to it as ``resize_map(..., cfg.antialias)`` would (the warping network's input holds them at its size).
     """
     channels = prior_condition_channels(cfg)
     given = 0 if prior_conditions is None else prior_conditions.shape[1]
@@ -125,7 +127,9 @@ def condition_maps(
             parts.append(gaze_heatmap(driving_keypoints, size))
         if cfg.landmark_lines:
             # Resized apart (the same maps as resizing them stacked): the source's lines are resized once.
-            parts += [resize_map(source_lines, size, cfg.antialias), resize_map(driving_lines, size, cfg.antialias)]
+            known = (resized_lines or {}).get(tuple(size))
+            parts += list(known) if known is not None else [
+                resize_map(source_lines, size, cfg.antialias), resize_map(driving_lines, size, cfg.antialias)]
         if cfg.mouth_line:
             parts.append(resize_map(mouth_lines, size, cfg.antialias))
         if channels:
