@@ -104,15 +104,18 @@ def _compile(module: torch.nn.Module, args: tuple, folder: str | Path, package: 
 def _aten_grid_sample() -> Iterator[None]:
     """Inductor rewrites `grid_sample` into generated loops, and when the sampling grid is itself resized it
     fuses the resize in, recomputed for every channel: 8 of the lite generator's 20 ms a frame (batch 4, bf16).
-    ATen's kernel does the same sampling in 0.6 ms: while this is active, the op is left to it."""
-    table = torch._inductor.decomposition.decompositions
+    ATen's kernel does the same sampling in 0.6 ms: while this is active, the op is left to it. Inductor reads
+    its decompositions from a table and from a copy made at its first compilation in the process: both lose it."""
+    decompositions = torch._inductor.decomposition
+    tables = (decompositions.decompositions, decompositions.fast_random_decomps())
     op = torch.ops.aten.grid_sampler_2d.default
-    saved = table.pop(op, None)
+    saved = [table.pop(op, None) for table in tables]
     try:
         yield
     finally:
-        if saved is not None:
-            table[op] = saved
+        for table, decomposition in zip(tables, saved):
+            if decomposition is not None:
+                table[op] = decomposition
 
 
 def _load(folder: str | Path, package: str, checkpoint_sha256: str, batch: int, precision: Precision):
