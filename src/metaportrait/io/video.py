@@ -265,6 +265,10 @@ class VideoWriter:
     (re-encoded to AAC if mp4 cannot carry its codec) and cut at the end of the video. Frames go to a
     temporary file beside ``path``; it is renamed to ``path`` on a clean close and deleted if the ``with``
     block raises.
+
+    x264 "veryfast" at CRF 17 by default: against "medium" at CRF 18 it takes half the CPU time (12 against 24 ms a
+    512² frame, 35 against 81 at 1024², on this project's 2-core machine) for files 7 % larger and 0.2-0.7 dB
+    lower PSNR to the frames (39-42 dB), and the encoder runs beside the generator on the same cores.
     """
 
     def __init__(
@@ -272,8 +276,8 @@ class VideoWriter:
         path: str | Path,
         fps: float,
         audio_from: str | Path | None = None,
-        crf: int = 18,
-        preset: str = "medium",
+        crf: int = 17,
+        preset: str = "veryfast",
     ):
         self.path = Path(path)
         if self.path.suffix.lower() not in WRITE_SUFFIXES:
