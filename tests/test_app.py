@@ -398,6 +398,9 @@ def test_cancel_reaches_a_queued_click_and_a_running_job_but_not_a_later_click()
     jobs.submit(other)
     assert jobs.stop(tab) == "Cancelled."
     assert jobs.cancelled_before_start(tab) and not jobs.cancelled_before_start(other)
+    with pytest.raises(Cancelled):  # what the tab's event does first
+        jobs.check_not_cancelled(tab)
+    jobs.check_not_cancelled(other)
     jobs.finish(tab)
     # A later click runs; Cancel while its job is being set up stops the job as it registers.
     jobs.submit(tab)

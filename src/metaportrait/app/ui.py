@@ -148,6 +148,11 @@ class TabJobs:
         tab = request.session_hash
         return self.cancelled.get(tab, -math.inf) > self.waiting.get(tab, math.inf)
 
+    def check_not_cancelled(self, request: gr.Request) -> None:
+        """Raises `Cancelled` if the tab's Cancel came before its job's event started (the job's first step)."""
+        if self.cancelled_before_start(request):
+            raise Cancelled
+
     def start(self, request: gr.Request, job) -> None:
         """Register the tab's job; a Cancel that came while it was set up stops it at once."""
         self.running[request.session_hash] = job
@@ -219,13 +224,10 @@ def animate_tab(context: AppContext) -> gr.Dropdown:
             request: gr.Request, progress: gr.Progress = gr.Progress()):  # noqa: B008 (Gradio's progress bar)
         """A generator: each yield is a message to the page. Cancel (`TabJobs.stop`) makes `AnimateJob.run` raise
         `Cancelled` at its next frame, and the last message says so."""
-        if jobs.cancelled_before_start(request):
-            jobs.finish(request)
-            yield gr.skip(), gr.skip(), gr.skip(), "Cancelled."
-            return
         controls = Controls(eyes=eyes, mouth=mouth if fix_mouth else None, yaw=yaw, pitch=pitch, roll=roll)
         options = AnimateOptions(motion=motion, paste_back=paste_back, controls=controls)
         try:
+            jobs.check_not_cancelled(request)
             if portrait is None:
                 raise InputError(PORTRAIT, "upload a portrait with one face first")
             if source == UPLOADED_MOTION and driving is None:
@@ -323,11 +325,8 @@ def personalize_tab(context: AppContext, model: gr.Dropdown) -> None:
 
     def run(videos: list[str] | None, seconds: float, request: gr.Request,
             progress: gr.Progress = gr.Progress()):  # noqa: B008 (Gradio's progress bar)
-        if jobs.cancelled_before_start(request):
-            jobs.finish(request)
-            yield gr.skip(), gr.skip(), "Cancelled."
-            return
         try:
+            jobs.check_not_cancelled(request)
             job = PersonalizeJob(videos or [], seconds, context.folder, context.limits)
             jobs.start(request, job)
             progress(0.0, desc="finding the face in every frame")
