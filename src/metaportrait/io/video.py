@@ -266,9 +266,9 @@ class VideoWriter:
     temporary file beside ``path``; it is renamed to ``path`` on a clean close and deleted if the ``with``
     block raises.
 
-    x264 "veryfast" at CRF 17 by default: on `animate`'s outputs (512 and 1024 px) it gives the same PSNR to the
+    x264 "veryfast" at CRF 17 by default: on `animate`'s outputs (402 and 1024 px) it gives the same PSNR to the
     frames as "medium" at CRF 18 (42.5 and 43.4 dB) in files of the same size (-5 to +2 %) for half the CPU time
-    (5 against 11 ms a frame at 512 px, 12 against 24 at 1024), and the encoder shares the cores with the generator.
+    (5 against 11 ms a frame at 402 px, 12 against 24 at 1024), and the encoder shares the cores with the generator.
     """
 
     def __init__(

@@ -17,8 +17,10 @@ from metaportrait.config import ModelConfig
 from metaportrait.models.blocks import Hourglass, deform_input, make_coordinate_grid, resize_map
 from metaportrait.models.refine import SPADEGenerator, condition_maps
 from metaportrait.models.warping import (
+    DRIVING_LINES,
     MOTION_CHANNELS,
     PRIOR_CHANNELS,
+    SOURCE_LINES,
     DenseMotionNetworkReg,
     LadderEncoder,
     build_motion_input,
@@ -162,7 +164,9 @@ class Generator(nn.Module):
         extra = prior_masks[:, 2:] if prior_masks is not None and prior_masks.shape[1] > 2 else None
         # The warping network's input holds the line images resized (anti-aliased) to its size: not done twice.
         size = (cfg.warp.input_size, cfg.warp.input_size)
-        resized = {size: (motion_input[:, 3:6], motion_input[:, 6:9])} if cfg.refine.antialias else None
+        resized = None
+        if cfg.refine.antialias:
+            resized = {size: (motion_input[:, SOURCE_LINES], motion_input[:, DRIVING_LINES])}
         conditions = condition_maps(
             warped_levels, out["occlusion"], source_lines, driving_lines, driving_keypoints, cfg.refine, extra, resized
         )

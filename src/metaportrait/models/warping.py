@@ -31,6 +31,7 @@ from metaportrait.models.blocks import (
 )
 
 MOTION_CHANNELS = 9  # source RGB + source lines + driving lines
+SOURCE_LINES, DRIVING_LINES = slice(3, 6), slice(6, 9)  # their channels in `build_motion_input`'s output
 PRIOR_CHANNELS = 5  # source warped by the prior (3) + prior offset in input pixels (2)
 
 
