@@ -105,14 +105,24 @@ def _aten_grid_sample() -> Iterator[None]:
     """Inductor rewrites `grid_sample` into generated loops, and when the sampling grid is itself resized it
     fuses the resize in, recomputed for every channel: 8 of the lite generator's 20 ms a frame (batch 4, bf16).
     ATen's kernel does the same sampling in 0.6 ms: while this is active, the op is left to it. Inductor reads
-    its decompositions from a table and from a copy made at its first compilation in the process: both lose it."""
-    decompositions = torch._inductor.decomposition
+    its decompositions from a table and from a copy made at its first compilation in the process: both lose it.
+    The fallback to ATen is registered here, not left implicit: Inductor's implicit fallback refuses an op that
+    has a decomposition whenever the environment variable ``CI`` is set (as on CI runners)."""
+    from torch._inductor import decomposition as decompositions, lowering  # Inductor is heavy: only when building
     tables = (decompositions.decompositions, decompositions.fast_random_decomps())
     op = torch.ops.aten.grid_sampler_2d.default
     saved = [table.pop(op, None) for table in tables]
+    saved_lowering, was_fallback = lowering.lowerings.get(op), op in lowering.fallbacks
     try:
+        lowering.make_fallback(op, warn=False)
         yield
     finally:
+        if saved_lowering is None:
+            lowering.lowerings.pop(op, None)
+        else:
+            lowering.lowerings[op] = saved_lowering
+        if not was_fallback:
+            lowering.fallbacks.discard(op)
         for table, decomposition in zip(tables, saved):
             if decomposition is not None:
                 table[op] = decomposition
