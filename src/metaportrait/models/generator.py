@@ -28,7 +28,7 @@ from metaportrait.models.warping import (
 
 Stage = Literal["warp", "full"]
 NUM_OFFICIAL_KEYPOINTS = 58
-PARTS = ("all", "warp", "refine", "decoder")  # `Generator.part_parameters`
+PARTS = ("all", "warp", "refine", "decoder", "norms")  # `Generator.part_parameters`
 
 
 class Generator(nn.Module):
@@ -80,7 +80,10 @@ class Generator(nn.Module):
 
     def part_parameters(self, part: str) -> list[tuple[str, nn.Parameter]]:
         """Named parameters of one part of G, for fine-tuning a part only (`PARTS`): ``"all"``, ``"warp"`` (W),
-        ``"refine"`` (R: feature pyramid and decoder) or ``"decoder"`` (R's decoder `SPDAE_G` alone)."""
+        ``"refine"`` (R: feature pyramid and decoder), ``"decoder"`` (R's decoder `SPDAE_G` alone) or ``"norms"``
+        (every bias and normalisation scale of W and R, i.e. the vector-shaped parameters: BitFit's split)."""
+        if part == "norms":
+            return [(name, p) for name, p in self.named_parameters() if sum(size > 1 for size in p.shape) <= 1]
         prefixes = {
             "all": ("",),
             "warp": ("ladder_network.", "dense_motion_network."),
