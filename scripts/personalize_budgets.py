@@ -1,10 +1,10 @@
 """Personalisation designs against fine-tuning time: the measurement behind docs/experiments.md (2026-12-06).
 
 For each video and each design (``PART:LR[:FLAG...]``; flags: ``nopercep``, ``percepN``, ``l1xF``, ``emaD`` (weight
-average with decay D), ``aug`` / ``augc`` (zoom and shift / and colour augmentation), ``bN`` (batch size N), ``rN``
-(the part's weights changed by rank-N updates)), runs `metaportrait.personalize` steps 1-3 from the given checkpoint
-and, at 0 s and at every ``--at`` seconds of fine-tuning, the report of step 4 on the held-out tail (the time of
-the reports is not counted). Prints one JSON line per (video, design, seconds)::
+average with decay D), ``aug`` / ``augc`` (zoom and shift / and colour augmentation), ``bN`` (batch size N)),
+runs `metaportrait.personalize` steps 1-3 from the given checkpoint and, at 0 s and at every ``--at`` seconds of
+fine-tuning, the report of step 4 on the held-out tail (the time of the reports is not counted). Prints one JSON
+line per (video, design, seconds)::
 
     H=../shared/data/hires
     python scripts/personalize_budgets.py --checkpoint default --videos $H/mimictalk_German_20s.mp4 \\
@@ -52,8 +52,6 @@ def design_config(text: str, seconds: float, holdout: float, stride: int) -> Per
                                                                  saturation=colour))
         elif flag.startswith("ema"):  # emaD: keep an average of the weights with decay D
             cfg = dataclasses.replace(cfg, average_decay=float(flag[len("ema"):]))
-        elif flag.startswith("r") and flag[1:].isdigit():  # rN: weights change by rank-N updates
-            cfg = dataclasses.replace(cfg, low_rank=int(flag[1:]))
         elif flag.startswith("b") and flag[1:].isdigit():  # bN: batches of N pairs
             cfg = dataclasses.replace(cfg, batch_size=int(flag[1:]))
         elif flag.startswith("l1x"):

@@ -12,11 +12,10 @@ knows what one photo cannot show (teeth, wrinkles, how the hair moves).
 2. **Split**: the last ``holdout_seconds`` of the last video are held out (never trained on); everything
    before is training material.
 3. **Fine-tuning** (`metaportrait.meta.reptile.adapt`, the inner loop of meta-training): Adam on one part of
-   the generator (`PersonalizeConfig.part`; with ``low_rank``, rank-r updates of its weights) with the generator
-   loss of `metaportrait.train.losses`, on random same-clip pairs of the person's frames at the model's own
-   resolution, no critic, for ``seconds`` of training (or ``steps``). Every ``eval_every`` training seconds the
-   held-out tail is checked (PSNR and face L1 of ``eval_pairs`` fixed pairs at the model's size; this time is
-   not counted in the budget).
+   the generator (`PersonalizeConfig.part`) with the generator loss of `metaportrait.train.losses`, on random
+   same-clip pairs of the person's frames at the model's own resolution, no critic, for ``seconds`` of
+   training (or ``steps``). Every ``eval_every`` training seconds the held-out tail is checked (PSNR and face L1
+   of ``eval_pairs`` fixed pairs at the model's size; this time is not counted in the budget).
 4. **Report** (`tail_report`): the one-shot model and the personalised one, each animating the tail's first
    frame along the rest of the tail as `metaportrait eval self` does (paste-back through the `Animator`),
    compared with the real frames: PSNR, SSIM, face L1, ST-LPIPS and identity distance; optionally also with
@@ -58,7 +57,6 @@ from metaportrait.io.image import frames_to_tensor
 from metaportrait.losses.perceptual import MobileNetV2Features
 from metaportrait.meta.reptile import AdaptResult, WeightAverage, adapt
 from metaportrait.models.identity import DLIB_SAME_PERSON_THRESHOLD, IdentityEncoder, identity_distance
-from metaportrait.models.low_rank import LAYERS as LOW_RANK_LAYERS, add_low_rank, merge_low_rank
 from metaportrait.source_frames import MAX_SOURCE_FRAMES, SourceFrames, spread_indices
 from metaportrait.train.config import PERSONAL_LOSS, LossWeights
 from metaportrait.train.meta import query_metrics
@@ -77,9 +75,6 @@ class PersonalizeConfig:
     # `Generator.part_parameters`: "all", "warp", "refine", "decoder" or "norms". "all" measured best: the warping
     # network is where a person's own motion (hair, background, head outline) is learned (docs/experiments.md).
     part: str = "all"
-    # When set, the part's convolution and linear weights change only by updates of this rank
-    # (`metaportrait.models.low_rank`), merged into the weights at the end; its other parameters change freely.
-    low_rank: int | None = None
     lr: float = 3e-4  # Adam (1e-3 drifts past the best point within 60 s on an expressive speaker: experiments.md)
     betas: tuple[float, float] = (0.5, 0.999)
     grad_clip: float = 1.0
@@ -111,8 +106,6 @@ class PersonalizeConfig:
             raise ValueError(f"seconds must be > 0 and steps >= 1, got {self.seconds}, {self.steps}")
         if self.lr <= 0 or self.batch_size < 1 or self.holdout_seconds <= 0 or self.min_train_seconds <= 0:
             raise ValueError("lr, batch_size, holdout_seconds and min_train_seconds must be positive")
-        if self.low_rank is not None and self.low_rank < 1:
-            raise ValueError(f"low_rank must be >= 1, got {self.low_rank}")
         if self.average_decay is not None and not 0.0 <= self.average_decay < 1.0:
             raise ValueError(f"average_decay must be in [0, 1), got {self.average_decay}")
         if self.eval_every <= 0 or self.eval_pairs < 1 or self.report_stride < 1:
@@ -280,13 +273,7 @@ def fine_tune(
     loader = DataLoader(pairs, batch_size=cfg.batch_size, sampler=StepSampler(0, max_steps, cfg.batch_size))
     held_out = next(iter(DataLoader(FixedPairs([tail], options, cfg.eval_pairs), batch_size=cfg.eval_pairs)))
     generator_loss = GeneratorLoss(cfg.loss, model_cfg, "full", size, MobileNetV2Features(), encoder)
-    named = generator.part_parameters(cfg.part)
-    if cfg.low_rank is None:
-        parameters = [p for _, p in named]
-    else:
-        layers = {f"{name}.weight" for name, module in generator.named_modules() if isinstance(module, LOW_RANK_LAYERS)}
-        weights = {name for name, _ in named if name in layers}
-        parameters = add_low_rank(generator, weights, cfg.low_rank) + [p for name, p in named if name not in weights]
+    parameters = [p for _, p in generator.part_parameters(cfg.part)]
     average = WeightAverage(parameters, cfg.average_decay) if cfg.average_decay is not None else None
     result = FineTuneResult(adapt=AdaptResult(0, 0.0))
     result.curve.append({"seconds": 0.0, "step": 0, **query_metrics(generator, model_cfg, held_out, encoder)})
@@ -311,7 +298,6 @@ def fine_tune(
     )  # fmt: skip
     if average is not None:
         average.swap()  # keep the average
-    merge_low_rank(generator)  # plain weights: the checkpoint is saved as any other
     if result.curve[-1]["step"] != result.adapt.steps:
         final = query_metrics(generator, model_cfg, held_out, encoder)
         result.curve.append({"seconds": round(result.adapt.seconds, 2), "step": result.adapt.steps, **final})

@@ -63,9 +63,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the last this-many seconds of the last video are held out for the report")
     parser.add_argument("--part", choices=PARTS, default=defaults.part,
                         help="which part of the generator is tuned ('norms': its biases and normalisation scales)")
-    parser.add_argument("--low-rank", type=positive_int, default=defaults.low_rank, metavar="R",
-                        help="change the part's convolution and linear weights only by rank-R updates (LoRA), "
-                             "merged into the checkpoint; its other parameters change freely (default: off)")
     parser.add_argument("--lr", type=_positive_float, default=defaults.lr, help="Adam learning rate")
     parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="pairs per step")
     parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
@@ -106,8 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = PersonalizeConfig(
-            part=args.part, low_rank=args.low_rank, lr=args.lr, batch_size=args.batch_size,
-            holdout_seconds=args.holdout_seconds,
+            part=args.part, lr=args.lr, batch_size=args.batch_size, holdout_seconds=args.holdout_seconds,
             seconds=None if args.steps is not None else (args.seconds or PersonalizeConfig().seconds),
             steps=args.steps, report_source_frames=args.report_source_frames,
         )  # fmt: skip
