@@ -9,6 +9,8 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+import torch._inductor.decomposition  # the tables the build changes and puts back
+import torch._inductor.lowering
 
 from metaportrait.compiled_backend import (
     META_FILE,

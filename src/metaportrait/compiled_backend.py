@@ -30,7 +30,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch._inductor.decomposition
 
 from metaportrait.config import ModelConfig, Precision
 from metaportrait.errors import InputError
