@@ -3,8 +3,9 @@
 For each video and each design (``PART:LR[:FLAG...]``; flags: ``nopercep``, ``percepN``, ``l1xF``, ``emaD`` (weight
 average with decay D), ``aug`` / ``augc`` (zoom and shift / and colour augmentation), ``bN`` (batch size N)),
 runs `metaportrait.personalize` steps 1-3 from the given checkpoint and, at 0 s and at every ``--at`` seconds of
-fine-tuning, the report of step 4 on the held-out tail (the time of the reports is not counted). Prints one JSON
-line per (video, design, seconds)::
+fine-tuning, the report of step 4 on the held-out tail (the time of the reports is not counted). ``--oracle``
+trains on the tail itself instead: what the design could fit of those frames in the time, an upper bound for any
+held-out gain. Prints one JSON line per (video, design, seconds)::
 
     H=../shared/data/hires
     python scripts/personalize_budgets.py --checkpoint default --videos $H/mimictalk_German_20s.mp4 \\
@@ -72,6 +73,8 @@ def main() -> int:
     parser.add_argument("--holdout-seconds", type=float, default=10.0)
     parser.add_argument("--report-stride", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--oracle", action="store_true",
+                        help="train on the held-out tail itself: the most 60 s of fine-tuning could give (a bound)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = resolve_checkpoint(args.checkpoint)
@@ -83,8 +86,11 @@ def main() -> int:
         for design in args.designs:
             cfg = design_config(design, max(args.at), args.holdout_seconds, args.report_stride)
             train, tail = split_holdout(frontend.clips, cfg)
+            if args.oracle:
+                train = [tail]
             for point in budget_curve(start, model_cfg, train, tail, cfg, models, args.at):
-                print(json.dumps({"video": video.stem, "checkpoint": args.checkpoint, "design": design, **point}),
+                print(json.dumps({"video": video.stem, "checkpoint": args.checkpoint, "design": design,
+                                  "oracle": args.oracle, **point}),
                       flush=True)  # fmt: skip
     return 0
 

@@ -350,6 +350,10 @@ def test_personalize_result_table():
     assert PersonalizeResult(Path("m"), report).table().splitlines() == [
         "| method | PSNR ↑ | face L1 ↓ |", "|---|---|---|", "| one-shot | 24.12 | 0.0500 |",
         "| personalised | **25.50** | **0.0400** |"]
+    assert PersonalizeResult(Path("m"), report).caution() == ""
+    report["worse_than_oneshot"] = ["ST-LPIPS", "identity distance"]
+    assert "worse than the model it started from in ST-LPIPS, identity distance" in \
+        PersonalizeResult(Path("m"), report).caution()
 
 
 @pytest.mark.slow

@@ -79,6 +79,7 @@ def test_personalize_writes_a_checkpoint_that_animate_loads(videos, tiny_checkpo
     assert report["heldout"]["first_frame"] == 3 * FPS and report["heldout"]["frames"] == FPS
     for method in ("one-shot", "personalised"):
         assert {"psnr", "face_l1", "st_lpips", "id_distance", "e_warp"} <= set(report["methods"][method])
+    assert set(report["worse_than_oneshot"]) <= {"PSNR", "ST-LPIPS", "identity distance"}
     assert report["methods"]["real"]["e_warp"] >= 0  # the flicker reference: the real tail's own warping error
     assert [p["step"] for p in report["curve"]][0] == 0 and report["curve"][-1]["step"] == 3
     # The checkpoint is the tiny model with changed refinement weights and the same warping network.
@@ -119,6 +120,20 @@ def test_personalize_refuses_bad_input_with_one_line(case, videos, tiny_checkpoi
                 "interrupted": "interrupted"}[case]
     assert expected in err[-1]
     assert not out.exists() and not list(tmp_path.glob(".me.*"))
+
+
+def test_heldout_summary_names_what_got_worse():
+    from metaportrait.personalize import heldout_summary
+
+    oneshot = {"psnr": 21.5, "st_lpips": 0.1318, "id_distance": 0.261}
+    better = {"psnr": 22.1, "st_lpips": 0.1360, "id_distance": 0.270}  # ST-LPIPS +3 %, identity +0.009: within
+    line, worse = heldout_summary({"one-shot": oneshot, "personalised": better})
+    assert worse == []
+    assert line == ("held-out tail, one-shot -> personalised: PSNR 21.50 -> 22.10 dB (+0.60), "
+                    "ST-LPIPS 0.1318 -> 0.1360, identity distance 0.261 -> 0.270")
+    drifted = {"psnr": 21.4, "st_lpips": 0.1396, "id_distance": 0.279}
+    assert heldout_summary({"one-shot": oneshot, "personalised": drifted})[1] == [
+        "PSNR", "ST-LPIPS", "identity distance"]
 
 
 def test_split_holdout_keeps_the_tail_out_of_training(videos, tmp_path):

@@ -355,6 +355,15 @@ class PersonalizeResult:
                    for name, values in self.report["methods"].items()}  # fmt: skip
         return markdown_table({"methods": methods})
 
+    def caution(self) -> str:
+        """A sentence for when the personalised model is worse than the one-shot one on the held-out tail in some
+        metric (`metaportrait.personalize.heldout_summary`), else the empty string."""
+        worse = self.report.get("worse_than_oneshot") or []
+        if not worse:
+            return ""
+        return (f"On the held-out last seconds it is worse than the model it started from in {', '.join(worse)}: "
+                "for this person the bundled model may be the better choice.")
+
 
 class PersonalizeJob:
     """Fine-tune the bundled model on uploaded videos of one person: `metaportrait personalize` in a child process.

@@ -345,7 +345,7 @@ def personalize_tab(context: AppContext, model: gr.Dropdown) -> None:
         name = f"personalised #{job.number}"
         context.models.add(name, job.result.model)
         yield (gr.Dropdown(choices=context.models.names(), value=name), job.result.table(),
-               f"Done: **{name}** is now a model in Animate.")
+               f"Done: **{name}** is now a model in Animate. {job.result.caution()}".strip())
 
     wire_job(start, cancel, run, jobs, status, inputs=[videos, seconds], outputs=[model, table, status],
              show_progress_on=[table], concurrency_id=MODEL_QUEUE, concurrency_limit=1)  # fmt: skip
