@@ -1,8 +1,9 @@
 """Personalisation designs against fine-tuning time: the measurement behind docs/experiments.md (2026-12-06).
 
 For each video and each design (``PART:LR[:FLAG...]``; flags: ``nopercep``, ``percepN``, ``l1xF``, ``emaD`` (weight
-average with decay D), ``aug`` / ``augc`` (zoom and shift / and colour augmentation), ``bN`` (batch size N)),
-runs `metaportrait.personalize` steps 1-3 from the given checkpoint and, at 0 s and at every ``--at`` seconds of
+average with decay D), ``aug`` / ``augc`` (zoom and shift / and colour augmentation), ``bN`` (batch size N),
+``idW`` (the identity loss, 1 - cos of the dlib embeddings of output and source, at weight W)), runs
+`metaportrait.personalize` steps 1-3 from the given checkpoint and, at 0 s and at every ``--at`` seconds of
 fine-tuning, the report of step 4 on the held-out tail (the time of the reports is not counted). ``--oracle``
 trains on the tail itself instead: what the design could fit of those frames in the time, an upper bound for any
 held-out gain. Prints one JSON line per (video, design, seconds)::
@@ -55,6 +56,8 @@ def design_config(text: str, seconds: float, holdout: float, stride: int) -> Per
             cfg = dataclasses.replace(cfg, average_decay=float(flag[len("ema"):]))
         elif flag.startswith("b") and flag[1:].isdigit():  # bN: batches of N pairs
             cfg = dataclasses.replace(cfg, batch_size=int(flag[1:]))
+        elif flag.startswith("id") and flag[2:].replace(".", "", 1).isdigit():  # idW: the identity loss at weight W
+            cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, identity=float(flag[2:])))
         elif flag.startswith("l1x"):
             factor = float(flag[len("l1x"):])
             cfg = dataclasses.replace(cfg, loss=dataclasses.replace(

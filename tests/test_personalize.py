@@ -43,7 +43,18 @@ def videos(tmp_path_factory) -> dict[str, Path]:
         "astronaut": _moving_face_video(root / "astronaut.mp4", astronaut(), 4 * FPS),
         "astronaut_short": _moving_face_video(root / "astronaut_short.mp4", astronaut(), FPS, seed=1),
         "hopper": _moving_face_video(root / "hopper.mp4", hopper, 2 * FPS),
+        "mostly_faceless": _mostly_faceless_video(root / "mostly_faceless.mp4", astronaut()),
     }
+
+
+def _mostly_faceless_video(path: Path, picture: np.ndarray) -> Path:
+    """4 s: the face for the first second, then a grey wall."""
+    from metaportrait.io.video import read_video, write_video
+
+    face, _ = read_video(_moving_face_video(path.with_name("face_second.mp4"), picture, FPS))
+    wall = np.full((3 * FPS, *face.shape[1:]), 128, np.uint8)
+    write_video(path, iter(np.concatenate([face, wall])), FPS)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +110,21 @@ def test_personalize_writes_a_checkpoint_that_animate_loads(videos, tiny_checkpo
     assert not list(tmp_path.glob(".me.*"))
 
 
-@pytest.mark.parametrize("case", ["short", "two_people", "missing", "interrupted"])
+@pytest.mark.parametrize("case", ["short", "two_people", "missing", "interrupted", "faceless", "official"])
 def test_personalize_refuses_bad_input_with_one_line(case, videos, tiny_checkpoint, tmp_path, capsys, monkeypatch):
     out = tmp_path / "me"
     inputs = {"short": [videos["astronaut_short"]], "two_people": [videos["astronaut"], videos["hopper"]],
-              "missing": [tmp_path / "nothing.mp4"], "interrupted": [videos["astronaut"]]}[case]
+              "missing": [tmp_path / "nothing.mp4"], "interrupted": [videos["astronaut"]],
+              "faceless": [videos["mostly_faceless"]], "official": [videos["astronaut"]]}[case]
+    checkpoint = tiny_checkpoint
+    if case == "official":  # a model drawn from the official 669-point landmarks, which the front-end cannot give
+        import dataclasses
+
+        from metaportrait.io.checkpoint import load_model, save_model
+
+        generator, cfg = load_model(tiny_checkpoint)
+        official = dataclasses.replace(cfg, landmark_topology="official669")
+        checkpoint = save_model(tmp_path / "official", generator, official, {"stage": "full"})
     if case == "interrupted":
         import metaportrait.personalize as module
 
@@ -111,13 +132,14 @@ def test_personalize_refuses_bad_input_with_one_line(case, videos, tiny_checkpoi
             raise KeyboardInterrupt
 
         monkeypatch.setattr(module, "tail_report", interrupt)  # Ctrl-C after training, before the checkpoint
-    argv = ["personalize", *map(str, inputs), "--output", str(out), "--checkpoint", str(tiny_checkpoint),
+    argv = ["personalize", *map(str, inputs), "--output", str(out), "--checkpoint", str(checkpoint),
             "--steps", "1", "--holdout-seconds", "1", "--threads", "1", "--cache", str(tmp_path / "cache")]
     assert _run(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()  # the progress bar also writes to stderr
     assert [line for line in err if line.startswith("error: ")] == err[-1:]
     expected = {"short": "too little video", "two_people": "shows another person", "missing": "file not found",
-                "interrupted": "interrupted"}[case]
+                "interrupted": "interrupted", "faceless": "no face in 75 of 100 frames",
+                "official": "cannot be personalised"}[case]
     assert expected in err[-1]
     assert not out.exists() and not list(tmp_path.glob(".me.*"))
 
