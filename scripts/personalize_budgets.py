@@ -77,7 +77,7 @@ def main() -> int:
     parser.add_argument("--report-stride", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--oracle", action="store_true",
-                        help="train on the held-out tail itself: the most 60 s of fine-tuning could give (a bound)")
+                        help="train on the held-out tail itself: the most the budget could gain there (a bound)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = resolve_checkpoint(args.checkpoint)
